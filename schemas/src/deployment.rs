@@ -1,0 +1,349 @@
+//! The canonical desired deployment: what hubd hands to reconcilerd, whatever the hub dialect.
+//!
+//! It crosses D-Bus as JSON (`Reconciler1.ApplyDeployment`). Field names follow EVP2's manifest,
+//! but this is our own form: the hub codecs translate into it and every rule that makes a
+//! manifest invalid lives in [`Deployment::validate`], so both ends of the bus agree.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest instance name accepted, in bytes. An instance name becomes a file name and part of
+/// its SDK socket path, which must fit `sockaddr_un` (108 bytes) under `/run/evp/sdk/`.
+pub const MAX_INSTANCE_NAME_LEN: usize = 80;
+
+/// A whole desired deployment: the module instances that should run and the modules they use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Deployment {
+    /// The hub's id for this deployment, echoed in the status; absent when the hub sent none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment_id: Option<String>,
+    /// Instance name → what it runs.
+    pub instance_specs: BTreeMap<String, InstanceSpec>,
+    /// Module id → where to get it and how to run it.
+    pub modules: BTreeMap<String, Module>,
+    /// Publish topic name → topic, for messages between instances.
+    #[serde(default)]
+    pub publish_topics: BTreeMap<String, Topic>,
+    /// Subscribe topic name → topic.
+    #[serde(default)]
+    pub subscribe_topics: BTreeMap<String, Topic>,
+}
+
+/// One module: the code that instances run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Module {
+    /// Which runtime runs it.
+    pub module_impl: ModuleImpl,
+    /// The entry point; wasm, spawn, python and docker ignore it but EVP requires it.
+    pub entry_point: String,
+    /// `http://`, `https://` or `file://` URL of the module file, or a docker image reference.
+    /// Absent for embedded (backdoor) modules, which are never downloaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download_url: Option<String>,
+    /// Lower-case hex SHA-256 of the module file; required with a download URL (not for docker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
+}
+
+/// The kinds of module EVP knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModuleImpl {
+    /// A WASM module run by runtimed-wasm.
+    Wasm,
+    /// A native executable run as a process by runtimed-container.
+    Spawn,
+    /// A zip holding `__main__.py`, run with python3 by runtimed-container.
+    Python,
+    /// A container image run through the Docker engine by runtimed-container.
+    Docker,
+    /// A shared object loaded into the agent (NuttX only); accepted in manifests, never run here.
+    Dlfcn,
+}
+
+impl ModuleImpl {
+    /// The name used on the wire and in `Runtime1.Kinds`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModuleImpl::Wasm => "wasm",
+            ModuleImpl::Spawn => "spawn",
+            ModuleImpl::Python => "python",
+            ModuleImpl::Docker => "docker",
+            ModuleImpl::Dlfcn => "dlfcn",
+        }
+    }
+
+    /// Parses the wire name; `None` for anything EVP does not know.
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "wasm" => ModuleImpl::Wasm,
+            "spawn" => ModuleImpl::Spawn,
+            "python" => ModuleImpl::Python,
+            "docker" => ModuleImpl::Docker,
+            "dlfcn" => ModuleImpl::Dlfcn,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for ModuleImpl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One module instance: a running copy of a module with its messaging aliases.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InstanceSpec {
+    /// The module it runs; a key of [`Deployment::modules`].
+    pub module_id: String,
+    /// Alias used by `EVP_sendMessage` → publish topic name.
+    #[serde(default)]
+    pub publish: BTreeMap<String, String>,
+    /// Alias delivered with received messages → subscribe topic name.
+    #[serde(default)]
+    pub subscribe: BTreeMap<String, String>,
+    /// What to do when the instance exits; the agent's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_policy: Option<RestartPolicy>,
+}
+
+/// When an exited instance is started again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Restart whenever it exits, even with status 0.
+    Always,
+    /// Restart when it crashes (non-zero exit, signal, trap).
+    OnFailure,
+    /// Never restart.
+    Never,
+}
+
+/// A messaging topic of the deployment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Topic {
+    /// Only `local` (between instances on this device) is routed.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The topic string that joins publishers and subscribers.
+    pub topic: String,
+}
+
+/// Why a deployment was refused, with the JSON path of the offending field
+/// (`deployment.modules.cam.hash`), so an operator can find it in the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ValidationError {
+    /// Dotted path of the bad field, starting at `deployment`.
+    pub path: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl ValidationError {
+    /// A validation error at `path`.
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ValidationError {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Checks that `name` can be used as an instance name: it becomes a directory name and part of
+/// a socket path, and `$`-names are reserved for the agent and system apps.
+pub fn validate_instance_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("instance name is empty".into());
+    }
+    if name.starts_with('$') {
+        return Err("instance names starting with '$' are reserved".into());
+    }
+    if name == "." || name == ".." {
+        return Err("instance name cannot be '.' or '..'".into());
+    }
+    if name.len() > MAX_INSTANCE_NAME_LEN {
+        return Err(format!(
+            "instance name is {} bytes long; the limit is {MAX_INSTANCE_NAME_LEN}",
+            name.len()
+        ));
+    }
+    if let Some(c) = name.chars().find(|c| *c == '/' || c.is_control()) {
+        return Err(format!("instance name contains the forbidden character {c:?}"));
+    }
+    Ok(())
+}
+
+/// Checks the form of a SHA-256 given in hex: EVP refuses the whole manifest for odd length or
+/// non-hex digits, while a wrong (even) length only fails the module later as a hash mismatch.
+pub fn validate_hash_hex(hash: &str) -> Result<(), String> {
+    if hash.len() % 2 != 0 {
+        return Err(format!("hash has an odd number of hex digits ({})", hash.len()));
+    }
+    if let Some(c) = hash.chars().find(|c| !c.is_ascii_hexdigit()) {
+        return Err(format!("hash contains the non-hex character {c:?}"));
+    }
+    Ok(())
+}
+
+impl Deployment {
+    /// Parses the canonical JSON form and validates it.
+    pub fn from_json(text: &str) -> Result<Deployment, ValidationError> {
+        let deployment: Deployment = serde_json::from_str(text)
+            .map_err(|e| ValidationError::new("deployment", e.to_string()))?;
+        deployment.validate()?;
+        Ok(deployment)
+    }
+
+    /// The canonical JSON form.
+    pub fn to_json(&self) -> String {
+        // Serializing these types cannot fail: every map key is a string.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Every rule that makes a manifest invalid as a whole. A module or instance that cannot be
+    /// run for other reasons (a runtime missing, a download failing) is not invalid: it gets an
+    /// error status and the rest of the deployment goes on.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        for (id, module) in &self.modules {
+            let at = |field: &str| format!("deployment.modules.{id}.{field}");
+            if id.is_empty() {
+                return Err(ValidationError::new("deployment.modules", "module id is empty"));
+            }
+            if let Some(url) = &module.download_url {
+                if url.is_empty() {
+                    return Err(ValidationError::new(
+                        at("downloadUrl"),
+                        "is empty; leave it out for a module without download",
+                    ));
+                }
+                if module.module_impl != ModuleImpl::Docker {
+                    let Some(hash) = &module.hash else {
+                        return Err(ValidationError::new(
+                            at("hash"),
+                            "is required when downloadUrl is set",
+                        ));
+                    };
+                    validate_hash_hex(hash).map_err(|m| ValidationError::new(at("hash"), m))?;
+                    let scheme_ok = ["http://", "https://", "file://"]
+                        .iter()
+                        .any(|s| url.starts_with(s));
+                    if !scheme_ok {
+                        return Err(ValidationError::new(
+                            at("downloadUrl"),
+                            format!("{url:?} is not an http://, https:// or file:// URL"),
+                        ));
+                    }
+                }
+            }
+            if let Some(hash) = &module.hash {
+                validate_hash_hex(hash).map_err(|m| ValidationError::new(at("hash"), m))?;
+            }
+        }
+        for (name, spec) in &self.instance_specs {
+            validate_instance_name(name)
+                .map_err(|m| ValidationError::new(format!("deployment.instanceSpecs.{name}"), m))?;
+            let at = |field: &str| format!("deployment.instanceSpecs.{name}.{field}");
+            let Some(module) = self.modules.get(&spec.module_id) else {
+                return Err(ValidationError::new(
+                    at("moduleId"),
+                    format!("refers to module {:?}, which is not in modules", spec.module_id),
+                ));
+            };
+            if module.entry_point.is_empty() {
+                return Err(ValidationError::new(
+                    format!("deployment.modules.{}.entryPoint", spec.module_id),
+                    format!("is empty, but instance {name:?} uses this module"),
+                ));
+            }
+        }
+        for (kind, topics) in [
+            ("publishTopics", &self.publish_topics),
+            ("subscribeTopics", &self.subscribe_topics),
+        ] {
+            for (name, topic) in topics {
+                if topic.topic.is_empty() {
+                    return Err(ValidationError::new(
+                        format!("deployment.{kind}.{name}.topic"),
+                        "is empty",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spawn_module() -> Module {
+        Module {
+            module_impl: ModuleImpl::Spawn,
+            entry_point: "main".into(),
+            download_url: Some("file:///tmp/m".into()),
+            hash: Some("ab".repeat(32)),
+        }
+    }
+
+    fn one_instance() -> Deployment {
+        let mut d = Deployment::default();
+        d.modules.insert("m".into(), spawn_module());
+        d.instance_specs.insert(
+            "i".into(),
+            InstanceSpec {
+                module_id: "m".into(),
+                publish: Default::default(),
+                subscribe: Default::default(),
+                restart_policy: None,
+            },
+        );
+        d
+    }
+
+    #[test]
+    fn canonical_json_round_trips() {
+        let d = one_instance();
+        assert_eq!(Deployment::from_json(&d.to_json()).unwrap(), d);
+    }
+
+    #[test]
+    fn dangling_module_reference_names_the_field() {
+        let mut d = one_instance();
+        d.instance_specs.get_mut("i").unwrap().module_id = "nope".into();
+        let e = d.validate().unwrap_err();
+        assert_eq!(e.path, "deployment.instanceSpecs.i.moduleId");
+    }
+
+    #[test]
+    fn odd_hash_is_invalid_but_short_even_hash_is_not() {
+        let mut d = one_instance();
+        d.modules.get_mut("m").unwrap().hash = Some("abc".into());
+        assert_eq!(d.validate().unwrap_err().path, "deployment.modules.m.hash");
+        d.modules.get_mut("m").unwrap().hash = Some("abcd".into());
+        assert!(d.validate().is_ok());
+    }
+
+    #[test]
+    fn reserved_and_unsafe_instance_names_are_refused() {
+        for bad in ["$agent", "..", "a/b", "", &"x".repeat(81)] {
+            assert!(validate_instance_name(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(validate_instance_name("sender-1").is_ok());
+    }
+
+    #[test]
+    fn unknown_field_in_canonical_form_is_refused() {
+        let e = Deployment::from_json(r#"{"instanceSpecs":{},"modules":{},"extra":1}"#)
+            .unwrap_err();
+        assert!(e.message.contains("extra"), "{e}");
+    }
+}

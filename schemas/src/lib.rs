@@ -1,0 +1,19 @@
+//! Every contract that crosses a process boundary in evp-agent, and nothing else.
+//!
+//! - [`deployment`]: the canonical desired deployment and its validation.
+//! - [`status`]: the canonical deployment status that reconcilerd publishes.
+//! - [`codec`] and [`evp2`]: the hub's wire dialects, behind one trait.
+//! - [`dbus`]: names, errors and proxies of the D-Bus interfaces; their
+//!   introspection XML lives in `schemas/dbus/` and is the source of truth.
+#![deny(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
+pub mod codec;
+pub mod dbus;
+pub mod deployment;
+pub mod evp2;
+pub mod status;
+
+pub use codec::{DesiredChange, HubCodec, StatusReport};
+pub use deployment::{Deployment, InstanceSpec, Module, ModuleImpl, RestartPolicy, ValidationError};
+pub use status::{DeploymentStatus, InstanceState, InstanceStatus, ModuleState, ModuleStatus, ReconcileStatus};
