@@ -1,0 +1,1 @@
+//! evp-devhub: a local hub for development and tests, and the whole agent on a private bus.

@@ -1,0 +1,1 @@
+//! evpctl: the operator's command line on the device, over D-Bus.

@@ -1,0 +1,1 @@
+//! evp-agent hubd: the only MQTT connection to the hub.

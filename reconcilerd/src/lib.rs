@@ -1,0 +1,1 @@
+//! evp-agent reconcilerd: the desired deployment, module downloads, reconciliation, status.

@@ -1,0 +1,1 @@
+//! evp-agent runtimed-container: docker, spawned and python modules.

@@ -1,0 +1,1 @@
+//! evp-agent runtimed-wasm: WASM modules in wasmtime.

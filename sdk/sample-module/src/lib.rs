@@ -1,0 +1,1 @@
+//! The sample module that evp-devhub deploys: a small native program.
