@@ -194,11 +194,15 @@ pub trait SdkBroker1 {
     /// Publish aliases and subscriptions of every instance.
     fn set_routing(&self, routing_json: &str) -> zbus::Result<()>;
     /// A configuration value from the hub.
-    fn deliver_configuration(&self, instance: &str, topic: &str, value: &[u8])
-    -> zbus::Result<()>;
+    fn deliver_configuration(&self, instance: &str, topic: &str, value: &[u8]) -> zbus::Result<()>;
     /// A direct command from the hub.
-    fn call_method(&self, instance: &str, reqid: u64, method: &str, params: &str)
-    -> zbus::Result<()>;
+    fn call_method(
+        &self,
+        instance: &str,
+        reqid: u64,
+        method: &str,
+        params: &str,
+    ) -> zbus::Result<()>;
     /// The latest state of a topic.
     #[zbus(signal)]
     fn state_reported(&self, instance: &str, topic: &str, value: Vec<u8>) -> zbus::Result<()>;
@@ -207,6 +211,11 @@ pub trait SdkBroker1 {
     fn telemetry(&self, entries: Vec<(String, String, String)>) -> zbus::Result<()>;
     /// A module's answer to a direct command.
     #[zbus(signal)]
-    fn rpc_response(&self, reqid: u64, instance: &str, status: u32, response: &str)
-    -> zbus::Result<()>;
+    fn rpc_response(
+        &self,
+        reqid: u64,
+        instance: &str,
+        status: u32,
+        response: &str,
+    ) -> zbus::Result<()>;
 }

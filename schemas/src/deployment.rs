@@ -176,7 +176,9 @@ pub fn validate_instance_name(name: &str) -> Result<(), String> {
         ));
     }
     if let Some(c) = name.chars().find(|c| *c == '/' || c.is_control()) {
-        return Err(format!("instance name contains the forbidden character {c:?}"));
+        return Err(format!(
+            "instance name contains the forbidden character {c:?}"
+        ));
     }
     Ok(())
 }
@@ -184,8 +186,11 @@ pub fn validate_instance_name(name: &str) -> Result<(), String> {
 /// Checks the form of a SHA-256 given in hex: EVP refuses the whole manifest for odd length or
 /// non-hex digits, while a wrong (even) length only fails the module later as a hash mismatch.
 pub fn validate_hash_hex(hash: &str) -> Result<(), String> {
-    if hash.len() % 2 != 0 {
-        return Err(format!("hash has an odd number of hex digits ({})", hash.len()));
+    if !hash.len().is_multiple_of(2) {
+        return Err(format!(
+            "hash has an odd number of hex digits ({})",
+            hash.len()
+        ));
     }
     if let Some(c) = hash.chars().find(|c| !c.is_ascii_hexdigit()) {
         return Err(format!("hash contains the non-hex character {c:?}"));
@@ -215,7 +220,10 @@ impl Deployment {
         for (id, module) in &self.modules {
             let at = |field: &str| format!("deployment.modules.{id}.{field}");
             if id.is_empty() {
-                return Err(ValidationError::new("deployment.modules", "module id is empty"));
+                return Err(ValidationError::new(
+                    "deployment.modules",
+                    "module id is empty",
+                ));
             }
             if let Some(url) = &module.download_url {
                 if url.is_empty() {
@@ -254,7 +262,10 @@ impl Deployment {
             let Some(module) = self.modules.get(&spec.module_id) else {
                 return Err(ValidationError::new(
                     at("moduleId"),
-                    format!("refers to module {:?}, which is not in modules", spec.module_id),
+                    format!(
+                        "refers to module {:?}, which is not in modules",
+                        spec.module_id
+                    ),
                 ));
             };
             if module.entry_point.is_empty() {
@@ -342,8 +353,8 @@ mod tests {
 
     #[test]
     fn unknown_field_in_canonical_form_is_refused() {
-        let e = Deployment::from_json(r#"{"instanceSpecs":{},"modules":{},"extra":1}"#)
-            .unwrap_err();
+        let e =
+            Deployment::from_json(r#"{"instanceSpecs":{},"modules":{},"extra":1}"#).unwrap_err();
         assert!(e.message.contains("extra"), "{e}");
     }
 }

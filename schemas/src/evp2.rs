@@ -224,16 +224,13 @@ fn decode_attributes(map: &Map<String, Value>) -> Vec<DesiredChange> {
             match value.as_array() {
                 Some(items) => {
                     for item in items {
-                        match item
+                        // TB deletes other attributes too; only configurations concern us.
+                        if let Some((instance, topic)) = item
                             .as_str()
                             .and_then(|s| s.strip_prefix("configuration/"))
                             .and_then(split_instance_topic)
                         {
-                            Some((instance, topic)) => {
-                                changes.push(DesiredChange::ConfigurationDeleted { instance, topic })
-                            }
-                            // TB deletes other attributes too; only configurations concern us.
-                            None => {}
+                            changes.push(DesiredChange::ConfigurationDeleted { instance, topic });
                         }
                     }
                 }
@@ -412,7 +409,10 @@ pub fn decode_deployment(v: &Value) -> Result<Deployment, ValidationError> {
 pub fn decode_device_config(v: &Value) -> Result<DeviceConfig, ValidationError> {
     let outer = object(v, "desiredDeviceConfig")?;
     let path = "desiredDeviceConfig.desiredDeviceConfig";
-    let inner = object(required(outer, "desiredDeviceConfig", "desiredDeviceConfig")?, path)?;
+    let inner = object(
+        required(outer, "desiredDeviceConfig", "desiredDeviceConfig")?,
+        path,
+    )?;
     let key = |k: &str| format!("configuration/$agent/{k}");
     let get = |k: &str| required(inner, &key(k), path);
     let interval = |k: &str| -> Result<Option<i64>, ValidationError> {
@@ -481,7 +481,13 @@ mod tests {
         assert_eq!(d.deployment_id.as_deref(), Some("dep-0001"));
         assert_eq!(d.instance_specs["sender-1"].publish["out"], "pub-salute");
         // Hashes are case-insensitive on the wire and lower-case in the canonical form.
-        assert!(d.modules["mod-msg"].hash.as_ref().unwrap().starts_with("0f1e"));
+        assert!(
+            d.modules["mod-msg"]
+                .hash
+                .as_ref()
+                .unwrap()
+                .starts_with("0f1e")
+        );
         assert_eq!(d.subscribe_topics["sub-salute"].topic, "salute");
     }
 
@@ -489,7 +495,12 @@ mod tests {
     fn missing_instance_specs_is_refused_with_its_path() {
         let p = br#"{"deployment":{"deploymentId":"x","modules":{}}}"#;
         let changes = Evp2Codec.decode_attribute_update(p);
-        let [DesiredChange::RejectedDeployment { deployment_id, error }] = changes.as_slice()
+        let [
+            DesiredChange::RejectedDeployment {
+                deployment_id,
+                error,
+            },
+        ] = changes.as_slice()
         else {
             panic!("{changes:?}");
         };
@@ -529,7 +540,10 @@ mod tests {
             panic!("{changes:?}");
         };
         assert_eq!(c.report_status_interval_min, Some(2));
-        assert_eq!(c.report_status_interval_max, None, "above one day means unset");
+        assert_eq!(
+            c.report_status_interval_max, None,
+            "above one day means unset"
+        );
         assert_eq!(c.configuration_id.as_deref(), Some("cfg-42"));
         assert_eq!(c.registry_auth.as_ref().unwrap()["ghcr.io"], "base64-auth");
     }
@@ -538,7 +552,10 @@ mod tests {
     fn device_config_without_all_four_keys_is_invalid() {
         let p = br#"{"desiredDeviceConfig":{"desiredDeviceConfig":{"configuration/$agent/report-status-interval-min":2}}}"#;
         let changes = Evp2Codec.decode_attribute_update(p);
-        assert!(matches!(changes.as_slice(), [DesiredChange::Invalid(_)]), "{changes:?}");
+        assert!(
+            matches!(changes.as_slice(), [DesiredChange::Invalid(_)]),
+            "{changes:?}"
+        );
     }
 
     #[test]
@@ -552,7 +569,10 @@ mod tests {
         }));
         let p = br#"{"configuration/rx/a":"v","configuration/rx/c":7}"#;
         let changes = Evp2Codec.decode_attribute_update(p);
-        assert!(matches!(changes.as_slice(), [DesiredChange::Invalid(_)]), "{changes:?}");
+        assert!(
+            matches!(changes.as_slice(), [DesiredChange::Invalid(_)]),
+            "{changes:?}"
+        );
     }
 
     #[test]
@@ -583,7 +603,11 @@ mod tests {
             deployment: Some(DeploymentStatus::default()),
         };
         let encoded = Evp2Codec.encode_status_report(&report).to_string();
-        assert!(Evp2Codec.decode_attribute_update(encoded.as_bytes()).is_empty());
+        assert!(
+            Evp2Codec
+                .decode_attribute_update(encoded.as_bytes())
+                .is_empty()
+        );
     }
 
     #[test]
@@ -617,7 +641,10 @@ mod tests {
         let v = Evp2Codec.encode_status_report(&report);
         assert_eq!(v["systemInfo"]["protocolVersion"], "EVP2-TB");
         assert_eq!(v["state/$agent/report-status-interval-max"], 180);
-        assert_eq!(v["deploymentStatus"]["instances"]["i"]["status"], "self-exiting");
+        assert_eq!(
+            v["deploymentStatus"]["instances"]["i"]["status"],
+            "self-exiting"
+        );
         assert_eq!(v["deploymentStatus"]["reconcileStatus"], "ok");
         assert_eq!(v["state/$agent/registry-auth"]["ghcr.io"], "[redacted]");
     }

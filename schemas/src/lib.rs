@@ -15,5 +15,9 @@ pub mod evp2;
 pub mod status;
 
 pub use codec::{DesiredChange, HubCodec, StatusReport};
-pub use deployment::{Deployment, InstanceSpec, Module, ModuleImpl, RestartPolicy, ValidationError};
-pub use status::{DeploymentStatus, InstanceState, InstanceStatus, ModuleState, ModuleStatus, ReconcileStatus};
+pub use deployment::{
+    Deployment, InstanceSpec, Module, ModuleImpl, RestartPolicy, ValidationError,
+};
+pub use status::{
+    DeploymentStatus, InstanceState, InstanceStatus, ModuleState, ModuleStatus, ReconcileStatus,
+};

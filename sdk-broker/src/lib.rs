@@ -20,11 +20,15 @@ pub struct SdkBroker;
 #[interface(name = "org.evp.SdkBroker1")]
 impl SdkBroker {
     async fn open_instance(&self, instance: &str) -> Result<String, EvpError> {
-        Err(EvpError::NotSupported(format!("{NO_SOCKETS} (instance {instance})")))
+        Err(EvpError::NotSupported(format!(
+            "{NO_SOCKETS} (instance {instance})"
+        )))
     }
 
     async fn close_instance(&self, instance: &str) -> Result<(), EvpError> {
-        Err(EvpError::NotSupported(format!("{NO_SOCKETS} (instance {instance})")))
+        Err(EvpError::NotSupported(format!(
+            "{NO_SOCKETS} (instance {instance})"
+        )))
     }
 
     async fn set_routing(&self, routing_json: &str) -> Result<(), EvpError> {

@@ -1,1 +1,0 @@
-//! The sample module that evp-devhub deploys: a small native program.
