@@ -1,0 +1,691 @@
+//! The `Runtime` trait every module kind implements, and the supervisor that keeps modules and
+//! instances, their statuses and the stop policy, whatever the kind.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use evp_schemas::dbus::{EvpError, StartOptions};
+use evp_schemas::deployment::validate_instance_name;
+use futures_util::future::BoxFuture;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+/// Environment variable naming the instance's SDK socket (EVP's name).
+pub const ENV_SDK_SOCKET: &str = "EVP_MODULE_SDK_SOCKET_PATH";
+/// Environment variable naming the instance's default workspace (EVP's name).
+pub const ENV_DEFAULT_WORKSPACE: &str = "EVP_MODULE_SDK_DEFAULT_WORKSPACE_PATH";
+/// File name of the SDK socket inside the instance directory when the caller names none, as in
+/// EVP's on-disk layout.
+pub const SDK_SOCKET_FILE: &str = "sdk.sock";
+/// Folder inside the instance directory that the module may write to, as in EVP.
+pub const DEFAULT_WORKSPACE_DIR: &str = "default_workspace";
+/// How long a stop waits for the kernel to reap an instance after SIGKILL. SIGKILL cannot be
+/// ignored, so only a process stuck in the kernel (uninterruptible I/O) outlives this; the
+/// caller then gets an error instead of a call that never answers.
+pub const KILL_REAP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One kind of module (`spawn`; `docker` and `python` later): how to verify a module and how to
+/// start an instance of it. Starting, stopping and status are the supervisor's, the same for
+/// every kind.
+pub trait Runtime: Send + Sync {
+    /// The module kind as named in `LoadModule` and in the `Kinds` property.
+    fn kind(&self) -> &'static str;
+
+    /// Verifies a module (a file in the module cache, an image) before it is remembered.
+    fn load<'a>(
+        &'a self,
+        module_id: &'a str,
+        location: &'a str,
+        sha256: &'a str,
+    ) -> BoxFuture<'a, Result<(), EvpError>>;
+
+    /// Starts an instance; the error is the message its `error` status carries.
+    fn start(&self, spec: StartSpec) -> BoxFuture<'_, Result<Started, String>>;
+}
+
+/// A running instance as its runtime controls it.
+pub trait Workload: Send + Sync {
+    /// Asks the instance to exit (SIGTERM to its process group).
+    fn terminate(&self) -> Result<(), String>;
+    /// Forces the instance and everything it started to exit (SIGKILL to its process group).
+    fn kill(&self) -> Result<(), String>;
+}
+
+/// What a runtime hands back once an instance runs.
+pub struct Started {
+    /// How to stop it.
+    pub workload: Arc<dyn Workload>,
+    /// Resolves when the instance has exited and been reaped.
+    pub exited: BoxFuture<'static, Exit>,
+}
+
+/// How an instance ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// It returned from `main` or called `exit` with this status.
+    Code(i32),
+    /// A signal killed it; the signal's name (`SIGSEGV`).
+    Signal(String),
+    /// Its end could not be observed; why.
+    Lost(String),
+}
+
+/// Everything a runtime needs to start one instance.
+#[derive(Debug, Clone)]
+pub struct StartSpec {
+    /// The instance name.
+    pub instance: String,
+    /// The module's file path or image, as given to `LoadModule`.
+    pub module_location: String,
+    /// `<data_dir>/instances/<instance>`, already created.
+    pub instance_dir: PathBuf,
+    /// `<instance_dir>/default_workspace`, already created.
+    pub workspace: PathBuf,
+    /// Where the module finds its SDK socket.
+    pub sdk_socket: PathBuf,
+    /// Extra environment entries from the `env` option.
+    pub env: BTreeMap<String, String>,
+    /// The `entry_point` option, for kinds that use one.
+    pub entry_point: Option<String>,
+}
+
+/// The `StartInstance` options this runtime understands.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct InstanceOptions {
+    /// `sdk_socket` (s): the SDK socket path; `<instance dir>/sdk.sock` when absent.
+    pub sdk_socket: Option<PathBuf>,
+    /// `env` (a{ss}): extra environment entries.
+    pub env: BTreeMap<String, String>,
+    /// `entry_point` (s).
+    pub entry_point: Option<String>,
+}
+
+impl InstanceOptions {
+    /// Reads the D-Bus options, refusing wrong types and malformed values; unknown options are
+    /// ignored so newer callers can pass limits this build does not apply yet.
+    pub fn from_dbus(mut options: StartOptions) -> Result<InstanceOptions, EvpError> {
+        let mut out = InstanceOptions::default();
+        if let Some(v) = options.remove("sdk_socket") {
+            let path = String::try_from(v).map_err(|_| {
+                EvpError::InvalidArgument("option sdk_socket must be a string (s)".into())
+            })?;
+            if !path.starts_with('/') || path.contains('\0') {
+                return Err(EvpError::InvalidArgument(format!(
+                    "option sdk_socket {path:?} must be an absolute path"
+                )));
+            }
+            out.sdk_socket = Some(path.into());
+        }
+        if let Some(v) = options.remove("entry_point") {
+            out.entry_point = Some(String::try_from(v).map_err(|_| {
+                EvpError::InvalidArgument("option entry_point must be a string (s)".into())
+            })?);
+        }
+        if let Some(v) = options.remove("env") {
+            let env = HashMap::<String, String>::try_from(v).map_err(|_| {
+                EvpError::InvalidArgument("option env must be a string map (a{ss})".into())
+            })?;
+            for (key, value) in &env {
+                if key.is_empty() || key.contains(['=', '\0']) {
+                    return Err(EvpError::InvalidArgument(format!(
+                        "option env: {key:?} is not a valid variable name (empty, or has '=' or NUL)"
+                    )));
+                }
+                if value.contains('\0') {
+                    return Err(EvpError::InvalidArgument(format!(
+                        "option env: the value of {key} contains a NUL byte"
+                    )));
+                }
+            }
+            out.env = env.into_iter().collect();
+        }
+        if !options.is_empty() {
+            let mut names: Vec<_> = options.keys().map(String::as_str).collect();
+            names.sort_unstable();
+            warn!("StartInstance: ignoring options this build does not apply: {names:?}");
+        }
+        Ok(out)
+    }
+}
+
+/// An instance's status as reported on the bus.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    /// Being started.
+    Starting,
+    /// Running.
+    Ok,
+    /// Exited by itself with status 0.
+    SelfExiting,
+    /// Failed to start, or exited by itself with a failure; why.
+    Error(String),
+}
+
+impl Status {
+    /// The status word on the bus.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Status::Starting => "starting",
+            Status::Ok => "ok",
+            Status::SelfExiting => "self-exiting",
+            Status::Error(_) => "error",
+        }
+    }
+
+    /// The failure message on the bus, empty unless `error`.
+    pub fn message(&self) -> &str {
+        match self {
+            Status::Error(m) => m,
+            _ => "",
+        }
+    }
+
+    fn from_exit(exit: &Exit) -> Status {
+        match exit {
+            Exit::Code(0) => Status::SelfExiting,
+            Exit::Code(n) => Status::Error(format!("exited with status {n}")),
+            Exit::Signal(name) => Status::Error(format!("killed by signal {name}")),
+            Exit::Lost(why) => Status::Error(format!("lost track of the process: {why}")),
+        }
+    }
+}
+
+/// The status word of an instance that left `Instances` because it was stopped.
+pub const STOPPED: &str = "stopped";
+
+/// One change of an instance, to be emitted as `InstanceChanged` plus `PropertiesChanged`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceEvent {
+    /// The instance name.
+    pub instance: String,
+    /// `starting`, `ok`, `self-exiting`, `error` or `stopped`.
+    pub status: String,
+    /// Why, for `error`; empty otherwise.
+    pub failure_message: String,
+}
+
+/// Where an instance's process is in its life; stops wait on it.
+#[derive(Clone)]
+enum Phase {
+    /// The runtime is starting it.
+    Starting,
+    /// It runs.
+    Running(Arc<dyn Workload>),
+    /// It never started, or it exited and was reaped.
+    Gone,
+}
+
+struct Module {
+    kind: &'static str,
+    location: String,
+}
+
+struct Instance {
+    module_id: String,
+    /// Tells this start apart from an earlier or later one of the same name.
+    generation: u64,
+    status: Status,
+    /// A stop is under way: the exit it causes is not a failure.
+    stopping: bool,
+    phase: watch::Sender<Phase>,
+}
+
+impl Instance {
+    fn is_active(&self) -> bool {
+        !matches!(*self.phase.borrow(), Phase::Gone)
+    }
+}
+
+struct State {
+    modules: HashMap<String, Module>,
+    instances: BTreeMap<String, Instance>,
+    next_generation: u64,
+    /// `None` once the daemon stopped publishing changes.
+    events: Option<mpsc::UnboundedSender<InstanceEvent>>,
+}
+
+impl State {
+    /// Records a change for the bus. Called with the state locked, so events leave in the
+    /// order the state changed.
+    fn emit(&self, instance: &str, status: &str, failure_message: &str) {
+        info!(instance, status, failure_message, "instance changed");
+        if let Some(tx) = &self.events {
+            let _ = tx.send(InstanceEvent {
+                instance: instance.to_owned(),
+                status: status.to_owned(),
+                failure_message: failure_message.to_owned(),
+            });
+        }
+    }
+
+    fn set_status(&mut self, instance: &str, generation: u64, status: Status) {
+        let Some(inst) = self.instances.get_mut(instance) else {
+            return;
+        };
+        if inst.generation != generation {
+            return;
+        }
+        inst.status = status.clone();
+        self.emit(instance, status.as_str(), status.message());
+    }
+}
+
+/// Modules and instances of every kind this daemon runs. Its lock is never held across an
+/// `.await`, so a slow stop never holds up other calls.
+pub struct Supervisor {
+    instances_dir: PathBuf,
+    runtimes: BTreeMap<&'static str, Arc<dyn Runtime>>,
+    state: Mutex<State>,
+}
+
+impl Supervisor {
+    /// A supervisor with these runtimes, keeping instance directories in `instances_dir`, and
+    /// the stream of its instance changes.
+    pub fn new(
+        instances_dir: PathBuf,
+        runtimes: Vec<Arc<dyn Runtime>>,
+    ) -> (Arc<Supervisor>, mpsc::UnboundedReceiver<InstanceEvent>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let supervisor = Supervisor {
+            instances_dir,
+            runtimes: runtimes.into_iter().map(|r| (r.kind(), r)).collect(),
+            state: Mutex::new(State {
+                modules: HashMap::new(),
+                instances: BTreeMap::new(),
+                next_generation: 1,
+                events: Some(tx),
+            }),
+        };
+        (Arc::new(supervisor), rx)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while locked leaves maps that are still consistent (every update is a single
+        // insert or field store), so carry on rather than fail every later call.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The module kinds this daemon runs, sorted.
+    pub fn kinds(&self) -> Vec<String> {
+        self.runtimes.keys().map(|k| (*k).to_owned()).collect()
+    }
+
+    /// `(instance, module_id, status, failure_message)` of every instance hosted now.
+    pub fn instances(&self) -> Vec<(String, String, String, String)> {
+        self.lock()
+            .instances
+            .iter()
+            .map(|(name, i)| {
+                (
+                    name.clone(),
+                    i.module_id.clone(),
+                    i.status.as_str().to_owned(),
+                    i.status.message().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    /// Stops publishing instance changes, so the event stream ends.
+    pub fn close_events(&self) {
+        self.lock().events = None;
+    }
+
+    /// Verifies a module with its kind's runtime and remembers it; a known id is replaced.
+    pub async fn load_module(
+        &self,
+        module_id: &str,
+        kind: &str,
+        location: &str,
+        sha256: &str,
+    ) -> Result<(), EvpError> {
+        if module_id.is_empty() {
+            return Err(EvpError::InvalidArgument("module_id is empty".into()));
+        }
+        let Some(runtime) = self.runtimes.get(kind) else {
+            return Err(EvpError::InvalidArgument(format!(
+                "module {module_id}: kind {kind:?} is not run here; this runtime runs {:?}",
+                self.kinds()
+            )));
+        };
+        runtime.load(module_id, location, sha256).await?;
+        let previous = self.lock().modules.insert(
+            module_id.to_owned(),
+            Module {
+                kind: runtime.kind(),
+                location: location.to_owned(),
+            },
+        );
+        match previous {
+            Some(p) => info!(module_id, kind, location, was = %p.location, "module reloaded"),
+            None => info!(module_id, kind, location, "module loaded"),
+        }
+        Ok(())
+    }
+
+    /// Forgets a module; refused while an instance of it starts or runs. Unknown ids are fine.
+    pub fn unload_module(&self, module_id: &str) -> Result<(), EvpError> {
+        let mut state = self.lock();
+        let users: Vec<&str> = state
+            .instances
+            .iter()
+            .filter(|(_, i)| i.module_id == module_id && i.is_active())
+            .map(|(name, _)| name.as_str())
+            .collect();
+        if !users.is_empty() {
+            return Err(EvpError::Busy(format!(
+                "module {module_id} is used by running instance(s) {}; stop them first",
+                users.join(", ")
+            )));
+        }
+        if state.modules.remove(module_id).is_some() {
+            info!(module_id, "module unloaded");
+        }
+        Ok(())
+    }
+
+    /// Starts an instance of a loaded module; a no-op when it already runs that module.
+    pub async fn start_instance(
+        self: &Arc<Self>,
+        instance: &str,
+        module_id: &str,
+        options: InstanceOptions,
+    ) -> Result<(), EvpError> {
+        validate_instance_name(instance)
+            .map_err(|m| EvpError::InvalidArgument(format!("instance {instance:?}: {m}")))?;
+        let (runtime, location, generation) = {
+            let mut state = self.lock();
+            let Some(module) = state.modules.get(module_id) else {
+                return Err(EvpError::NotFound(format!(
+                    "module {module_id} is not loaded; call LoadModule before starting instance {instance}"
+                )));
+            };
+            let Some(runtime) = self.runtimes.get(module.kind).cloned() else {
+                return Err(EvpError::NotFound(format!(
+                    "module {module_id} has kind {}, which this runtime no longer runs",
+                    module.kind
+                )));
+            };
+            let location = module.location.clone();
+            if let Some(existing) = state.instances.get(instance)
+                && existing.is_active()
+            {
+                if existing.stopping {
+                    return Err(EvpError::Busy(format!(
+                        "instance {instance} is being stopped; start it once StopInstance returned"
+                    )));
+                }
+                if existing.module_id == module_id {
+                    return Ok(());
+                }
+                return Err(EvpError::Busy(format!(
+                    "instance {instance} runs module {}; stop it before starting module {module_id}",
+                    existing.module_id
+                )));
+            }
+            let generation = state.next_generation;
+            state.next_generation += 1;
+            state.instances.insert(
+                instance.to_owned(),
+                Instance {
+                    module_id: module_id.to_owned(),
+                    generation,
+                    status: Status::Starting,
+                    stopping: false,
+                    phase: watch::Sender::new(Phase::Starting),
+                },
+            );
+            state.emit(instance, Status::Starting.as_str(), "");
+            (runtime, location, generation)
+        };
+
+        let spec = match self.prepare(instance, location, options) {
+            Ok(spec) => spec,
+            Err(message) => return Err(self.start_failed(instance, generation, message)),
+        };
+        let started = match runtime.start(spec).await {
+            Ok(started) => started,
+            Err(message) => return Err(self.start_failed(instance, generation, message)),
+        };
+
+        let mut state = self.lock();
+        let stopping = match state.instances.get(instance) {
+            Some(inst) if inst.generation == generation => {
+                inst.phase
+                    .send_replace(Phase::Running(started.workload.clone()));
+                Some(inst.stopping)
+            }
+            _ => None,
+        };
+        match stopping {
+            Some(false) => state.set_status(instance, generation, Status::Ok),
+            Some(true) => {}
+            // Nothing removes a record in the Starting phase; kill rather than leak a process.
+            None => {
+                warn!(
+                    instance,
+                    "instance record vanished while starting; killing it"
+                );
+                let _ = started.workload.kill();
+            }
+        }
+        drop(state);
+        let this = Arc::clone(self);
+        let name = instance.to_owned();
+        let exited = started.exited;
+        tokio::spawn(async move {
+            let exit = exited.await;
+            this.on_exit(&name, generation, exit);
+        });
+        Ok(())
+    }
+
+    /// Creates the instance directory and workspace (0700) and resolves the start options.
+    fn prepare(
+        &self,
+        instance: &str,
+        module_location: String,
+        options: InstanceOptions,
+    ) -> Result<StartSpec, String> {
+        let instance_dir = self.instances_dir.join(instance);
+        let workspace = instance_dir.join(DEFAULT_WORKSPACE_DIR);
+        create_private_dir(&self.instances_dir)?;
+        create_private_dir(&instance_dir)?;
+        create_private_dir(&workspace)?;
+        let sdk_socket = options
+            .sdk_socket
+            .unwrap_or_else(|| instance_dir.join(SDK_SOCKET_FILE));
+        Ok(StartSpec {
+            instance: instance.to_owned(),
+            module_location,
+            instance_dir,
+            workspace,
+            sdk_socket,
+            env: options.env,
+            entry_point: options.entry_point,
+        })
+    }
+
+    /// Records a failed start as the instance's `error` status and turns it into the answer.
+    fn start_failed(&self, instance: &str, generation: u64, message: String) -> EvpError {
+        let mut state = self.lock();
+        let stopping = match state.instances.get(instance) {
+            Some(inst) if inst.generation == generation => {
+                inst.phase.send_replace(Phase::Gone);
+                inst.stopping
+            }
+            _ => true,
+        };
+        if !stopping {
+            state.set_status(instance, generation, Status::Error(message.clone()));
+        }
+        EvpError::Io(format!("instance {instance} did not start: {message}"))
+    }
+
+    /// The runtime saw the instance exit.
+    fn on_exit(&self, instance: &str, generation: u64, exit: Exit) {
+        let mut state = self.lock();
+        let stopping = match state.instances.get(instance) {
+            Some(inst) if inst.generation == generation => {
+                inst.phase.send_replace(Phase::Gone);
+                inst.stopping
+            }
+            _ => return,
+        };
+        if stopping {
+            info!(instance, ?exit, "instance exited as asked");
+        } else {
+            state.set_status(instance, generation, Status::from_exit(&exit));
+        }
+    }
+
+    /// Stops an instance: SIGTERM, up to `grace` to exit, then SIGKILL; returns once it is
+    /// reaped and has left `Instances`. Unknown or already exited instances are fine.
+    pub async fn stop_instance(&self, instance: &str, grace: Duration) -> Result<(), EvpError> {
+        let (generation, mut phase) = {
+            let mut state = self.lock();
+            let Some(inst) = state.instances.get_mut(instance) else {
+                return Ok(());
+            };
+            if !inst.is_active() {
+                state.instances.remove(instance);
+                state.emit(instance, STOPPED, "");
+                return Ok(());
+            }
+            inst.stopping = true;
+            (inst.generation, inst.phase.subscribe())
+        };
+        info!(instance, grace_ms = grace.as_millis(), "stopping instance");
+
+        // A sender dropped means another stop already removed the record: the process is gone.
+        let current = match phase.wait_for(|p| !matches!(p, Phase::Starting)).await {
+            Ok(p) => p.clone(),
+            Err(_) => Phase::Gone,
+        };
+        if let Phase::Running(workload) = current {
+            if let Err(e) = workload.terminate() {
+                warn!(instance, "asking the instance to exit failed: {e}");
+            }
+            let gone = tokio::time::timeout(grace, wait_gone(&mut phase)).await;
+            if gone.is_err() {
+                warn!(
+                    instance,
+                    grace_ms = grace.as_millis(),
+                    "instance did not exit within its grace period; killing it"
+                );
+            }
+            // Also after a timely exit: whatever the instance left behind in its group goes.
+            if let Err(e) = workload.kill() {
+                warn!(instance, "killing the instance failed: {e}");
+            }
+            if gone.is_err()
+                && tokio::time::timeout(KILL_REAP_TIMEOUT, wait_gone(&mut phase))
+                    .await
+                    .is_err()
+            {
+                return Err(EvpError::Io(format!(
+                    "instance {instance} did not exit {} s after SIGKILL; it is stuck in the kernel",
+                    KILL_REAP_TIMEOUT.as_secs()
+                )));
+            }
+        }
+
+        let mut state = self.lock();
+        if state
+            .instances
+            .get(instance)
+            .is_some_and(|i| i.generation == generation)
+        {
+            state.instances.remove(instance);
+            state.emit(instance, STOPPED, "");
+        }
+        Ok(())
+    }
+
+    /// Stops every instance in parallel, each with `grace`.
+    pub async fn stop_all(&self, grace: Duration) {
+        let names: Vec<String> = self.lock().instances.keys().cloned().collect();
+        let stops = names.iter().map(|name| async move {
+            if let Err(e) = self.stop_instance(name, grace).await {
+                warn!(instance = %name, "{e}");
+            }
+        });
+        futures_util::future::join_all(stops).await;
+    }
+
+    /// Removes `<instances dir>/<instance>`; refused while the instance runs, fine if absent.
+    pub async fn purge_instance(&self, instance: &str) -> Result<(), EvpError> {
+        validate_instance_name(instance)
+            .map_err(|m| EvpError::InvalidArgument(format!("instance {instance:?}: {m}")))?;
+        if self
+            .lock()
+            .instances
+            .get(instance)
+            .is_some_and(Instance::is_active)
+        {
+            return Err(EvpError::Busy(format!(
+                "instance {instance} is running; stop it before purging its directory"
+            )));
+        }
+        // The name is one path component (no '/', not '.' or '..'), so this stays inside.
+        let dir = self.instances_dir.join(instance);
+        let meta = match tokio::fs::symlink_metadata(&dir).await {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_error("inspecting", &dir, e)),
+        };
+        // A symlink or file in its place is removed itself; nothing it points to is touched.
+        let removed = if meta.is_dir() {
+            tokio::fs::remove_dir_all(&dir).await
+        } else {
+            tokio::fs::remove_file(&dir).await
+        };
+        match removed {
+            Ok(()) => {
+                info!(instance, dir = %dir.display(), "instance directory purged");
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_error("removing", &dir, e)),
+        }
+    }
+}
+
+async fn wait_gone(phase: &mut watch::Receiver<Phase>) {
+    // An error means the record (and its sender) is gone, which only happens once it exited.
+    let _ = phase.wait_for(|p| matches!(p, Phase::Gone)).await;
+}
+
+fn io_error(doing: &str, path: &Path, e: std::io::Error) -> EvpError {
+    EvpError::Io(format!("{doing} {}: {e}", path.display()))
+}
+
+/// Creates `dir` if missing and makes it 0700, refusing a symlink in its place so an instance
+/// never writes outside the instances directory.
+fn create_private_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.file_type().is_symlink() => {
+            return Err(format!(
+                "{} is a symbolic link; remove it and start again",
+                dir.display()
+            ));
+        }
+        Ok(m) if !m.is_dir() => {
+            return Err(format!("{} exists and is not a directory", dir.display()));
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        }
+        Err(e) => return Err(format!("inspecting {}: {e}", dir.display())),
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| format!("making {} private (0700): {e}", dir.display()))
+}

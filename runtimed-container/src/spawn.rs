@@ -1,0 +1,743 @@
+//! The `spawn` kind: the module file is an executable, run as a process in its own process group
+//! with a minimal environment, its output logged line by line.
+
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::process::Stdio;
+use std::sync::Arc;
+
+use evp_schemas::dbus::EvpError;
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::Command;
+use tracing::{info, warn};
+
+use crate::runtime::{
+    ENV_DEFAULT_WORKSPACE, ENV_SDK_SOCKET, Exit, Runtime, StartSpec, Started, Workload,
+};
+
+/// The kind name, as EVP's `moduleImpl`.
+pub const KIND: &str = "spawn";
+/// Read size while hashing a module file: large enough for few syscalls, small enough to stream.
+const HASH_CHUNK: usize = 64 * 1024;
+/// Longest output line logged as one record; a module printing without newlines is logged in
+/// pieces of this size instead of growing memory without bound.
+const MAX_LINE: usize = 16 * 1024;
+
+/// Runs `spawn` modules.
+#[derive(Debug, Default)]
+pub struct SpawnRuntime;
+
+impl Runtime for SpawnRuntime {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    fn load<'a>(
+        &'a self,
+        module_id: &'a str,
+        location: &'a str,
+        sha256: &'a str,
+    ) -> BoxFuture<'a, Result<(), EvpError>> {
+        async move {
+            if !location.starts_with('/') {
+                return Err(EvpError::InvalidArgument(format!(
+                    "module {module_id}: path {location:?} is not absolute"
+                )));
+            }
+            if sha256.len() != 64 || !sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(EvpError::InvalidArgument(format!(
+                    "module {module_id}: sha256 {sha256:?} is not 64 hex digits"
+                )));
+            }
+            let path = location.to_owned();
+            let id = module_id.to_owned();
+            let actual = tokio::task::spawn_blocking(move || hash_module_file(&id, &path))
+                .await
+                .map_err(|e| EvpError::Io(format!("module {module_id}: hashing failed: {e}")))??;
+            if !actual.eq_ignore_ascii_case(sha256) {
+                return Err(EvpError::InvalidArgument(format!(
+                    "Module hash mismatch: module {module_id} file {location} has sha256 {actual}, \
+                     the deployment says {}",
+                    sha256.to_ascii_lowercase()
+                )));
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn start(&self, spec: StartSpec) -> BoxFuture<'_, Result<Started, String>> {
+        async move { spawn(spec) }.boxed()
+    }
+}
+
+/// Checks the module file is an executable regular file and returns its SHA-256 in lower hex.
+fn hash_module_file(module_id: &str, path: &str) -> Result<String, EvpError> {
+    let mut file = std::fs::File::open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            EvpError::InvalidArgument(format!("module {module_id}: file {path} does not exist"))
+        }
+        _ => EvpError::Io(format!("module {module_id}: opening {path}: {e}")),
+    })?;
+    let meta = file
+        .metadata()
+        .map_err(|e| EvpError::Io(format!("module {module_id}: inspecting {path}: {e}")))?;
+    if !meta.is_file() {
+        return Err(EvpError::InvalidArgument(format!(
+            "module {module_id}: {path} is not a regular file"
+        )));
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o111 == 0 {
+        return Err(EvpError::InvalidArgument(format!(
+            "module {module_id}: {path} is not executable (mode {:04o}); a spawn module file \
+             needs an execute bit",
+            mode & 0o7777
+        )));
+    }
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; HASH_CHUNK];
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Err(EvpError::Io(format!(
+                    "module {module_id}: reading {path}: {e}"
+                )));
+            }
+        };
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// Starts the module file as a process leading its own process group.
+fn spawn(spec: StartSpec) -> Result<Started, String> {
+    let mut command = Command::new(&spec.module_location);
+    // EVP runs spawn modules with argc 0; Rust cannot, so argv[0] names the instance for `ps`.
+    command
+        .arg0(&spec.instance)
+        .env_clear()
+        .envs(&spec.env)
+        .env(ENV_SDK_SOCKET, &spec.sdk_socket)
+        .env(ENV_DEFAULT_WORKSPACE, &spec.workspace)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(false);
+    if spec.env.contains_key(ENV_SDK_SOCKET) || spec.env.contains_key(ENV_DEFAULT_WORKSPACE) {
+        warn!(
+            instance = %spec.instance,
+            "the env option names an SDK variable; the runtime's own value wins"
+        );
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", spec.module_location))?;
+    let pid = child
+        .id()
+        .and_then(|p| i32::try_from(p).ok())
+        .ok_or_else(|| format!("{} started without a process id", spec.module_location))?;
+    info!(instance = %spec.instance, pid, module = %spec.module_location, "instance spawned");
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(log_lines(out, spec.instance.clone(), "stdout"));
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(log_lines(err, spec.instance.clone(), "stderr"));
+    }
+    let exited = async move {
+        match child.wait().await {
+            Ok(status) => match (status.code(), status.signal()) {
+                (Some(code), _) => Exit::Code(code),
+                (None, Some(sig)) => Exit::Signal(signal_name(sig)),
+                (None, None) => Exit::Lost(format!("unexpected wait status {status}")),
+            },
+            Err(e) => Exit::Lost(format!("waiting for it failed: {e}")),
+        }
+    }
+    .boxed();
+    Ok(Started {
+        workload: Arc::new(ProcessGroup {
+            pgid: Pid::from_raw(pid),
+        }),
+        exited,
+    })
+}
+
+/// `SIGSEGV` for 11; the number when nix does not know it.
+fn signal_name(sig: i32) -> String {
+    Signal::try_from(sig)
+        .map(|s| s.as_str().to_owned())
+        .unwrap_or_else(|_| format!("{sig}"))
+}
+
+/// A spawned instance: its process group, led by the module process.
+struct ProcessGroup {
+    pgid: Pid,
+}
+
+impl ProcessGroup {
+    fn signal(&self, signal: Signal) -> Result<(), String> {
+        match killpg(self.pgid, signal) {
+            // The group is empty: everything in it has exited already.
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+            Err(e) => Err(format!(
+                "sending {} to process group {}: {e}",
+                signal.as_str(),
+                self.pgid
+            )),
+        }
+    }
+}
+
+impl Workload for ProcessGroup {
+    fn terminate(&self) -> Result<(), String> {
+        self.signal(Signal::SIGTERM)
+    }
+
+    fn kill(&self) -> Result<(), String> {
+        self.signal(Signal::SIGKILL)
+    }
+}
+
+/// Logs each line of an instance's output with the instance name and stream as fields.
+async fn log_lines<R: AsyncRead + Unpin>(reader: R, instance: String, stream: &'static str) {
+    let emit = |line: &[u8]| {
+        let line = String::from_utf8_lossy(line);
+        let line = line.trim_end_matches('\r');
+        info!(instance = %instance, stream, "{line}");
+    };
+    let mut reader = BufReader::new(reader);
+    let mut line = Vec::new();
+    loop {
+        let buf = match reader.fill_buf().await {
+            Ok(buf) => buf,
+            Err(e) => {
+                warn!(instance = %instance, stream, "reading the instance output failed: {e}");
+                break;
+            }
+        };
+        if buf.is_empty() {
+            break;
+        }
+        let (used, complete) = match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => {
+                line.extend_from_slice(&buf[..i]);
+                (i + 1, true)
+            }
+            None => {
+                let room = MAX_LINE.saturating_sub(line.len()).min(buf.len());
+                line.extend_from_slice(&buf[..room]);
+                (room, line.len() >= MAX_LINE)
+            }
+        };
+        reader.consume(used);
+        if complete {
+            emit(&line);
+            line.clear();
+        }
+    }
+    if !line.is_empty() {
+        emit(&line);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::{Path, PathBuf};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use evp_schemas::dbus::EvpError;
+    use sha2::{Digest, Sha256};
+    use tempfile::TempDir;
+    use tokio::sync::mpsc;
+
+    use crate::runtime::{InstanceEvent, InstanceOptions, Runtime, Supervisor};
+
+    use super::SpawnRuntime;
+
+    /// Upper bound for any awaited condition; generous for a loaded 2-core machine.
+    const DEADLINE: Duration = Duration::from_secs(15);
+
+    struct Fixture {
+        dir: TempDir,
+        sup: Arc<Supervisor>,
+        events: mpsc::UnboundedReceiver<InstanceEvent>,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let (sup, events) = Supervisor::new(
+            dir.path().join("instances"),
+            vec![Arc::new(SpawnRuntime) as Arc<dyn Runtime>],
+        );
+        Fixture { dir, sup, events }
+    }
+
+    impl Fixture {
+        /// Writes an executable /bin/sh module and returns its path and SHA-256.
+        fn module_file(&self, name: &str, script: &str) -> (String, String) {
+            let path = self.dir.path().join(name);
+            std::fs::write(&path, format!("#!/bin/sh\n{script}\n")).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let sha = hex::encode(Sha256::digest(std::fs::read(&path).unwrap()));
+            (path.to_str().unwrap().to_owned(), sha)
+        }
+
+        async fn load(&self, id: &str, script: &str) -> String {
+            let (path, sha) = self.module_file(id, script);
+            self.sup
+                .load_module(id, "spawn", &path, &sha)
+                .await
+                .unwrap();
+            path
+        }
+
+        async fn start(&self, instance: &str, module: &str) -> Result<(), EvpError> {
+            self.sup
+                .start_instance(instance, module, InstanceOptions::default())
+                .await
+        }
+
+        fn status(&self, instance: &str) -> Option<(String, String)> {
+            self.sup
+                .instances()
+                .into_iter()
+                .find(|i| i.0 == instance)
+                .map(|i| (i.2, i.3))
+        }
+
+        /// Polls until the instance has `status`, returning its failure message.
+        async fn wait_status(&self, instance: &str, status: &str) -> String {
+            let start = Instant::now();
+            loop {
+                if let Some((s, m)) = self.status(instance)
+                    && s == status
+                {
+                    return m;
+                }
+                assert!(
+                    start.elapsed() < DEADLINE,
+                    "{instance} never reached {status}: {:?}",
+                    self.status(instance)
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+
+        /// The (status, message) events of `instance` so far.
+        fn drain(&mut self, instance: &str) -> Vec<(String, String)> {
+            let mut out = Vec::new();
+            while let Ok(ev) = self.events.try_recv() {
+                if ev.instance == instance {
+                    out.push((ev.status, ev.failure_message));
+                }
+            }
+            out
+        }
+
+        fn instance_dir(&self, instance: &str) -> PathBuf {
+            self.dir.path().join("instances").join(instance)
+        }
+    }
+
+    async fn wait_file(path: &Path) {
+        let start = Instant::now();
+        while !path.exists() {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "{} never appeared",
+                path.display()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn ev(status: &str, message: &str) -> (String, String) {
+        (status.to_owned(), message.to_owned())
+    }
+
+    /// A module that runs until stopped and ignores SIGTERM once it has written `ready`.
+    const IGNORES_TERM: &str = "trap '' TERM\n: > \"$EVP_MODULE_SDK_DEFAULT_WORKSPACE_PATH/ready\"\nwhile :; do sleep 0.05; done";
+    /// A module that runs until stopped; SIGTERM ends it.
+    const RUNS: &str =
+        ": > \"$EVP_MODULE_SDK_DEFAULT_WORKSPACE_PATH/ready\"\nwhile :; do sleep 0.05; done";
+
+    #[tokio::test]
+    async fn exit_zero_is_self_exiting() {
+        let mut f = fixture();
+        f.load("m", "exit 0").await;
+        f.start("i", "m").await.unwrap();
+        assert_eq!(f.wait_status("i", "self-exiting").await, "");
+        assert_eq!(
+            f.drain("i"),
+            [ev("starting", ""), ev("ok", ""), ev("self-exiting", "")]
+        );
+    }
+
+    #[tokio::test]
+    async fn non_zero_exit_is_an_error_with_the_status() {
+        let mut f = fixture();
+        f.load("m", "exit 3").await;
+        f.start("i", "m").await.unwrap();
+        assert_eq!(f.wait_status("i", "error").await, "exited with status 3");
+        assert_eq!(
+            f.drain("i").last(),
+            Some(&ev("error", "exited with status 3"))
+        );
+    }
+
+    #[tokio::test]
+    async fn death_by_signal_is_an_error_naming_the_signal() {
+        let f = fixture();
+        f.load("m", "kill -SEGV $$").await;
+        f.start("i", "m").await.unwrap();
+        assert_eq!(
+            f.wait_status("i", "error").await,
+            "killed by signal SIGSEGV"
+        );
+    }
+
+    #[tokio::test]
+    async fn stop_uses_sigterm_and_is_not_an_error() {
+        let mut f = fixture();
+        f.load("m", RUNS).await;
+        f.start("i", "m").await.unwrap();
+        wait_file(&f.instance_dir("i").join("default_workspace/ready")).await;
+        let t = Instant::now();
+        f.sup.stop_instance("i", DEADLINE).await.unwrap();
+        assert!(
+            t.elapsed() < DEADLINE / 2,
+            "SIGTERM did not end it: {:?}",
+            t.elapsed()
+        );
+        assert!(f.sup.instances().is_empty());
+        assert_eq!(
+            f.drain("i"),
+            [ev("starting", ""), ev("ok", ""), ev("stopped", "")]
+        );
+    }
+
+    #[tokio::test]
+    async fn stop_kills_what_ignores_sigterm_after_the_grace() {
+        let mut f = fixture();
+        f.load("m", IGNORES_TERM).await;
+        f.start("i", "m").await.unwrap();
+        wait_file(&f.instance_dir("i").join("default_workspace/ready")).await;
+        let grace = Duration::from_millis(300);
+        let t = Instant::now();
+        f.sup.stop_instance("i", grace).await.unwrap();
+        assert!(
+            t.elapsed() >= grace,
+            "returned before the grace: {:?}",
+            t.elapsed()
+        );
+        assert!(f.sup.instances().is_empty());
+        assert_eq!(f.drain("i").last(), Some(&ev("stopped", "")));
+    }
+
+    #[tokio::test]
+    async fn parallel_stops_take_the_longest_grace_not_the_sum() {
+        let f = fixture();
+        f.load("m", IGNORES_TERM).await;
+        f.start("a", "m").await.unwrap();
+        f.start("b", "m").await.unwrap();
+        wait_file(&f.instance_dir("a").join("default_workspace/ready")).await;
+        wait_file(&f.instance_dir("b").join("default_workspace/ready")).await;
+        let grace = Duration::from_millis(1000);
+        let t = Instant::now();
+        let (a, b) = tokio::join!(
+            f.sup.stop_instance("a", grace),
+            f.sup.stop_instance("b", grace)
+        );
+        a.unwrap();
+        b.unwrap();
+        let took = t.elapsed();
+        assert!(took >= grace && took < grace * 2, "two stops took {took:?}");
+        assert!(f.sup.instances().is_empty());
+    }
+
+    #[tokio::test]
+    async fn stop_of_unknown_or_exited_instance_is_ok_and_forgets_it() {
+        let mut f = fixture();
+        f.sup.stop_instance("nobody", Duration::ZERO).await.unwrap();
+        f.load("m", "exit 3").await;
+        f.start("i", "m").await.unwrap();
+        f.wait_status("i", "error").await;
+        f.sup.stop_instance("i", Duration::ZERO).await.unwrap();
+        assert!(f.sup.instances().is_empty());
+        assert_eq!(f.drain("i").last(), Some(&ev("stopped", "")));
+    }
+
+    #[tokio::test]
+    async fn output_lines_are_logged_with_the_instance_name() {
+        #[derive(Clone, Default)]
+        struct Capture(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Capture {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let capture = Capture::default();
+        let writer = capture.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        // The test runtime is single-threaded, so the output tasks log on this thread.
+        let _guard = tracing::subscriber::set_default(subscriber);
+
+        let f = fixture();
+        f.load(
+            "m",
+            "echo first line\necho 'to stderr' >&2\nprintf 'no newline'",
+        )
+        .await;
+        f.start("printer", "m").await.unwrap();
+        f.wait_status("printer", "self-exiting").await;
+        let start = Instant::now();
+        loop {
+            let text = String::from_utf8_lossy(&capture.0.lock().unwrap()).into_owned();
+            let logged = |stream: &str, line: &str| {
+                text.lines().any(|l| {
+                    l.contains("instance=printer")
+                        && l.contains(&format!("stream=\"{stream}\""))
+                        && l.contains(line)
+                })
+            };
+            if logged("stdout", "first line")
+                && logged("stderr", "to stderr")
+                && logged("stdout", "no newline")
+            {
+                break;
+            }
+            assert!(start.elapsed() < DEADLINE, "lines not logged:\n{text}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn workspace_is_private_and_environment_minimal() {
+        let f = fixture();
+        f.load(
+            "m",
+            "env > \"$EVP_MODULE_SDK_DEFAULT_WORKSPACE_PATH/env.txt\"",
+        )
+        .await;
+        let mut env = std::collections::HashMap::new();
+        env.insert("EXTRA".to_owned(), "value with spaces".to_owned());
+        let options = evp_schemas::dbus::start_options(&[], &env).unwrap();
+        let options = InstanceOptions::from_dbus(options).unwrap();
+        f.sup.start_instance("i", "m", options).await.unwrap();
+        f.wait_status("i", "self-exiting").await;
+
+        let dir = f.instance_dir("i");
+        let ws = dir.join("default_workspace");
+        for d in [&dir, &ws] {
+            let mode = std::fs::metadata(d).unwrap().permissions().mode() & 0o7777;
+            assert_eq!(mode, 0o700, "{}", d.display());
+        }
+        let text = std::fs::read_to_string(ws.join("env.txt")).unwrap();
+        let mut vars: BTreeMap<&str, &str> =
+            text.lines().filter_map(|l| l.split_once('=')).collect();
+        // dash defines PWD itself; it is not from the runtime.
+        vars.remove("PWD");
+        let socket = dir.join("sdk.sock");
+        let expected = BTreeMap::from([
+            ("EVP_MODULE_SDK_SOCKET_PATH", socket.to_str().unwrap()),
+            (
+                "EVP_MODULE_SDK_DEFAULT_WORKSPACE_PATH",
+                ws.to_str().unwrap(),
+            ),
+            ("EXTRA", "value with spaces"),
+        ]);
+        assert_eq!(vars, expected);
+
+        // The sdk_socket option replaces the default socket path.
+        f.sup.stop_instance("i", Duration::ZERO).await.unwrap();
+        let options = evp_schemas::dbus::start_options(
+            &[("sdk_socket", "/run/evp/sdk/i.sock")],
+            &Default::default(),
+        )
+        .unwrap();
+        let options = InstanceOptions::from_dbus(options).unwrap();
+        assert_eq!(
+            options.sdk_socket,
+            Some(PathBuf::from("/run/evp/sdk/i.sock"))
+        );
+        f.sup.start_instance("i", "m", options).await.unwrap();
+        f.wait_status("i", "self-exiting").await;
+        let text = std::fs::read_to_string(ws.join("env.txt")).unwrap();
+        assert!(
+            text.contains("EVP_MODULE_SDK_SOCKET_PATH=/run/evp/sdk/i.sock\n"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn start_is_idempotent_and_busy_for_another_module() {
+        let mut f = fixture();
+        f.load("m", RUNS).await;
+        f.load("other", RUNS).await;
+        f.start("i", "m").await.unwrap();
+        f.wait_status("i", "ok").await;
+        f.start("i", "m").await.unwrap();
+        assert_eq!(f.drain("i"), [ev("starting", ""), ev("ok", "")]);
+        let e = f.start("i", "other").await.unwrap_err();
+        assert!(
+            matches!(&e, EvpError::Busy(m) if m.contains("runs module m")),
+            "{e:?}"
+        );
+        f.sup.stop_instance("i", DEADLINE).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn unload_is_busy_while_an_instance_runs() {
+        let f = fixture();
+        f.load("m", RUNS).await;
+        f.start("i", "m").await.unwrap();
+        let e = f.sup.unload_module("m").unwrap_err();
+        assert!(matches!(&e, EvpError::Busy(m) if m.contains('i')), "{e:?}");
+        f.sup.stop_instance("i", DEADLINE).await.unwrap();
+        f.sup.unload_module("m").unwrap();
+        f.sup.unload_module("m").unwrap();
+        let e = f.start("i", "m").await.unwrap_err();
+        assert!(matches!(e, EvpError::NotFound(_)), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn load_refuses_a_wrong_hash_kind_or_file() {
+        let f = fixture();
+        let (path, sha) = f.module_file("m", "exit 0");
+        let wrong = "0".repeat(64);
+        let e = f
+            .sup
+            .load_module("m", "spawn", &path, &wrong)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, EvpError::InvalidArgument(m) if m.starts_with("Module hash mismatch")),
+            "{e:?}"
+        );
+        let e = f
+            .sup
+            .load_module("m", "docker", &path, &sha)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, EvpError::InvalidArgument(m) if m.contains("spawn")),
+            "{e:?}"
+        );
+        let missing = format!("{path}.missing");
+        let e = f
+            .sup
+            .load_module("m", "spawn", &missing, &sha)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, EvpError::InvalidArgument(m) if m.contains("does not exist")),
+            "{e:?}"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = f
+            .sup
+            .load_module("m", "spawn", &path, &sha)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, EvpError::InvalidArgument(m) if m.contains("not executable")),
+            "{e:?}"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // Hex case does not matter.
+        f.sup
+            .load_module("m", "spawn", &path, &sha.to_ascii_uppercase())
+            .await
+            .unwrap();
+        assert_eq!(f.sup.kinds(), ["spawn"]);
+    }
+
+    #[tokio::test]
+    async fn start_refuses_bad_names_and_reports_spawn_failures() {
+        let mut f = fixture();
+        f.load("m", "exit 0").await;
+        let e = f.start("../escape", "m").await.unwrap_err();
+        assert!(matches!(e, EvpError::InvalidArgument(_)), "{e:?}");
+        let e = f.start("i", "nope").await.unwrap_err();
+        assert!(matches!(e, EvpError::NotFound(_)), "{e:?}");
+
+        // A module whose interpreter does not exist fails in exec: the OS error is the status.
+        let (path, sha) = f.module_file("broken", "");
+        std::fs::write(&path, "#!/nonexistent/interpreter\n").unwrap();
+        let sha_now = hex::encode(Sha256::digest(std::fs::read(&path).unwrap()));
+        assert_ne!(sha, sha_now);
+        f.sup
+            .load_module("broken", "spawn", &path, &sha_now)
+            .await
+            .unwrap();
+        let e = f.start("b", "broken").await.unwrap_err();
+        assert!(
+            matches!(&e, EvpError::Io(m) if m.contains("No such file")),
+            "{e:?}"
+        );
+        let (status, message) = f.status("b").unwrap();
+        assert_eq!(status, "error");
+        assert!(message.contains("No such file"), "{message}");
+        assert_eq!(f.drain("b").last(), Some(&ev("error", &message)));
+        // A failed instance may be started again (here it fails again).
+        assert!(f.start("b", "broken").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn purge_is_busy_while_running_and_removes_the_directory() {
+        let f = fixture();
+        f.load("m", RUNS).await;
+        f.start("i", "m").await.unwrap();
+        let e = f.sup.purge_instance("i").await.unwrap_err();
+        assert!(matches!(e, EvpError::Busy(_)), "{e:?}");
+        f.sup.stop_instance("i", DEADLINE).await.unwrap();
+        assert!(f.instance_dir("i").join("default_workspace/ready").exists());
+        f.sup.purge_instance("i").await.unwrap();
+        assert!(!f.instance_dir("i").exists());
+        f.sup.purge_instance("i").await.unwrap();
+        let e = f.sup.purge_instance("..").await.unwrap_err();
+        assert!(matches!(e, EvpError::InvalidArgument(_)), "{e:?}");
+
+        // A symlink in the instances dir is removed, never followed.
+        let outside = f.dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("keep"), "x").unwrap();
+        std::os::unix::fs::symlink(&outside, f.instance_dir("link")).unwrap();
+        f.sup.purge_instance("link").await.unwrap();
+        assert!(!f.instance_dir("link").exists());
+        assert!(outside.join("keep").exists());
+    }
+
+    #[tokio::test]
+    async fn stop_all_stops_every_instance() {
+        let f = fixture();
+        f.load("m", IGNORES_TERM).await;
+        f.load("n", RUNS).await;
+        f.start("a", "m").await.unwrap();
+        f.start("b", "n").await.unwrap();
+        wait_file(&f.instance_dir("a").join("default_workspace/ready")).await;
+        f.sup.stop_all(Duration::from_millis(200)).await;
+        assert!(f.sup.instances().is_empty());
+    }
+}
