@@ -1,1 +1,129 @@
-//! evp-agent hubd: the only MQTT connection to the hub.
+//! evp-agent hubd: the only MQTT connection to the hub. It speaks EVP2-TB, hands the hub's
+//! deployments to reconcilerd and its configurations to sdk-broker, reports reconcilerd's
+//! status back, and serves `org.evp.Hub1`.
+//!
+//! - [`config`]: the `[hub]` settings and EVP's environment variables.
+//! - [`tls`]: MQTT over TLS.
+//! - [`session`] and [`timing`]: the pure state machines of the session and of report timing.
+//! - [`device_config`] and [`report`]: the hub's device configuration and the status report.
+//! - [`core`]: the MQTT session loop, independent of D-Bus.
+//! - [`bus`]: `org.evp.Hub1` and the D-Bus links to reconcilerd and sdk-broker.
+#![deny(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
+pub mod bus;
+pub mod config;
+pub mod core;
+pub mod device_config;
+pub mod report;
+pub mod session;
+pub mod timing;
+pub mod tls;
+
+use anyhow::{Context, Result};
+use evp_daemon::{AgentConfig, DaemonArgs};
+use evp_schemas::HubCodec;
+use evp_schemas::dbus::{HUB_NAME, HUB_PATH};
+use evp_schemas::evp2::Evp2Codec;
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+use crate::config::HubSection;
+use crate::core::{ConnectionState, Links};
+use crate::device_config::DeviceConfigStore;
+
+/// Configurations waiting for sdk-broker; a hub sends a handful per update, so a full queue
+/// means sdk-broker is stuck and newer values are dropped with a warning.
+const CONFIGURATION_QUEUE: usize = 1024;
+/// Answers from reconcilerd waiting for the session loop (one per deployment applied).
+const OUTCOME_QUEUE: usize = 16;
+
+/// Runs hubd until SIGTERM.
+pub async fn run(args: DaemonArgs) -> Result<()> {
+    // Only fails when a provider is already installed, which is as good.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let agent = AgentConfig::load(&args)?;
+    let section: HubSection = agent.section("hub")?;
+    let cfg = config::resolve(section, evp_daemon::env_nonempty)?;
+    info!(?cfg, "hub settings");
+    let tls = match &cfg.tls {
+        Some(files) => {
+            if cfg.tls_insecure_skip_verify {
+                warn!(
+                    "!!! tls_insecure_skip_verify is set: the MQTT broker's certificate is NOT \
+                     verified; anyone on the path can impersonate the hub. Development only !!!"
+                );
+            }
+            Some(tls::load(files, cfg.tls_insecure_skip_verify).context("MQTT TLS")?)
+        }
+        None => {
+            if cfg.tls_insecure_skip_verify {
+                warn!("tls_insecure_skip_verify is set but MQTT TLS is not configured");
+            }
+            warn!(
+                "MQTT without TLS to {}:{}: set tls_ca_cert (EVP_TLS_CA_CERT) for TLS",
+                cfg.mqtt_host, cfg.mqtt_port
+            );
+            None
+        }
+    };
+    let options = core::mqtt_options(&cfg, tls.as_ref());
+    let device_id = cfg
+        .device_id
+        .clone()
+        .or_else(|| Some(options.client_id()).filter(|id| !id.is_empty()))
+        .unwrap_or_default();
+    let store = DeviceConfigStore::new(agent.data_subdir("hub")?);
+    let device_config = match store.load() {
+        Ok(c) => c,
+        Err(e) => {
+            warn!("{e}; starting without the hub's device configuration");
+            None
+        }
+    };
+
+    let codec = Evp2Codec;
+    let conn = evp_daemon::bus_builder(&args)?
+        .name(HUB_NAME)
+        .serve_at(HUB_PATH, bus::Hub1::new(codec.protocol_name(), device_id))
+        .build()
+        .await
+        .context("connecting to D-Bus as org.evp.Hub1")?;
+    info!("serving {HUB_NAME}");
+    evp_daemon::notify_ready();
+
+    let (deployments_tx, deployments_rx) = watch::channel(None);
+    let (outcomes_tx, outcomes_rx) = mpsc::channel(OUTCOME_QUEUE);
+    let (config_tx, config_rx) = mpsc::channel(CONFIGURATION_QUEUE);
+    let (status_tx, status_rx) = watch::channel(None);
+    let (connection_tx, connection_rx) = watch::channel(ConnectionState::Disconnected);
+    tokio::spawn(bus::apply_deployments(
+        conn.clone(),
+        deployments_rx,
+        outcomes_tx,
+    ));
+    tokio::spawn(bus::deliver_configurations(conn.clone(), config_rx));
+    tokio::spawn(bus::watch_status(conn.clone(), status_tx));
+    let follower = conn.clone();
+    tokio::spawn(async move {
+        if let Err(e) = bus::follow_connection(follower, connection_rx).await {
+            error!("Hub1.Connection no longer follows the MQTT session: {e}");
+        }
+    });
+
+    let links = Links {
+        deployments: deployments_tx,
+        outcomes: outcomes_rx,
+        configurations: config_tx,
+        status: status_rx,
+        connection: connection_tx,
+    };
+    let shutdown = async {
+        if let Err(e) = evp_daemon::wait_for_shutdown().await {
+            error!("{e:#}; stopping");
+        }
+    };
+    core::run(cfg, options, store, device_config, links, shutdown).await?;
+    info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,566 @@
+//! hubd's settings: the `[hub]` section of agent.toml, overridden by EVP's environment variables.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default minimum time between two status reports (EVP's `EVP_REPORT_STATUS_INTERVAL_MIN_SEC`
+/// default, 3 s).
+pub const DEFAULT_INTERVAL_MIN_MS: u64 = 3_000;
+/// Default time after which an unchanged status report is sent again (EVP's default, 180 s).
+pub const DEFAULT_INTERVAL_MAX_MS: i64 = 180_000;
+/// Default QoS of the status report (EVP's `EVP_MQTT_MFS_QOS` default): the hub must get it.
+pub const DEFAULT_STATUS_QOS: u8 = 1;
+/// The shortest forced re-send accepted in agent.toml: more than ten identical reports a
+/// second would only flood the broker, whatever a benchmark wants to measure.
+pub const MIN_FORCED_INTERVAL_MS: i64 = 100;
+/// EVP's upper bound of both report intervals, seconds (one day).
+const EVP_MAX_INTERVAL_S: i64 = 86_400;
+
+/// The `[hub]` section of agent.toml as written; every key is optional there because the
+/// environment may supply it.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubSection {
+    /// Broker host name or address; also the TLS server name.
+    pub mqtt_host: Option<String>,
+    /// Broker port.
+    pub mqtt_port: Option<u16>,
+    /// MQTT client id, used when no TLS client certificate gives one.
+    pub client_id: Option<String>,
+    /// MQTT user name (ThingsBoard: the device token).
+    pub username: Option<String>,
+    /// MQTT password.
+    pub password: Option<String>,
+    /// The device's permanent id, shown on `Hub1.DeviceId`.
+    pub device_id: Option<String>,
+    /// CA certificate (PEM or DER) that signs the broker's certificate.
+    pub tls_ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM or DER) for mutual TLS.
+    pub tls_client_cert: Option<PathBuf>,
+    /// Client private key (PEM, or PKCS#8 DER) for mutual TLS.
+    pub tls_client_key: Option<PathBuf>,
+    /// Development only: accept any broker certificate.
+    pub tls_insecure_skip_verify: Option<bool>,
+    /// Minimum time between two status reports, ms (0 allowed, for benchmarks).
+    pub report_status_interval_min_ms: Option<u64>,
+    /// Time after which an unchanged status report is sent again, ms; -1 for never.
+    pub report_status_interval_max_ms: Option<i64>,
+    /// QoS of the status report (0, 1 or 2).
+    pub mqtt_qos_status: Option<u8>,
+}
+
+/// TLS material to use for MQTT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The CA that verifies the broker.
+    pub ca_cert: PathBuf,
+    /// Client certificate and key, for mutual TLS; `None` for server-authenticated TLS only.
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
+/// The report intervals before any device configuration from the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Intervals {
+    /// Minimum time between two reports.
+    pub min: Duration,
+    /// Time after which an unchanged report is sent again; `None`: never.
+    pub max: Option<Duration>,
+}
+
+/// hubd's validated settings.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HubConfig {
+    /// Broker host.
+    pub mqtt_host: String,
+    /// Broker port.
+    pub mqtt_port: u16,
+    /// Configured client id (the TLS client certificate's CN wins over it).
+    pub client_id: Option<String>,
+    /// MQTT user name.
+    pub username: Option<String>,
+    /// MQTT password.
+    pub password: Option<String>,
+    /// Configured device id.
+    pub device_id: Option<String>,
+    /// TLS, when configured.
+    pub tls: Option<TlsFiles>,
+    /// Accept any broker certificate (development only).
+    pub tls_insecure_skip_verify: bool,
+    /// Report intervals from agent.toml or the environment.
+    pub intervals: Intervals,
+    /// QoS of the status report.
+    pub status_qos: u8,
+    /// `EVP_CONFIGURATION_ID`, echoed until the hub sets its own.
+    pub configuration_id: Option<String>,
+    /// `EVP_REGISTRY_AUTH`: registry → credentials, until the hub sets its own.
+    pub registry_auth: Option<BTreeMap<String, String>>,
+}
+
+impl fmt::Debug for HubConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HubConfig")
+            .field("mqtt_host", &self.mqtt_host)
+            .field("mqtt_port", &self.mqtt_port)
+            .field("client_id", &self.client_id)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "[redacted]"))
+            .field("device_id", &self.device_id)
+            .field("tls", &self.tls)
+            .field("tls_insecure_skip_verify", &self.tls_insecure_skip_verify)
+            .field("intervals", &self.intervals)
+            .field("status_qos", &self.status_qos)
+            .field("configuration_id", &self.configuration_id)
+            .field(
+                "registry_auth",
+                &self
+                    .registry_auth
+                    .as_ref()
+                    .map(|m| m.keys().collect::<Vec<_>>()),
+            )
+            .finish()
+    }
+}
+
+/// Why the settings cannot be used; found at start-up, before anything connects.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// `EVP_IOT_PLATFORM=EVP1`.
+    #[error(
+        "EVP_IOT_PLATFORM=EVP1: EVP1 is not supported by this build yet (unset it, or set TB, for EVP2)"
+    )]
+    Evp1NotSupported,
+    /// A required setting is missing from both places.
+    #[error(
+        "no MQTT broker {what}: set `{key}` in the [hub] section of agent.toml or the environment variable {env}"
+    )]
+    Missing {
+        /// What is missing, in words.
+        what: &'static str,
+        /// The agent.toml key.
+        key: &'static str,
+        /// The environment variable.
+        env: &'static str,
+    },
+    /// A value does not parse or is out of range.
+    #[error("{source_name}: {message}")]
+    Invalid {
+        /// The key or variable at fault.
+        source_name: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn invalid(source_name: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        source_name: source_name.into(),
+        message: message.into(),
+    }
+}
+
+fn parse_env<T: std::str::FromStr>(name: &str, value: &str) -> Result<T, ConfigError>
+where
+    T::Err: fmt::Display,
+{
+    value
+        .trim()
+        .parse()
+        .map_err(|e| invalid(name, format!("{value:?} is not valid: {e}")))
+}
+
+/// Resolves the settings: `section` from agent.toml, then every EVP variable that `env` gives
+/// (non-empty values only) on top, then validation. Pure: `env` is the only input from outside.
+pub fn resolve(
+    section: HubSection,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<HubConfig, ConfigError> {
+    let env = |name: &str| env(name).filter(|v| !v.is_empty());
+    if env("EVP_IOT_PLATFORM").is_some_and(|p| p.trim().eq_ignore_ascii_case("EVP1")) {
+        return Err(ConfigError::Evp1NotSupported);
+    }
+    let mqtt_host = env("EVP_MQTT_HOST")
+        .or(section.mqtt_host)
+        .filter(|h| !h.is_empty())
+        .ok_or(ConfigError::Missing {
+            what: "host",
+            key: "mqtt_host",
+            env: "EVP_MQTT_HOST",
+        })?;
+    let mqtt_port = match env("EVP_MQTT_PORT") {
+        Some(p) => Some(parse_env::<u16>("EVP_MQTT_PORT", &p)?),
+        None => section.mqtt_port,
+    }
+    .ok_or(ConfigError::Missing {
+        what: "port",
+        key: "mqtt_port",
+        env: "EVP_MQTT_PORT",
+    })?;
+    if mqtt_port == 0 {
+        return Err(invalid("mqtt_port", "0 is not a port"));
+    }
+    let client_id = env("EVP_MQTT_CLIENTID").or(section.client_id);
+    let username = env("EVP_MQTT_USERNAME").or(section.username);
+    let password = env("EVP_MQTT_PASSWORD").or(section.password);
+    let device_id = env("EVP_MQTT_DEVICE_ID").or(section.device_id);
+
+    // EVP_TLS_CA_CERT serves MQTT and HTTPS and takes precedence over the MQTT-only one.
+    let ca = env("EVP_TLS_CA_CERT")
+        .or_else(|| env("EVP_MQTT_TLS_CA_CERT"))
+        .map(PathBuf::from)
+        .or(section.tls_ca_cert);
+    let cert = env("EVP_MQTT_TLS_CLIENT_CERT")
+        .map(PathBuf::from)
+        .or(section.tls_client_cert);
+    let key = env("EVP_MQTT_TLS_CLIENT_KEY")
+        .map(PathBuf::from)
+        .or(section.tls_client_key);
+    let tls = match (ca, cert, key) {
+        (None, None, None) => None,
+        (Some(ca_cert), None, None) => Some(TlsFiles {
+            ca_cert,
+            client: None,
+        }),
+        (Some(ca_cert), Some(c), Some(k)) => Some(TlsFiles {
+            ca_cert,
+            client: Some((c, k)),
+        }),
+        (_, Some(_), None) => {
+            return Err(invalid(
+                "tls_client_cert (EVP_MQTT_TLS_CLIENT_CERT)",
+                "is set without tls_client_key (EVP_MQTT_TLS_CLIENT_KEY)",
+            ));
+        }
+        (_, None, Some(_)) => {
+            return Err(invalid(
+                "tls_client_key (EVP_MQTT_TLS_CLIENT_KEY)",
+                "is set without tls_client_cert (EVP_MQTT_TLS_CLIENT_CERT)",
+            ));
+        }
+        (None, Some(_), Some(_)) => {
+            return Err(invalid(
+                "tls_ca_cert (EVP_TLS_CA_CERT or EVP_MQTT_TLS_CA_CERT)",
+                "is required with a client certificate: the broker's certificate is verified",
+            ));
+        }
+    };
+    let tls_insecure_skip_verify = section.tls_insecure_skip_verify.unwrap_or(false);
+
+    let min_ms = match env("EVP_REPORT_STATUS_INTERVAL_MIN_SEC") {
+        Some(v) => {
+            let s: i64 = parse_env("EVP_REPORT_STATUS_INTERVAL_MIN_SEC", &v)?;
+            if !(1..=EVP_MAX_INTERVAL_S).contains(&s) {
+                return Err(invalid(
+                    "EVP_REPORT_STATUS_INTERVAL_MIN_SEC",
+                    format!("{s} is outside 1..={EVP_MAX_INTERVAL_S}"),
+                ));
+            }
+            s as u64 * 1000
+        }
+        None => section
+            .report_status_interval_min_ms
+            .unwrap_or(DEFAULT_INTERVAL_MIN_MS),
+    };
+    let max_ms = match env("EVP_REPORT_STATUS_INTERVAL_MAX_SEC") {
+        Some(v) => {
+            let s: i64 = parse_env("EVP_REPORT_STATUS_INTERVAL_MAX_SEC", &v)?;
+            if s != -1 && !(1..=EVP_MAX_INTERVAL_S).contains(&s) {
+                return Err(invalid(
+                    "EVP_REPORT_STATUS_INTERVAL_MAX_SEC",
+                    format!("{s} is neither -1 nor within 1..={EVP_MAX_INTERVAL_S}"),
+                ));
+            }
+            if s == -1 { -1 } else { s * 1000 }
+        }
+        None => {
+            let ms = section
+                .report_status_interval_max_ms
+                .unwrap_or(DEFAULT_INTERVAL_MAX_MS);
+            if ms != -1 && ms < MIN_FORCED_INTERVAL_MS {
+                return Err(invalid(
+                    "report_status_interval_max_ms",
+                    format!("{ms} is neither -1 (never) nor at least {MIN_FORCED_INTERVAL_MS}"),
+                ));
+            }
+            ms
+        }
+    };
+    let intervals = effective_intervals(Duration::from_millis(min_ms), max_ms);
+
+    let status_qos = match env("EVP_MQTT_MFS_QOS") {
+        Some(v) => parse_env::<u8>("EVP_MQTT_MFS_QOS", &v)?,
+        None => section.mqtt_qos_status.unwrap_or(DEFAULT_STATUS_QOS),
+    };
+    if status_qos > 2 {
+        return Err(invalid(
+            "mqtt_qos_status (EVP_MQTT_MFS_QOS)",
+            format!("{status_qos} is not an MQTT QoS (0, 1 or 2)"),
+        ));
+    }
+    let configuration_id = env("EVP_CONFIGURATION_ID");
+    let registry_auth = match env("EVP_REGISTRY_AUTH") {
+        Some(v) => Some(
+            serde_json::from_str::<BTreeMap<String, String>>(&v).map_err(|e| {
+                invalid(
+                    "EVP_REGISTRY_AUTH",
+                    format!("must be a JSON object of strings: {e}"),
+                )
+            })?,
+        ),
+        None => None,
+    };
+    Ok(HubConfig {
+        mqtt_host,
+        mqtt_port,
+        client_id,
+        username,
+        password,
+        device_id,
+        tls,
+        tls_insecure_skip_verify,
+        intervals,
+        status_qos,
+        configuration_id,
+        registry_auth,
+    })
+}
+
+/// The intervals from a minimum and a maximum in ms (-1: never), with EVP's rule that a
+/// maximum below the minimum becomes the minimum.
+pub fn effective_intervals(min: Duration, max_ms: i64) -> Intervals {
+    let max = u64::try_from(max_ms)
+        .ok()
+        .map(|ms| Duration::from_millis(ms).max(min));
+    Intervals { min, max }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    fn section(toml_text: &str) -> HubSection {
+        evp_daemon::AgentConfig::parse(toml_text)
+            .unwrap()
+            .section("hub")
+            .unwrap()
+    }
+
+    #[test]
+    fn toml_only_with_defaults() {
+        let c = resolve(
+            section("[hub]\nmqtt_host = \"h\"\nmqtt_port = 1883\n"),
+            env_of(&[]),
+        )
+        .unwrap();
+        assert_eq!(c.mqtt_host, "h");
+        assert_eq!(c.mqtt_port, 1883);
+        assert_eq!(c.intervals.min, Duration::from_secs(3));
+        assert_eq!(c.intervals.max, Some(Duration::from_secs(180)));
+        assert_eq!(c.status_qos, 1);
+        assert!(c.tls.is_none());
+        assert!(!c.tls_insecure_skip_verify);
+    }
+
+    #[test]
+    fn environment_overrides_toml_and_empty_means_unset() {
+        let s = section(
+            "[hub]\nmqtt_host = \"h\"\nmqtt_port = 1883\nclient_id = \"t\"\nusername = \"tu\"\nreport_status_interval_min_ms = 0\n",
+        );
+        let c = resolve(
+            s,
+            env_of(&[
+                ("EVP_MQTT_HOST", "e"),
+                ("EVP_MQTT_PORT", "8883"),
+                ("EVP_MQTT_CLIENTID", ""),
+                ("EVP_MQTT_USERNAME", "eu"),
+                ("EVP_MQTT_PASSWORD", "pw"),
+                ("EVP_MQTT_DEVICE_ID", "dev"),
+                ("EVP_MQTT_MFS_QOS", "0"),
+                ("EVP_REPORT_STATUS_INTERVAL_MAX_SEC", "-1"),
+                ("EVP_CONFIGURATION_ID", "cfg"),
+                ("EVP_REGISTRY_AUTH", r#"{"ghcr.io":"x"}"#),
+                ("EVP_IOT_PLATFORM", "TB"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!((c.mqtt_host.as_str(), c.mqtt_port), ("e", 8883));
+        assert_eq!(c.client_id.as_deref(), Some("t"), "empty env keeps toml");
+        assert_eq!(c.username.as_deref(), Some("eu"));
+        assert_eq!(c.password.as_deref(), Some("pw"));
+        assert_eq!(c.device_id.as_deref(), Some("dev"));
+        assert_eq!(c.status_qos, 0);
+        assert_eq!(c.intervals.min, Duration::ZERO);
+        assert_eq!(c.intervals.max, None);
+        assert_eq!(c.configuration_id.as_deref(), Some("cfg"));
+        assert_eq!(c.registry_auth.unwrap()["ghcr.io"], "x");
+        assert!(
+            !format!(
+                "{:?}",
+                resolve(
+                    section("[hub]\nmqtt_host=\"h\"\nmqtt_port=1\npassword=\"secret\"\n"),
+                    env_of(&[])
+                )
+                .unwrap()
+            )
+            .contains("secret")
+        );
+    }
+
+    #[test]
+    fn host_and_port_are_required_and_named() {
+        let e = resolve(HubSection::default(), env_of(&[])).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("mqtt_host") && text.contains("EVP_MQTT_HOST"),
+            "{text}"
+        );
+        let e = resolve(HubSection::default(), env_of(&[("EVP_MQTT_HOST", "h")])).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("mqtt_port") && text.contains("EVP_MQTT_PORT"),
+            "{text}"
+        );
+        let e = resolve(
+            HubSection::default(),
+            env_of(&[("EVP_MQTT_HOST", "h"), ("EVP_MQTT_PORT", "x")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("EVP_MQTT_PORT"), "{e}");
+    }
+
+    #[test]
+    fn evp1_is_refused_and_anything_else_is_evp2() {
+        let base = [("EVP_MQTT_HOST", "h"), ("EVP_MQTT_PORT", "1")];
+        let e = resolve(
+            HubSection::default(),
+            env_of(&[base[0], base[1], ("EVP_IOT_PLATFORM", "evp1")]),
+        )
+        .unwrap_err();
+        assert_eq!(e, ConfigError::Evp1NotSupported);
+        assert!(
+            e.to_string()
+                .contains("EVP1 is not supported by this build yet")
+        );
+        resolve(
+            HubSection::default(),
+            env_of(&[base[0], base[1], ("EVP_IOT_PLATFORM", "whatever")]),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn tls_combinations() {
+        let base = [("EVP_MQTT_HOST", "h"), ("EVP_MQTT_PORT", "1")];
+        let c = resolve(
+            HubSection::default(),
+            env_of(&[
+                base[0],
+                base[1],
+                ("EVP_MQTT_TLS_CA_CERT", "/mqtt-ca"),
+                ("EVP_TLS_CA_CERT", "/ca"),
+                ("EVP_MQTT_TLS_CLIENT_CERT", "/c"),
+                ("EVP_MQTT_TLS_CLIENT_KEY", "/k"),
+            ]),
+        )
+        .unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.ca_cert, PathBuf::from("/ca"), "EVP_TLS_CA_CERT wins");
+        assert_eq!(tls.client, Some(("/c".into(), "/k".into())));
+        let c = resolve(
+            section("[hub]\nmqtt_host=\"h\"\nmqtt_port=1\ntls_ca_cert=\"/ca\"\n"),
+            env_of(&[]),
+        )
+        .unwrap();
+        assert_eq!(c.tls.unwrap().client, None, "CA only: server-auth TLS");
+        let e = resolve(
+            section("[hub]\nmqtt_host=\"h\"\nmqtt_port=1\ntls_client_cert=\"/c\"\n"),
+            env_of(&[]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("tls_client_key"), "{e}");
+        let e = resolve(
+            section("[hub]\nmqtt_host=\"h\"\nmqtt_port=1\ntls_client_cert=\"/c\"\ntls_client_key=\"/k\"\n"),
+            env_of(&[]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("tls_ca_cert"), "{e}");
+    }
+
+    #[test]
+    fn intervals_are_validated_and_max_follows_min() {
+        let base = [("EVP_MQTT_HOST", "h"), ("EVP_MQTT_PORT", "1")];
+        let c = resolve(
+            HubSection::default(),
+            env_of(&[
+                base[0],
+                base[1],
+                ("EVP_REPORT_STATUS_INTERVAL_MIN_SEC", "10"),
+                ("EVP_REPORT_STATUS_INTERVAL_MAX_SEC", "5"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.intervals.min, Duration::from_secs(10));
+        assert_eq!(c.intervals.max, Some(Duration::from_secs(10)));
+        for bad in ["0", "86401", "x"] {
+            let e = resolve(
+                HubSection::default(),
+                env_of(&[
+                    base[0],
+                    base[1],
+                    ("EVP_REPORT_STATUS_INTERVAL_MIN_SEC", bad),
+                ]),
+            )
+            .unwrap_err();
+            assert!(
+                e.to_string().contains("EVP_REPORT_STATUS_INTERVAL_MIN_SEC"),
+                "{e}"
+            );
+        }
+        let e = resolve(
+            section("[hub]\nmqtt_host=\"h\"\nmqtt_port=1\nreport_status_interval_max_ms=0\n"),
+            env_of(&[]),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("report_status_interval_max_ms"),
+            "{e}"
+        );
+        let e = resolve(
+            section("[hub]\nmqtt_host=\"h\"\nmqtt_port=1\nmqtt_qos_status=3\n"),
+            env_of(&[]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("mqtt_qos_status"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_registry_auth_are_errors() {
+        let e = evp_daemon::AgentConfig::parse("[hub]\nmqtt_hots = \"h\"\n")
+            .unwrap()
+            .section::<HubSection>("hub")
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("mqtt_hots"), "{e:#}");
+        let e = resolve(
+            HubSection::default(),
+            env_of(&[
+                ("EVP_MQTT_HOST", "h"),
+                ("EVP_MQTT_PORT", "1"),
+                ("EVP_REGISTRY_AUTH", "[1]"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("EVP_REGISTRY_AUTH"), "{e}");
+    }
+}

@@ -1,0 +1,162 @@
+//! Pure timing state machines, fed with `Instant`s: when a status report goes out, and how long
+//! to wait before reconnecting.
+
+use std::time::{Duration, Instant};
+
+use crate::config::Intervals;
+
+/// What the report timer wants done now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportDecision {
+    /// Publish the report now.
+    SendNow,
+    /// Nothing now; ask again at this instant (or earlier, if the report changes).
+    WaitUntil(Instant),
+    /// Nothing until the report changes.
+    Idle,
+}
+
+/// When the status report is sent: the first at once after a connect; a changed one as soon as
+/// the minimum interval since the last one allows (no fixed poll floor); an unchanged one again
+/// after the maximum interval (never when it is `None`).
+#[derive(Debug, Default)]
+pub struct ReportTimer {
+    last: Option<(Instant, String)>,
+}
+
+impl ReportTimer {
+    /// A timer that sends the next report at once.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Forgets the last report, so the next one goes out at once (after a reconnect).
+    pub fn reset(&mut self) {
+        self.last = None;
+    }
+
+    /// What to do with `payload`, the report as it would be sent now.
+    pub fn decide(&self, now: Instant, payload: &str, intervals: Intervals) -> ReportDecision {
+        let Some((at, last_payload)) = &self.last else {
+            return ReportDecision::SendNow;
+        };
+        let due = if last_payload != payload {
+            Some(*at + intervals.min)
+        } else {
+            intervals.max.map(|max| *at + max)
+        };
+        match due {
+            Some(due) if due <= now => ReportDecision::SendNow,
+            Some(due) => ReportDecision::WaitUntil(due),
+            None => ReportDecision::Idle,
+        }
+    }
+
+    /// Records that `payload` was published at `now`.
+    pub fn sent(&mut self, now: Instant, payload: String) {
+        self.last = Some((now, payload));
+    }
+}
+
+/// First reconnect delay (EVP: 1 s).
+const BACKOFF_BASE: Duration = Duration::from_secs(1);
+/// Doublings before the cap: 1 s · 2^6 = 64 s, EVP's longest wait.
+const BACKOFF_MAX_EXPONENT: u32 = 6;
+/// A connection that stayed up this long resets the backoff (EVP's "recovering grace period").
+pub const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(30);
+/// Up to this fraction of a delay is taken off at random, so that a fleet that lost its broker
+/// at once does not come back in lock-step; taking off (not adding) keeps the 64 s cap.
+const JITTER_FRACTION: f64 = 0.25;
+
+/// Exponential reconnect backoff with jitter: 1, 2, 4 ... 64 s, each shortened by up to 25 %.
+#[derive(Debug, Default)]
+pub struct Backoff {
+    attempt: u32,
+}
+
+impl Backoff {
+    /// A backoff whose next delay is the shortest.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Back to the shortest delay.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    /// The next delay; `random` is uniform in `[0, 1)`.
+    pub fn next_delay(&mut self, random: f64) -> Duration {
+        let base = BACKOFF_BASE * (1u32 << self.attempt.min(BACKOFF_MAX_EXPONENT));
+        self.attempt = self.attempt.saturating_add(1);
+        base.mul_f64(1.0 - JITTER_FRACTION * random.clamp(0.0, 1.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    fn iv(min: u64, max: Option<u64>) -> Intervals {
+        Intervals {
+            min: Duration::from_secs(min),
+            max: max.map(Duration::from_secs),
+        }
+    }
+
+    #[test]
+    fn first_report_goes_at_once_then_changes_wait_for_min() {
+        let t0 = Instant::now();
+        let mut t = ReportTimer::new();
+        let i = iv(3, Some(180));
+        assert_eq!(t.decide(t0, "a", i), ReportDecision::SendNow);
+        t.sent(t0, "a".into());
+        // Unchanged: wait for max.
+        assert_eq!(
+            t.decide(t0 + S, "a", i),
+            ReportDecision::WaitUntil(t0 + 180 * S)
+        );
+        // Changed one second later: not before min.
+        assert_eq!(
+            t.decide(t0 + S, "b", i),
+            ReportDecision::WaitUntil(t0 + 3 * S)
+        );
+        // Changed after min: right away, no extra poll floor.
+        assert_eq!(t.decide(t0 + 3 * S, "b", i), ReportDecision::SendNow);
+        t.sent(t0 + 3 * S, "b".into());
+        // Unchanged past max: forced.
+        assert_eq!(t.decide(t0 + 183 * S, "b", i), ReportDecision::SendNow);
+    }
+
+    #[test]
+    fn min_zero_sends_every_change_and_never_max_idles() {
+        let t0 = Instant::now();
+        let mut t = ReportTimer::new();
+        let i = iv(0, None);
+        t.sent(t0, "a".into());
+        assert_eq!(t.decide(t0, "b", i), ReportDecision::SendNow);
+        assert_eq!(t.decide(t0 + 1000 * S, "a", i), ReportDecision::Idle);
+    }
+
+    #[test]
+    fn reset_sends_at_once() {
+        let t0 = Instant::now();
+        let mut t = ReportTimer::new();
+        t.sent(t0, "a".into());
+        t.reset();
+        assert_eq!(t.decide(t0, "a", iv(3, Some(180))), ReportDecision::SendNow);
+    }
+
+    #[test]
+    fn backoff_doubles_to_the_cap_with_jitter_and_resets() {
+        let mut b = Backoff::new();
+        let delays: Vec<u64> = (0..9).map(|_| b.next_delay(0.0).as_secs()).collect();
+        assert_eq!(delays, vec![1, 2, 4, 8, 16, 32, 64, 64, 64]);
+        let jittered = b.next_delay(0.999);
+        assert!(jittered >= Duration::from_secs(48) && jittered <= Duration::from_secs(64));
+        b.reset();
+        assert_eq!(b.next_delay(0.0), S);
+    }
+}

@@ -1,0 +1,273 @@
+//! TLS for MQTT: loading the CA, client certificate and key, the client id from the
+//! certificate's CN, and the rustls client configuration (ring provider).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+use crate::config::TlsFiles;
+
+/// Why the TLS material cannot be used; found at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read.
+    #[error("reading the {what} {}: {source}", path.display())]
+    Read {
+        /// Which file it is meant to be.
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A file does not hold what it should.
+    #[error("the {what} {} {message}", path.display())]
+    Content {
+        /// Which file it is meant to be.
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// rustls refused the combination.
+    #[error("building the TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// Loaded TLS material.
+#[derive(Debug)]
+pub struct TlsMaterial {
+    /// The rustls configuration to hand to rumqttc.
+    pub config: Arc<ClientConfig>,
+    /// The CN of the client certificate, when mutual TLS is configured and it has one.
+    pub client_cn: Option<String>,
+}
+
+fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        what,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn content(what: &'static str, path: &Path, message: impl Into<String>) -> TlsError {
+    TlsError::Content {
+        what,
+        path: path.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// Certificates from a PEM file, or the whole file as one DER certificate when it holds no PEM.
+fn load_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bytes = read(what, path)?;
+    let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut bytes.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| content(what, path, format!("is not valid PEM: {e}")))?;
+    if !certs.is_empty() {
+        return Ok(certs);
+    }
+    // EVP accepts DER too; check that it parses before handing it on.
+    x509_parser::parse_x509_certificate(&bytes).map_err(|e| {
+        content(
+            what,
+            path,
+            format!("holds no PEM certificate and is not DER: {e}"),
+        )
+    })?;
+    Ok(vec![CertificateDer::from(bytes)])
+}
+
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    const WHAT: &str = "MQTT TLS client key";
+    let bytes = read(WHAT, path)?;
+    match rustls_pemfile::private_key(&mut bytes.as_slice()) {
+        Ok(Some(key)) => Ok(key),
+        Ok(None) if !bytes.starts_with(b"-----") => {
+            Ok(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(bytes)))
+        }
+        Ok(None) => Err(content(WHAT, path, "holds no private key")),
+        Err(e) => Err(content(WHAT, path, format!("is not valid PEM: {e}"))),
+    }
+}
+
+/// The first CN of a DER certificate's subject.
+pub fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_owned)
+}
+
+/// Loads the files and builds the rustls configuration. The broker's certificate is verified
+/// against the CA (server name: the MQTT host) unless `insecure_skip_verify`.
+pub fn load(files: &TlsFiles, insecure_skip_verify: bool) -> Result<TlsMaterial, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let ca_certs = load_certs("MQTT TLS CA certificate", &files.ca_cert)?;
+    let mut roots = RootCertStore::empty();
+    for cert in ca_certs {
+        roots.add(cert).map_err(|e| {
+            content(
+                "MQTT TLS CA certificate",
+                &files.ca_cert,
+                format!("is not a usable CA: {e}"),
+            )
+        })?;
+    }
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let builder = if insecure_skip_verify {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyServer {
+                algorithms: provider.signature_verification_algorithms,
+            }))
+    } else {
+        builder.with_root_certificates(roots)
+    };
+    let (config, client_cn) = match &files.client {
+        Some((cert_path, key_path)) => {
+            let chain = load_certs("MQTT TLS client certificate", cert_path)?;
+            let client_cn = chain.first().and_then(|c| common_name(c));
+            let key = load_key(key_path)?;
+            (builder.with_client_auth_cert(chain, key)?, client_cn)
+        }
+        None => (builder.with_no_client_auth(), None),
+    };
+    Ok(TlsMaterial {
+        config: Arc::new(config),
+        client_cn,
+    })
+}
+
+/// Development only (`tls_insecure_skip_verify`): accepts any broker certificate, but still
+/// checks the handshake signatures so the session keys belong to the certificate shown.
+#[derive(Debug)]
+struct AcceptAnyServer {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for AcceptAnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A CA and a client certificate signed by it, written as PEM files in `dir`.
+    pub(crate) fn write_pki(dir: &Path, cn: &str) -> TlsFiles {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "test ca");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.join("client.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("client.key"), key.serialize_pem()).unwrap();
+        TlsFiles {
+            ca_cert: dir.join("ca.pem"),
+            client: Some((dir.join("client.pem"), dir.join("client.key"))),
+        }
+    }
+
+    #[test]
+    fn client_id_is_the_certificate_cn() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = write_pki(dir.path(), "device-0042");
+        let m = load(&files, false).unwrap();
+        assert_eq!(m.client_cn.as_deref(), Some("device-0042"));
+        let server_only = TlsFiles {
+            client: None,
+            ..files.clone()
+        };
+        assert_eq!(load(&server_only, true).unwrap().client_cn, None);
+    }
+
+    #[test]
+    fn der_ca_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = write_pki(dir.path(), "d");
+        let pem = std::fs::read(&files.ca_cert).unwrap();
+        let der = rustls_pemfile::certs(&mut pem.as_slice())
+            .next()
+            .unwrap()
+            .unwrap();
+        std::fs::write(dir.path().join("ca.der"), der.as_ref()).unwrap();
+        let files = TlsFiles {
+            ca_cert: dir.path().join("ca.der"),
+            client: None,
+        };
+        load(&files, false).unwrap();
+    }
+
+    #[test]
+    fn missing_or_bad_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = TlsFiles {
+            ca_cert: dir.path().join("nope.pem"),
+            client: None,
+        };
+        let e = load(&files, false).unwrap_err().to_string();
+        assert!(
+            e.contains("CA certificate") && e.contains("nope.pem"),
+            "{e}"
+        );
+        std::fs::write(dir.path().join("junk.pem"), b"not a certificate").unwrap();
+        let files = TlsFiles {
+            ca_cert: dir.path().join("junk.pem"),
+            client: None,
+        };
+        let e = load(&files, false).unwrap_err().to_string();
+        assert!(e.contains("junk.pem"), "{e}");
+        let mut good = write_pki(dir.path(), "d");
+        good.client = Some((dir.path().join("client.pem"), dir.path().join("absent.key")));
+        let e = load(&good, false).unwrap_err().to_string();
+        assert!(e.contains("client key") && e.contains("absent.key"), "{e}");
+    }
+}
