@@ -1,0 +1,373 @@
+//! `evp-devhub`: the developer's hub. `up` runs the whole agent on a private bus against an
+//! embedded broker; the other subcommands talk to that broker like a hub would.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use evp_devhub::hub::{DeviceReport, HubSide, HubSideOptions, fetch_status};
+use evp_devhub::stack::{DaemonOutput, Stack, StackConfig, default_bin_dir};
+use evp_devhub::{DEFAULT_BROKER_URL, DEVHUB_STATUS_TOPIC, EmbeddedBroker, PrivateBus, manifest};
+use serde_json::Value;
+use tokio::signal::unix::{SignalKind, signal};
+
+/// How long `status` waits for a status report when none is retained.
+const STATUS_WAIT: Duration = Duration::from_secs(3);
+
+/// evp-devhub: a local hub for developing with evp-agent.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start a private bus, an MQTT broker, the five daemons and a hub; deploy the sample.
+    Up {
+        /// Use this broker instead of the embedded one.
+        #[arg(long, value_name = "mqtt://HOST:PORT")]
+        broker: Option<String>,
+        /// Port of the embedded broker on 127.0.0.1 (0: any free port).
+        #[arg(long, default_value_t = 1883, conflicts_with = "broker")]
+        port: u16,
+        /// Where the bus, agent.toml, the daemons' data and logs go.
+        #[arg(long, value_name = "DIR", default_value = ".evp-devhub")]
+        data_dir: PathBuf,
+        /// Deploy nothing at start.
+        #[arg(long)]
+        no_sample: bool,
+        /// Write each daemon's output to DIR/logs/<daemon>.log instead of this terminal.
+        #[arg(long)]
+        log_files: bool,
+        /// Where the daemons' binaries are (default: next to evp-devhub).
+        #[arg(long, value_name = "DIR")]
+        bin_dir: Option<PathBuf>,
+    },
+    /// Deploy a manifest file (the manifest, or {"deployment": {...}}).
+    Deploy {
+        /// The JSON file; `file://` modules get their hash filled in when it is absent.
+        file: PathBuf,
+        /// The broker of the running devhub.
+        #[arg(long, default_value = DEFAULT_BROKER_URL)]
+        broker: String,
+    },
+    /// Set a configuration value of an instance.
+    Config {
+        /// The instance.
+        instance: String,
+        /// The topic (may contain `/`).
+        topic: String,
+        /// The value, sent as a string.
+        value: String,
+        /// The broker of the running devhub.
+        #[arg(long, default_value = DEFAULT_BROKER_URL)]
+        broker: String,
+    },
+    /// Print the latest status report.
+    Status {
+        /// The broker of the running devhub.
+        #[arg(long, default_value = DEFAULT_BROKER_URL)]
+        broker: String,
+    },
+    /// Print every report of the device as it comes.
+    Watch {
+        /// The broker of the running devhub.
+        #[arg(long, default_value = DEFAULT_BROKER_URL)]
+        broker: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    // rumqttd logs every connection at info; only its problems are of interest here.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EVP_DEVHUB_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rumqttd=error"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    match Cli::parse().command {
+        Cmd::Up {
+            broker,
+            port,
+            data_dir,
+            no_sample,
+            log_files,
+            bin_dir,
+        } => {
+            up(UpArgs {
+                broker,
+                port,
+                data_dir,
+                no_sample,
+                log_files,
+                bin_dir,
+            })
+            .await
+        }
+        Cmd::Deploy { file, broker } => deploy(&file, &broker).await,
+        Cmd::Config {
+            instance,
+            topic,
+            value,
+            broker,
+        } => {
+            let hub = connect_passive(&broker).await?;
+            hub.set_configuration(&instance, &topic, &value).await?;
+            hub.close().await;
+            println!("set configuration/{instance}/{topic}");
+            Ok(())
+        }
+        Cmd::Status { broker } => match fetch_status(&broker, STATUS_WAIT).await? {
+            Some(status) => {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+                Ok(())
+            }
+            None => bail!(
+                "no status report on {broker} within {STATUS_WAIT:?}: is `evp-devhub up` running there, and has the agent connected?"
+            ),
+        },
+        Cmd::Watch { broker } => watch(&broker).await,
+    }
+}
+
+async fn connect_passive(broker: &str) -> Result<HubSide> {
+    HubSide::connect_with(broker, HubSideOptions::passive())
+        .await
+        .with_context(|| format!("is `evp-devhub up` running with the broker {broker}?"))
+}
+
+async fn deploy(file: &Path, broker: &str) -> Result<()> {
+    let manifest = manifest::read_deployment_file(file)?;
+    let hub = connect_passive(broker).await?;
+    hub.deploy(&manifest).await?;
+    hub.close().await;
+    let id = manifest
+        .get("deploymentId")
+        .and_then(Value::as_str)
+        .unwrap_or("(no deploymentId)");
+    println!("deployed {id}; `evp-devhub status` or `evp-devhub watch` shows how it goes");
+    Ok(())
+}
+
+async fn watch(broker: &str) -> Result<()> {
+    let hub = connect_passive(broker).await?;
+    let mut reports = hub.subscribe();
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    eprintln!("watching {broker}; Ctrl-C to stop");
+    loop {
+        tokio::select! {
+            _ = interrupt.recv() => break,
+            _ = terminate.recv() => break,
+            report = reports.recv() => match report {
+                Ok(DeviceReport::Status(v)) => println!("status {v}"),
+                Ok(DeviceReport::InstanceState(v)) => println!("state {v}"),
+                Ok(DeviceReport::Telemetry(v)) => println!("telemetry {v}"),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    eprintln!("evp-devhub: {n} reports skipped (output too slow)");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            },
+        }
+    }
+    hub.close().await;
+    Ok(())
+}
+
+struct UpArgs {
+    broker: Option<String>,
+    port: u16,
+    data_dir: PathBuf,
+    no_sample: bool,
+    log_files: bool,
+    bin_dir: Option<PathBuf>,
+}
+
+/// What `up` runs, kept together so a stop takes everything down in order.
+struct Running {
+    bus: PrivateBus,
+    /// Kept for the process's life: rumqttd cannot be stopped.
+    _broker: Option<EmbeddedBroker>,
+    hub: HubSide,
+    stack: Stack,
+    broker_url: String,
+}
+
+async fn up(args: UpArgs) -> Result<()> {
+    // Installed first: from here on Ctrl-C no longer kills the process outright, so even a
+    // stop during start-up takes everything down.
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let running = tokio::select! {
+        r = start_up(&args) => r?,
+        _ = interrupt.recv() => { eprintln!("evp-devhub: interrupted while starting"); return Ok(()) }
+        _ = terminate.recv() => { eprintln!("evp-devhub: terminated while starting"); return Ok(()) }
+    };
+    print_usage(&running);
+
+    let mut reports = running.hub.subscribe();
+    let mut last_summary = String::new();
+    if let Some(status) = running.hub.latest_status() {
+        print_summary(&status, &mut last_summary);
+    }
+    loop {
+        tokio::select! {
+            _ = interrupt.recv() => break,
+            _ = terminate.recv() => break,
+            report = reports.recv() => match report {
+                Ok(DeviceReport::Status(status)) => print_summary(&status, &mut last_summary),
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    if let Some(status) = running.hub.latest_status() {
+                        print_summary(&status, &mut last_summary);
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            },
+        }
+    }
+    eprintln!("evp-devhub: stopping");
+    let Running {
+        mut bus,
+        hub,
+        stack,
+        ..
+    } = running;
+    stack.stop_all().await;
+    hub.close().await;
+    bus.stop();
+    eprintln!("evp-devhub: stopped");
+    Ok(())
+}
+
+async fn start_up(args: &UpArgs) -> Result<Running> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let dir = std::fs::canonicalize(&args.data_dir)
+        .with_context(|| format!("resolving {}", args.data_dir.display()))?;
+    let bin_dir = match &args.bin_dir {
+        Some(d) => d.clone(),
+        None => default_bin_dir().context("finding the folder of evp-devhub")?,
+    };
+
+    let bus = PrivateBus::start(&dir.join("bus")).context("starting the private bus")?;
+    let (broker, broker_url) = match &args.broker {
+        Some(url) => (None, url.clone()),
+        None => {
+            let broker = EmbeddedBroker::start(args.port)?;
+            let url = broker.url();
+            (Some(broker), url)
+        }
+    };
+    let (mqtt_host, mqtt_port) = evp_devhub::hub::parse_broker_url(&broker_url)?;
+    let hub = HubSide::connect_with(
+        &broker_url,
+        HubSideOptions {
+            republish_status: Some(DEVHUB_STATUS_TOPIC.into()),
+            ..HubSideOptions::default()
+        },
+    )
+    .await?;
+
+    // Deployed before the agent starts: its first attribute request gets the sample.
+    if !args.no_sample {
+        let module = bin_dir.join(manifest::SAMPLE_BINARY);
+        let sample = manifest::sample_deployment(&module).with_context(|| {
+            format!(
+                "the sample module is built with the workspace (cargo build -p evp-sample-module), or use --no-sample"
+            )
+        })?;
+        hub.deploy(&sample).await.context("deploying the sample")?;
+    }
+
+    let mut config = StackConfig::new(&dir, bus.address(), mqtt_host, mqtt_port)?;
+    config.bin_dir = bin_dir;
+    config.supervise = true;
+    config.output = if args.log_files {
+        DaemonOutput::LogFiles
+    } else {
+        DaemonOutput::Forward
+    };
+    let stack = Stack::launch(config).await?;
+    Ok(Running {
+        bus,
+        _broker: broker,
+        hub,
+        stack,
+        broker_url,
+    })
+}
+
+fn print_usage(r: &Running) {
+    let broker_flag = if r.broker_url == DEFAULT_BROKER_URL {
+        String::new()
+    } else {
+        format!(" --broker {}", r.broker_url)
+    };
+    let pids: Vec<String> = r
+        .stack
+        .names()
+        .iter()
+        .map(|n| format!("{n} {}", r.stack.pid(n).unwrap_or(0)))
+        .collect();
+    println!(
+        "evp-devhub: up. bus {}, broker {}\n  daemons: {}\n  agent.toml: {}\n\
+         In another terminal:\n  \
+         evp-devhub status{broker_flag}                        latest status report\n  \
+         evp-devhub watch{broker_flag}                         every report as it comes\n  \
+         evp-devhub deploy FILE.json{broker_flag}              deploy a manifest\n  \
+         evp-devhub config INSTANCE TOPIC VALUE{broker_flag}   set a configuration value\n\
+         Ctrl-C stops everything.",
+        r.bus.address(),
+        r.broker_url,
+        pids.join(", "),
+        r.stack.agent_toml_path().display(),
+    );
+}
+
+/// One line about the deployment status; printed only when it differs from the last one.
+fn print_summary(status: &Value, last: &mut String) {
+    let Some(line) = summarize(status) else {
+        return;
+    };
+    if line != *last {
+        println!("evp-devhub: {line}");
+        *last = line;
+    }
+}
+
+fn summarize(status: &Value) -> Option<String> {
+    let deployment = status.get("deploymentStatus")?;
+    let id = deployment
+        .get("deploymentId")
+        .and_then(Value::as_str)
+        .unwrap_or("-");
+    let reconcile = deployment
+        .get("reconcileStatus")
+        .and_then(Value::as_str)
+        .unwrap_or("-");
+    let mut parts = vec![format!("deployment {id}: {reconcile}")];
+    if let Some(failure) = deployment.get("failureMessage").and_then(Value::as_str) {
+        parts.push(format!("({failure})"));
+    }
+    for (kind, key) in [("module", "modules"), ("instance", "instances")] {
+        for (name, v) in deployment
+            .get(key)
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+        {
+            let st = v.get("status").and_then(Value::as_str).unwrap_or("?");
+            parts.push(match v.get("failureMessage").and_then(Value::as_str) {
+                Some(m) => format!("{kind} {name} {st} ({m})"),
+                None => format!("{kind} {name} {st}"),
+            });
+        }
+    }
+    Some(parts.join(", "))
+}
