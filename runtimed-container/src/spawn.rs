@@ -711,8 +711,8 @@ mod tests {
         f.start("i", "m").await.unwrap();
         let e = f.sup.purge_instance("i").await.unwrap_err();
         assert!(matches!(e, EvpError::Busy(_)), "{e:?}");
+        wait_file(&f.instance_dir("i").join("default_workspace/ready")).await;
         f.sup.stop_instance("i", DEADLINE).await.unwrap();
-        assert!(f.instance_dir("i").join("default_workspace/ready").exists());
         f.sup.purge_instance("i").await.unwrap();
         assert!(!f.instance_dir("i").exists());
         f.sup.purge_instance("i").await.unwrap();
