@@ -146,7 +146,7 @@ async fn daemon_serves_runtime1_and_stops_instances_on_sigterm() {
     )
     .unwrap();
     let expected = members(&schema);
-    assert_eq!(expected.len(), 9, "{expected:#?}");
+    assert_eq!(expected.len(), 8, "{expected:#?}");
     assert_eq!(members(&served), expected);
 
     let proxy = Runtime1Proxy::builder(&conn)
