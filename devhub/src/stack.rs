@@ -936,7 +936,7 @@ mod tests {
         let (now, _) = next_backoff(Some(MAX_BACKOFF), quick);
         assert_eq!(now, MAX_BACKOFF);
         assert_eq!(
-            next_backoff(Some(MAX_BACKOFF), MAX_BACKOFF * 2).1,
+            next_backoff(Some(MAX_BACKOFF), quick).1,
             MAX_BACKOFF
         );
         assert_eq!(next_backoff(Some(MAX_BACKOFF), STABLE_RUN).0, FIRST_BACKOFF);
