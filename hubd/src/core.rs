@@ -288,6 +288,7 @@ pub async fn run(
     };
     let mut status_open = true;
     let mut outcomes_open = true;
+    let mut failure = None;
     tokio::pin!(shutdown);
     loop {
         let wake = core.next_wake(Instant::now());
@@ -302,7 +303,7 @@ pub async fn run(
             ev = events.recv() => match ev {
                 Some(ev) => core.on_mqtt(ev),
                 None => {
-                    error!("the MQTT event loop stopped");
+                    failure = Some(anyhow::anyhow!("the MQTT event loop stopped unexpectedly"));
                     break;
                 }
             },
@@ -330,7 +331,7 @@ pub async fn run(
         warn!("the MQTT DISCONNECT did not go out within {DISCONNECT_GRACE:?}");
         driver.abort();
     }
-    Ok(())
+    failure.map_or(Ok(()), Err)
 }
 
 impl Core {

@@ -18,14 +18,14 @@ pub const FILE_NAME: &str = "device-config.json";
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// Reading, writing or syncing the file (or its folder) failed.
-    #[error("{action} {}: {source}", path.display())]
+    #[error("{action} {}: {error}", path.display())]
     Io {
         /// What was being done.
         action: &'static str,
         /// The file or folder.
         path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
+        /// The I/O error (in the message, so it is not repeated as a cause).
+        error: std::io::Error,
     },
     /// The file does not hold a device configuration.
     #[error("{} is not a valid device configuration: {message}", path.display())]
@@ -64,10 +64,10 @@ pub struct DeviceConfigStore {
 
 fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
     let path = path.to_owned();
-    move |source| StoreError::Io {
+    move |error| StoreError::Io {
         action,
         path,
-        source,
+        error,
     }
 }
 

@@ -15,14 +15,14 @@ use crate::config::TlsFiles;
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// A file could not be read.
-    #[error("reading the {what} {}: {source}", path.display())]
+    #[error("reading the {what} {}: {error}", path.display())]
     Read {
         /// Which file it is meant to be.
         what: &'static str,
         /// Its path.
         path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
+        /// The I/O error (in the message, so it is not repeated as a cause).
+        error: std::io::Error,
     },
     /// A file does not hold what it should.
     #[error("the {what} {} {message}", path.display())]
@@ -49,10 +49,10 @@ pub struct TlsMaterial {
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
+    std::fs::read(path).map_err(|error| TlsError::Read {
         what,
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 
