@@ -179,9 +179,8 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     evp_daemon::wait_for_shutdown().await?;
 
     supervisor
-        .stop_all(Duration::from_millis(section.stop_grace_ms))
+        .shutdown(Duration::from_millis(section.stop_grace_ms))
         .await;
-    supervisor.close_events();
     if tokio::time::timeout(EVENT_FLUSH_TIMEOUT, publisher)
         .await
         .is_err()

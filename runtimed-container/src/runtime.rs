@@ -242,6 +242,8 @@ struct State {
     modules: HashMap<String, Module>,
     instances: BTreeMap<String, Instance>,
     next_generation: u64,
+    /// False once the daemon is shutting down: no new instance may start.
+    accepting: bool,
     /// `None` once the daemon stopped publishing changes.
     events: Option<mpsc::UnboundedSender<InstanceEvent>>,
 }
@@ -295,6 +297,7 @@ impl Supervisor {
                 modules: HashMap::new(),
                 instances: BTreeMap::new(),
                 next_generation: 1,
+                accepting: true,
                 events: Some(tx),
             }),
         };
@@ -328,8 +331,10 @@ impl Supervisor {
             .collect()
     }
 
-    /// Stops publishing instance changes, so the event stream ends.
-    pub fn close_events(&self) {
+    /// Refuses new starts, stops every instance with `grace`, then ends the event stream.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.lock().accepting = false;
+        self.stop_all(grace).await;
         self.lock().events = None;
     }
 
@@ -397,6 +402,11 @@ impl Supervisor {
             .map_err(|m| EvpError::InvalidArgument(format!("instance {instance:?}: {m}")))?;
         let (runtime, location, generation) = {
             let mut state = self.lock();
+            if !state.accepting {
+                return Err(EvpError::Busy(format!(
+                    "the runtime is shutting down; instance {instance} was not started"
+                )));
+            }
             let Some(module) = state.modules.get(module_id) else {
                 return Err(EvpError::NotFound(format!(
                     "module {module_id} is not loaded; call LoadModule before starting instance {instance}"
@@ -688,4 +698,71 @@ fn create_private_dir(dir: &Path) -> Result<(), String> {
     }
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| format!("making {} private (0700): {e}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use evp_schemas::dbus::start_options;
+    use zbus::zvariant::OwnedVariant;
+
+    use super::*;
+
+    fn refused(options: StartOptions) -> String {
+        match InstanceOptions::from_dbus(options) {
+            Err(EvpError::InvalidArgument(m)) => m,
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn options_are_read_and_checked() {
+        let env = HashMap::from([("A".to_owned(), "1".to_owned())]);
+        let o = InstanceOptions::from_dbus(
+            start_options(
+                &[("sdk_socket", "/run/s.sock"), ("entry_point", "main")],
+                &env,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(o.sdk_socket, Some(PathBuf::from("/run/s.sock")));
+        assert_eq!(o.entry_point.as_deref(), Some("main"));
+        assert_eq!(o.env, BTreeMap::from([("A".to_owned(), "1".to_owned())]));
+
+        let m =
+            refused(start_options(&[("sdk_socket", "relative.sock")], &HashMap::new()).unwrap());
+        assert!(m.contains("absolute"), "{m}");
+        let bad_env = HashMap::from([("A=B".to_owned(), "1".to_owned())]);
+        let m = refused(start_options(&[], &bad_env).unwrap());
+        assert!(m.contains("A=B"), "{m}");
+        let mut wrong_type = StartOptions::new();
+        wrong_type.insert("sdk_socket".into(), OwnedVariant::from(7u32));
+        assert!(refused(wrong_type).contains("string"));
+        let mut wrong_type = StartOptions::new();
+        wrong_type.insert("env".into(), OwnedVariant::from(7u32));
+        assert!(refused(wrong_type).contains("a{ss}"));
+        // Unknown options (limits of later builds) are ignored.
+        let mut later = StartOptions::new();
+        later.insert("memory_bytes".into(), OwnedVariant::from(1u64 << 20));
+        assert_eq!(
+            InstanceOptions::from_dbus(later).unwrap(),
+            InstanceOptions::default()
+        );
+    }
+
+    #[test]
+    fn exits_map_to_statuses() {
+        let s = |e: Exit| {
+            let st = Status::from_exit(&e);
+            (st.as_str(), st.message().to_owned())
+        };
+        assert_eq!(s(Exit::Code(0)), ("self-exiting", String::new()));
+        assert_eq!(s(Exit::Code(3)), ("error", "exited with status 3".into()));
+        assert_eq!(
+            s(Exit::Signal("SIGSEGV".into())),
+            ("error", "killed by signal SIGSEGV".into())
+        );
+    }
 }

@@ -730,14 +730,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn stop_all_stops_every_instance() {
+    async fn shutdown_stops_every_instance_and_refuses_new_ones() {
         let f = fixture();
         f.load("m", IGNORES_TERM).await;
         f.load("n", RUNS).await;
         f.start("a", "m").await.unwrap();
         f.start("b", "n").await.unwrap();
         wait_file(&f.instance_dir("a").join("default_workspace/ready")).await;
-        f.sup.stop_all(Duration::from_millis(200)).await;
+        f.sup.shutdown(Duration::from_millis(200)).await;
         assert!(f.sup.instances().is_empty());
+        let e = f.start("c", "n").await.unwrap_err();
+        assert!(
+            matches!(&e, EvpError::Busy(m) if m.contains("shutting down")),
+            "{e:?}"
+        );
     }
 }
