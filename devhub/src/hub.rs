@@ -67,7 +67,7 @@ pub enum HubError {
         timeout: Duration,
     },
     /// No status report satisfied the condition in time.
-    #[error("{}", status_timeout_message(*.timeout, *.received, .last.as_ref()))]
+    #[error("{}", status_timeout_message(*.timeout, *.received, .last.as_deref()))]
     StatusTimeout {
         /// How long it waited.
         timeout: Duration,
@@ -78,7 +78,7 @@ pub enum HubError {
     },
 }
 
-fn status_timeout_message(timeout: Duration, received: u64, last: Option<&Box<Value>>) -> String {
+fn status_timeout_message(timeout: Duration, received: u64, last: Option<&Value>) -> String {
     match last {
         None => format!("no status report from the device within {timeout:?}"),
         Some(last) => format!(

@@ -277,11 +277,9 @@ async fn start_up(args: &UpArgs) -> Result<Running> {
     // Deployed before the agent starts: its first attribute request gets the sample.
     if !args.no_sample {
         let module = bin_dir.join(manifest::SAMPLE_BINARY);
-        let sample = manifest::sample_deployment(&module).with_context(|| {
-            format!(
-                "the sample module is built with the workspace (cargo build -p evp-sample-module), or use --no-sample"
-            )
-        })?;
+        let sample = manifest::sample_deployment(&module).context(
+            "the sample module is built with the workspace (cargo build -p evp-sample-module), or use --no-sample",
+        )?;
         hub.deploy(&sample).await.context("deploying the sample")?;
     }
 

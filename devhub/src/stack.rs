@@ -935,10 +935,7 @@ mod tests {
         assert_eq!((now, next), (FIRST_BACKOFF * 2, FIRST_BACKOFF * 4));
         let (now, _) = next_backoff(Some(MAX_BACKOFF), quick);
         assert_eq!(now, MAX_BACKOFF);
-        assert_eq!(
-            next_backoff(Some(MAX_BACKOFF), quick).1,
-            MAX_BACKOFF
-        );
+        assert_eq!(next_backoff(Some(MAX_BACKOFF), quick).1, MAX_BACKOFF);
         assert_eq!(next_backoff(Some(MAX_BACKOFF), STABLE_RUN).0, FIRST_BACKOFF);
     }
 
