@@ -137,7 +137,11 @@ pub async fn watch_status(conn: zbus::Connection, tx: watch::Sender<Option<Deplo
                         Ok(text) => publish_status(&text, &tx),
                         Err(e) => debug!("reading DeploymentStatus: {e}"),
                     },
-                    None => break,
+                    None => {
+                        // The stream ended (the bus connection is going away): do not spin.
+                        tokio::time::sleep(PROXY_RETRY).await;
+                        break;
+                    }
                 },
                 o = owner.next() => match o {
                     Some(Some(_)) => {
@@ -145,7 +149,10 @@ pub async fn watch_status(conn: zbus::Connection, tx: watch::Sender<Option<Deplo
                         break;
                     }
                     Some(None) => info!("reconcilerd left the bus; keeping its last status"),
-                    None => break,
+                    None => {
+                        tokio::time::sleep(PROXY_RETRY).await;
+                        break;
+                    }
                 },
             }
         }

@@ -89,10 +89,10 @@ async fn hub_client(port: u16) -> (AsyncClient, mpsc::UnboundedReceiver<(String,
             match ev {
                 Event::Incoming(Packet::SubAck(_)) => {
                     subacks += 1;
-                    if subacks == 2 {
-                        if let Some(r) = ready_tx.take() {
-                            let _ = r.send(());
-                        }
+                    if subacks == 2
+                        && let Some(r) = ready_tx.take()
+                    {
+                        let _ = r.send(());
                     }
                 }
                 Event::Incoming(Packet::Publish(p)) => {
