@@ -85,7 +85,19 @@ async fn hub_client(port: u16) -> (AsyncClient, mpsc::UnboundedReceiver<(String,
     let mut ready_tx = Some(ready_tx);
     tokio::spawn(async move {
         let mut subacks = 0;
-        while let Ok(ev) = eventloop.poll().await {
+        let mut errors = 0;
+        loop {
+            let ev = match eventloop.poll().await {
+                Ok(ev) => ev,
+                // The broker may still be starting: rumqttc reconnects on the next poll.
+                Err(e) if errors < 50 => {
+                    errors += 1;
+                    eprintln!("hub client: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Err(_) => break,
+            };
             match ev {
                 Event::Incoming(Packet::SubAck(_)) => {
                     subacks += 1;
