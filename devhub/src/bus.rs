@@ -217,6 +217,9 @@ impl PrivateBus {
         let log = std::fs::File::create(&log_path)
             .map_err(io(format!("creating {}", log_path.display())))?;
         let mut command = Command::new("dbus-daemon");
+        // Its own process group: Ctrl-C in a terminal goes to the foreground group, and the
+        // bus must outlive the daemons while the devhub stops them.
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
         command
             .arg(format!("--config-file={}", config.display()))
             .arg("--nofork")

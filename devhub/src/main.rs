@@ -6,12 +6,15 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use evp_devhub::hub::{DeviceReport, HubSide, HubSideOptions, fetch_status};
+use evp_devhub::hub::{DeviceReport, HubError, HubSide, HubSideOptions, fetch_status};
 use evp_devhub::stack::{DaemonOutput, Stack, StackConfig, default_bin_dir};
 use evp_devhub::{DEFAULT_BROKER_URL, DEVHUB_STATUS_TOPIC, EmbeddedBroker, PrivateBus, manifest};
 use serde_json::Value;
 use tokio::signal::unix::{SignalKind, signal};
 
+/// How long a subcommand tries to reach the broker: on loopback it answers at once or not at
+/// all.
+const CLI_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long `status` waits for a status report when none is retained.
 const STATUS_WAIT: Duration = Duration::from_secs(3);
 
@@ -80,11 +83,34 @@ enum Cmd {
     },
 }
 
+/// Prints the error and its causes on one line, each cause once (the library's messages
+/// already name their source), without a backtrace: these errors are for a person at a
+/// terminal.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            let mut message = e.to_string();
+            for cause in e.chain().skip(1) {
+                let cause = cause.to_string();
+                if !message.contains(&cause) {
+                    message.push_str(": ");
+                    message.push_str(&cause);
+                }
+            }
+            eprintln!("evp-devhub: error: {message}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[tokio::main]
-async fn main() -> Result<()> {
-    // rumqttd logs every connection at info; only its problems are of interest here.
+async fn run() -> Result<()> {
+    // rumqttd logs every client that goes away as an error (the readiness probe, each
+    // `evp-devhub status`); EVP_DEVHUB_LOG=rumqttd=info brings them back when a broker
+    // problem is suspected.
     let filter = tracing_subscriber::EnvFilter::try_from_env("EVP_DEVHUB_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rumqttd=error"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rumqttd=off"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -136,9 +162,16 @@ async fn main() -> Result<()> {
 }
 
 async fn connect_passive(broker: &str) -> Result<HubSide> {
-    HubSide::connect_with(broker, HubSideOptions::passive())
+    let options = HubSideOptions {
+        connect_timeout: CLI_CONNECT_TIMEOUT,
+        ..HubSideOptions::passive()
+    };
+    HubSide::connect_with(broker, options)
         .await
-        .with_context(|| format!("is `evp-devhub up` running with the broker {broker}?"))
+        .map_err(|e| match e {
+            HubError::Connect { .. } => anyhow::anyhow!("{e} (is `evp-devhub up` running?)"),
+            other => other.into(),
+        })
 }
 
 async fn deploy(file: &Path, broker: &str) -> Result<()> {
