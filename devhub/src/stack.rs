@@ -51,8 +51,8 @@ pub const DAEMONS: [DaemonSpec; 5] = [
     },
 ];
 
-/// The first pause before a restart, as systemd's default `RestartSec`... doubled on each
-/// quick failure, so a daemon that cannot start does not spin.
+/// The first pause before a restart; doubled on each quick failure (as systemd's
+/// `RestartSteps`), so a daemon that cannot start does not spin.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 /// The longest pause between two restarts: a developer waits no longer than this for a
 /// daemon that recovers.
