@@ -350,7 +350,26 @@ impl Reconciler {
         runtime
             .start_instance(name, &want.module_id, options)
             .await
-            .map_err(|e| format!("Failed to start: {}", dbus::error_message(&e)))
+            .map_err(|e| format!("Failed to start: {}", dbus::error_message(&e)))?;
+        // A start of an instance that already runs (after reconcilerd restarted) changes
+        // nothing and so emits no signal: take its state from the runtime itself.
+        match runtime.instances().await {
+            Ok(hosted) => {
+                if let Some((_, module_id, status, failure)) =
+                    hosted.into_iter().find(|(instance, ..)| instance == name)
+                    && let Some(state) = InstanceState::parse(&status)
+                {
+                    self.set_instance(
+                        name,
+                        &module_id,
+                        state,
+                        (!failure.is_empty()).then_some(failure),
+                    );
+                }
+            }
+            Err(e) => warn!(instance = %name, "reading the runtime's instances: {e}"),
+        }
+        Ok(())
     }
 
     async fn stop_instance(&mut self, name: &str, was: &Placement) {

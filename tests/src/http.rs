@@ -19,9 +19,8 @@ pub struct FileServer {
 impl FileServer {
     /// Serves the files of `root` (GET `/name`); anything else is a 404.
     pub fn start(root: PathBuf) -> Result<FileServer> {
-        let server = Arc::new(
-            tiny_http::Server::http("127.0.0.1:0").map_err(|e| anyhow::anyhow!("{e}"))?,
-        );
+        let server =
+            Arc::new(tiny_http::Server::http("127.0.0.1:0").map_err(|e| anyhow::anyhow!("{e}"))?);
         let port = server
             .server_addr()
             .to_ip()

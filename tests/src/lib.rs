@@ -8,6 +8,7 @@
 pub mod certs;
 pub mod http;
 pub mod mosquitto;
+pub mod system;
 
 use std::time::{Duration, Instant};
 
@@ -15,8 +16,7 @@ use std::time::{Duration, Instant};
 /// shared and slow, and the wait ends as soon as the condition holds.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
-/// Polls `check` until it returns `Some`, or fails after `timeout` with `what` and the last
-/// value `describe` gave.
+/// Polls `check` until it returns `Some`, or fails after `timeout` naming `what`.
 pub async fn wait_for<T>(
     what: &str,
     timeout: Duration,
@@ -36,7 +36,9 @@ pub async fn wait_for<T>(
 
 /// A free TCP port on 127.0.0.1 (bound then released; the OS does not hand it out again soon).
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// The directory holding the workspace's binaries (the test binary's `target/<profile>`).

@@ -20,32 +20,41 @@ pub struct TlsFiles {
 /// A running mosquitto; killed on drop.
 pub struct Mosquitto {
     child: Child,
-    /// Its port on 127.0.0.1.
+    /// Its plain port on 127.0.0.1 (the hub driver's).
     pub port: u16,
+    /// Its mutual-TLS port on 127.0.0.1, when started with TLS (the device's).
+    pub tls_port: Option<u16>,
 }
 
 impl Mosquitto {
-    /// Starts mosquitto in `dir` (its config and log go there), with TLS when `tls` is given.
+    /// Starts mosquitto in `dir` (its config and log go there): a plain listener, and a second
+    /// one that requires client certificates when `tls` is given.
     pub fn start(dir: &Path, tls: Option<&TlsFiles>) -> Result<Mosquitto> {
         let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
             .into_iter()
             .find(|p| Path::new(p).exists())
             .context("mosquitto is not installed (apt-get install mosquitto)")?;
         let port = crate::free_port()?;
-        let mut conf = format!("listener {port} 127.0.0.1\npersistence false\nlog_dest stderr\n");
+        let mut conf = format!(
+            "persistence false\nlog_dest stderr\nallow_anonymous true\nlistener {port} 127.0.0.1\n"
+        );
         // Run as root, mosquitto drops to its own user, which could not read the test's files.
         if nix::unistd::geteuid().is_root() {
             conf.push_str("user root\n");
         }
-        match tls {
-            None => conf.push_str("allow_anonymous true\n"),
-            Some(t) => conf.push_str(&format!(
-                "allow_anonymous true\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nuse_identity_as_username true\n",
-                t.ca.display(),
-                t.cert.display(),
-                t.key.display()
-            )),
-        }
+        let tls_port = match tls {
+            None => None,
+            Some(t) => {
+                let tls_port = crate::free_port()?;
+                conf.push_str(&format!(
+                    "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nuse_identity_as_username true\n",
+                    t.ca.display(),
+                    t.cert.display(),
+                    t.key.display()
+                ));
+                Some(tls_port)
+            }
+        };
         let conf_path = dir.join("mosquitto.conf");
         std::fs::write(&conf_path, conf)?;
         let log = std::fs::File::create(dir.join("mosquitto.log"))?;
@@ -57,7 +66,11 @@ impl Mosquitto {
             .stderr(log)
             .spawn()
             .context("starting mosquitto")?;
-        let mut m = Mosquitto { child, port };
+        let mut m = Mosquitto {
+            child,
+            port,
+            tls_port,
+        };
         let end = std::time::Instant::now() + crate::DEADLINE;
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             if let Some(status) = m.child.try_wait()? {

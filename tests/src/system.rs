@@ -1,0 +1,276 @@
+//! One whole device for one test: a private bus, mosquitto, the five daemons, and the hub's
+//! side of EVP2, in a temporary directory that holds everything the device writes.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use evp_devhub::stack::DaemonOutput;
+use evp_devhub::{HubSide, PrivateBus, Stack, StackConfig};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::DEADLINE;
+use crate::certs::{self, Pki};
+use crate::mosquitto::{Mosquitto, TlsFiles};
+
+/// How a [`System`] is set up.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// The device reaches the broker over mutual TLS only (the hub driver keeps a plain
+    /// loopback listener of the same broker).
+    pub tls: bool,
+    /// Trust this CA file instead of the one that signed the broker's certificate.
+    pub wrong_ca: bool,
+}
+
+/// A device under test.
+pub struct System {
+    /// Everything the device writes lives here; kept on failure only if `EVP_KEEP_TEST_DIRS`.
+    pub dir: tempfile::TempDir,
+    /// The private dbus-daemon.
+    pub bus: PrivateBus,
+    /// The broker.
+    pub mosquitto: Mosquitto,
+    /// The five daemons.
+    pub stack: Stack,
+    /// The hub's side of EVP2.
+    pub hub: HubSide,
+    /// The test's own connection to the private bus.
+    pub conn: zbus::Connection,
+    /// The test PKI, with [`Options::tls`].
+    pub pki: Option<Pki>,
+}
+
+/// Client id of the device, and CN of its certificate.
+pub const DEVICE: &str = "device-under-test";
+
+impl System {
+    /// A device on a plain MQTT connection.
+    pub async fn start() -> Result<System> {
+        Self::start_with(Options::default()).await
+    }
+
+    /// A device set up as `options` says.
+    pub async fn start_with(options: Options) -> Result<System> {
+        let dir = tempfile::Builder::new().prefix("evp-system-").tempdir()?;
+        let bus = PrivateBus::start(&dir.path().join("bus")).context("starting dbus-daemon")?;
+        let pki = if options.tls {
+            Some(certs::make(dir.path(), DEVICE)?)
+        } else {
+            None
+        };
+        let tls = pki.as_ref().map(|p| TlsFiles {
+            ca: p.ca.clone(),
+            cert: p.server_cert.clone(),
+            key: p.server_key.clone(),
+        });
+        let mosquitto = Mosquitto::start(dir.path(), tls.as_ref())?;
+        let hub = HubSide::connect(&mosquitto.url())
+            .await
+            .context("connecting the hub driver")?;
+        let device_port = mosquitto.tls_port.unwrap_or(mosquitto.port);
+        let mut config = StackConfig::new(
+            dir.path().join("device"),
+            bus.address(),
+            "127.0.0.1",
+            device_port,
+        )?;
+        config.bin_dir = crate::bin_dir();
+        config.output = DaemonOutput::LogFiles;
+        // Reports as fast as the agent allows, so tests wait on conditions, not on clocks.
+        config.report_status_interval_min_ms = 0;
+        config.env.push(("EVP_MQTT_CLIENTID".into(), DEVICE.into()));
+        if let Some(p) = &pki {
+            let ca = if options.wrong_ca { &p.other_ca } else { &p.ca };
+            config.env.extend([
+                ("EVP_MQTT_TLS_CA_CERT".into(), path_string(ca)),
+                (
+                    "EVP_MQTT_TLS_CLIENT_CERT".into(),
+                    path_string(&p.client_cert),
+                ),
+                ("EVP_MQTT_TLS_CLIENT_KEY".into(), path_string(&p.client_key)),
+            ]);
+        }
+        for bin in ["evp-hubd", "evp-reconcilerd", "evp-runtimed-container"] {
+            anyhow::ensure!(
+                config.bin_dir.join(bin).exists(),
+                "{} is not built: run `cargo build --workspace` before the tests",
+                config.bin_dir.join(bin).display()
+            );
+        }
+        let stack = Stack::launch(config)
+            .await
+            .context("starting the daemons")?;
+        let conn = zbus::connection::Builder::address(bus.address())
+            .build()
+            .await
+            .context("connecting to the private bus")?;
+        std::fs::create_dir_all(dir.path().join("modules"))?;
+        Ok(System {
+            dir,
+            bus,
+            mosquitto,
+            stack,
+            hub,
+            conn,
+            pki,
+        })
+    }
+
+    /// The daemons' data root.
+    pub fn data_dir(&self) -> PathBuf {
+        self.stack.config().data_dir()
+    }
+
+    /// An instance's directory, as the runtime makes it.
+    pub fn instance_dir(&self, instance: &str) -> PathBuf {
+        self.data_dir().join("instances").join(instance)
+    }
+
+    /// Writes a spawn module: a shell script whose body is `body`. Returns its `file://` URL
+    /// and its SHA-256. Different bodies give different hashes.
+    pub fn module(&self, name: &str, body: &str) -> Result<(String, String)> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.dir.path().join("modules").join(name);
+        let text = format!("#!/bin/sh\n# module {name}\n{body}\n");
+        std::fs::write(&path, &text)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        Ok((
+            format!("file://{}", path.display()),
+            hex::encode(Sha256::digest(text.as_bytes())),
+        ))
+    }
+
+    /// The directory module files are written to (to serve them over HTTP).
+    pub fn modules_dir(&self) -> PathBuf {
+        self.dir.path().join("modules")
+    }
+
+    /// Sends a deployment as the hub does.
+    pub async fn deploy(&self, deployment: &Value) -> Result<()> {
+        Ok(self.hub.deploy(deployment).await?)
+    }
+
+    /// Waits for a status report whose `deploymentStatus` satisfies `check`.
+    pub async fn wait_status(&self, check: impl Fn(&Value) -> bool) -> Result<Value> {
+        let report = self
+            .hub
+            .wait_for_status(|r| check(&r["deploymentStatus"]), DEADLINE)
+            .await
+            .with_context(|| {
+                format!(
+                    "daemon logs are in {}",
+                    self.stack.config().log_dir().display()
+                )
+            })?;
+        Ok(report["deploymentStatus"].clone())
+    }
+
+    /// PIDs of the module processes of `instance`, found by the workspace path the runtime
+    /// put in their environment.
+    pub fn instance_pids(&self, instance: &str) -> Vec<u32> {
+        let marker = format!(
+            "EVP_MODULE_SDK_DEFAULT_WORKSPACE_PATH={}",
+            self.instance_dir(instance)
+                .join("default_workspace")
+                .display()
+        );
+        processes_with_env(|env| env.split(|b| *b == 0).any(|v| v == marker.as_bytes()))
+    }
+
+    /// Stops everything, and kills any module the daemons left behind.
+    pub async fn stop(self) {
+        self.stack.stop_all().await;
+    }
+}
+
+impl Drop for System {
+    fn drop(&mut self) {
+        // Modules of this device whose runtime was killed would outlive the test otherwise.
+        let data = self.data_dir();
+        let marker = data.to_string_lossy().into_owned();
+        for pid in processes_with_env(|env| {
+            env.split(|b| *b == 0)
+                .any(|v| v.starts_with(b"EVP_MODULE_SDK_") && contains(v, marker.as_bytes()))
+        }) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        if std::env::var_os("EVP_KEEP_TEST_DIRS").is_some() {
+            let path = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
+            eprintln!("kept {}", path.keep().display());
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn path_string(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// PIDs of the processes whose environment satisfies `check`.
+pub fn processes_with_env(check: impl Fn(&[u8]) -> bool) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .map(|env| check(&env))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// A deployment of spawn modules: `instances` maps instance → module id, `modules` maps
+/// module id → (download URL, hash).
+pub fn deployment(id: &str, instances: &[(&str, &str)], modules: &[(&str, &str, &str)]) -> Value {
+    let specs: serde_json::Map<String, Value> = instances
+        .iter()
+        .map(|(name, module)| {
+            (
+                (*name).to_owned(),
+                json!({"moduleId": module, "publish": {}, "subscribe": {}}),
+            )
+        })
+        .collect();
+    let mods: serde_json::Map<String, Value> = modules
+        .iter()
+        .map(|(id, url, hash)| {
+            (
+                (*id).to_owned(),
+                json!({"moduleImpl": "spawn", "entryPoint": "main", "downloadUrl": url, "hash": hash}),
+            )
+        })
+        .collect();
+    json!({
+        "deploymentId": id,
+        "instanceSpecs": specs,
+        "modules": mods,
+        "publishTopics": {},
+        "subscribeTopics": {}
+    })
+}
+
+/// The status of one instance in a `deploymentStatus`, or `""`.
+pub fn instance_status<'a>(status: &'a Value, instance: &str) -> &'a str {
+    status["instances"][instance]["status"]
+        .as_str()
+        .unwrap_or("")
+}
+
+/// Waits up to the deadline for `pids` to be gone.
+pub async fn wait_gone(pids: &[u32]) -> Result<()> {
+    crate::wait_for("processes to exit", DEADLINE, async || {
+        pids.iter()
+            .all(|p| !Path::new(&format!("/proc/{p}")).exists())
+            .then_some(())
+    })
+    .await
+}
