@@ -19,6 +19,7 @@ pub struct SdkBroker;
 
 #[interface(name = "org.evp.SdkBroker1")]
 impl SdkBroker {
+    #[zbus(out_args("socket_path"))]
     async fn open_instance(&self, instance: &str) -> Result<String, EvpError> {
         Err(EvpError::NotSupported(format!(
             "{NO_SOCKETS} (instance {instance})"
