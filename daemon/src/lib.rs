@@ -149,8 +149,11 @@ pub fn init_logging(name: &'static str) {
             Err(e) => eprintln!("{name}: journald unavailable ({e}); logging to stderr"),
         }
     }
+    // Colours only for a person at a terminal, never into log files or pipes.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter())
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
