@@ -27,6 +27,18 @@ fn one_pid(sys: &System, instance: &str) -> u32 {
     pids[0]
 }
 
+/// Deploys `instances` of one module that stays up, waits until all are `ok`, and returns
+/// their PIDs in order.
+async fn run_instances(sys: &System, id: &str, instances: &[&str]) -> Vec<u32> {
+    let (url, hash) = sys.module("a", STAYS_UP).unwrap();
+    let specs: Vec<(&str, &str)> = instances.iter().map(|i| (*i, "a")).collect();
+    sys.deploy(&deployment(id, &specs, &[("a", &url, &hash)]))
+        .await
+        .unwrap();
+    sys.wait_status(|s| all_ok(s, id, instances)).await.unwrap();
+    instances.iter().map(|i| one_pid(sys, i)).collect()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn deployment_is_started_and_reported_ok_to_the_hub() {
     let sys = System::start().await.unwrap();
@@ -112,18 +124,7 @@ async fn redeploy_with_one_instance_changed_leaves_the_others_running() {
 #[tokio::test(flavor = "multi_thread")]
 async fn empty_deployment_stops_everything_and_removes_instance_directories() {
     let sys = System::start().await.unwrap();
-    let (url, hash) = sys.module("a", STAYS_UP).unwrap();
-    sys.deploy(&deployment(
-        "dep-1",
-        &[("one", "a"), ("two", "a")],
-        &[("a", &url, &hash)],
-    ))
-    .await
-    .unwrap();
-    sys.wait_status(|s| all_ok(s, "dep-1", &["one", "two"]))
-        .await
-        .unwrap();
-    let pids = [one_pid(&sys, "one"), one_pid(&sys, "two")];
+    let pids = run_instances(&sys, "dep-1", &["one", "two"]).await;
     assert!(sys.instance_dir("one").is_dir());
 
     sys.deploy(&deployment("dep-empty", &[], &[]))
@@ -147,14 +148,8 @@ async fn empty_deployment_stops_everything_and_removes_instance_directories() {
 #[tokio::test(flavor = "multi_thread")]
 async fn malformed_manifest_is_reported_as_error_and_the_previous_deployment_keeps_running() {
     let sys = System::start().await.unwrap();
+    let pid = run_instances(&sys, "dep-1", &["one"]).await[0];
     let (url, hash) = sys.module("a", STAYS_UP).unwrap();
-    sys.deploy(&deployment("dep-1", &[("one", "a")], &[("a", &url, &hash)]))
-        .await
-        .unwrap();
-    sys.wait_status(|s| all_ok(s, "dep-1", &["one"]))
-        .await
-        .unwrap();
-    let pid = one_pid(&sys, "one");
 
     // No instanceSpecs: the whole manifest is invalid.
     let bad = json!({"deploymentId": "dep-bad", "modules": {}});
@@ -236,18 +231,7 @@ async fn wrong_hash_fails_the_module_and_its_instances_never_start() {
 async fn reconcilerd_restart_carries_on_without_restarting_instances() {
     use evp_devhub::stack::Signal;
     let sys = System::start().await.unwrap();
-    let (url, hash) = sys.module("a", STAYS_UP).unwrap();
-    sys.deploy(&deployment(
-        "dep-1",
-        &[("one", "a"), ("two", "a")],
-        &[("a", &url, &hash)],
-    ))
-    .await
-    .unwrap();
-    sys.wait_status(|s| all_ok(s, "dep-1", &["one", "two"]))
-        .await
-        .unwrap();
-    let pids = [one_pid(&sys, "one"), one_pid(&sys, "two")];
+    let pids = run_instances(&sys, "dep-1", &["one", "two"]).await;
 
     sys.stack.kill("evp-reconcilerd", Signal::SIGKILL).unwrap();
     sys.stack
@@ -266,6 +250,6 @@ async fn reconcilerd_restart_carries_on_without_restarting_instances() {
     .await
     .unwrap();
     assert_eq!(status["instances"]["one"]["moduleId"], "a");
-    assert_eq!([one_pid(&sys, "one"), one_pid(&sys, "two")], pids);
+    assert_eq!(vec![one_pid(&sys, "one"), one_pid(&sys, "two")], pids);
     sys.stop().await;
 }
