@@ -61,7 +61,10 @@ async fn deployment_is_started_and_reported_ok_to_the_hub() {
     assert_eq!(status["modules"]["local"]["status"], "ok");
     assert_eq!(status["modules"]["served"]["status"], "ok");
     assert_eq!(status["instances"]["two"]["moduleId"], "served");
-    assert!(server.requests() >= 1, "the module was fetched over HTTP");
+    assert!(
+        server.request_count() >= 1,
+        "the module was fetched over HTTP"
+    );
     one_pid(&sys, "one");
     one_pid(&sys, "two");
     let report = sys.hub.latest_status().unwrap();
