@@ -12,6 +12,8 @@ pub mod codec;
 pub mod dbus;
 pub mod deployment;
 pub mod evp2;
+pub mod routing;
+pub mod sdk;
 pub mod status;
 
 pub use codec::{DesiredChange, HubCodec, StatusReport};

@@ -1,0 +1,2 @@
+//! Test modules written with evp-sdk (work in progress).
+#![deny(missing_docs)]
