@@ -41,12 +41,8 @@ pub fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-/// The directory holding the workspace's binaries (the test binary's `target/<profile>`).
+/// The directory holding the workspace's binaries (`target/<profile>`), for test binaries in
+/// `deps/` and for `evp-bench` alike.
 pub fn bin_dir() -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/<test binary>
-    exe.parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>")
-        .to_owned()
+    evp_devhub::stack::default_bin_dir().expect("the current executable's directory")
 }
