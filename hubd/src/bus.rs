@@ -1,18 +1,23 @@
 //! The D-Bus side of hubd: the `org.evp.Hub1` object, and the tasks that link the MQTT session
-//! to reconcilerd (deployments in, status out) and sdk-broker (configurations).
+//! to reconcilerd (deployments in, status out) and sdk-broker (configurations and direct
+//! commands in; states, answers and telemetry out).
 
-use std::collections::HashSet;
+use std::collections::VecDeque;
 use std::time::Duration;
 
-use evp_schemas::DeploymentStatus;
 use evp_schemas::dbus::{HUB_PATH, Reconciler1Proxy, SdkBroker1Proxy, error_message, error_name};
+use evp_schemas::{DeploymentStatus, TelemetryEntry};
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 use zbus::interface;
 use zbus::proxy::CacheProperties;
 
-use crate::core::{ApplyOutcome, ConfigurationDelivery, ConnectionState, DeploymentRequest};
+use crate::core::{
+    ApplyOutcome, ConfigurationDelivery, ConnectionState, DeploymentRequest, MethodCall, SdkEvent,
+};
+use crate::telemetry::TelemetryBatch;
 
 /// The D-Bus error reconcilerd returns for a deployment it refuses.
 const INVALID_MANIFEST: &str = "org.evp.Error.InvalidManifest";
@@ -23,6 +28,22 @@ const APPLY_RETRY_FIRST: Duration = Duration::from_secs(1);
 const APPLY_RETRY_MAX: Duration = Duration::from_secs(30);
 /// Wait before building a proxy again after the bus refused to.
 const PROXY_RETRY: Duration = Duration::from_secs(5);
+/// The D-Bus errors that mean a configuration itself is refused, so delivering it again cannot
+/// help; every other failure (sdk-broker not on the bus yet, busy, restarting) is retried.
+const PERMANENT_DELIVERY_ERRORS: &[&str] = &[
+    "org.evp.Error.InvalidArgument",
+    "org.evp.Error.Denied",
+    "org.freedesktop.DBus.Error.AccessDenied",
+];
+/// First wait before delivering failed configurations again.
+const DELIVERY_RETRY_FIRST: Duration = Duration::from_secs(1);
+/// Longest such wait; sdk-broker coming on the bus triggers a retry at once anyway.
+const DELIVERY_RETRY_MAX: Duration = Duration::from_secs(60);
+/// Most configurations held for a retry. A hub sets a handful per instance; beyond this the
+/// oldest are dropped with a warning (sdk-broker would have persisted them, had it been up).
+const MAX_HELD_CONFIGURATIONS: usize = 1024;
+/// Most value bytes held for a retry: eight of the largest MQTT messages hubd accepts.
+const MAX_HELD_CONFIGURATION_BYTES: usize = 8 << 20;
 
 /// The `org.evp.Hub1` object.
 #[derive(Debug)]
@@ -224,46 +245,286 @@ pub async fn apply_deployments(
     }
 }
 
-/// Hands configurations to `SdkBroker1.DeliverConfiguration`. A failure (such as this build's
-/// sdk-broker answering `NotSupported`) is logged once per instance and topic, then at debug.
-pub async fn deliver_configurations(
-    conn: zbus::Connection,
-    mut rx: mpsc::Receiver<ConfigurationDelivery>,
-) {
-    let proxy = loop {
-        match SdkBroker1Proxy::builder(&conn)
+async fn sdk_broker_proxy(conn: &zbus::Connection) -> SdkBroker1Proxy<'static> {
+    loop {
+        match SdkBroker1Proxy::builder(conn)
             .cache_properties(CacheProperties::No)
             .build()
             .await
         {
-            Ok(p) => break p,
+            Ok(p) => return p,
             Err(e) => {
                 warn!("sdk-broker proxy: {e}");
                 tokio::time::sleep(PROXY_RETRY).await;
             }
         }
-    };
-    let mut warned: HashSet<(String, String)> = HashSet::new();
-    while let Some(d) = rx.recv().await {
-        match proxy
-            .deliver_configuration(&d.instance, &d.topic, &d.value)
-            .await
+    }
+}
+
+/// Configurations sdk-broker did not take yet, the latest per instance and topic, bounded.
+#[derive(Debug, Default)]
+struct HeldConfigurations {
+    queue: VecDeque<ConfigurationDelivery>,
+    bytes: usize,
+}
+
+impl HeldConfigurations {
+    fn forget(&mut self, instance: &str, topic: &str) {
+        let at = self
+            .queue
+            .iter()
+            .position(|d| d.instance == instance && d.topic == topic);
+        if let Some(d) = at.and_then(|i| self.queue.remove(i)) {
+            self.bytes -= d.value.len();
+        }
+    }
+
+    fn hold(&mut self, d: ConfigurationDelivery) {
+        self.forget(&d.instance, &d.topic);
+        self.bytes += d.value.len();
+        self.queue.push_back(d);
+        while self.queue.len() > MAX_HELD_CONFIGURATIONS
+            || (self.bytes > MAX_HELD_CONFIGURATION_BYTES && self.queue.len() > 1)
         {
-            Ok(()) => debug!("configuration {}/{} delivered", d.instance, d.topic),
-            Err(e) => {
-                let message = error_message(&e);
-                if warned.insert((d.instance.clone(), d.topic.clone())) {
-                    warn!(
-                        "configuration {}/{} not delivered to sdk-broker: {message}",
-                        d.instance, d.topic
-                    );
-                } else {
-                    debug!(
-                        "configuration {}/{} not delivered to sdk-broker: {message}",
-                        d.instance, d.topic
-                    );
-                }
+            if let Some(old) = self.queue.pop_front() {
+                self.bytes -= old.value.len();
+                warn!(
+                    "configuration {}/{} dropped: too many configurations wait for sdk-broker",
+                    old.instance, old.topic
+                );
             }
         }
+    }
+}
+
+/// Delivers `d`; false when it should be tried again later.
+async fn deliver(proxy: &SdkBroker1Proxy<'_>, d: &ConfigurationDelivery, first: bool) -> bool {
+    match proxy
+        .deliver_configuration(&d.instance, &d.topic, &d.value)
+        .await
+    {
+        Ok(()) => {
+            debug!("configuration {}/{} delivered", d.instance, d.topic);
+            true
+        }
+        Err(e) if error_name(&e).is_some_and(|n| PERMANENT_DELIVERY_ERRORS.contains(&n)) => {
+            warn!(
+                "sdk-broker refused configuration {}/{}: {}",
+                d.instance,
+                d.topic,
+                error_message(&e)
+            );
+            true
+        }
+        Err(e) => {
+            let message = error_message(&e);
+            if first {
+                warn!(
+                    "configuration {}/{} not delivered to sdk-broker yet: {message}; trying again",
+                    d.instance, d.topic
+                );
+            } else {
+                debug!(
+                    "configuration {}/{} still not delivered: {message}",
+                    d.instance, d.topic
+                );
+            }
+            false
+        }
+    }
+}
+
+/// Hands configurations to `SdkBroker1.DeliverConfiguration`. Those that fail (sdk-broker not
+/// up yet) are held, the latest per instance and topic, and delivered again with backoff from
+/// 1 s to 60 s, and at once when sdk-broker comes on the bus; sdk-broker persists what it took.
+pub async fn deliver_configurations(
+    conn: zbus::Connection,
+    mut rx: mpsc::Receiver<ConfigurationDelivery>,
+) {
+    let proxy = sdk_broker_proxy(&conn).await;
+    let mut owner = match proxy.inner().receive_owner_changed().await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!("watching sdk-broker's bus name: {e}; retrying deliveries on a timer only");
+            None
+        }
+    };
+    let mut held = HeldConfigurations::default();
+    let mut delay = DELIVERY_RETRY_FIRST;
+    let mut retry_at: Option<Instant> = None;
+    loop {
+        let retry = async {
+            match retry_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let owner_next = async {
+            match owner.as_mut() {
+                Some(s) => s.next().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            d = rx.recv() => {
+                let Some(d) = d else { return };
+                held.forget(&d.instance, &d.topic);
+                if !deliver(&proxy, &d, true).await {
+                    held.hold(d);
+                    retry_at.get_or_insert_with(|| Instant::now() + delay);
+                }
+            }
+            _ = retry => {
+                let mut failed = VecDeque::new();
+                while let Some(d) = held.queue.pop_front() {
+                    held.bytes -= d.value.len();
+                    if !deliver(&proxy, &d, false).await {
+                        failed.push_back(d);
+                    }
+                }
+                for d in failed {
+                    held.hold(d);
+                }
+                if held.queue.is_empty() {
+                    delay = DELIVERY_RETRY_FIRST;
+                    retry_at = None;
+                } else {
+                    delay = (delay * 2).min(DELIVERY_RETRY_MAX);
+                    retry_at = Some(Instant::now() + delay);
+                }
+            }
+            o = owner_next => match o {
+                Some(Some(_)) if !held.queue.is_empty() => {
+                    info!("sdk-broker is on the bus: delivering {} held configurations", held.queue.len());
+                    delay = DELIVERY_RETRY_FIRST;
+                    retry_at = Some(Instant::now());
+                }
+                Some(_) => {}
+                None => owner = None,
+            },
+        }
+    }
+}
+
+/// Follows sdk-broker's `StateReported` and `RpcResponse` signals into `events`, whether
+/// sdk-broker starts before or after hubd.
+pub async fn follow_sdk_broker(conn: zbus::Connection, events: mpsc::Sender<SdkEvent>) {
+    loop {
+        let proxy = sdk_broker_proxy(&conn).await;
+        let (mut states, mut answers) =
+            match tokio::try_join!(proxy.receive_state_reported(), proxy.receive_rpc_response()) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!("subscribing to sdk-broker's signals: {e}");
+                    tokio::time::sleep(PROXY_RETRY).await;
+                    continue;
+                }
+            };
+        loop {
+            let event = tokio::select! {
+                s = states.next() => match s.map(|s| s.args().map(|a| SdkEvent::State {
+                    instance: a.instance().to_string(),
+                    topic: a.topic().to_string(),
+                    value: a.value().clone(),
+                })) {
+                    Some(Ok(e)) => e,
+                    Some(Err(e)) => {
+                        warn!("a StateReported signal cannot be read: {e}");
+                        continue;
+                    }
+                    None => break,
+                },
+                r = answers.next() => match r.map(|r| r.args().map(|a| SdkEvent::RpcResponse {
+                    reqid: *a.reqid(),
+                    instance: a.instance().to_string(),
+                    status: *a.status(),
+                    response: a.response().to_string(),
+                })) {
+                    Some(Ok(e)) => e,
+                    Some(Err(e)) => {
+                        warn!("an RpcResponse signal cannot be read: {e}");
+                        continue;
+                    }
+                    None => break,
+                },
+            };
+            if events.send(event).await.is_err() {
+                return;
+            }
+        }
+        // A stream ended: the bus connection is going away. Do not spin.
+        tokio::time::sleep(PROXY_RETRY).await;
+    }
+}
+
+/// Delivers direct commands with `SdkBroker1.CallMethod`, each on its own task so a slow
+/// call does not hold the others; a call that fails comes back as [`SdkEvent::CallFailed`].
+pub async fn call_methods(
+    conn: zbus::Connection,
+    mut calls: mpsc::Receiver<MethodCall>,
+    events: mpsc::Sender<SdkEvent>,
+) {
+    let proxy = sdk_broker_proxy(&conn).await;
+    while let Some(call) = calls.recv().await {
+        let proxy = proxy.clone();
+        let events = events.clone();
+        tokio::spawn(async move {
+            if let Err(e) = proxy
+                .call_method(&call.instance, call.reqid, &call.method, &call.params)
+                .await
+            {
+                let failed = SdkEvent::CallFailed {
+                    reqid: call.reqid,
+                    message: error_message(&e),
+                };
+                let _ = events.send(failed).await;
+            }
+        });
+    }
+}
+
+/// A `Telemetry` signal's body, read in place.
+struct SignalBatch(zbus::message::Body);
+
+impl TelemetryBatch for SignalBatch {
+    fn entries(&self) -> Result<Vec<TelemetryEntry<'_>>, String> {
+        let entries: Vec<(&str, &str, &str)> = self.0.deserialize().map_err(|e| e.to_string())?;
+        Ok(entries
+            .into_iter()
+            .map(|(instance, key, value)| TelemetryEntry {
+                instance,
+                key,
+                value,
+            })
+            .collect())
+    }
+}
+
+/// Follows sdk-broker's `Telemetry` signals into `batches`. Give it a bus connection of its
+/// own: when MQTT is slow this task waits, and only that connection's reading waits with it.
+pub async fn follow_telemetry(
+    conn: zbus::Connection,
+    batches: mpsc::Sender<Box<dyn TelemetryBatch>>,
+) {
+    loop {
+        let proxy = sdk_broker_proxy(&conn).await;
+        let mut signals = match proxy.inner().receive_signal("Telemetry").await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("subscribing to sdk-broker's Telemetry: {e}");
+                tokio::time::sleep(PROXY_RETRY).await;
+                continue;
+            }
+        };
+        while let Some(msg) = signals.next().await {
+            if batches
+                .send(Box::new(SignalBatch(msg.body())))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        tokio::time::sleep(PROXY_RETRY).await;
     }
 }

@@ -1,21 +1,30 @@
 //! The MQTT side of hubd: the connection with its reconnect backoff, the EVP2-TB session,
-//! decoding the hub's changes and sending status reports. It talks to the rest of the device
-//! only through [`Links`], so it runs (and is tested) without D-Bus.
+//! decoding the hub's changes, sending status and instance-state reports, direct commands and
+//! telemetry. It talks to the rest of the device only through [`Links`] and [`SdkLinks`], so
+//! it runs (and is tested) without D-Bus.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use evp_schemas::codec::DeviceConfig;
 use evp_schemas::evp2::{Evp2Codec, topics};
-use evp_schemas::{Deployment, DeploymentStatus, DesiredChange, HubCodec};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS, Transport};
+use evp_schemas::{
+    Deployment, DeploymentStatus, DesiredChange, DirectCommandResponse, HubCodec, RpcStatus,
+};
+use rumqttc::{
+    AsyncClient, ClientError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS, Request,
+    Transport,
+};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::config::HubConfig;
 use crate::device_config::{AgentSettings, DeviceConfigStore};
 use crate::report::{self, Rejection};
+use crate::rpc::{self, PendingCommands};
 use crate::session::Session;
+use crate::telemetry::{self, TelemetryBatch};
 use crate::timing::{BACKOFF_RESET_AFTER, Backoff, ReportDecision, ReportTimer};
 use crate::tls::TlsMaterial;
 
@@ -28,11 +37,23 @@ pub const MAX_OUTGOING_PACKET: usize = 131_072;
 const MAX_INCOMING_PACKET: usize = 1 << 20;
 /// Bytes of an MQTT PUBLISH besides topic and payload: fixed header (up to 5), topic length (2)
 /// and packet id (2), rounded up.
-const PUBLISH_OVERHEAD: usize = 16;
-/// Requests waiting for rumqttc's event loop. hubd publishes at most a report and a GET at a
-/// time, so a full channel means the connection is stuck; requests are then dropped, never
-/// waited for.
-const REQUEST_CHANNEL: usize = 64;
+pub const PUBLISH_OVERHEAD: usize = 16;
+/// Requests waiting for rumqttc's event loop, which writes one per poll. Telemetry fills it in
+/// bursts of a D-Bus batch; this is a few batches at 30,000 messages a second, so the event
+/// loop never waits for work, while the memory it holds stays bounded (at most this many
+/// messages, each under [`MAX_OUTGOING_PACKET`]; telemetry messages are typically small).
+pub const REQUEST_CHANNEL: usize = 512;
+/// How long a report or answer waits for room in a full request channel before it is dropped
+/// (and, for reports, tried again).
+const PUBLISH_WAIT: Duration = Duration::from_secs(10);
+/// sdk-broker's signals waiting for the session loop: states and answers, a few per module
+/// action.
+pub const SDK_EVENT_CHANNEL: usize = 1024;
+/// Direct commands waiting for `SdkBroker1.CallMethod`.
+pub const METHOD_CALL_CHANNEL: usize = 256;
+/// Telemetry batches (one per `Telemetry` signal) waiting for the publisher; bounded, so a
+/// stuck MQTT connection pushes back on the D-Bus side instead of growing hubd.
+pub const TELEMETRY_CHANNEL: usize = 64;
 /// MQTT events waiting for the session loop.
 const EVENT_CHANNEL: usize = 256;
 /// Retry delay of a report that could not be queued for sending.
@@ -116,6 +137,99 @@ pub struct Links {
     pub status: watch::Receiver<Option<DeploymentStatus>>,
     /// The connection state, for `Hub1.Connection`.
     pub connection: watch::Sender<ConnectionState>,
+}
+
+/// What sdk-broker tells the session, from its signals or from a failed call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SdkEvent {
+    /// `StateReported`: the latest state of an instance's topic.
+    State {
+        /// The instance.
+        instance: String,
+        /// The topic.
+        topic: String,
+        /// The state.
+        value: Vec<u8>,
+    },
+    /// `RpcResponse`: the answer to a direct command.
+    RpcResponse {
+        /// The request id it answers.
+        reqid: u64,
+        /// The instance that answered (or was asked).
+        instance: String,
+        /// `EVP_RPC_RESPONSE_STATUS`.
+        status: u32,
+        /// The response text.
+        response: String,
+    },
+    /// `CallMethod` failed on D-Bus (sdk-broker absent, or its error).
+    CallFailed {
+        /// The request id of the command.
+        reqid: u64,
+        /// Why.
+        message: String,
+    },
+}
+
+/// A direct command for `SdkBroker1.CallMethod`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MethodCall {
+    /// The instance.
+    pub instance: String,
+    /// The EVP request id.
+    pub reqid: u64,
+    /// The method.
+    pub method: String,
+    /// Its parameters (JSON text).
+    pub params: String,
+}
+
+/// The session's channels to sdk-broker.
+pub struct SdkLinks {
+    /// States, answers and failed calls.
+    pub events: mpsc::Receiver<SdkEvent>,
+    /// Direct commands to deliver.
+    pub calls: mpsc::Sender<MethodCall>,
+    /// Telemetry batches to publish.
+    pub telemetry: mpsc::Receiver<Box<dyn TelemetryBatch>>,
+}
+
+impl std::fmt::Debug for SdkLinks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SdkLinks").finish_non_exhaustive()
+    }
+}
+
+/// The other ends of [`SdkLinks`], for whoever plays sdk-broker.
+#[derive(Debug)]
+pub struct SdkEnds {
+    /// Where sdk-broker's events go.
+    pub events: mpsc::Sender<SdkEvent>,
+    /// The direct commands hubd wants delivered.
+    pub calls: mpsc::Receiver<MethodCall>,
+    /// Where telemetry batches go.
+    pub telemetry: mpsc::Sender<Box<dyn TelemetryBatch>>,
+}
+
+impl SdkLinks {
+    /// Links and their other ends.
+    pub fn new() -> (SdkLinks, SdkEnds) {
+        let (events_tx, events) = mpsc::channel(SDK_EVENT_CHANNEL);
+        let (calls, calls_rx) = mpsc::channel(METHOD_CALL_CHANNEL);
+        let (telemetry_tx, telemetry) = mpsc::channel(TELEMETRY_CHANNEL);
+        (
+            SdkLinks {
+                events,
+                calls,
+                telemetry,
+            },
+            SdkEnds {
+                events: events_tx,
+                calls: calls_rx,
+                telemetry: telemetry_tx,
+            },
+        )
+    }
 }
 
 /// The MQTT options of the configuration, and the client id they use.
@@ -238,6 +352,13 @@ struct Core {
     session: Session,
     timer: ReportTimer,
     report_wake: Option<Instant>,
+    states: BTreeMap<(String, String), Vec<u8>>,
+    states_timer: ReportTimer,
+    states_wake: Option<Instant>,
+    /// The encoded instance-state report, or `None` when the states changed since.
+    states_payload: Option<String>,
+    pending: PendingCommands,
+    calls: mpsc::Sender<MethodCall>,
     rejection: Option<Rejection>,
     seq: u64,
     connected: bool,
@@ -247,7 +368,8 @@ struct Core {
 }
 
 /// Runs the MQTT session until `shutdown` completes, then disconnects cleanly.
-/// `device_config` is the one stored at the last run, if any.
+/// `device_config` is the one stored at the last run, if any. Without sdk-broker: direct
+/// commands are answered with an error, and nothing reports states or telemetry.
 pub async fn run(
     cfg: HubConfig,
     options: MqttOptions,
@@ -256,6 +378,26 @@ pub async fn run(
     links: Links,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let (sdk, _closed) = SdkLinks::new();
+    drop(_closed);
+    run_with_sdk(cfg, options, store, device_config, links, sdk, shutdown).await
+}
+
+/// [`run`], with sdk-broker's states, answers and telemetry.
+pub async fn run_with_sdk(
+    cfg: HubConfig,
+    options: MqttOptions,
+    store: DeviceConfigStore,
+    device_config: Option<DeviceConfig>,
+    links: Links,
+    sdk: SdkLinks,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let SdkLinks {
+        events: mut sdk_events,
+        calls,
+        telemetry: telemetry_batches,
+    } = sdk;
     let Links {
         deployments,
         mut outcomes,
@@ -266,6 +408,11 @@ pub async fn run(
     let (client, eventloop) = AsyncClient::new(options, REQUEST_CHANNEL);
     let (events_tx, mut events) = mpsc::channel(EVENT_CHANNEL);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let telemetry_task = tokio::spawn(telemetry::publish(
+        client.clone(),
+        connection.subscribe(),
+        telemetry_batches,
+    ));
     let mut driver = tokio::spawn(drive(eventloop, events_tx, connection, stop_rx));
     let settings = AgentSettings::new(&cfg, device_config.as_ref());
     let mut core = Core {
@@ -279,6 +426,12 @@ pub async fn run(
         session: Session::new(),
         timer: ReportTimer::new(),
         report_wake: None,
+        states: BTreeMap::new(),
+        states_timer: ReportTimer::new(),
+        states_wake: None,
+        states_payload: None,
+        pending: PendingCommands::new(),
+        calls,
         rejection: None,
         seq: 0,
         connected: false,
@@ -288,6 +441,7 @@ pub async fn run(
     };
     let mut status_open = true;
     let mut outcomes_open = true;
+    let mut sdk_open = true;
     let mut failure = None;
     tokio::pin!(shutdown);
     loop {
@@ -308,8 +462,15 @@ pub async fn run(
                 }
             },
             r = status.changed(), if status_open => match r {
-                Ok(()) => core.status = status.borrow_and_update().clone(),
+                Ok(()) => {
+                    core.status = status.borrow_and_update().clone();
+                    core.drop_states_of_departed();
+                }
                 Err(_) => status_open = false,
+            },
+            e = sdk_events.recv(), if sdk_open => match e {
+                Some(e) => core.on_sdk(e),
+                None => sdk_open = false,
             },
             o = outcomes.recv(), if outcomes_open => match o {
                 Some(o) => core.on_outcome(o),
@@ -319,6 +480,7 @@ pub async fn run(
         }
         core.tick(Instant::now());
     }
+    telemetry_task.abort();
     // Clean exit: DISCONNECT when connected, then let the driver finish.
     if core.connected {
         let _ = core.client.try_disconnect();
@@ -339,10 +501,14 @@ impl Core {
         if !self.connected {
             return None;
         }
-        match (self.session.get_due(now), self.report_wake) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.session.get_due(now),
+            self.report_wake,
+            self.states_wake,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     fn on_mqtt(&mut self, event: MqttEvent) {
@@ -351,6 +517,15 @@ impl Core {
                 self.connected = true;
                 self.session.on_connected();
                 self.timer.reset();
+                self.states_timer.reset();
+                // As EVP does: the hub's request ids of the old session mean nothing now.
+                if !self.pending.is_empty() {
+                    info!(
+                        "{} direct commands still waiting are forgotten with the old session",
+                        self.pending.len()
+                    );
+                    self.pending.clear();
+                }
                 for filter in [
                     topics::ATTRIBUTES,
                     topics::ATTRIBUTES_RESPONSE_FILTER,
@@ -365,6 +540,7 @@ impl Core {
             MqttEvent::Disconnected => {
                 self.connected = false;
                 self.report_wake = None;
+                self.states_wake = None;
             }
             MqttEvent::Publish { topic, payload } => self.on_publish(&topic, &payload),
         }
@@ -392,13 +568,11 @@ impl Core {
             } else {
                 debug!("ignoring an attribute response with id {id}");
             }
-        } else if topic.starts_with("v1/devices/me/rpc/") {
-            // Direct commands and storage tokens are not handled by this build; our own
-            // requests come back here on a plain broker and are never answered.
-            debug!(
-                "ignoring {topic} ({} bytes): RPC is not handled yet",
-                payload.len()
-            );
+        } else if let Some(id) = topic.strip_prefix(topics::RPC_REQUEST_PREFIX) {
+            self.on_rpc_request(id, payload, Instant::now());
+        } else if topic.starts_with(topics::RPC_RESPONSE_PREFIX) {
+            // Our own answers, echoed by a plain broker; storage tokens are not handled yet.
+            debug!("ignoring {topic} ({} bytes)", payload.len());
         } else {
             debug!("ignoring a message on {topic}");
         }
@@ -453,8 +627,10 @@ impl Core {
                 }
             }
             DesiredChange::ConfigurationDeleted { instance, topic } => {
-                warn!(
-                    "the hub deleted configuration/{instance}/{topic}; deleting configurations is not supported yet"
+                // SdkBroker1 has no deletion method; EVP does not tell the module either.
+                info!(
+                    "the hub deleted configuration/{instance}/{topic}: not forwarded (sdk-broker \
+                     keeps the last value until a new one arrives)"
                 );
             }
             DesiredChange::Invalid(e) => warn!("ignored part of an attribute update: {e}"),
@@ -497,7 +673,142 @@ impl Core {
         }
     }
 
-    /// Sends what is due: the initial GET, the status report.
+    /// A direct command on MQTT request `mqtt_id`.
+    fn on_rpc_request(&mut self, mqtt_id: &str, payload: &[u8], now: Instant) {
+        let cmd = match self.codec.decode_direct_command(payload) {
+            Ok(Some(cmd)) => cmd,
+            Ok(None) => {
+                debug!("ignoring RPC request {mqtt_id}: not a direct command (our own, echoed)");
+                return;
+            }
+            Err(e) => {
+                match e.reqid {
+                    Some(reqid) => {
+                        warn!("RPC request {mqtt_id}: {e}; answered with an error");
+                        self.respond(mqtt_id, &rpc::error_response(reqid, e.to_string()));
+                    }
+                    None => warn!("RPC request {mqtt_id}: {e}; not answered (no reqid)"),
+                }
+                return;
+            }
+        };
+        if cmd.method.starts_with(rpc::AGENT_METHOD_PREFIX) {
+            debug!(
+                "direct command {} {} answered by hubd",
+                cmd.reqid, cmd.method
+            );
+            self.respond(mqtt_id, &rpc::agent_method(&cmd));
+            return;
+        }
+        if let Err(e) = self.pending.insert(cmd.reqid, mqtt_id, now) {
+            warn!(
+                "direct command {} on request {mqtt_id} refused: {e}",
+                cmd.reqid
+            );
+            self.respond(mqtt_id, &rpc::error_response(cmd.reqid, e.to_string()));
+            return;
+        }
+        let reqid = cmd.reqid;
+        debug!(
+            "direct command {reqid} {} for {} (request {mqtt_id})",
+            cmd.method, cmd.instance
+        );
+        let call = MethodCall {
+            instance: cmd.instance,
+            reqid,
+            method: cmd.method,
+            params: cmd.params,
+        };
+        if let Err(e) = self.calls.try_send(call) {
+            self.pending.take(reqid, now);
+            let message = match e {
+                mpsc::error::TrySendError::Full(_) => {
+                    "too many direct commands are waiting for sdk-broker"
+                }
+                mpsc::error::TrySendError::Closed(_) => "sdk-broker is not reachable from hubd",
+            };
+            warn!("direct command {reqid}: {message}");
+            self.respond(mqtt_id, &rpc::error_response(reqid, message));
+        }
+    }
+
+    /// Something from sdk-broker.
+    fn on_sdk(&mut self, event: SdkEvent) {
+        let now = Instant::now();
+        match event {
+            SdkEvent::State {
+                instance,
+                topic,
+                value,
+            } => {
+                let key = (instance, topic);
+                if self.states.get(&key) != Some(&value) {
+                    self.states.insert(key, value);
+                    self.states_payload = None;
+                }
+            }
+            SdkEvent::RpcResponse {
+                reqid,
+                instance,
+                status,
+                response,
+            } => {
+                let Some(mqtt_id) = self.pending.take(reqid, now) else {
+                    warn!(
+                        "answer of {instance} to direct command {reqid} dropped: no request waits \
+                         for it (answered already, or older than {:?})",
+                        rpc::PENDING_EXPIRY
+                    );
+                    return;
+                };
+                let answer = DirectCommandResponse {
+                    reqid,
+                    status: RpcStatus::from_wire(status),
+                    error_message: None,
+                    response: (!response.is_empty()).then_some(response),
+                };
+                self.respond(&mqtt_id, &answer);
+            }
+            SdkEvent::CallFailed { reqid, message } => {
+                let Some(mqtt_id) = self.pending.take(reqid, now) else {
+                    return;
+                };
+                warn!("direct command {reqid} not delivered to sdk-broker: {message}");
+                self.respond(&mqtt_id, &rpc::error_response(reqid, message));
+            }
+        }
+    }
+
+    /// Forgets the states of instances that are not in the deployment status any more.
+    fn drop_states_of_departed(&mut self) {
+        let Some(status) = &self.status else {
+            return;
+        };
+        let before = self.states.len();
+        self.states
+            .retain(|(instance, _), _| status.instances.contains_key(instance));
+        if self.states.len() != before {
+            let left: BTreeSet<&String> = self.states.keys().map(|(i, _)| i).collect();
+            debug!("states of departed instances dropped; states kept for {left:?}");
+            self.states_payload = None;
+        }
+    }
+
+    /// Publishes a direct-command answer on `v1/devices/me/rpc/response/<mqtt_id>`.
+    fn respond(&self, mqtt_id: &str, answer: &DirectCommandResponse) {
+        if !self.connected {
+            warn!(
+                "answer to direct command {} dropped: MQTT is not connected",
+                answer.reqid
+            );
+            return;
+        }
+        let topic = format!("{}{mqtt_id}", topics::RPC_RESPONSE_PREFIX);
+        let payload = self.codec.encode_direct_command_response(answer);
+        self.publish(&topic, QoS::AtMostOnce, payload);
+    }
+
+    /// Sends what is due: the initial GET, the status report, the instance-state report.
     fn tick(&mut self, now: Instant) {
         if !self.connected {
             return;
@@ -537,9 +848,48 @@ impl Core {
             ReportDecision::WaitUntil(at) => Some(at),
             ReportDecision::Idle => None,
         };
+        self.tick_states(now);
     }
 
-    /// Queues a publish without waiting.
+    /// The instance-state report: the same timing rules as the status report, with its own
+    /// clock; nothing is sent before a module reported a state.
+    fn tick_states(&mut self, now: Instant) {
+        if self.states.is_empty() && !self.states_timer.has_sent() {
+            self.states_wake = None;
+            return;
+        }
+        let payload = match &self.states_payload {
+            Some(p) => p.clone(),
+            None => {
+                let p = self.codec.encode_instance_states(&self.states).to_string();
+                self.states_payload = Some(p.clone());
+                p
+            }
+        };
+        self.states_wake = match self
+            .states_timer
+            .decide(now, &payload, self.settings.intervals)
+        {
+            ReportDecision::SendNow => {
+                match self.publish(
+                    topics::ATTRIBUTES,
+                    QoS::AtMostOnce,
+                    payload.clone().into_bytes(),
+                ) {
+                    Published::NotQueued => Some(now + REPORT_RETRY),
+                    Published::Queued | Published::TooBig => {
+                        self.states_timer.sent(now, payload);
+                        self.settings.intervals.max.map(|max| now + max)
+                    }
+                }
+            }
+            ReportDecision::WaitUntil(at) => Some(at),
+            ReportDecision::Idle => None,
+        };
+    }
+
+    /// Queues a publish; when the request channel is full (a telemetry flood), waits for room
+    /// on a task of its own, a bounded time.
     fn publish(&self, topic: &str, level: QoS, payload: Vec<u8>) -> Published {
         let size = topic.len() + payload.len() + PUBLISH_OVERHEAD;
         if size > MAX_OUTGOING_PACKET {
@@ -550,6 +900,21 @@ impl Core {
         }
         match self.client.try_publish(topic, level, false, payload) {
             Ok(()) => Published::Queued,
+            Err(ClientError::TryRequest(Request::Publish(p))) => {
+                let client = self.client.clone();
+                let topic = topic.to_owned();
+                tokio::spawn(async move {
+                    let wait = client.publish_bytes(topic.as_str(), level, false, p.payload);
+                    match tokio::time::timeout(PUBLISH_WAIT, wait).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => warn!("publish on {topic} not queued: {e}"),
+                        Err(_) => {
+                            warn!("publish on {topic} dropped: no room for it in {PUBLISH_WAIT:?}")
+                        }
+                    }
+                });
+                Published::Queued
+            }
             Err(e) => {
                 warn!("publish on {topic} not queued: {e}");
                 Published::NotQueued

@@ -6,6 +6,7 @@
 //! - [`tls`]: MQTT over TLS.
 //! - [`session`] and [`timing`]: the pure state machines of the session and of report timing.
 //! - [`device_config`] and [`report`]: the hub's device configuration and the status report.
+//! - [`rpc`] and [`telemetry`]: direct commands and their answers, telemetry messages.
 //! - [`core`]: the MQTT session loop, independent of D-Bus.
 //! - [`bus`]: `org.evp.Hub1` and the D-Bus links to reconcilerd and sdk-broker.
 #![deny(missing_docs)]
@@ -16,7 +17,9 @@ pub mod config;
 pub mod core;
 pub mod device_config;
 pub mod report;
+pub mod rpc;
 pub mod session;
+pub mod telemetry;
 pub mod timing;
 pub mod tls;
 
@@ -29,7 +32,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::config::HubSection;
-use crate::core::{ConnectionState, Links};
+use crate::core::{ConnectionState, Links, SdkLinks};
 use crate::device_config::DeviceConfigStore;
 
 /// Configurations waiting for sdk-broker; a hub sends a handful per update, so a full queue
@@ -104,6 +107,23 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     ));
     tokio::spawn(bus::deliver_configurations(conn.clone(), config_rx));
     tokio::spawn(bus::watch_status(conn.clone(), status_tx));
+    let (sdk, sdk_ends) = SdkLinks::new();
+    tokio::spawn(bus::follow_sdk_broker(
+        conn.clone(),
+        sdk_ends.events.clone(),
+    ));
+    tokio::spawn(bus::call_methods(
+        conn.clone(),
+        sdk_ends.calls,
+        sdk_ends.events,
+    ));
+    // Telemetry has a connection of its own, so a slow MQTT link that makes it wait never
+    // holds up the signals and calls on the main one.
+    let telemetry_conn = evp_daemon::bus_builder(&args)?
+        .build()
+        .await
+        .context("connecting to D-Bus for telemetry")?;
+    tokio::spawn(bus::follow_telemetry(telemetry_conn, sdk_ends.telemetry));
     let follower = conn.clone();
     tokio::spawn(async move {
         if let Err(e) = bus::follow_connection(follower, connection_rx).await {
@@ -123,7 +143,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
             error!("{e:#}; stopping");
         }
     };
-    core::run(cfg, options, store, device_config, links, shutdown).await?;
+    core::run_with_sdk(cfg, options, store, device_config, links, sdk, shutdown).await?;
     info!("stopped");
     Ok(())
 }

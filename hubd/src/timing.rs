@@ -35,6 +35,11 @@ impl ReportTimer {
         self.last = None;
     }
 
+    /// Whether a report was sent since the last reset.
+    pub fn has_sent(&self) -> bool {
+        self.last.is_some()
+    }
+
     /// What to do with `payload`, the report as it would be sent now.
     pub fn decide(&self, now: Instant, payload: &str, intervals: Intervals) -> ReportDecision {
         let Some((at, last_payload)) = &self.last else {

@@ -89,6 +89,99 @@ pub struct StatusReport {
     pub deployment: Option<DeploymentStatus>,
 }
 
+/// One telemetry entry as sdk-broker batches it: `(instance, key, JSON value text)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TelemetryEntry<'a> {
+    /// The instance that sent it (or `$system`).
+    pub instance: &'a str,
+    /// Its key, as the module gave it.
+    pub key: &'a str,
+    /// Its value: JSON text.
+    pub value: &'a str,
+}
+
+/// Why a telemetry entry was left out of a payload: its value is not JSON (sdk-broker refuses
+/// such values at the SDK call, so this means a misbehaving sender on the bus).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("telemetry entry {instance}/{key} dropped: its value is not JSON ({message})")]
+pub struct TelemetryError {
+    /// The entry's instance.
+    pub instance: String,
+    /// The entry's key.
+    pub key: String,
+    /// What the JSON parser said.
+    pub message: String,
+}
+
+/// A direct command (server-side RPC) from the hub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectCommand {
+    /// The EVP request id the module sees and answers with.
+    pub reqid: u64,
+    /// The method name; `$agent/...` methods are the agent's own.
+    pub method: String,
+    /// The instance it is for.
+    pub instance: String,
+    /// Its parameters, JSON text passed to the module as it is.
+    pub params: String,
+}
+
+/// Why a direct-command request could not be used, found when decoding it. `reqid` is set when
+/// it could be read, so the hub can be answered with an error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed direct command{}: {error}", reqid.map(|r| format!(" (reqid {r})")).unwrap_or_default())]
+pub struct DirectCommandError {
+    /// The request id, when it could be read.
+    pub reqid: Option<u64>,
+    /// The field at fault and what is wrong with it.
+    pub error: ValidationError,
+}
+
+/// `EVP_RPC_RESPONSE_STATUS` (SDK.md §3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RpcStatus {
+    /// `EVP_RPC_RESPONSE_STATUS_OK` (0).
+    Ok,
+    /// `EVP_RPC_RESPONSE_STATUS_METHOD_NOT_FOUND` (1).
+    MethodNotFound,
+    /// `EVP_RPC_RESPONSE_STATUS_ERROR` (2).
+    Error,
+}
+
+impl RpcStatus {
+    /// The status of its SDK (and D-Bus) number; a number outside the enum is an error.
+    pub fn from_wire(n: u32) -> RpcStatus {
+        match n {
+            0 => RpcStatus::Ok,
+            1 => RpcStatus::MethodNotFound,
+            _ => RpcStatus::Error,
+        }
+    }
+
+    /// Its SDK (and D-Bus) number.
+    pub fn to_wire(self) -> u32 {
+        match self {
+            RpcStatus::Ok => 0,
+            RpcStatus::MethodNotFound => 1,
+            RpcStatus::Error => 2,
+        }
+    }
+}
+
+/// The answer to a [`DirectCommand`], before a dialect encodes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectCommandResponse {
+    /// The request id it answers.
+    pub reqid: u64,
+    /// Its status.
+    pub status: RpcStatus,
+    /// Why it failed, when the agent knows better than the status alone (an absent
+    /// sdk-broker, a duplicate request id); `None` uses the dialect's word for the status.
+    pub error_message: Option<String>,
+    /// The module's (or agent's) response text; `None` leaves it out.
+    pub response: Option<String>,
+}
+
 /// One dialect of the hub protocol.
 pub trait HubCodec: Send + Sync {
     /// The name reported as `systemInfo.protocolVersion` and on `Hub1.Protocol`.
@@ -110,4 +203,39 @@ pub trait HubCodec: Send + Sync {
         &self,
         states: &BTreeMap<(String, String), Vec<u8>>,
     ) -> serde_json::Value;
+
+    /// Decodes a server-side RPC request. `Ok(None)` is a request that is not a direct command
+    /// (such as the device's own storage-token request, echoed by a plain broker), which must
+    /// never be answered.
+    fn decode_direct_command(
+        &self,
+        payload: &[u8],
+    ) -> Result<Option<DirectCommand>, DirectCommandError>;
+
+    /// Encodes the answer to a direct command.
+    fn encode_direct_command_response(&self, response: &DirectCommandResponse) -> Vec<u8>;
+
+    /// Appends `entry` to the telemetry payload being built in `payload` (empty: none yet).
+    /// A value that is not JSON is refused and leaves `payload` as it was.
+    fn push_telemetry_entry(
+        &self,
+        payload: &mut Vec<u8>,
+        entry: TelemetryEntry<'_>,
+    ) -> Result<(), TelemetryError>;
+
+    /// Completes a telemetry payload built with [`HubCodec::push_telemetry_entry`].
+    fn finish_telemetry(&self, payload: &mut Vec<u8>);
+
+    /// One telemetry payload holding `entries`, and the entries left out of it.
+    fn encode_telemetry(&self, entries: &[TelemetryEntry<'_>]) -> (Vec<u8>, Vec<TelemetryError>) {
+        let mut payload = Vec::new();
+        let mut dropped = Vec::new();
+        for entry in entries {
+            if let Err(e) = self.push_telemetry_entry(&mut payload, *entry) {
+                dropped.push(e);
+            }
+        }
+        self.finish_telemetry(&mut payload);
+        (payload, dropped)
+    }
 }

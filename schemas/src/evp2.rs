@@ -6,7 +6,10 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value, json};
 
-use crate::codec::{DesiredChange, DeviceConfig, HubCodec, StatusReport};
+use crate::codec::{
+    DesiredChange, DeviceConfig, DirectCommand, DirectCommandError, DirectCommandResponse,
+    HubCodec, RpcStatus, StatusReport, TelemetryEntry, TelemetryError,
+};
 use crate::deployment::{
     Deployment, InstanceSpec, Module, ModuleImpl, RestartPolicy, Topic, ValidationError,
 };
@@ -16,6 +19,21 @@ pub const PROTOCOL_NAME: &str = "EVP2-TB";
 
 /// Longest interval a hub may set, seconds (EVP's bound: one day).
 const MAX_INTERVAL_S: i64 = 86_400;
+
+/// Where a direct command sits in an RPC request.
+const DIRECT_COMMAND_PATH: &str = "params.direct-command-request";
+
+/// The whitespace JSON allows around a value (RFC 8259 §2).
+const JSON_WHITESPACE: &[char] = &[' ', '\t', '\n', '\r'];
+
+/// A telemetry key, `<instance>/<key>`, serialized as a JSON string without building it first.
+struct TelemetryKey<'a>(&'a str, &'a str);
+
+impl serde::Serialize for TelemetryKey<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{}/{}", self.0, self.1))
+    }
+}
 
 /// MQTT topics of the ThingsBoard device API that EVP2 uses.
 pub mod topics {
@@ -31,6 +49,10 @@ pub mod topics {
     pub const RPC_REQUEST_FILTER: &str = "v1/devices/me/rpc/request/+";
     /// Responses to device-side RPC (storage tokens).
     pub const RPC_RESPONSE_FILTER: &str = "v1/devices/me/rpc/response/+";
+    /// Prefix of server-side RPC requests; the hub's request id follows.
+    pub const RPC_REQUEST_PREFIX: &str = "v1/devices/me/rpc/request/";
+    /// Prefix of RPC responses; the id of the request answered follows.
+    pub const RPC_RESPONSE_PREFIX: &str = "v1/devices/me/rpc/response/";
     /// Telemetry from modules and system apps.
     pub const TELEMETRY: &str = "v1/devices/me/telemetry";
     /// The fixed id of the initial attribute request.
@@ -133,6 +155,175 @@ impl HubCodec for Evp2Codec {
         }
         Value::Object(out)
     }
+
+    fn decode_direct_command(
+        &self,
+        payload: &[u8],
+    ) -> Result<Option<DirectCommand>, DirectCommandError> {
+        decode_direct_command(payload)
+    }
+
+    fn encode_direct_command_response(&self, response: &DirectCommandResponse) -> Vec<u8> {
+        encode_direct_command_response(response)
+    }
+
+    fn push_telemetry_entry(
+        &self,
+        payload: &mut Vec<u8>,
+        entry: TelemetryEntry<'_>,
+    ) -> Result<(), TelemetryError> {
+        push_telemetry_entry(payload, entry)
+    }
+
+    fn finish_telemetry(&self, payload: &mut Vec<u8>) {
+        if payload.is_empty() {
+            payload.push(b'{');
+        }
+        payload.push(b'}');
+    }
+}
+
+fn direct_command_error(
+    reqid: Option<u64>,
+    path: impl Into<String>,
+    message: impl Into<String>,
+) -> DirectCommandError {
+    DirectCommandError {
+        reqid,
+        error: ValidationError::new(path, message),
+    }
+}
+
+fn decode_direct_command(payload: &[u8]) -> Result<Option<DirectCommand>, DirectCommandError> {
+    let v: Value = serde_json::from_slice(payload)
+        .map_err(|e| direct_command_error(None, "rpc request", format!("is not JSON: {e}")))?;
+    let root = v.as_object().ok_or_else(|| {
+        direct_command_error(
+            None,
+            "rpc request",
+            format!("must be an object, found {}", kind(&v)),
+        )
+    })?;
+    let params = match root.get("params") {
+        Some(Value::Object(p)) => p,
+        Some(other) => {
+            return Err(direct_command_error(
+                None,
+                "params",
+                format!("must be an object, found {}", kind(other)),
+            ));
+        }
+        None => return Err(direct_command_error(None, "params", "is required")),
+    };
+    let Some(request) = params.get("direct-command-request") else {
+        // The device's own storage-token request, echoed by a plain broker: not for us.
+        if params.contains_key("storagetoken-request") {
+            return Ok(None);
+        }
+        return Err(direct_command_error(
+            None,
+            DIRECT_COMMAND_PATH,
+            "is required",
+        ));
+    };
+    let request = request.as_object().ok_or_else(|| {
+        direct_command_error(
+            None,
+            DIRECT_COMMAND_PATH,
+            format!("must be an object, found {}", kind(request)),
+        )
+    })?;
+    let reqid_path = format!("{DIRECT_COMMAND_PATH}.reqid");
+    let reqid = match request.get("reqid") {
+        Some(Value::String(s)) => s.parse::<u64>().map_err(|_| {
+            direct_command_error(
+                None,
+                &reqid_path,
+                format!("{s:?} is not a decimal number from 0 to 2^64-1"),
+            )
+        })?,
+        // EVP2 wants a string; a number is refused, but it can still be answered.
+        Some(Value::Number(n)) => {
+            return Err(direct_command_error(
+                n.as_u64(),
+                reqid_path,
+                "must be a string holding a decimal number, found a number",
+            ));
+        }
+        Some(other) => {
+            return Err(direct_command_error(
+                None,
+                reqid_path,
+                format!("must be a string, found {}", kind(other)),
+            ));
+        }
+        None => return Err(direct_command_error(None, reqid_path, "is required")),
+    };
+    let field = |key: &str| -> Result<String, DirectCommandError> {
+        let path = format!("{DIRECT_COMMAND_PATH}.{key}");
+        match request.get(key) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(other) => Err(direct_command_error(
+                Some(reqid),
+                path,
+                format!("must be a string, found {}", kind(other)),
+            )),
+            None => Err(direct_command_error(Some(reqid), path, "is required")),
+        }
+    };
+    Ok(Some(DirectCommand {
+        reqid,
+        method: field("method")?,
+        instance: field("instance")?,
+        params: field("params")?,
+    }))
+}
+
+fn encode_direct_command_response(r: &DirectCommandResponse) -> Vec<u8> {
+    let mut inner = Map::new();
+    let status = match r.status {
+        RpcStatus::Ok => "ok",
+        RpcStatus::MethodNotFound | RpcStatus::Error => "error",
+    };
+    inner.insert("status".into(), json!(status));
+    if r.status != RpcStatus::Ok {
+        let message = r.error_message.as_deref().unwrap_or(match r.status {
+            RpcStatus::MethodNotFound => "Unknown method",
+            _ => "Unknown error",
+        });
+        inner.insert("errorMessage".into(), json!(message));
+    }
+    inner.insert("reqid".into(), json!(r.reqid.to_string()));
+    if let Some(response) = &r.response {
+        inner.insert("response".into(), json!(response));
+    }
+    json!({ "direct-command-response": inner })
+        .to_string()
+        .into_bytes()
+}
+
+fn push_telemetry_entry(
+    payload: &mut Vec<u8>,
+    entry: TelemetryEntry<'_>,
+) -> Result<(), TelemetryError> {
+    let refuse = |message: String| TelemetryError {
+        instance: entry.instance.to_owned(),
+        key: entry.key.to_owned(),
+        message,
+    };
+    let value = entry.value.trim_matches(JSON_WHITESPACE);
+    // Validate without building the value: it is copied as it is, which the hub parses the
+    // same as EVP's re-serialized form.
+    serde_json::from_str::<serde::de::IgnoredAny>(value).map_err(|e| refuse(e.to_string()))?;
+    let start = payload.len();
+    payload.push(if start == 0 { b'{' } else { b',' });
+    if let Err(e) = serde_json::to_writer(&mut *payload, &TelemetryKey(entry.instance, entry.key)) {
+        payload.truncate(start);
+        return Err(refuse(format!("its key cannot be encoded: {e}")));
+    }
+    payload.push(b':');
+    payload.extend_from_slice(value.as_bytes());
+    Ok(())
 }
 
 fn encode_deployment_status(status: &crate::status::DeploymentStatus) -> Value {
@@ -656,5 +847,158 @@ mod tests {
         states.insert(("a".into(), "bad".into()), vec![0xff, 0xfe]);
         let v = Evp2Codec.encode_instance_states(&states);
         assert_eq!(v, json!({"state/a/t": "hello"}));
+    }
+
+    fn command(reqid: &str, params: Value) -> Vec<u8> {
+        json!({ "method": "evp-c2d", "params": { "direct-command-request": {
+            "reqid": reqid, "method": "echo", "instance": "rpc-1", "params": params } } })
+        .to_string()
+        .into_bytes()
+    }
+
+    #[test]
+    fn direct_command_request_is_decoded() {
+        let c = Evp2Codec
+            .decode_direct_command(&command("10042", json!("{\"text\":\"hi\"}")))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            c,
+            DirectCommand {
+                reqid: 10042,
+                method: "echo".into(),
+                instance: "rpc-1".into(),
+                params: "{\"text\":\"hi\"}".into(),
+            }
+        );
+        let zero = Evp2Codec.decode_direct_command(&command("0", json!("")));
+        assert_eq!(zero.unwrap().unwrap().reqid, 0, "reqid 0 is valid");
+    }
+
+    #[test]
+    fn direct_command_with_object_params_is_refused_with_its_reqid() {
+        let e = Evp2Codec
+            .decode_direct_command(&command("7", json!({"text": "hi"})))
+            .unwrap_err();
+        assert_eq!(e.reqid, Some(7));
+        assert_eq!(e.error.path, "params.direct-command-request.params");
+        assert!(
+            e.to_string().contains("must be a string, found an object"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn direct_command_without_a_readable_reqid_has_none() {
+        for bad in [json!("x"), json!("-1"), json!(null)] {
+            let p = json!({"params": {"direct-command-request": {
+                "reqid": bad, "method": "m", "instance": "i", "params": "{}"}}});
+            let e = Evp2Codec
+                .decode_direct_command(p.to_string().as_bytes())
+                .unwrap_err();
+            assert_eq!(e.reqid, None, "{e}");
+        }
+        let p = json!({"params": {"direct-command-request": {
+            "reqid": 5, "method": "m", "instance": "i", "params": "{}"}}});
+        let e = Evp2Codec
+            .decode_direct_command(p.to_string().as_bytes())
+            .unwrap_err();
+        assert_eq!(e.reqid, Some(5), "a numeric reqid is refused but answered");
+        assert!(Evp2Codec.decode_direct_command(b"not json").is_err());
+        assert!(Evp2Codec.decode_direct_command(b"[]").is_err());
+        assert!(
+            Evp2Codec
+                .decode_direct_command(br#"{"method":"x"}"#)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn own_storage_token_request_is_not_a_command() {
+        let p = br#"{"method":"evp-d2c","params":{"storagetoken-request":{"reqid":"10077","filename":"f","moduleInstanceId":"u","key":"default"}}}"#;
+        assert_eq!(Evp2Codec.decode_direct_command(p), Ok(None));
+    }
+
+    #[test]
+    fn direct_command_responses_have_evp2_shape() {
+        let parse = |r: &DirectCommandResponse| -> Value {
+            serde_json::from_slice(&Evp2Codec.encode_direct_command_response(r)).unwrap()
+        };
+        let ok = DirectCommandResponse {
+            reqid: 10042,
+            status: RpcStatus::from_wire(0),
+            error_message: None,
+            response: Some("{\"text\":\"hi\"}".into()),
+        };
+        assert_eq!(
+            parse(&ok),
+            json!({"direct-command-response": {"status": "ok", "reqid": "10042", "response": "{\"text\":\"hi\"}"}})
+        );
+        let not_found = DirectCommandResponse {
+            status: RpcStatus::from_wire(1),
+            response: None,
+            ..ok.clone()
+        };
+        assert_eq!(
+            parse(&not_found),
+            json!({"direct-command-response": {"status": "error", "errorMessage": "Unknown method", "reqid": "10042"}})
+        );
+        let error = DirectCommandResponse {
+            status: RpcStatus::from_wire(2),
+            ..not_found.clone()
+        };
+        assert_eq!(
+            parse(&error)["direct-command-response"]["errorMessage"],
+            "Unknown error"
+        );
+        let broker = DirectCommandResponse {
+            status: RpcStatus::from_wire(99),
+            error_message: Some("sdk-broker is not running".into()),
+            ..not_found
+        };
+        assert_eq!(broker.status, RpcStatus::Error);
+        assert_eq!(
+            parse(&broker)["direct-command-response"]["errorMessage"],
+            "sdk-broker is not running"
+        );
+        assert_eq!(RpcStatus::MethodNotFound.to_wire(), 1);
+    }
+
+    fn entry<'a>(instance: &'a str, key: &'a str, value: &'a str) -> TelemetryEntry<'a> {
+        TelemetryEntry {
+            instance,
+            key,
+            value,
+        }
+    }
+
+    #[test]
+    fn telemetry_payload_has_instance_keys_and_parsed_values() {
+        let (payload, dropped) = Evp2Codec.encode_telemetry(&[
+            entry(
+                "sensor-1",
+                "room1",
+                r#" {"temperature": 25, "humidity": 53}
+"#,
+            ),
+            entry("sensor-1", "count", "17"),
+            entry("sensor-1", "bad", "not json"),
+            entry("sensor-1", "two", "1 2"),
+            entry("q\"uote", "k", "\"s\""),
+        ]);
+        let v: Value = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(
+            v,
+            json!({"sensor-1/room1": {"temperature": 25, "humidity": 53}, "sensor-1/count": 17, "q\"uote/k": "s"})
+        );
+        assert_eq!(dropped.len(), 2);
+        assert_eq!(dropped[0].key, "bad");
+        assert!(
+            dropped[0].to_string().contains("sensor-1/bad"),
+            "{}",
+            dropped[0]
+        );
+        let (empty, _) = Evp2Codec.encode_telemetry(&[entry("i", "k", "")]);
+        assert_eq!(empty, b"{}");
     }
 }

@@ -16,7 +16,10 @@ pub mod routing;
 pub mod sdk;
 pub mod status;
 
-pub use codec::{DesiredChange, HubCodec, StatusReport};
+pub use codec::{
+    DesiredChange, DirectCommand, DirectCommandResponse, HubCodec, RpcStatus, StatusReport,
+    TelemetryEntry,
+};
 pub use deployment::{
     Deployment, InstanceSpec, Module, ModuleImpl, RestartPolicy, ValidationError,
 };
