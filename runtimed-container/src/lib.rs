@@ -1,13 +1,22 @@
 //! runtimed-container: owns `org.evp.Runtime1.Container` and runs the modules that are not
 //! WASM. One [`runtime::Runtime`] per module kind (`spawn` in this build; `docker` and `python`
 //! join as sibling modules) behind one [`runtime::Supervisor`], which the D-Bus object
-//! delegates to.
+//! delegates to. The daemon's own exit or crash does not disturb its instances: their output
+//! goes to files ([`logs`]), what it started is recorded ([`record`]), and its next start
+//! re-adopts what still runs ([`process`]).
 #![deny(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod logs;
+pub mod process;
+pub mod record;
 pub mod runtime;
 pub mod spawn;
 
+#[cfg(test)]
+mod recovery_tests;
+
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +28,8 @@ use tracing::{info, warn};
 use zbus::interface;
 use zbus::object_server::SignalEmitter;
 
-use crate::runtime::{InstanceEvent, InstanceOptions, Supervisor};
+use crate::logs::LogPolicy;
+use crate::runtime::{InstanceEvent, InstanceOptions, OnExit, Supervisor};
 
 /// How long a stopping daemon waits for its last instance changes to reach the bus; they are
 /// a few small signals, so a stuck bus is the only reason to hit it.
@@ -29,8 +39,16 @@ const EVENT_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ContainerConfig {
-    /// Grace each instance gets between SIGTERM and SIGKILL when the daemon itself stops.
+    /// Grace each instance gets between SIGTERM and SIGKILL when the daemon itself stops them
+    /// (with `stop_instances_on_exit`).
     pub stop_grace_ms: u64,
+    /// Whether the daemon stops its instances when it exits. Off by default: they keep running
+    /// and its next start re-adopts them, so updating or restarting the runtime does not
+    /// restart the workloads (as Azure IoT Edge and Ankaios treat theirs).
+    pub stop_instances_on_exit: bool,
+    /// Size at which an instance's `logs/stdout.log` or `logs/stderr.log` is truncated, once
+    /// what it holds was logged.
+    pub log_max_bytes: u64,
 }
 
 impl Default for ContainerConfig {
@@ -38,6 +56,44 @@ impl Default for ContainerConfig {
         // EVP gives spawned modules 10 s (CONFIG_EVP_MODULE_INSTANCE_STOP_TIMEOUT) to exit.
         ContainerConfig {
             stop_grace_ms: 10_000,
+            stop_instances_on_exit: false,
+            log_max_bytes: logs::DEFAULT_LOG_MAX_BYTES,
+        }
+    }
+}
+
+/// Errors in the `[container]` section.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// `log_max_bytes = 0` would truncate every output file at every poll.
+    #[error("[container] log_max_bytes must be at least 1")]
+    ZeroLogMaxBytes,
+}
+
+impl ContainerConfig {
+    /// Refuses values that cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.log_max_bytes == 0 {
+            return Err(ConfigError::ZeroLogMaxBytes);
+        }
+        Ok(())
+    }
+
+    /// What the daemon does with its instances when it exits.
+    pub fn on_exit(&self) -> OnExit {
+        if self.stop_instances_on_exit {
+            OnExit::Stop {
+                grace: Duration::from_millis(self.stop_grace_ms),
+            }
+        } else {
+            OnExit::LeaveRunning
+        }
+    }
+
+    /// How instance output files are kept.
+    pub fn log_policy(&self) -> LogPolicy {
+        LogPolicy {
+            max_bytes: self.log_max_bytes,
         }
     }
 }
@@ -151,16 +207,40 @@ async fn publish_events(
     }
 }
 
-/// Runs runtimed-container until SIGTERM, then stops every instance and exits.
+/// Runs runtimed-container until SIGTERM, then exits, leaving its instances running for its
+/// next start (or stopping them, with `[container] stop_instances_on_exit = true`).
 pub async fn run(args: DaemonArgs) -> Result<()> {
     let config = AgentConfig::load(&args)?;
     let section: ContainerConfig = config.section("container")?;
-    let instances_dir = config.common.data_dir.join("instances");
+    let bus = evp_daemon::bus_builder(&args)?;
+    serve(
+        &section,
+        config.common.data_dir.join("instances"),
+        bus,
+        async {
+            let _ = evp_daemon::wait_for_shutdown().await;
+        },
+    )
+    .await
+}
+
+/// Re-adopts what the previous run left, serves the bus until `shutdown` resolves, then does
+/// what `section` says with the instances.
+pub async fn serve(
+    section: &ContainerConfig,
+    instances_dir: PathBuf,
+    bus: zbus::connection::Builder<'static>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    section.validate()?;
     let (supervisor, events) = Supervisor::new(
         instances_dir.clone(),
-        vec![Arc::new(spawn::SpawnRuntime) as Arc<dyn runtime::Runtime>],
+        vec![Arc::new(spawn::SpawnRuntime::new(section.log_policy())) as Arc<dyn runtime::Runtime>],
     );
-    let conn = evp_daemon::bus_builder(&args)?
+    // Before the name is owned, so a StartInstance of a re-adopted instance is already the
+    // no-op it is for any running one.
+    supervisor.recover().await;
+    let conn = bus
         .name(RUNTIME_CONTAINER_NAME)
         .serve_at(
             RUNTIME_CONTAINER_PATH,
@@ -176,17 +256,51 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         "serving {RUNTIME_CONTAINER_NAME}"
     );
     evp_daemon::notify_ready();
-    evp_daemon::wait_for_shutdown().await?;
+    shutdown.await;
 
-    supervisor
-        .shutdown(Duration::from_millis(section.stop_grace_ms))
-        .await;
+    let on_exit = section.on_exit();
+    supervisor.shutdown(on_exit).await;
     if tokio::time::timeout(EVENT_FLUSH_TIMEOUT, publisher)
         .await
         .is_err()
     {
         warn!("the last instance changes did not reach the bus in time");
     }
-    info!("all instances stopped");
+    match on_exit {
+        OnExit::Stop { .. } => info!("all instances stopped"),
+        OnExit::LeaveRunning => info!("exiting; instances left running"),
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instances_outlive_the_daemon_unless_configured_otherwise() {
+        let parse = |text: &str| -> ContainerConfig {
+            let config = AgentConfig::parse(text).unwrap();
+            config.section("container").unwrap()
+        };
+        let default = parse("");
+        assert_eq!(default.on_exit(), OnExit::LeaveRunning);
+        assert_eq!(default.log_policy().max_bytes, 1024 * 1024);
+        default.validate().unwrap();
+
+        let set = parse(
+            "[container]\nstop_instances_on_exit = true\nstop_grace_ms = 300\nlog_max_bytes = 4096\n",
+        );
+        assert_eq!(
+            set.on_exit(),
+            OnExit::Stop {
+                grace: Duration::from_millis(300)
+            }
+        );
+        assert_eq!(set.log_policy().max_bytes, 4096);
+        assert!(matches!(
+            parse("[container]\nlog_max_bytes = 0\n").validate(),
+            Err(ConfigError::ZeroLogMaxBytes)
+        ));
+    }
 }

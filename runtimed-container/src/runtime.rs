@@ -1,5 +1,6 @@
 //! The `Runtime` trait every module kind implements, and the supervisor that keeps modules and
-//! instances, their statuses and the stop policy, whatever the kind.
+//! instances, their statuses, their records on disk (to re-adopt them after a restart) and the
+//! stop policy, whatever the kind.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -11,6 +12,8 @@ use evp_schemas::deployment::validate_instance_name;
 use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
+
+use crate::record::{self, Ended, InstanceRecord, ProcessHandle, RECORD_VERSION};
 
 /// Environment variable naming the instance's SDK socket (EVP's name).
 pub const ENV_SDK_SOCKET: &str = "EVP_MODULE_SDK_SOCKET_PATH";
@@ -25,6 +28,12 @@ pub const DEFAULT_WORKSPACE_DIR: &str = "default_workspace";
 /// ignored, so only a process stuck in the kernel (uninterruptible I/O) outlives this; the
 /// caller then gets an error instead of a call that never answers.
 pub const KILL_REAP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Failure message of a recorded instance whose process was gone when the runtime started.
+pub const DIED_WHILE_AWAY: &str = "exited while runtimed-container was not running";
+/// Failure message of a re-adopted instance that exited: it is not this runtime's child, so its
+/// exit status is unknowable. `error`, not `self-exiting`, because a crash is the safe
+/// assumption: reconcilerd's restart policy starts it again.
+pub const EXIT_STATUS_UNKNOWN: &str = "exited (status unknown: not a child of this runtime)";
 
 /// One kind of module (`spawn`; `docker` and `python` later): how to verify a module and how to
 /// start an instance of it. Starting, stopping and status are the supervisor's, the same for
@@ -43,6 +52,29 @@ pub trait Runtime: Send + Sync {
 
     /// Starts an instance; the error is the message its `error` status carries.
     fn start(&self, spec: StartSpec) -> BoxFuture<'_, Result<Started, String>>;
+
+    /// Takes back an instance an earlier run of the daemon started, if its process still runs.
+    /// Called inside the tokio runtime. The error is why it could not be checked.
+    fn adopt(&self, spec: AdoptSpec) -> Result<Adoption, String>;
+}
+
+/// What a runtime needs to re-adopt one instance.
+#[derive(Debug, Clone)]
+pub struct AdoptSpec {
+    /// The instance name.
+    pub instance: String,
+    /// `<data_dir>/instances/<instance>`.
+    pub instance_dir: PathBuf,
+    /// The process as recorded when it started.
+    pub process: ProcessHandle,
+}
+
+/// The outcome of [`Runtime::adopt`].
+pub enum Adoption {
+    /// The process still runs and is watched again.
+    Running(Started),
+    /// The process is gone (or its PID belongs to another process now); why, for the log.
+    Gone(String),
 }
 
 /// A running instance as its runtime controls it.
@@ -57,8 +89,10 @@ pub trait Workload: Send + Sync {
 pub struct Started {
     /// How to stop it.
     pub workload: Arc<dyn Workload>,
-    /// Resolves when the instance has exited and been reaped.
+    /// Resolves when the instance has exited (and, for a child, been reaped).
     pub exited: BoxFuture<'static, Exit>,
+    /// The process to record for re-adoption; `None` when it cannot be identified.
+    pub process: Option<ProcessHandle>,
 }
 
 /// How an instance ended.
@@ -70,6 +104,8 @@ pub enum Exit {
     Signal(String),
     /// Its end could not be observed; why.
     Lost(String),
+    /// It exited, but it is not this runtime's child (it was re-adopted), so how is unknown.
+    Unknown,
 }
 
 /// Everything a runtime needs to start one instance.
@@ -188,8 +224,47 @@ impl Status {
             Exit::Code(n) => Status::Error(format!("exited with status {n}")),
             Exit::Signal(name) => Status::Error(format!("killed by signal {name}")),
             Exit::Lost(why) => Status::Error(format!("lost track of the process: {why}")),
+            Exit::Unknown => Status::Error(EXIT_STATUS_UNKNOWN.to_owned()),
         }
     }
+
+    /// The status a record says an instance ended with.
+    fn from_ended(ended: &Ended) -> Status {
+        match ended.status.as_str() {
+            "self-exiting" => Status::SelfExiting,
+            _ => Status::Error(ended.failure_message.clone()),
+        }
+    }
+
+    fn to_ended(&self) -> Ended {
+        Ended {
+            status: self.as_str().to_owned(),
+            failure_message: self.message().to_owned(),
+        }
+    }
+}
+
+/// What the daemon does with its instances when it exits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnExit {
+    /// Stops each (SIGTERM, this grace, SIGKILL), as `StopInstance` does.
+    Stop {
+        /// Time between SIGTERM and SIGKILL.
+        grace: Duration,
+    },
+    /// Leaves them running, recorded, for the next start of the daemon to re-adopt.
+    LeaveRunning,
+}
+
+/// Which recorded instances [`Supervisor::recover`] found in which state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Still running, and watched again.
+    pub adopted: Vec<String>,
+    /// Gone while the daemon was away (or not re-adoptable): now `error`.
+    pub died: Vec<String>,
+    /// Had already ended before the daemon stopped; they keep that status.
+    pub ended: Vec<String>,
 }
 
 /// The status word of an instance that left `Instances` because it was stopped.
@@ -230,6 +305,8 @@ struct Instance {
     /// A stop is under way: the exit it causes is not a failure.
     stopping: bool,
     phase: watch::Sender<Phase>,
+    /// What is on disk for it; `None` until its module was resolved.
+    record: Option<InstanceRecord>,
 }
 
 impl Instance {
@@ -244,6 +321,9 @@ struct State {
     next_generation: u64,
     /// False once the daemon is shutting down: no new instance may start.
     accepting: bool,
+    /// False once the daemon left its instances running for its next start: exits seen after
+    /// that are not written to the records, which belong to the next run.
+    owns_records: bool,
     /// `None` once the daemon stopped publishing changes.
     events: Option<mpsc::UnboundedSender<InstanceEvent>>,
 }
@@ -298,6 +378,7 @@ impl Supervisor {
                 instances: BTreeMap::new(),
                 next_generation: 1,
                 accepting: true,
+                owns_records: true,
                 events: Some(tx),
             }),
         };
@@ -331,11 +412,189 @@ impl Supervisor {
             .collect()
     }
 
-    /// Refuses new starts, stops every instance with `grace`, then ends the event stream.
-    pub async fn shutdown(&self, grace: Duration) {
+    /// Refuses new starts, stops every instance or leaves them running as `on_exit` says, then
+    /// ends the event stream.
+    pub async fn shutdown(&self, on_exit: OnExit) {
         self.lock().accepting = false;
-        self.stop_all(grace).await;
+        match on_exit {
+            OnExit::Stop { grace } => self.stop_all(grace).await,
+            OnExit::LeaveRunning => {
+                let mut state = self.lock();
+                state.owns_records = false;
+                let running: Vec<&str> = state
+                    .instances
+                    .iter()
+                    .filter(|(_, i)| i.is_active())
+                    .map(|(n, _)| n.as_str())
+                    .collect();
+                info!(
+                    ?running,
+                    "leaving instances running; the next start of the runtime re-adopts them"
+                );
+            }
+        }
         self.lock().events = None;
+    }
+
+    /// `<instances dir>/<instance>`.
+    fn instance_dir(&self, instance: &str) -> PathBuf {
+        self.instances_dir.join(instance)
+    }
+
+    /// Writes an instance's record; a failure is logged, since the instance itself is fine and
+    /// only its re-adoption after a restart is lost.
+    fn save_record(&self, instance: &str, rec: &InstanceRecord) {
+        if let Err(e) = record::save(&self.instance_dir(instance), rec) {
+            warn!(
+                instance,
+                "the instance will not be re-adopted after a restart: {e}"
+            );
+        }
+    }
+
+    fn remove_record(&self, instance: &str) {
+        if let Err(e) = record::remove(&self.instance_dir(instance)) {
+            warn!(instance, "{e}");
+        }
+    }
+
+    /// Takes back what an earlier run of the daemon recorded, before the bus is served:
+    /// instances whose process still runs (same PID, same start time) are `ok` again and can
+    /// be stopped as before; those whose process is gone are `error`
+    /// ([`DIED_WHILE_AWAY`]); those that had ended keep the status they ended with. All stay in
+    /// `Instances` until stopped, and each is announced as a change.
+    pub async fn recover(self: &Arc<Self>) -> Recovery {
+        let mut out = Recovery::default();
+        let entries = match std::fs::read_dir(&self.instances_dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return out,
+            Err(e) => {
+                warn!(dir = %self.instances_dir.display(), "no instance can be re-adopted: {e}");
+                return out;
+            }
+        };
+        let mut names: Vec<String> = entries
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| validate_instance_name(n).is_ok())
+            .collect();
+        names.sort_unstable();
+        for name in names {
+            let rec = match record::load(&self.instance_dir(&name)) {
+                Ok(Some(rec)) => rec,
+                Ok(None) => continue,
+                Err(e) => {
+                    warn!(instance = %name, "not re-adopted: {e}");
+                    continue;
+                }
+            };
+            self.recover_one(&name, rec, &mut out);
+        }
+        info!(
+            adopted = ?out.adopted,
+            died = ?out.died,
+            ended = ?out.ended,
+            "instances recorded by the previous run recovered"
+        );
+        out
+    }
+
+    fn recover_one(self: &Arc<Self>, name: &str, mut rec: InstanceRecord, out: &mut Recovery) {
+        let runtime = self.runtimes.get(rec.kind.as_str()).cloned();
+        let adoption = match (&rec.ended, rec.process, &runtime) {
+            (Some(_), _, _) => None,
+            (None, Some(process), Some(runtime)) => Some(runtime.adopt(AdoptSpec {
+                instance: name.to_owned(),
+                instance_dir: self.instance_dir(name),
+                process,
+            })),
+            (None, None, _) => Some(Ok(Adoption::Gone("no process was recorded".into()))),
+            (None, Some(_), None) => Some(Err(format!(
+                "kind {:?} is not run by this build; its process was not re-adopted",
+                rec.kind
+            ))),
+        };
+        let (status, phase, exited) = match adoption {
+            None => {
+                out.ended.push(name.to_owned());
+                let ended = rec.ended.clone().unwrap_or_else(|| Status::Ok.to_ended());
+                (Status::from_ended(&ended), Phase::Gone, None)
+            }
+            Some(Ok(Adoption::Running(started))) => {
+                out.adopted.push(name.to_owned());
+                (
+                    Status::Ok,
+                    Phase::Running(started.workload),
+                    Some(started.exited),
+                )
+            }
+            Some(Ok(Adoption::Gone(why))) => {
+                info!(instance = name, "{DIED_WHILE_AWAY}: {why}");
+                out.died.push(name.to_owned());
+                (Status::Error(DIED_WHILE_AWAY.to_owned()), Phase::Gone, None)
+            }
+            Some(Err(why)) => {
+                warn!(instance = name, "not re-adopted: {why}");
+                out.died.push(name.to_owned());
+                (
+                    Status::Error(format!("not re-adopted after a restart: {why}")),
+                    Phase::Gone,
+                    None,
+                )
+            }
+        };
+        if exited.is_none() && rec.ended.is_none() {
+            rec.ended = Some(status.to_ended());
+            self.save_record(name, &rec);
+        }
+        let generation = {
+            let mut state = self.lock();
+            if exited.is_some() && runtime.is_some() {
+                // StartInstance of the same module must find it loaded to be the no-op it is
+                // for a running instance; reconcilerd's own LoadModule replaces this entry.
+                state
+                    .modules
+                    .entry(rec.module_id.clone())
+                    .or_insert_with(|| Module {
+                        kind: runtime.as_ref().map_or("", |r| r.kind()),
+                        location: rec.module_location.clone(),
+                    });
+            }
+            let generation = state.next_generation;
+            state.next_generation += 1;
+            state.instances.insert(
+                name.to_owned(),
+                Instance {
+                    module_id: rec.module_id.clone(),
+                    generation,
+                    status: status.clone(),
+                    stopping: false,
+                    phase: watch::Sender::new(phase),
+                    record: Some(rec),
+                },
+            );
+            state.emit(name, status.as_str(), status.message());
+            generation
+        };
+        if let Some(exited) = exited {
+            self.watch_exit(name, generation, exited);
+        }
+    }
+
+    /// Waits for the instance's exit in the background and records it.
+    fn watch_exit(
+        self: &Arc<Self>,
+        instance: &str,
+        generation: u64,
+        exited: BoxFuture<'static, Exit>,
+    ) {
+        let this = Arc::clone(self);
+        let name = instance.to_owned();
+        tokio::spawn(async move {
+            let exit = exited.await;
+            this.on_exit(&name, generation, exit);
+        });
     }
 
     /// Verifies a module with its kind's runtime and remembers it; a known id is replaced.
@@ -419,6 +678,14 @@ impl Supervisor {
                 )));
             };
             let location = module.location.clone();
+            let base_record = InstanceRecord {
+                version: RECORD_VERSION,
+                module_id: module_id.to_owned(),
+                kind: module.kind.to_owned(),
+                module_location: location.clone(),
+                process: None,
+                ended: None,
+            };
             if let Some(existing) = state.instances.get(instance)
                 && existing.is_active()
             {
@@ -445,6 +712,7 @@ impl Supervisor {
                     status: Status::Starting,
                     stopping: false,
                     phase: watch::Sender::new(Phase::Starting),
+                    record: Some(base_record),
                 },
             );
             state.emit(instance, Status::Starting.as_str(), "");
@@ -461,8 +729,15 @@ impl Supervisor {
         };
 
         let mut state = self.lock();
-        let stopping = match state.instances.get(instance) {
+        let stopping = match state.instances.get_mut(instance) {
             Some(inst) if inst.generation == generation => {
+                // Recorded before the phase changes, under the lock, so a stop (which removes
+                // the record once the instance is gone) always comes after this write.
+                if let Some(rec) = &mut inst.record {
+                    rec.process = started.process;
+                    rec.ended = None;
+                    self.save_record(instance, rec);
+                }
                 inst.phase
                     .send_replace(Phase::Running(started.workload.clone()));
                 Some(inst.stopping)
@@ -482,13 +757,7 @@ impl Supervisor {
             }
         }
         drop(state);
-        let this = Arc::clone(self);
-        let name = instance.to_owned();
-        let exited = started.exited;
-        tokio::spawn(async move {
-            let exit = exited.await;
-            this.on_exit(&name, generation, exit);
-        });
+        self.watch_exit(instance, generation, started.exited);
         Ok(())
     }
 
@@ -529,7 +798,9 @@ impl Supervisor {
             _ => true,
         };
         if !stopping {
-            state.set_status(instance, generation, Status::Error(message.clone()));
+            let status = Status::Error(message.clone());
+            self.record_end(&mut state, instance, &status);
+            state.set_status(instance, generation, status);
         }
         EvpError::Io(format!("instance {instance} did not start: {message}"))
     }
@@ -547,7 +818,24 @@ impl Supervisor {
         if stopping {
             info!(instance, ?exit, "instance exited as asked");
         } else {
-            state.set_status(instance, generation, Status::from_exit(&exit));
+            let status = Status::from_exit(&exit);
+            if state.owns_records {
+                self.record_end(&mut state, instance, &status);
+            }
+            state.set_status(instance, generation, status);
+        }
+    }
+
+    /// Writes how an instance ended into its record, so a restart reports that rather than
+    /// [`DIED_WHILE_AWAY`].
+    fn record_end(&self, state: &mut State, instance: &str, status: &Status) {
+        if let Some(rec) = state
+            .instances
+            .get_mut(instance)
+            .and_then(|i| i.record.as_mut())
+        {
+            rec.ended = Some(status.to_ended());
+            self.save_record(instance, rec);
         }
     }
 
@@ -561,6 +849,7 @@ impl Supervisor {
             };
             if !inst.is_active() {
                 state.instances.remove(instance);
+                self.remove_record(instance);
                 state.emit(instance, STOPPED, "");
                 return Ok(());
             }
@@ -609,6 +898,7 @@ impl Supervisor {
             .is_some_and(|i| i.generation == generation)
         {
             state.instances.remove(instance);
+            self.remove_record(instance);
             state.emit(instance, STOPPED, "");
         }
         Ok(())

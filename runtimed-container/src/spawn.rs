@@ -1,5 +1,7 @@
 //! The `spawn` kind: the module file is an executable, run as a process in its own process group
-//! with a minimal environment, its output logged line by line.
+//! with a minimal environment, its output written to files in its instance directory and logged
+//! line by line; after a restart of the daemon, still running processes are re-adopted through
+//! a pidfd.
 
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
@@ -13,25 +15,35 @@ use futures_util::future::BoxFuture;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
+use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::logs::{self, LogPolicy};
+use crate::process::{self, PidFd};
+use crate::record::ProcessHandle;
 use crate::runtime::{
-    ENV_DEFAULT_WORKSPACE, ENV_SDK_SOCKET, Exit, Runtime, StartSpec, Started, Workload,
+    AdoptSpec, Adoption, ENV_DEFAULT_WORKSPACE, ENV_SDK_SOCKET, Exit, Runtime, StartSpec, Started,
+    Workload,
 };
 
 /// The kind name, as EVP's `moduleImpl`.
 pub const KIND: &str = "spawn";
 /// Read size while hashing a module file: large enough for few syscalls, small enough to stream.
 const HASH_CHUNK: usize = 64 * 1024;
-/// Longest output line logged as one record; a module printing without newlines is logged in
-/// pieces of this size instead of growing memory without bound.
-const MAX_LINE: usize = 16 * 1024;
 
 /// Runs `spawn` modules.
 #[derive(Debug, Default)]
-pub struct SpawnRuntime;
+pub struct SpawnRuntime {
+    logs: LogPolicy,
+}
+
+impl SpawnRuntime {
+    /// A runtime keeping instance output files as `logs` says.
+    pub fn new(logs: LogPolicy) -> SpawnRuntime {
+        SpawnRuntime { logs }
+    }
+}
 
 impl Runtime for SpawnRuntime {
     fn kind(&self) -> &'static str {
@@ -73,7 +85,11 @@ impl Runtime for SpawnRuntime {
     }
 
     fn start(&self, spec: StartSpec) -> BoxFuture<'_, Result<Started, String>> {
-        async move { spawn(spec) }.boxed()
+        async move { spawn(spec, self.logs) }.boxed()
+    }
+
+    fn adopt(&self, spec: AdoptSpec) -> Result<Adoption, String> {
+        adopt(spec, self.logs)
     }
 }
 
@@ -119,8 +135,10 @@ fn hash_module_file(module_id: &str, path: &str) -> Result<String, EvpError> {
     Ok(hex::encode(hasher.finalize()))
 }
 
-/// Starts the module file as a process leading its own process group.
-fn spawn(spec: StartSpec) -> Result<Started, String> {
+/// Starts the module file as a process leading its own process group, its stdout and stderr
+/// going to the instance's output files.
+fn spawn(spec: StartSpec, logs: LogPolicy) -> Result<Started, String> {
+    let files = logs::open_for_module(&spec.instance_dir).map_err(|e| e.to_string())?;
     let mut command = Command::new(&spec.module_location);
     // EVP runs spawn modules with argc 0; Rust cannot, so argv[0] names the instance for `ps`.
     command
@@ -130,8 +148,8 @@ fn spawn(spec: StartSpec) -> Result<Started, String> {
         .env(ENV_SDK_SOCKET, &spec.sdk_socket)
         .env(ENV_DEFAULT_WORKSPACE, &spec.workspace)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(Stdio::from(files.stdout))
+        .stderr(Stdio::from(files.stderr))
         .process_group(0)
         .kill_on_drop(false);
     if spec.env.contains_key(ENV_SDK_SOCKET) || spec.env.contains_key(ENV_DEFAULT_WORKSPACE) {
@@ -140,6 +158,10 @@ fn spawn(spec: StartSpec) -> Result<Started, String> {
             "the env option names an SDK variable; the runtime's own value wins"
         );
     }
+    // Followed from their end before the module runs, so none of its output is missed and
+    // none of an earlier run's is logged again.
+    let (done_tx, done_rx) = watch::channel(false);
+    logs::follow_instance(&spec.instance, &spec.instance_dir, logs, done_rx);
     let mut child = command
         .spawn()
         .map_err(|e| format!("cannot run {}: {e}", spec.module_location))?;
@@ -148,28 +170,97 @@ fn spawn(spec: StartSpec) -> Result<Started, String> {
         .and_then(|p| i32::try_from(p).ok())
         .ok_or_else(|| format!("{} started without a process id", spec.module_location))?;
     info!(instance = %spec.instance, pid, module = %spec.module_location, "instance spawned");
-    if let Some(out) = child.stdout.take() {
-        tokio::spawn(log_lines(out, spec.instance.clone(), "stdout"));
-    }
-    if let Some(err) = child.stderr.take() {
-        tokio::spawn(log_lines(err, spec.instance.clone(), "stderr"));
-    }
+    // The child is not reaped before `wait` below, so its /proc entry is there even if it
+    // already exited.
+    let handle = match process::stat(pid) {
+        Ok(Some(stat)) => Some(ProcessHandle {
+            pid,
+            start_time: stat.start_time,
+        }),
+        Ok(None) => None,
+        Err(e) => {
+            warn!(instance = %spec.instance, pid, "the instance cannot be re-adopted after a restart: {e}");
+            None
+        }
+    };
     let exited = async move {
-        match child.wait().await {
+        let exit = match child.wait().await {
             Ok(status) => match (status.code(), status.signal()) {
                 (Some(code), _) => Exit::Code(code),
                 (None, Some(sig)) => Exit::Signal(signal_name(sig)),
                 (None, None) => Exit::Lost(format!("unexpected wait status {status}")),
             },
             Err(e) => Exit::Lost(format!("waiting for it failed: {e}")),
-        }
+        };
+        let _ = done_tx.send(true);
+        exit
     }
     .boxed();
     Ok(Started {
         workload: Arc::new(ProcessGroup {
             pgid: Pid::from_raw(pid),
+            pidfd: None,
         }),
         exited,
+        process: handle,
+    })
+}
+
+/// Finds a process started by an earlier run of the daemon: alive, and with the recorded start
+/// time (a PID the kernel gave to another process since is not it).
+fn adopt(spec: AdoptSpec, logs: LogPolicy) -> Result<Adoption, String> {
+    let AdoptSpec {
+        instance,
+        instance_dir,
+        process: recorded,
+    } = spec;
+    let pid = recorded.pid;
+    if let Some(gone) = gone_reason(recorded)? {
+        return Ok(Adoption::Gone(gone));
+    }
+    let pidfd = match PidFd::open(pid).map_err(|e| e.to_string())? {
+        Some(fd) => Arc::new(fd),
+        None => return Ok(Adoption::Gone(format!("process {pid} no longer exists"))),
+    };
+    // The PID may have changed hands between the check and pidfd_open; checking again once
+    // the pidfd is held proves it names the recorded process.
+    if let Some(gone) = gone_reason(recorded)? {
+        return Ok(Adoption::Gone(gone));
+    }
+    info!(instance, pid, "instance re-adopted");
+    let (done_tx, done_rx) = watch::channel(false);
+    logs::follow_instance(&instance, &instance_dir, logs, done_rx);
+    let watched = pidfd.clone();
+    let exited = async move {
+        let exit = match watched.exited().await {
+            Ok(()) => Exit::Unknown,
+            Err(e) => Exit::Lost(format!("watching its pidfd failed: {e}")),
+        };
+        let _ = done_tx.send(true);
+        exit
+    }
+    .boxed();
+    Ok(Adoption::Running(Started {
+        workload: Arc::new(ProcessGroup {
+            pgid: Pid::from_raw(pid),
+            pidfd: Some(pidfd),
+        }),
+        exited,
+        process: Some(recorded),
+    }))
+}
+
+/// Why the recorded process is not running any more, or `None` if it is.
+fn gone_reason(recorded: ProcessHandle) -> Result<Option<String>, String> {
+    let pid = recorded.pid;
+    Ok(match process::stat(pid).map_err(|e| e.to_string())? {
+        None => Some(format!("process {pid} no longer exists")),
+        Some(s) if s.start_time != recorded.start_time => Some(format!(
+            "PID {pid} now belongs to another process (started at tick {}, the instance's at {})",
+            s.start_time, recorded.start_time
+        )),
+        Some(s) if s.exited => Some(format!("process {pid} has exited")),
+        Some(_) => None,
     })
 }
 
@@ -183,10 +274,22 @@ fn signal_name(sig: i32) -> String {
 /// A spawned instance: its process group, led by the module process.
 struct ProcessGroup {
     pgid: Pid,
+    /// For a re-adopted instance, the leader itself, signalled through its pidfd as well in
+    /// case it left its group.
+    pidfd: Option<Arc<PidFd>>,
 }
 
 impl ProcessGroup {
     fn signal(&self, signal: Signal) -> Result<(), String> {
+        if let Some(fd) = &self.pidfd
+            && let Err(e) = fd.signal(signal)
+        {
+            warn!(
+                pid = fd.pid(),
+                "sending {} through the pidfd: {e}",
+                signal.as_str()
+            );
+        }
         match killpg(self.pgid, signal) {
             // The group is empty: everything in it has exited already.
             Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
@@ -209,48 +312,6 @@ impl Workload for ProcessGroup {
     }
 }
 
-/// Logs each line of an instance's output with the instance name and stream as fields.
-async fn log_lines<R: AsyncRead + Unpin>(reader: R, instance: String, stream: &'static str) {
-    let emit = |line: &[u8]| {
-        let line = String::from_utf8_lossy(line);
-        let line = line.trim_end_matches('\r');
-        info!(instance = %instance, stream, "{line}");
-    };
-    let mut reader = BufReader::new(reader);
-    let mut line = Vec::new();
-    loop {
-        let buf = match reader.fill_buf().await {
-            Ok(buf) => buf,
-            Err(e) => {
-                warn!(instance = %instance, stream, "reading the instance output failed: {e}");
-                break;
-            }
-        };
-        if buf.is_empty() {
-            break;
-        }
-        let (used, complete) = match buf.iter().position(|b| *b == b'\n') {
-            Some(i) => {
-                line.extend_from_slice(&buf[..i]);
-                (i + 1, true)
-            }
-            None => {
-                let room = MAX_LINE.saturating_sub(line.len()).min(buf.len());
-                line.extend_from_slice(&buf[..room]);
-                (room, line.len() >= MAX_LINE)
-            }
-        };
-        reader.consume(used);
-        if complete {
-            emit(&line);
-            line.clear();
-        }
-    }
-    if !line.is_empty() {
-        emit(&line);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -264,7 +325,7 @@ mod tests {
     use tempfile::TempDir;
     use tokio::sync::mpsc;
 
-    use crate::runtime::{InstanceEvent, InstanceOptions, Runtime, Supervisor};
+    use crate::runtime::{InstanceEvent, InstanceOptions, OnExit, Runtime, Supervisor};
 
     use super::SpawnRuntime;
 
@@ -281,7 +342,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (sup, events) = Supervisor::new(
             dir.path().join("instances"),
-            vec![Arc::new(SpawnRuntime) as Arc<dyn Runtime>],
+            vec![Arc::new(SpawnRuntime::default()) as Arc<dyn Runtime>],
         );
         Fixture { dir, sup, events }
     }
@@ -737,7 +798,11 @@ mod tests {
         f.start("a", "m").await.unwrap();
         f.start("b", "n").await.unwrap();
         wait_file(&f.instance_dir("a").join("default_workspace/ready")).await;
-        f.sup.shutdown(Duration::from_millis(200)).await;
+        f.sup
+            .shutdown(OnExit::Stop {
+                grace: Duration::from_millis(200),
+            })
+            .await;
         assert!(f.sup.instances().is_empty());
         let e = f.start("c", "n").await.unwrap_err();
         assert!(
