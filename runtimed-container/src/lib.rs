@@ -275,7 +275,160 @@ pub async fn serve(
 
 #[cfg(test)]
 mod tests {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::{Command, Stdio};
+    use std::time::Instant;
+
+    use evp_schemas::dbus::Runtime1Proxy;
+    use sha2::{Digest, Sha256};
+    use zbus::proxy::CacheProperties;
+
     use super::*;
+
+    /// Upper bound for any awaited condition; generous for a loaded 2-core machine.
+    const DEADLINE: Duration = Duration::from_secs(20);
+
+    /// A private dbus-daemon, killed on drop.
+    struct Bus(std::process::Child);
+
+    impl Drop for Bus {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// Starts a private bus; `None` when dbus-daemon cannot run here.
+    fn private_bus(dir: &std::path::Path) -> Option<(Bus, String)> {
+        let mut child = Command::new("dbus-daemon")
+            .args(["--session", "--nofork", "--print-address=1"])
+            .arg(format!("--address=unix:path={}", dir.join("bus").display()))
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| eprintln!("skipping: dbus-daemon cannot run here: {e}"))
+            .ok()?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take()?)
+            .read_line(&mut line)
+            .ok()?;
+        Some((Bus(child), line.trim().to_owned()))
+    }
+
+    async fn until<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
+        let start = Instant::now();
+        loop {
+            if let Some(v) = probe().await {
+                return v;
+            }
+            assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// One run of the daemon: `serve` until the returned sender fires (as SIGTERM does).
+    fn run_daemon(
+        address: &str,
+        instances: PathBuf,
+    ) -> (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<Result<()>>,
+    ) {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let bus = zbus::connection::Builder::address(address);
+        let task = tokio::spawn(async move {
+            serve(&ContainerConfig::default(), instances, bus, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        (stop, task)
+    }
+
+    /// The daemon's exit (SIGTERM, here the shutdown future) leaves a running module alone; the
+    /// next run serves it as `ok` in `Instances`, StartInstance of it is a no-op without any
+    /// LoadModule, and StopInstance stops it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_daemon_exit_leaves_instances_running_for_its_next_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some((_bus, address)) = private_bus(dir.path()) else {
+            return;
+        };
+        let module = dir.path().join("m");
+        std::fs::write(
+            &module,
+            "#!/bin/sh\necho $$ > \"$EVP_MODULE_SDK_DEFAULT_WORKSPACE_PATH/pid.tmp\"\n\
+             mv \"$EVP_MODULE_SDK_DEFAULT_WORKSPACE_PATH/pid.tmp\" \"$EVP_MODULE_SDK_DEFAULT_WORKSPACE_PATH/pid\"\n\
+             while :; do echo tick; sleep 0.05; done\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&module, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let sha = hex::encode(Sha256::digest(std::fs::read(&module).unwrap()));
+        let instances = dir.path().join("instances");
+        let client = zbus::connection::Builder::address(address.as_str())
+            .build()
+            .await
+            .unwrap();
+        let proxy = || async {
+            Runtime1Proxy::builder(&client)
+                .destination(RUNTIME_CONTAINER_NAME)
+                .path(RUNTIME_CONTAINER_PATH)
+                .cache_properties(CacheProperties::No)
+                .build()
+                .await
+                .unwrap()
+        };
+        let dbus = zbus::fdo::DBusProxy::new(&client).await.unwrap();
+        let owned = |want: bool| {
+            let dbus = dbus.clone();
+            async move || {
+                let name = RUNTIME_CONTAINER_NAME.try_into().ok()?;
+                (dbus.name_has_owner(name).await.ok()? == want).then_some(())
+            }
+        };
+
+        let (stop, first) = run_daemon(&address, instances.clone());
+        until("the first run to own its name", owned(true)).await;
+        let rt = proxy().await;
+        rt.load_module("m", "spawn", module.to_str().unwrap(), &sha)
+            .await
+            .unwrap();
+        rt.start_instance("i", "m", Default::default())
+            .await
+            .unwrap();
+        let pid_file = instances.join("i/default_workspace/pid");
+        let pid: i32 = until("the module's pid file", async || {
+            std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok()
+        })
+        .await;
+        let alive =
+            || process::is_same_live_process(pid, process::stat(pid).ok()??.start_time).ok();
+        stop.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        assert_eq!(alive(), Some(true), "the daemon's exit stopped the module");
+        until("the first run to release its name", owned(false)).await;
+
+        let (stop, second) = run_daemon(&address, instances.clone());
+        until("the second run to own its name", owned(true)).await;
+        let rt = proxy().await;
+        assert_eq!(
+            rt.instances().await.unwrap(),
+            [("i".into(), "m".into(), "ok".into(), String::new())]
+        );
+        rt.start_instance("i", "m", Default::default())
+            .await
+            .unwrap();
+        assert_eq!(alive(), Some(true));
+        rt.stop_instance("i", 10_000).await.unwrap();
+        assert_ne!(
+            alive(),
+            Some(true),
+            "StopInstance left the re-adopted module"
+        );
+        assert_eq!(rt.instances().await.unwrap(), []);
+        stop.send(()).unwrap();
+        second.await.unwrap().unwrap();
+    }
 
     #[test]
     fn instances_outlive_the_daemon_unless_configured_otherwise() {
