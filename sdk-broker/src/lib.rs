@@ -1,54 +1,98 @@
-//! sdk-broker: owns `org.evp.SdkBroker1`. The per-instance SDK sockets are not served by this
-//! build yet; every method answers `org.evp.Error.NotSupported` so callers can tell.
+//! sdk-broker: owns `org.evp.SdkBroker1` and serves the EVP remote SDK (SDK.md §4) on one
+//! UNIX socket per instance, `<run_dir>/sdk/<instance>.sock`, so that modules built against
+//! the EVP agent run unchanged.
+//!
+//! - [`broker`]: the rules (event queues, configuration, states, telemetry, messages, direct
+//!   commands, back-pressure, the exit protocol), independent of D-Bus and sockets.
+//! - `conn`: the sockets, the framing and the peer check.
+//! - [`settings`]: the `[sdk_broker]` table of `agent.toml`.
+//! - [`store`]: persisted configuration under `<data_dir>/sdk/config/`.
+//!
+//! The contract with reconcilerd: `OpenInstance(instance)` before starting an instance (pass
+//! the returned path as the runtime's `sdk_socket` option), `SetRouting(Routing JSON)` whenever
+//! the deployment changes, `CloseInstance(instance)` before `Runtime1.StopInstance`.
 #![deny(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod broker;
+mod conn;
+pub mod settings;
+pub mod store;
+
+use std::sync::Arc;
+
 use anyhow::{Context, Result};
 use evp_daemon::{AgentConfig, DaemonArgs};
-use evp_schemas::dbus::{EvpError, SDK_BROKER_NAME, SDK_BROKER_PATH};
-use tracing::info;
+use evp_schemas::dbus::{EvpError, RUNTIME_CONTAINER_NAME, SDK_BROKER_NAME, SDK_BROKER_PATH};
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use tracing::{info, warn};
 use zbus::interface;
 use zbus::object_server::SignalEmitter;
 
-/// What every method answers until the SDK sockets land.
-const NO_SOCKETS: &str = "this sdk-broker does not serve SDK sockets yet";
+pub use broker::{Broker, BrokerError, ChannelSink, Signal, Sink};
+pub use settings::Settings;
+
+/// The name of sdk-broker's table in `agent.toml`.
+pub const SECTION: &str = "sdk_broker";
+
+impl From<BrokerError> for EvpError {
+    fn from(e: BrokerError) -> Self {
+        match e {
+            BrokerError::InvalidArgument(m) => EvpError::InvalidArgument(m),
+            BrokerError::Busy(m) => EvpError::Busy(m),
+            BrokerError::Io(m) => EvpError::Io(m),
+        }
+    }
+}
 
 /// The `org.evp.SdkBroker1` object.
-#[derive(Debug, Default)]
-pub struct SdkBroker;
+#[derive(Debug)]
+pub struct SdkBroker {
+    broker: Arc<Broker>,
+}
+
+impl SdkBroker {
+    /// The D-Bus face of `broker`.
+    pub fn new(broker: Arc<Broker>) -> SdkBroker {
+        SdkBroker { broker }
+    }
+}
 
 #[interface(name = "org.evp.SdkBroker1")]
 impl SdkBroker {
+    /// Creates the instance's socket (before the instance starts) and returns its path.
     #[zbus(out_args("socket_path"))]
     async fn open_instance(&self, instance: &str) -> Result<String, EvpError> {
-        Err(EvpError::NotSupported(format!(
-            "{NO_SOCKETS} (instance {instance})"
-        )))
+        let path = self.broker.open_instance(instance)?;
+        path.into_os_string()
+            .into_string()
+            .map_err(|p| EvpError::Io(format!("socket path {p:?} is not UTF-8")))
     }
 
+    /// Delivers the exit event, then removes the socket once the module left (or after the
+    /// grace). Returns at once.
     async fn close_instance(&self, instance: &str) -> Result<(), EvpError> {
-        Err(EvpError::NotSupported(format!(
-            "{NO_SOCKETS} (instance {instance})"
-        )))
+        self.broker.close_instance(instance).await;
+        Ok(())
     }
 
+    /// Replaces the message routes of every instance.
     async fn set_routing(&self, routing_json: &str) -> Result<(), EvpError> {
-        let _ = routing_json;
-        Err(EvpError::NotSupported(NO_SOCKETS.into()))
+        Ok(self.broker.set_routing(routing_json)?)
     }
 
+    /// Keeps, persists and delivers a configuration value.
     async fn deliver_configuration(
         &self,
         instance: &str,
         topic: &str,
         value: Vec<u8>,
     ) -> Result<(), EvpError> {
-        let _ = value;
-        Err(EvpError::NotSupported(format!(
-            "{NO_SOCKETS}: configuration {instance}/{topic} not delivered"
-        )))
+        Ok(self.broker.deliver_configuration(instance, topic, &value)?)
     }
 
+    /// Delivers a direct command; the answer comes as `RpcResponse`.
     async fn call_method(
         &self,
         instance: &str,
@@ -56,10 +100,10 @@ impl SdkBroker {
         method: &str,
         params: &str,
     ) -> Result<(), EvpError> {
-        let _ = params;
-        Err(EvpError::NotSupported(format!(
-            "{NO_SOCKETS}: call {reqid} of {method} on {instance} not delivered"
-        )))
+        self.broker
+            .call_method(instance, reqid, method, params)
+            .await;
+        Ok(())
     }
 
     /// The latest state of a topic of an instance.
@@ -78,7 +122,7 @@ impl SdkBroker {
         entries: &[(String, String, String)],
     ) -> zbus::Result<()>;
 
-    /// A module's answer to a direct command.
+    /// A module's answer to a direct command, or the broker's own error answer.
     #[zbus(signal)]
     async fn rpc_response(
         emitter: &SignalEmitter<'_>,
@@ -89,16 +133,100 @@ impl SdkBroker {
     ) -> zbus::Result<()>;
 }
 
+/// Emits the broker's signals on the bus.
+#[derive(Debug)]
+struct BusSink {
+    conn: zbus::Connection,
+}
+
+impl Sink for BusSink {
+    fn emit(&self, signal: Signal) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            let emitter =
+                SignalEmitter::new(&self.conn, SDK_BROKER_PATH).map_err(|e| e.to_string())?;
+            let r = match signal {
+                Signal::State {
+                    instance,
+                    topic,
+                    value,
+                } => SdkBroker::state_reported(&emitter, &instance, &topic, &value).await,
+                Signal::Telemetry(entries) => SdkBroker::telemetry(&emitter, &entries).await,
+                Signal::RpcResponse {
+                    reqid,
+                    instance,
+                    status,
+                    response,
+                } => SdkBroker::rpc_response(&emitter, reqid, &instance, status, &response).await,
+            };
+            r.map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// Allows the uid that owns `org.evp.Runtime1.Container`, now and whenever the name changes
+/// owner (the runtime may start after sdk-broker).
+async fn follow_runtime_uid(conn: zbus::Connection, broker: Arc<Broker>) {
+    let dbus = match zbus::fdo::DBusProxy::new(&conn).await {
+        Ok(p) => p,
+        Err(e) => {
+            warn!("cannot watch {RUNTIME_CONTAINER_NAME}: {e}");
+            return;
+        }
+    };
+    let mut changes = match dbus
+        .receive_name_owner_changed_with_args(&[(0, RUNTIME_CONTAINER_NAME)])
+        .await
+    {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!("cannot watch owner changes of {RUNTIME_CONTAINER_NAME}: {e}");
+            None
+        }
+    };
+    loop {
+        if let Ok(name) = zbus::names::BusName::try_from(RUNTIME_CONTAINER_NAME)
+            && let Ok(uid) = dbus.get_connection_unix_user(name).await
+        {
+            broker.allow_uid(uid);
+        }
+        match changes.as_mut() {
+            Some(s) => {
+                if s.next().await.is_none() {
+                    return;
+                }
+            }
+            None => return,
+        }
+    }
+}
+
 /// Runs sdk-broker until SIGTERM.
 pub async fn run(args: DaemonArgs) -> Result<()> {
-    let _config = AgentConfig::load(&args)?;
-    let _conn = evp_daemon::bus_builder(&args)?
-        .name(SDK_BROKER_NAME)
-        .serve_at(SDK_BROKER_PATH, SdkBroker)
+    let config = AgentConfig::load(&args)?;
+    let settings: Settings = config.section(SECTION)?;
+    let follow_runtime = settings.allowed_uids.is_none();
+    let conn = evp_daemon::bus_builder(&args)?
         .build()
         .await
-        .context("connecting to D-Bus as org.evp.SdkBroker1")?;
-    info!("serving {SDK_BROKER_NAME}");
+        .context("connecting to D-Bus")?;
+    let broker = Broker::new(
+        settings,
+        config.common.run_dir.clone(),
+        config.common.data_dir.clone(),
+        Arc::new(BusSink { conn: conn.clone() }),
+    )?;
+    broker.start();
+    conn.object_server()
+        .at(SDK_BROKER_PATH, SdkBroker::new(Arc::clone(&broker)))
+        .await
+        .context("serving /org/evp/SdkBroker1")?;
+    conn.request_name(SDK_BROKER_NAME)
+        .await
+        .context("owning org.evp.SdkBroker1")?;
+    if follow_runtime {
+        tokio::spawn(follow_runtime_uid(conn.clone(), Arc::clone(&broker)));
+    }
+    info!(sockets = %broker.sdk_dir().display(), "serving {SDK_BROKER_NAME}");
     evp_daemon::notify_ready();
     evp_daemon::wait_for_shutdown().await
 }
