@@ -22,13 +22,16 @@ pub struct Behaviour {
     pub pace: Option<Duration>,
 }
 
-/// What one request asked for.
+/// What one request asked for, and how its answer ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
     /// The file name asked for.
     pub name: String,
     /// Its `Range` header, if any.
     pub range: Option<String>,
+    /// `None` while the answer is being sent; then whether the whole body went out (false:
+    /// cut by the server's fault settings, or the client went away).
+    pub completed: Option<bool>,
 }
 
 /// Size of the body chunks a paced transfer pauses between.
@@ -109,19 +112,24 @@ fn serve(
         .iter()
         .find(|h| h.field.equiv("Range"))
         .map(|h| h.value.as_str().to_owned());
-    let nth_for_file = {
+    let (index, nth_for_file) = {
         let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
         log.push(Request {
             name: name.clone(),
             range: range.clone(),
+            completed: None,
         });
-        log.iter().filter(|r| r.name == name).count()
+        (log.len() - 1, log.iter().filter(|r| r.name == name).count())
+    };
+    let finish = |completed: bool| {
+        let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+        log[index].completed = Some(completed);
     };
     let file = (!name.contains('/') && !name.is_empty())
         .then(|| std::fs::File::open(root.join(&name)).ok())
         .flatten();
     let Some(mut file) = file else {
-        let _ = request.respond(tiny_http::Response::empty(404));
+        finish(request.respond(tiny_http::Response::empty(404)).is_ok());
         return;
     };
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -149,7 +157,7 @@ fn serve(
     };
     let offset = start.unwrap_or(0);
     if file.seek(SeekFrom::Start(offset)).is_err() {
-        let _ = request.respond(tiny_http::Response::empty(500));
+        finish(request.respond(tiny_http::Response::empty(500)).is_ok());
         return;
     }
     let cut = (nth_for_file <= behaviour.cut_requests).then_some(behaviour.cut_after);
@@ -166,7 +174,7 @@ fn serve(
         Some((len - offset) as usize),
         None,
     );
-    let _ = request.respond(response);
+    finish(request.respond(response).is_ok());
 }
 
 fn header(name: &str, value: &str) -> tiny_http::Header {

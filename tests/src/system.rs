@@ -21,6 +21,10 @@ pub struct Options {
     pub tls: bool,
     /// Trust this CA file instead of the one that signed the broker's certificate.
     pub wrong_ca: bool,
+    /// More agent.toml, appended to what the stack generates (e.g. a `[reconciler]` table).
+    pub extra_toml: String,
+    /// More environment for every daemon.
+    pub env: Vec<(String, String)>,
 }
 
 /// A device under test.
@@ -80,6 +84,14 @@ impl System {
         // Reports as fast as the agent allows, so tests wait on conditions, not on clocks.
         config.report_status_interval_min_ms = 0;
         config.env.push(("EVP_MQTT_CLIENTID".into(), DEVICE.into()));
+        config.env.extend(options.env.iter().cloned());
+        if !options.extra_toml.is_empty() {
+            config.agent_toml = Some(format!(
+                "{}\n{}\n",
+                config.render_agent_toml(),
+                options.extra_toml
+            ));
+        }
         if let Some(p) = &pki {
             let ca = if options.wrong_ca { &p.other_ca } else { &p.ca };
             config.env.extend([

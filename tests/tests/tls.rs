@@ -42,6 +42,7 @@ async fn broker_with_a_certificate_from_another_ca_is_refused() {
     let sys = System::start_with(Options {
         tls: true,
         wrong_ca: true,
+        ..Default::default()
     })
     .await
     .unwrap();
