@@ -16,6 +16,7 @@ use zbus::proxy::CacheProperties;
 
 use crate::core::{
     ApplyOutcome, ConfigurationDelivery, ConnectionState, DeploymentRequest, MethodCall, SdkEvent,
+    SdkLinks,
 };
 use crate::telemetry::TelemetryBatch;
 
@@ -481,6 +482,17 @@ pub async fn call_methods(
             }
         });
     }
+}
+
+/// Links the MQTT session to sdk-broker: its states and answers followed on `conn`, direct
+/// commands called on it, and its telemetry followed on `telemetry_conn`, a connection of its
+/// own (see [`follow_telemetry`]). Spawns the tasks; call it within a Tokio runtime.
+pub fn link_sdk_broker(conn: &zbus::Connection, telemetry_conn: zbus::Connection) -> SdkLinks {
+    let (sdk, ends) = SdkLinks::new();
+    tokio::spawn(follow_sdk_broker(conn.clone(), ends.events.clone()));
+    tokio::spawn(call_methods(conn.clone(), ends.calls, ends.events));
+    tokio::spawn(follow_telemetry(telemetry_conn, ends.telemetry));
+    sdk
 }
 
 /// A `Telemetry` signal's body, read in place.

@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::config::HubSection;
-use crate::core::{ConnectionState, Links, SdkLinks};
+use crate::core::{ConnectionState, Links};
 use crate::device_config::DeviceConfigStore;
 
 /// Configurations waiting for sdk-broker; a hub sends a handful per update, so a full queue
@@ -107,23 +107,13 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     ));
     tokio::spawn(bus::deliver_configurations(conn.clone(), config_rx));
     tokio::spawn(bus::watch_status(conn.clone(), status_tx));
-    let (sdk, sdk_ends) = SdkLinks::new();
-    tokio::spawn(bus::follow_sdk_broker(
-        conn.clone(),
-        sdk_ends.events.clone(),
-    ));
-    tokio::spawn(bus::call_methods(
-        conn.clone(),
-        sdk_ends.calls,
-        sdk_ends.events,
-    ));
     // Telemetry has a connection of its own, so a slow MQTT link that makes it wait never
     // holds up the signals and calls on the main one.
     let telemetry_conn = evp_daemon::bus_builder(&args)?
         .build()
         .await
         .context("connecting to D-Bus for telemetry")?;
-    tokio::spawn(bus::follow_telemetry(telemetry_conn, sdk_ends.telemetry));
+    let sdk = bus::link_sdk_broker(&conn, telemetry_conn);
     let follower = conn.clone();
     tokio::spawn(async move {
         if let Err(e) = bus::follow_connection(follower, connection_rx).await {
