@@ -1,71 +1,19 @@
 //! The MQTT session against a real mosquitto, with the hub played by a test client and
-//! reconcilerd and sdk-broker played by channels. Skipped when mosquitto is not installed.
+//! reconcilerd and sdk-broker played by channels. Fails when mosquitto is not installed.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::time::Duration;
 
-use evp_hubd::config::{HubSection, resolve};
-use evp_hubd::core::{self, ApplyOutcome, ConnectionState, DeploymentRequest, Links};
+use common::{Ends, WAIT, local_config, wait_connection};
+use evp_hubd::config::HubSection;
+use evp_hubd::core::{self, ApplyOutcome, ConnectionState};
 use evp_hubd::device_config::DeviceConfigStore;
 use evp_schemas::{DeploymentStatus, ReconcileStatus};
+use evp_system_tests::mosquitto::Mosquitto;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
-use tokio::sync::{mpsc, oneshot, watch};
-
-const WAIT: Duration = Duration::from_secs(15);
-
-fn mosquitto() -> Option<PathBuf> {
-    ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-        .or_else(|| {
-            std::env::var_os("PATH").and_then(|paths| {
-                std::env::split_paths(&paths)
-                    .map(|d| d.join("mosquitto"))
-                    .find(|p| p.exists())
-            })
-        })
-}
-
-struct Broker(Child);
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_broker(bin: &Path, dir: &Path) -> (Broker, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let conf = dir.join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
-    )
-    .unwrap();
-    let child = Command::new(bin)
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let broker = Broker(child);
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return (broker, port);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("mosquitto did not listen on {port}");
-}
+use tokio::sync::{mpsc, oneshot};
 
 /// The hub's side: every message the device publishes, as (topic, JSON).
 async fn hub_client(port: u16) -> (AsyncClient, mpsc::UnboundedReceiver<(String, Value)>) {
@@ -149,33 +97,44 @@ fn deployment(id: &str) -> Value {
     })
 }
 
+/// Publishes `attributes` as the hub's attribute PATCH to the device.
+async fn patch(hub: &AsyncClient, attributes: Value) {
+    hub.publish(
+        "v1/devices/me/attributes",
+        QoS::AtMostOnce,
+        false,
+        attributes.to_string(),
+    )
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_against_mosquitto() {
-    let Some(bin) = mosquitto() else {
-        println!("mosquitto is not installed: skipping the MQTT session test");
-        return;
-    };
     let dir = tempfile::tempdir().unwrap();
-    let (_broker, port) = start_broker(&bin, dir.path());
-    let (hub, mut from_device) = hub_client(port).await;
+    let broker = Mosquitto::start(dir.path(), None).unwrap();
+    let (hub, mut from_device) = hub_client(broker.port).await;
 
-    let cfg = resolve(
+    let cfg = local_config(
+        broker.port,
         HubSection {
-            mqtt_host: Some("127.0.0.1".into()),
-            mqtt_port: Some(port),
             client_id: Some("device-1".into()),
             report_status_interval_min_ms: Some(0),
             ..Default::default()
         },
-        |_| None,
-    )
-    .unwrap();
+    );
     let options = core::mqtt_options(&cfg, None);
     let store = DeviceConfigStore::new(dir.path());
+    let (session, ends) = common::start(cfg, options, store.clone());
+    let Ends {
+        deployments: mut deployments_rx,
+        outcomes: outcomes_tx,
+        configurations: mut configs,
+        status: status_tx,
+        mut connection,
+    } = ends;
 
     // reconcilerd: accepts everything but the deployment "bad-late", which it refuses.
-    let (deployments_tx, mut deployments_rx) = watch::channel::<Option<DeploymentRequest>>(None);
-    let (outcomes_tx, outcomes_rx) = mpsc::channel(16);
     let (applied_tx, mut applied) = mpsc::unbounded_channel::<String>();
     tokio::spawn(async move {
         while deployments_rx.changed().await.is_ok() {
@@ -196,20 +155,6 @@ async fn session_against_mosquitto() {
             let _ = outcomes_tx.send(outcome).await;
         }
     });
-    let (config_tx, mut configs) = mpsc::channel(16);
-    let (status_tx, status_rx) = watch::channel::<Option<DeploymentStatus>>(None);
-    let (connection_tx, mut connection) = watch::channel(ConnectionState::Disconnected);
-    let links = Links {
-        deployments: deployments_tx,
-        outcomes: outcomes_rx,
-        configurations: config_tx,
-        status: status_rx,
-        connection: connection_tx,
-    };
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let session = tokio::spawn(core::run(cfg, options, store.clone(), None, links, async {
-        let _ = stop_rx.await;
-    }));
 
     // The first report goes out at once, before the GET is answered.
     let first = expect(&mut from_device, "the first report", is_report).await;
@@ -222,14 +167,11 @@ async fn session_against_mosquitto() {
     assert_eq!(*connection.borrow_and_update(), ConnectionState::Connected);
 
     // A PATCH before the GET answer is held, then applied after it: dep-patch wins.
-    hub.publish(
-        "v1/devices/me/attributes",
-        QoS::AtMostOnce,
-        false,
-        json!({ "deployment": deployment("dep-patch"), "configuration/i/t": "hello" }).to_string(),
+    patch(
+        &hub,
+        json!({ "deployment": deployment("dep-patch"), "configuration/i/t": "hello" }),
     )
-    .await
-    .unwrap();
+    .await;
     // The GET is resent every 5 s until answered; meanwhile the PATCH is only held.
     expect(&mut from_device, "the resent GET", |t, _| {
         t == "v1/devices/me/attributes/request/10000"
@@ -289,14 +231,11 @@ async fn session_against_mosquitto() {
     .await;
 
     // An invalid manifest: error with its message and id; the running status stays.
-    hub.publish(
-        "v1/devices/me/attributes",
-        QoS::AtMostOnce,
-        false,
-        json!({ "deployment": { "deploymentId": "bad", "instanceSpecs": {} } }).to_string(),
+    patch(
+        &hub,
+        json!({ "deployment": { "deploymentId": "bad", "instanceSpecs": {} } }),
     )
-    .await
-    .unwrap();
+    .await;
     let v = expect(&mut from_device, "a report with the refusal", |t, v| {
         is_report(t, v) && v["deploymentStatus"]["reconcileStatus"] == "error"
     })
@@ -306,14 +245,7 @@ async fn session_against_mosquitto() {
     assert!(msg.contains("deployment.modules"), "{msg}");
 
     // Refused by reconcilerd: same, with its message.
-    hub.publish(
-        "v1/devices/me/attributes",
-        QoS::AtMostOnce,
-        false,
-        json!({ "deployment": deployment("bad-late") }).to_string(),
-    )
-    .await
-    .unwrap();
+    patch(&hub, json!({ "deployment": deployment("bad-late") })).await;
     expect(
         &mut from_device,
         "a report with reconcilerd's refusal",
@@ -326,14 +258,7 @@ async fn session_against_mosquitto() {
     .await;
 
     // An accepted deployment clears the refusal.
-    hub.publish(
-        "v1/devices/me/attributes",
-        QoS::AtMostOnce,
-        false,
-        json!({ "deployment": deployment("dep-3") }).to_string(),
-    )
-    .await
-    .unwrap();
+    patch(&hub, json!({ "deployment": deployment("dep-3") })).await;
     status.deployment_id = Some("dep-3".into());
     status_tx.send_replace(Some(status.clone()));
     expect(&mut from_device, "a report with dep-3 ok", |t, v| {
@@ -345,19 +270,15 @@ async fn session_against_mosquitto() {
     .await;
 
     // Device configuration: applied, echoed, stored single-wrapped.
-    hub.publish(
-        "v1/devices/me/attributes",
-        QoS::AtMostOnce,
-        false,
+    patch(
+        &hub,
         json!({ "desiredDeviceConfig": { "desiredDeviceConfig": {
             "configuration/$agent/report-status-interval-min": 1,
             "configuration/$agent/report-status-interval-max": 4,
             "configuration/$agent/configuration-id": "cfg-42",
-            "configuration/$agent/registry-auth": { "ghcr.io": "secret" } } } })
-        .to_string(),
+            "configuration/$agent/registry-auth": { "ghcr.io": "secret" } } } }),
     )
-    .await
-    .unwrap();
+    .await;
     let v = expect(
         &mut from_device,
         "a report with the device config",
@@ -386,12 +307,7 @@ async fn session_against_mosquitto() {
     );
 
     // A clean stop.
-    stop_tx.send(()).unwrap();
-    tokio::time::timeout(WAIT, session)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    session.stop().await;
     assert_eq!(
         *connection.borrow_and_update(),
         ConnectionState::Disconnected
@@ -400,74 +316,41 @@ async fn session_against_mosquitto() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnects_and_reports_again_after_broker_restart() {
-    let Some(bin) = mosquitto() else {
-        println!("mosquitto is not installed: skipping the reconnect test");
-        return;
-    };
     let dir = tempfile::tempdir().unwrap();
-    let (broker, port) = start_broker(&bin, dir.path());
-    let cfg = resolve(
+    let mut broker = Mosquitto::start(dir.path(), None).unwrap();
+    let cfg = local_config(
+        broker.port,
         HubSection {
-            mqtt_host: Some("127.0.0.1".into()),
-            mqtt_port: Some(port),
             report_status_interval_min_ms: Some(0),
             ..Default::default()
         },
-        |_| None,
-    )
-    .unwrap();
-    let options = core::mqtt_options(&cfg, None);
-    let (deployments_tx, _deployments_rx) = watch::channel(None);
-    let (_outcomes_tx, outcomes_rx) = mpsc::channel(1);
-    let (config_tx, _configs) = mpsc::channel(1);
-    let (status_tx, status_rx) = watch::channel(None);
-    let (connection_tx, mut connection) = watch::channel(ConnectionState::Disconnected);
-    let links = Links {
-        deployments: deployments_tx,
-        outcomes: outcomes_rx,
-        configurations: config_tx,
-        status: status_rx,
-        connection: connection_tx,
-    };
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let store = DeviceConfigStore::new(dir.path());
-    let session = tokio::spawn(core::run(cfg, options, store, None, links, async {
-        let _ = stop_rx.await;
-    }));
-    tokio::time::timeout(
-        WAIT,
-        connection.wait_for(|c| *c == ConnectionState::Connected),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    drop(broker);
-    tokio::time::timeout(
-        WAIT,
-        connection.wait_for(|c| *c != ConnectionState::Connected),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    // Same port again; the first retry comes within about a second.
-    let conf = dir.path().join("mosquitto.conf");
-    let _broker = Broker(
-        Command::new(&bin)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
     );
-    let (_hub, mut from_device) = hub_client_retry(port).await;
+    let options = core::mqtt_options(&cfg, None);
+    let store = DeviceConfigStore::new(dir.path());
+    let (session, mut ends) = common::start(cfg, options, store);
+    assert!(
+        wait_connection(&mut ends.connection, WAIT, |c| *c
+            == ConnectionState::Connected)
+        .await,
+        "never connected"
+    );
+    broker.stop();
+    assert!(
+        wait_connection(&mut ends.connection, WAIT, |c| *c
+            != ConnectionState::Connected)
+        .await,
+        "the broker's end went unnoticed"
+    );
+    // Same port again; the first retry comes within about a second.
+    broker.restart().unwrap();
+    let (_hub, mut from_device) = hub_client(broker.port).await;
     // The session starts again: the GET is (re)sent on the new connection ...
     expect(&mut from_device, "the GET after the reconnect", |t, _| {
         t == "v1/devices/me/attributes/request/10000"
     })
     .await;
     // ... and reports flow again.
-    status_tx.send_replace(Some(DeploymentStatus {
+    ends.status.send_replace(Some(DeploymentStatus {
         deployment_id: Some("after-restart".into()),
         ..Default::default()
     }));
@@ -475,21 +358,6 @@ async fn reconnects_and_reports_again_after_broker_restart() {
         is_report(t, v) && v["deploymentStatus"]["deploymentId"] == "after-restart"
     })
     .await;
-    assert_eq!(*connection.borrow(), ConnectionState::Connected);
-    stop_tx.send(()).unwrap();
-    tokio::time::timeout(WAIT, session)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-}
-
-async fn hub_client_retry(port: u16) -> (AsyncClient, mpsc::UnboundedReceiver<(String, Value)>) {
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return hub_client(port).await;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("mosquitto did not come back on {port}");
+    assert_eq!(*ends.connection.borrow(), ConnectionState::Connected);
+    session.stop().await;
 }

@@ -19,21 +19,33 @@ pub struct TlsFiles {
 
 /// A running mosquitto; killed on drop.
 pub struct Mosquitto {
-    child: Child,
+    child: Option<Child>,
+    binary: PathBuf,
+    conf: PathBuf,
+    log: PathBuf,
     /// Its plain port on 127.0.0.1 (the hub driver's).
     pub port: u16,
     /// Its mutual-TLS port on 127.0.0.1, when started with TLS (the device's).
     pub tls_port: Option<u16>,
 }
 
+/// The mosquitto binary: the Debian locations first, then `PATH`.
+fn binary() -> Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    ["/usr/sbin", "/usr/bin"]
+        .into_iter()
+        .map(PathBuf::from)
+        .chain(std::env::split_paths(&path))
+        .map(|d| d.join("mosquitto"))
+        .find(|p| p.is_file())
+        .context("mosquitto is not installed (apt-get install mosquitto)")
+}
+
 impl Mosquitto {
     /// Starts mosquitto in `dir` (its config and log go there): a plain listener, and a second
     /// one that requires client certificates when `tls` is given.
     pub fn start(dir: &Path, tls: Option<&TlsFiles>) -> Result<Mosquitto> {
-        let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .context("mosquitto is not installed (apt-get install mosquitto)")?;
+        let binary = binary()?;
         let port = crate::free_port()?;
         let mut conf = format!(
             "persistence false\nlog_dest stderr\nallow_anonymous true\nlistener {port} 127.0.0.1\n"
@@ -57,43 +69,74 @@ impl Mosquitto {
         };
         let conf_path = dir.join("mosquitto.conf");
         std::fs::write(&conf_path, conf)?;
-        let log = std::fs::File::create(dir.join("mosquitto.log"))?;
-        let child = Command::new(binary)
-            .arg("-c")
-            .arg(&conf_path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting mosquitto")?;
+        let log = dir.join("mosquitto.log");
+        std::fs::File::create(&log)?;
         let mut m = Mosquitto {
-            child,
+            child: None,
+            binary,
+            conf: conf_path,
+            log,
             port,
             tls_port,
         };
-        let end = std::time::Instant::now() + crate::DEADLINE;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(status) = m.child.try_wait()? {
-                let log = std::fs::read_to_string(dir.join("mosquitto.log")).unwrap_or_default();
-                bail!("mosquitto exited with {status}:\n{log}");
-            }
-            if std::time::Instant::now() > end {
-                bail!("mosquitto did not listen on {port}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        m.spawn()?;
         Ok(m)
+    }
+
+    /// Kills mosquitto and reaps it; its ports stay reserved for [`Mosquitto::restart`].
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops mosquitto if it runs, then starts it again with the same configuration and on
+    /// the same ports, and returns once it listens. Its log goes on in the same file.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        self.spawn()
     }
 
     /// `mqtt://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
     }
+
+    /// Runs mosquitto on the written configuration and waits until each of its ports accepts.
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new().append(true).open(&self.log)?;
+        let child = Command::new(&self.binary)
+            .arg("-c")
+            .arg(&self.conf)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting mosquitto")?;
+        let child = self.child.insert(child);
+        let ports: Vec<u16> = std::iter::once(self.port).chain(self.tls_port).collect();
+        let end = std::time::Instant::now() + crate::DEADLINE;
+        while ports
+            .iter()
+            .any(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_err())
+        {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                bail!("mosquitto exited with {status}:\n{log}");
+            }
+            if std::time::Instant::now() > end {
+                bail!("mosquitto did not listen on {ports:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Mosquitto {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
