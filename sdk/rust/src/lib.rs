@@ -150,18 +150,18 @@ pub enum Event {
 
 /// A completion closure waiting for its callback event.
 enum Done {
-    State(Box<dyn FnOnce(StateReason)>),
-    Message(Box<dyn FnOnce(MessageSentReason)>),
-    Telemetry(Box<dyn FnOnce(TelemetryReason)>),
-    Rpc(Box<dyn FnOnce(RpcResponseReason)>),
+    State(Box<dyn FnOnce(StateReason) + Send>),
+    Message(Box<dyn FnOnce(MessageSentReason) + Send>),
+    Telemetry(Box<dyn FnOnce(TelemetryReason) + Send>),
+    Rpc(Box<dyn FnOnce(RpcResponseReason) + Send>),
 }
 
 /// A configuration handler.
-type ConfigHandler = Box<dyn FnMut(&mut Client, &str, &[u8])>;
+type ConfigHandler = Box<dyn FnMut(&mut Client, &str, &[u8]) + Send>;
 /// A message handler.
-type MessageHandler = Box<dyn FnMut(&mut Client, &str, &[u8])>;
+type MessageHandler = Box<dyn FnMut(&mut Client, &str, &[u8]) + Send>;
 /// A direct-command handler.
-type RpcHandler = Box<dyn FnMut(&mut Client, RpcRequest)>;
+type RpcHandler = Box<dyn FnMut(&mut Client, RpcRequest) + Send>;
 
 /// A module's connection to the agent (`struct EVP_client`).
 pub struct Client {
@@ -281,7 +281,7 @@ impl Client {
     /// stored configuration again. A second call fails with `EVP_ERROR`.
     pub fn set_configuration_callback(
         &mut self,
-        handler: impl FnMut(&mut Client, &str, &[u8]) + 'static,
+        handler: impl FnMut(&mut Client, &str, &[u8]) + Send + 'static,
     ) -> Result<(), Error> {
         if self.config_set {
             return Err(Error::Agent(EvpResult::Error));
@@ -296,7 +296,7 @@ impl Client {
     /// second call fails with `EVP_INVAL`.
     pub fn set_message_callback(
         &mut self,
-        handler: impl FnMut(&mut Client, &str, &[u8]) + 'static,
+        handler: impl FnMut(&mut Client, &str, &[u8]) + Send + 'static,
     ) -> Result<(), Error> {
         if self.on_message.is_some() {
             return Err(Error::Agent(EvpResult::Inval));
@@ -310,7 +310,7 @@ impl Client {
     /// Without a handler, [`Client::process_event`] answers commands with `ERROR` itself.
     pub fn set_rpc_callback(
         &mut self,
-        handler: impl FnMut(&mut Client, RpcRequest) + 'static,
+        handler: impl FnMut(&mut Client, RpcRequest) + Send + 'static,
     ) -> Result<(), Error> {
         if self.on_rpc.is_some() {
             return Err(Error::Agent(EvpResult::Inval));
@@ -325,7 +325,7 @@ impl Client {
         &mut self,
         topic: &str,
         value: &[u8],
-        done: impl FnOnce(StateReason) + 'static,
+        done: impl FnOnce(StateReason) + Send + 'static,
     ) -> Result<(), Error> {
         self.with_done(Done::State(Box::new(done)), |cb| Request::SendState {
             topic: topic.to_owned(),
@@ -339,7 +339,7 @@ impl Client {
     pub fn send_telemetry(
         &mut self,
         entries: &[(&str, &str)],
-        done: impl FnOnce(TelemetryReason) + 'static,
+        done: impl FnOnce(TelemetryReason) + Send + 'static,
     ) -> Result<(), Error> {
         self.with_done(Done::Telemetry(Box::new(done)), |cb| {
             Request::SendTelemetry {
@@ -361,7 +361,7 @@ impl Client {
         &mut self,
         topic: &str,
         payload: &[u8],
-        done: impl FnOnce(MessageSentReason) + 'static,
+        done: impl FnOnce(MessageSentReason) + Send + 'static,
     ) -> Result<(), Error> {
         self.with_done(Done::Message(Box::new(done)), |cb| Request::SendMessage {
             topic: topic.to_owned(),
@@ -376,7 +376,7 @@ impl Client {
         id: u64,
         response: &str,
         status: RpcStatus,
-        done: impl FnOnce(RpcResponseReason) + 'static,
+        done: impl FnOnce(RpcResponseReason) + Send + 'static,
     ) -> Result<(), Error> {
         self.with_done(Done::Rpc(Box::new(done)), |cb| Request::SendRpcResponse {
             id,

@@ -1,0 +1,903 @@
+//! sdk-broker served in process, with modules as real clients on real sockets: evp-sdk for the
+//! requests, raw records for the framing errors, and a child process under another uid for the
+//! peer check. Signals for hubd are collected from a channel instead of the bus.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use evp_schemas::sdk::{
+    self as wire, EvpResult, HEADER_LEN, Header, MAX_PAYLOAD, Request, Response,
+};
+use evp_sdk::{
+    Client, Event, MessageSentReason, RpcResponseReason, RpcStatus, StateReason, TelemetryReason,
+};
+use evp_sdk_broker::{Broker, ChannelSink, Settings, Signal};
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+/// How long a test waits for something that should happen at once.
+const PATIENCE: Duration = Duration::from_secs(5);
+
+struct Harness {
+    broker: Arc<Broker>,
+    signals: UnboundedReceiver<Signal>,
+    dirs: tempfile::TempDir,
+}
+
+fn quick_settings() -> Settings {
+    Settings {
+        exit_grace_ms: 2_000,
+        telemetry_flush_ms: 2,
+        rpc_timeout_ms: 5_000,
+        ..Settings::default()
+    }
+}
+
+fn harness(settings: Settings) -> Harness {
+    let dirs = tempfile::tempdir().unwrap();
+    harness_in(settings, dirs)
+}
+
+fn harness_in(settings: Settings, dirs: tempfile::TempDir) -> Harness {
+    let (tx, rx) = unbounded_channel();
+    let broker = Broker::new(
+        settings,
+        dirs.path().join("run"),
+        dirs.path().join("data"),
+        Arc::new(ChannelSink(tx)),
+    )
+    .unwrap();
+    broker.start();
+    Harness {
+        broker,
+        signals: rx,
+        dirs,
+    }
+}
+
+impl Harness {
+    fn open(&self, instance: &str) -> PathBuf {
+        self.broker.open_instance(instance).unwrap()
+    }
+
+    async fn signal(&mut self) -> Signal {
+        tokio::time::timeout(PATIENCE, self.signals.recv())
+            .await
+            .expect("a signal in time")
+            .expect("signal channel open")
+    }
+
+    async fn no_signal(&mut self) {
+        let r = tokio::time::timeout(Duration::from_millis(100), self.signals.recv()).await;
+        assert!(r.is_err(), "unexpected signal {r:?}");
+    }
+}
+
+/// Runs blocking client code off the runtime.
+async fn client<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+fn connect(path: &Path) -> Client {
+    Client::connect(path, "/nonexistent-workspace".into()).unwrap()
+}
+
+/// The next event that is not a completion, within the patience.
+fn next_real_event(c: &mut Client) -> Event {
+    loop {
+        match c.next_event(Some(PATIENCE)).unwrap() {
+            Event::Completed => continue,
+            e => return e,
+        }
+    }
+}
+
+/// Records completion reasons.
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<Vec<String>>>);
+
+impl Log {
+    fn push(&self, s: impl Into<String>) {
+        self.0.lock().unwrap().push(s.into());
+    }
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+    fn cb<R: std::fmt::Debug>(&self, what: &'static str) -> impl FnOnce(R) + Send + 'static {
+        let me = self.clone();
+        move |r| me.push(format!("{what}:{r:?}"))
+    }
+}
+
+/// Processes events until `log` holds `n` entries.
+fn drain_until(c: &mut Client, log: &Log, n: usize) -> Vec<String> {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while log.0.lock().unwrap().len() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {:?}",
+            log.0.lock().unwrap()
+        );
+        let _ = c.next_event(Some(Duration::from_millis(50))).unwrap();
+    }
+    log.take()
+}
+
+fn raw_send(s: &mut UnixStream, xid: u64, payload: &[u8]) {
+    s.write_all(&Header::new(payload.len() as u32, xid).to_bytes())
+        .unwrap();
+    s.write_all(payload).unwrap();
+}
+
+fn raw_read(s: &mut UnixStream) -> Option<(Header, Response)> {
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    match wire::read_frame(s) {
+        Ok((h, p)) => Some((h, Response::decode(&p).unwrap())),
+        Err(wire::FrameError::Io(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            None
+        }
+        Err(e) => panic!("reading an answer: {e}"),
+    }
+}
+
+fn poll_request() -> Vec<u8> {
+    Request::GetEvent {
+        deadline_sec: 0,
+        deadline_nsec: 0,
+    }
+    .encode()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_over_a_real_socket() {
+    let mut h = harness(quick_settings());
+    let path = h.open("inst-a");
+    assert_eq!(path, h.dirs.path().join("run/sdk/inst-a.sock"));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the socket is for sdk-broker's own user only");
+
+    let log = Log::default();
+    let (l, p) = (log.clone(), path.clone());
+    let mut c = client(move || {
+        let mut c = connect(&p);
+        c.set_configuration_callback(|_, _, _| {}).unwrap();
+        assert!(matches!(
+            c.set_configuration_callback(|_, _, _| {}),
+            Err(evp_sdk::Error::Agent(EvpResult::Error))
+        ));
+        assert_eq!(c.next_event(Some(Duration::ZERO)).unwrap(), Event::TimedOut);
+        c.send_state("st", b"{\"a\":1}", l.cb::<StateReason>("state"))
+            .unwrap();
+        c.send_telemetry(
+            &[("temp", "21.5"), ("obj", "{\"x\":[1,2]}")],
+            l.cb::<TelemetryReason>("tel"),
+        )
+        .unwrap();
+        let e = c
+            .send_telemetry(&[("bad", "not json")], |_| {})
+            .unwrap_err();
+        assert_eq!(e.result(), EvpResult::Inval);
+        c.send_message("nowhere", b"x", l.cb::<MessageSentReason>("msg"))
+            .unwrap();
+        c.send_rpc_response(99, "{}", RpcStatus::Ok, l.cb::<RpcResponseReason>("rpc"))
+            .unwrap();
+        c
+    })
+    .await;
+    let mut got = vec![h.signal().await, h.signal().await];
+    got.sort_by_key(|s| matches!(s, Signal::Telemetry(_)));
+    assert_eq!(
+        got,
+        [
+            Signal::State {
+                instance: "inst-a".into(),
+                topic: "st".into(),
+                value: b"{\"a\":1}".to_vec()
+            },
+            Signal::Telemetry(vec![
+                ("inst-a".into(), "temp".into(), "21.5".into()),
+                ("inst-a".into(), "obj".into(), "{\"x\":[1,2]}".into()),
+            ])
+        ]
+    );
+    let l = log.clone();
+    let mut reasons = client(move || {
+        let r = drain_until(&mut c, &l, 4);
+        drop(c);
+        r
+    })
+    .await;
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        ["msg:Error", "rpc:Error", "state:Sent", "tel:Sent"],
+        "no route gives ERROR, an unknown command id gives ERROR"
+    );
+
+    // The requests evp-sdk does not make, as raw records.
+    let p = path.clone();
+    client(move || {
+        let mut s = UnixStream::connect(&p).unwrap();
+        let blob = Request::BlobOperation {
+            kind: 2,
+            op: 0,
+            url: "http://example.invalid/x".into(),
+            filename: "/tmp/x".into(),
+            cb: wire::Callback::default(),
+        };
+        raw_send(&mut s, 1000, &blob.encode());
+        let (hd, r) = raw_read(&mut s).unwrap();
+        assert_eq!((hd.xid, r), (1000, Response::Simple(EvpResult::NotSup)));
+        raw_send(
+            &mut s,
+            1001,
+            &Request::StreamParamsRequest {
+                name: Some("s".into()),
+            }
+            .encode(),
+        );
+        let (_, r) = raw_read(&mut s).unwrap();
+        assert!(matches!(
+            r,
+            Response::StreamParams {
+                result: EvpResult::Inval,
+                ..
+            }
+        ));
+        let no_response = Request::SendRpcResponse {
+            id: 1,
+            response: None,
+            status: 0,
+            cb: wire::Callback::default(),
+        };
+        raw_send(&mut s, 1002, &no_response.encode());
+        assert_eq!(
+            raw_read(&mut s).unwrap().1,
+            Response::Simple(EvpResult::Inval)
+        );
+        let bad_status = Request::SendRpcResponse {
+            id: 1,
+            response: Some("{}".into()),
+            status: 3,
+            cb: wire::Callback::default(),
+        };
+        raw_send(&mut s, 1003, &bad_status.encode());
+        assert_eq!(
+            raw_read(&mut s).unwrap().1,
+            Response::Simple(EvpResult::Inval)
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn states_are_overwritten_before_collection_and_identical_ones_suppressed() {
+    let mut h = harness(Settings {
+        telemetry_flush_ms: 300,
+        ..quick_settings()
+    });
+    let path = h.open("inst-s");
+    let log = Log::default();
+    let l = log.clone();
+    let mut c = client(move || {
+        let mut c = connect(&path);
+        c.send_state("t", b"1", l.cb::<StateReason>("first"))
+            .unwrap();
+        c.send_state("t", b"2", l.cb::<StateReason>("second"))
+            .unwrap();
+        c
+    })
+    .await;
+    assert_eq!(
+        h.signal().await,
+        Signal::State {
+            instance: "inst-s".into(),
+            topic: "t".into(),
+            value: b"2".to_vec()
+        }
+    );
+    h.no_signal().await;
+    let l = log.clone();
+    let (mut c, mut reasons) = client(move || {
+        let r = drain_until(&mut c, &l, 2);
+        (c, r)
+    })
+    .await;
+    reasons.sort();
+    assert_eq!(reasons, ["first:Overwritten", "second:Sent"]);
+    let l = log.clone();
+    let reasons = client(move || {
+        c.send_state("t", b"2", l.cb::<StateReason>("same"))
+            .unwrap();
+        drain_until(&mut c, &l, 1)
+    })
+    .await;
+    assert_eq!(reasons, ["same:Sent"], "an identical value still gets SENT");
+    h.no_signal().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configuration_is_persisted_and_redelivered_on_reconnect_to_that_instance_only() {
+    let h = harness(quick_settings());
+    let a = h.open("inst-a");
+    let b = h.open("inst-b");
+    h.broker
+        .deliver_configuration("inst-a", "greeting", b"hello")
+        .unwrap();
+    assert!(
+        h.broker
+            .deliver_configuration("bad/name", "t", b"v")
+            .is_err()
+    );
+    let (a2, b2) = (a.clone(), b.clone());
+    let (ca, mut cb) = client(move || {
+        let mut ca = connect(&a2);
+        assert_eq!(
+            next_real_event(&mut ca),
+            Event::Configuration {
+                topic: "greeting".into(),
+                value: b"hello".to_vec()
+            },
+            "stored configuration is delivered on connect"
+        );
+        let mut cb = connect(&b2);
+        assert_eq!(
+            cb.next_event(Some(Duration::from_millis(100))).unwrap(),
+            Event::TimedOut
+        );
+        (ca, cb)
+    })
+    .await;
+    // Delivered now while connected; queued values of one topic coalesce (the latest wins).
+    h.broker
+        .deliver_configuration("inst-a", "greeting", b"hi")
+        .unwrap();
+    h.broker
+        .deliver_configuration("inst-a", "greeting", b"hey")
+        .unwrap();
+    let a2 = a.clone();
+    let mut ca = client(move || {
+        let mut ca = ca;
+        assert_eq!(
+            next_real_event(&mut ca),
+            Event::Configuration {
+                topic: "greeting".into(),
+                value: b"hey".to_vec()
+            }
+        );
+        assert_eq!(
+            ca.next_event(Some(Duration::from_millis(100))).unwrap(),
+            Event::TimedOut
+        );
+        drop(ca);
+        // Reconnecting: the configuration comes again, to this instance only.
+        std::thread::sleep(Duration::from_millis(100));
+        let mut ca = connect(&a2);
+        assert_eq!(
+            next_real_event(&mut ca),
+            Event::Configuration {
+                topic: "greeting".into(),
+                value: b"hey".to_vec()
+            }
+        );
+        assert_eq!(
+            cb.next_event(Some(Duration::from_millis(100))).unwrap(),
+            Event::TimedOut
+        );
+        // requestResendConfig delivers it again too.
+        ca.set_configuration_callback(|_, _, _| {}).unwrap();
+        assert!(matches!(
+            next_real_event(&mut ca),
+            Event::Configuration { .. }
+        ));
+        ca
+    })
+    .await;
+    ca = client(move || {
+        assert_eq!(
+            ca.next_event(Some(Duration::from_millis(100))).unwrap(),
+            Event::TimedOut
+        );
+        ca
+    })
+    .await;
+    drop(ca);
+
+    // A new broker on the same data directory has the configuration.
+    let Harness { broker, dirs, .. } = h;
+    for i in ["inst-a", "inst-b"] {
+        broker.close_instance(i).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let h2 = harness_in(quick_settings(), dirs);
+    let a = h2.open("inst-a");
+    client(move || {
+        let mut ca = connect(&a);
+        assert_eq!(
+            next_real_event(&mut ca),
+            Event::Configuration {
+                topic: "greeting".into(),
+                value: b"hey".to_vec()
+            }
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_are_routed_to_every_subscriber_with_its_alias() {
+    let h = harness(quick_settings());
+    let deployment: evp_schemas::Deployment = serde_json::from_value(serde_json::json!({
+        "instanceSpecs": {
+            "sender": {"moduleId": "m", "publish": {"out": "pub"}, "subscribe": {}},
+            "rx-1": {"moduleId": "m", "publish": {}, "subscribe": {"in": "sub"}},
+            "rx-2": {"moduleId": "m", "publish": {}, "subscribe": {"other-alias": "sub"}},
+            "deaf": {"moduleId": "m", "publish": {}, "subscribe": {}}
+        },
+        "modules": {"m": {"moduleImpl": "spawn", "entryPoint": "main"}},
+        "publishTopics": {"pub": {"type": "local", "topic": "salute"}},
+        "subscribeTopics": {"sub": {"type": "local", "topic": "salute"}}
+    }))
+    .unwrap();
+    let routing = evp_schemas::routing::Routing::from_deployment(&deployment);
+    h.broker.set_routing(&routing.to_json()).unwrap();
+    assert!(h.broker.set_routing("{not json").is_err());
+    let paths: Vec<PathBuf> = ["sender", "rx-1", "rx-2", "deaf"]
+        .iter()
+        .map(|i| h.open(i))
+        .collect();
+    client(move || {
+        let mut s = connect(&paths[0]);
+        let mut r1 = connect(&paths[1]);
+        let mut r2 = connect(&paths[2]);
+        let mut deaf = connect(&paths[3]);
+        let log = Log::default();
+        s.send_message("out", b"hello", log.cb::<MessageSentReason>("out"))
+            .unwrap();
+        s.send_message("unknown", b"x", log.cb::<MessageSentReason>("unknown"))
+            .unwrap();
+        let mut reasons = drain_until(&mut s, &log, 2);
+        reasons.sort();
+        assert_eq!(reasons, ["out:Sent", "unknown:Error"]);
+        assert_eq!(
+            next_real_event(&mut r1),
+            Event::Message {
+                topic: "in".into(),
+                payload: b"hello".to_vec()
+            }
+        );
+        assert_eq!(
+            next_real_event(&mut r2),
+            Event::Message {
+                topic: "other-alias".into(),
+                payload: b"hello".to_vec()
+            }
+        );
+        assert_eq!(
+            deaf.next_event(Some(Duration::from_millis(100))).unwrap(),
+            Event::TimedOut
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_commands_are_answered_by_the_module_or_by_the_broker() {
+    let mut h = harness(Settings {
+        rpc_timeout_ms: 300,
+        ..quick_settings()
+    });
+    h.broker.call_method("absent", 7, "echo", "{}").await;
+    match h.signal().await {
+        Signal::RpcResponse {
+            reqid: 7,
+            instance,
+            status: 2,
+            response,
+        } => {
+            assert_eq!(instance, "absent");
+            assert!(response.contains("not running"), "{response}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let path = h.open("rpc");
+    let p = path.clone();
+    let c = client(move || connect(&p)).await;
+    h.broker
+        .call_method("rpc", 10042, "echo", "{\"text\":\"hi\"}")
+        .await;
+    let mut c = client(move || {
+        let mut c = c;
+        let Event::RpcRequest(req) = next_real_event(&mut c) else {
+            panic!("no command")
+        };
+        assert_eq!((req.id, req.method.as_str()), (10042, "echo"));
+        c.send_rpc_response(req.id, &req.params, RpcStatus::Ok, |_| {})
+            .unwrap();
+        c
+    })
+    .await;
+    assert_eq!(
+        h.signal().await,
+        Signal::RpcResponse {
+            reqid: 10042,
+            instance: "rpc".into(),
+            status: 0,
+            response: "{\"text\":\"hi\"}".into()
+        }
+    );
+    // A module that never answers (no RPC callback) gets an error answer after the timeout.
+    h.broker.call_method("rpc", 5, "ignored", "{}").await;
+    match h.signal().await {
+        Signal::RpcResponse {
+            reqid: 5,
+            status: 2,
+            response,
+            ..
+        } => assert!(response.contains("did not answer"), "{response}"),
+        other => panic!("{other:?}"),
+    }
+    // The callback-style client answers commands without a handler with ERROR itself.
+    h.broker.call_method("rpc", 6, "nothing", "{}").await;
+    client(move || {
+        assert_eq!(c.process_event(Some(PATIENCE)), EvpResult::Ok);
+    })
+    .await;
+    match h.signal().await {
+        Signal::RpcResponse {
+            reqid: 6,
+            status: 2,
+            ..
+        } => {}
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_protocol_turns_pending_requests_into_exit_and_removes_the_socket() {
+    let mut h = harness(Settings {
+        // States stay pending long enough for the close to find them.
+        telemetry_flush_ms: 2_000,
+        exit_grace_ms: 500,
+        ..quick_settings()
+    });
+    let path = h.open("leaving");
+    let log = Log::default();
+    let l = log.clone();
+    let p = path.clone();
+    let mut c = client(move || {
+        let mut c = connect(&p);
+        c.send_state("t", b"1", l.cb::<StateReason>("pending"))
+            .unwrap();
+        c.send_telemetry(&[("k", "1")], l.cb::<TelemetryReason>("tel"))
+            .unwrap();
+        c
+    })
+    .await;
+    h.broker.call_method("leaving", 1, "m", "{}").await;
+    h.broker.close_instance("leaving").await;
+    match h.signal().await {
+        Signal::RpcResponse {
+            reqid: 1,
+            status: 2,
+            ..
+        } => {}
+        other => panic!("a queued command is answered with an error: {other:?}"),
+    }
+    assert!(
+        h.broker.open_instance("leaving").is_err(),
+        "Busy while exiting"
+    );
+    let l = log.clone();
+    let p = path.clone();
+    client(move || {
+        let mut reasons = drain_until(&mut c, &l, 2);
+        reasons.sort();
+        assert_eq!(reasons, ["pending:Exit", "tel:Exit"]);
+        assert_eq!(c.next_event(Some(PATIENCE)).unwrap(), Event::Exit);
+        // Requests after the exit get EXIT at once.
+        c.send_state("t", b"2", l.cb::<StateReason>("late"))
+            .unwrap();
+        assert_eq!(drain_until(&mut c, &l, 1), ["late:Exit"]);
+        assert_eq!(c.process_event(Some(PATIENCE)), EvpResult::ShouldExit);
+        assert!(p.exists(), "the socket stays while the module is connected");
+        drop(c);
+    })
+    .await;
+    wait_for(|| !path.exists()).await;
+    h.no_signal().await;
+    // Re-opening after the module left works, and a module that never leaves is cut off after
+    // the grace.
+    let path = h.open("leaving");
+    let p = path.clone();
+    let mut c = client(move || connect(&p)).await;
+    h.broker.close_instance("leaving").await;
+    wait_for(|| !path.exists()).await;
+    client(move || {
+        let r = c.next_event(Some(Duration::from_millis(100)));
+        assert!(
+            matches!(r, Ok(Event::Exit)) || r.is_err(),
+            "exit or a closed socket: {r:?}"
+        );
+    })
+    .await;
+    // Closing an instance with no module connected removes the socket at once.
+    let path = h.open("never-started");
+    h.broker.close_instance("never-started").await;
+    assert!(!path.exists());
+}
+
+async fn wait_for(cond: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met in time"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_get_the_documented_answer_and_never_crash_the_broker() {
+    let h = harness(quick_settings());
+    let path = h.open("fuzz");
+    client(move || {
+        // Oversized: drained, answered TOOBIG with its xid, and the connection goes on.
+        let mut s = UnixStream::connect(&path).unwrap();
+        let size = MAX_PAYLOAD as u32 + 1;
+        s.write_all(&Header::new(size, 4242).to_bytes()).unwrap();
+        s.write_all(&vec![0xa5; size as usize]).unwrap();
+        let (hd, r) = raw_read(&mut s).unwrap();
+        assert_eq!((hd.xid, r), (4242, Response::Simple(EvpResult::TooBig)));
+        raw_send(&mut s, 4243, &poll_request());
+        let (hd, r) = raw_read(&mut s).unwrap();
+        assert_eq!((hd.xid, r), (4243, Response::GetEvent(wire::Event::None)));
+        drop(s);
+
+        // Size 0: EINVAL, then closed.
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.write_all(&Header::new(0, 1).to_bytes()).unwrap();
+        assert_eq!(
+            raw_read(&mut s).unwrap().1,
+            Response::Simple(EvpResult::Inval)
+        );
+        assert!(raw_read(&mut s).is_none(), "closed after a size of 0");
+
+        // A non-zero reserved word: EINVAL, then closed.
+        let mut s = UnixStream::connect(&path).unwrap();
+        let mut head = Header::new(8, 2).to_bytes();
+        head[4] = 1;
+        s.write_all(&head).unwrap();
+        assert_eq!(
+            raw_read(&mut s).unwrap().1,
+            Response::Simple(EvpResult::Inval)
+        );
+        assert!(raw_read(&mut s).is_none());
+
+        // Garbage that fails verification: closed without an answer.
+        for garbage in [&b"garbage!"[..], &[0xff; 64][..], &[0u8; 4][..]] {
+            let mut s = UnixStream::connect(&path).unwrap();
+            raw_send(&mut s, 3, garbage);
+            assert!(raw_read(&mut s).is_none(), "closed after {garbage:?}");
+        }
+        // A response table where a request belongs, and a truncated request.
+        let mut s = UnixStream::connect(&path).unwrap();
+        raw_send(&mut s, 4, &Response::Simple(EvpResult::Ok).encode());
+        let _ = raw_read(&mut s);
+        let good = Request::SendState {
+            topic: "t".into(),
+            blob: vec![1; 200],
+            cb: wire::Callback::default(),
+        }
+        .encode();
+        let mut s = UnixStream::connect(&path).unwrap();
+        raw_send(&mut s, 5, &good[..good.len() / 2]);
+        assert!(raw_read(&mut s).is_none());
+        // A header cut short, then the peer goes away.
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.write_all(&[1, 0, 0]).unwrap();
+        drop(s);
+
+        // After all that, the broker still serves.
+        let mut s = UnixStream::connect(&path).unwrap();
+        raw_send(&mut s, 6, &poll_request());
+        assert_eq!(raw_read(&mut s).unwrap().0.xid, 6);
+        let mut rest = Vec::new();
+        s.set_nonblocking(true).unwrap();
+        let _ = s.read_to_end(&mut rest);
+        assert!(rest.is_empty());
+        let _ = HEADER_LEN;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_gets_again_and_memory_stays_bounded_without_dropping_anything() {
+    const QUEUE: usize = 64 * 1024;
+    let mut h = harness(Settings {
+        event_queue_bytes: QUEUE,
+        telemetry_queue_bytes: QUEUE,
+        ..quick_settings()
+    });
+    let path = h.open("flood");
+    let broker = Arc::clone(&h.broker);
+    let value = format!("\"{}\"", "x".repeat(98));
+    let log = Log::default();
+    let l = log.clone();
+    let (mut c, accepted, again) = client(move || {
+        let mut c = connect(&path);
+        let (mut accepted, mut again) = (0usize, 0usize);
+        // Never process events: callbacks pile up until the queue refuses more.
+        for _ in 0..20_000 {
+            match c.send_telemetry(&[("v", value.as_str())], l.cb::<TelemetryReason>("t")) {
+                Ok(()) => accepted += 1,
+                Err(e) if e.result() == EvpResult::Again => again += 1,
+                Err(e) => panic!("{e}"),
+            }
+            let queued = broker.queued_bytes("flood").unwrap();
+            assert!(queued <= QUEUE, "queue grew to {queued}");
+            assert!(broker.pending_telemetry_bytes("flood").unwrap() <= QUEUE);
+        }
+        (c, accepted, again)
+    })
+    .await;
+    assert!(again > 0, "the flood got EVP_AGAIN");
+    assert!(accepted > 0 && accepted <= QUEUE / evp_sdk_broker::broker::CALLBACK_COST);
+    // Everything accepted reaches hubd, exactly once, and every callback says SENT.
+    let mut emitted = 0;
+    while emitted < accepted {
+        match h.signal().await {
+            Signal::Telemetry(entries) => emitted += entries.len(),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(emitted, accepted);
+    h.no_signal().await;
+    let l = log.clone();
+    let reasons = client(move || {
+        let r = drain_until(&mut c, &l, accepted);
+        // Once drained, calls are accepted again.
+        c.send_telemetry(&[("v", "1")], |_| {}).unwrap();
+        r
+    })
+    .await;
+    assert!(reasons.iter().all(|r| r == "t:Sent"));
+
+    // Messages to a receiver that never reads: the sender gets EVP_AGAIN, nothing is lost.
+    let routing = serde_json::json!({"instances": {
+        "tx": {"publish": {"out": "t"}, "subscribe": {}},
+        "rx": {"publish": {}, "subscribe": {"in": "t"}}
+    }});
+    h.broker.set_routing(&routing.to_string()).unwrap();
+    let tx = h.open("tx");
+    let rx = h.open("rx");
+    let broker = Arc::clone(&h.broker);
+    client(move || {
+        let mut s = connect(&tx);
+        let mut r = connect(&rx);
+        let (mut sent, mut again) = (0usize, 0usize);
+        for i in 0..5_000u32 {
+            match s.send_message("out", &i.to_le_bytes(), |_| {}) {
+                Ok(()) => sent += 1,
+                Err(e) if e.result() == EvpResult::Again => again += 1,
+                Err(e) => panic!("{e}"),
+            }
+            // The sender's callbacks are drained, so only the receiver's queue fills.
+            while let Ok(Event::Completed) = s.next_event(Some(Duration::ZERO)) {}
+        }
+        assert!(again > 0);
+        assert!(broker.queued_bytes("rx").unwrap() <= QUEUE);
+        let mut got = 0;
+        while let Ok(Event::Message { .. }) = r.next_event(Some(Duration::from_millis(200))) {
+            got += 1;
+        }
+        assert_eq!(got, sent, "every accepted message arrives");
+    })
+    .await;
+}
+
+/// The child half of [`a_peer_whose_uid_is_not_allowed_is_refused`]: when run with
+/// `EVP_PEER_PROBE_SOCKET` set (as another user), connects, polls once and prints what
+/// happened. Does nothing in a normal test run.
+#[test]
+fn peer_probe_child() {
+    let Some(path) = std::env::var_os("EVP_PEER_PROBE_SOCKET") else {
+        return;
+    };
+    let outcome = match UnixStream::connect(&path) {
+        Err(e) => format!("connect-failed:{e}"),
+        Ok(mut s) => {
+            let payload = poll_request();
+            let mut record = Header::new(payload.len() as u32, 1000).to_bytes().to_vec();
+            record.extend_from_slice(&payload);
+            // A refused peer is closed at once: the write may already fail (EPIPE).
+            if s.write_all(&record).is_err() {
+                "refused".to_owned()
+            } else {
+                match raw_read(&mut s) {
+                    Some(_) => "answered".to_owned(),
+                    None => "refused".to_owned(),
+                }
+            }
+        }
+    };
+    println!("PROBE:{outcome}:END");
+}
+
+/// Runs [`peer_probe_child`] as uid/gid 65534 (nobody/nogroup) against `socket`.
+fn probe_as_nobody(socket: &Path) -> String {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new(exe)
+        .args([
+            "--exact",
+            "peer_probe_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("EVP_PEER_PROBE_SOCKET", socket)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let start = stdout.find("PROBE:").unwrap_or_else(|| {
+        panic!(
+            "no probe output: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let rest = &stdout[start + 6..];
+    rest[..rest.find(":END").unwrap()].to_owned()
+}
+
+/// "A client that connects to another instance's socket is refused": the identity is the
+/// socket path, so what can be refused is a peer that is not the runtime's user. The socket is
+/// made group-connectable (mode 0660, group nogroup) so that the refusal comes from the
+/// SO_PEERCRED check, not from the file mode; the same probe with uid 65534 allowed is
+/// answered, which shows it. Needs root (to run the probe as another user); skipped otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_whose_uid_is_not_allowed_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to run a client as another uid");
+        return;
+    }
+    for (allowed, expect) in [(vec![], "refused"), (vec![65534], "answered")] {
+        let dirs = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dirs.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let h = harness_in(
+            Settings {
+                instance_group: Some("nogroup".into()),
+                allowed_uids: Some(allowed),
+                ..quick_settings()
+            },
+            dirs,
+        );
+        let path = h.open("victim");
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(meta.gid(), 65534);
+        let p = path.clone();
+        let outcome = client(move || probe_as_nobody(&p)).await;
+        assert_eq!(outcome, expect);
+        // The broker's own uid is always allowed.
+        let p = path.clone();
+        client(move || {
+            let mut s = UnixStream::connect(&p).unwrap();
+            raw_send(&mut s, 1, &poll_request());
+            assert!(raw_read(&mut s).is_some());
+        })
+        .await;
+    }
+}
