@@ -1,20 +1,23 @@
-//! The sample module that evp-devhub deploys: a small native program with no dependencies.
+//! The sample module that evp-devhub deploys: a small native program written with `evp-sdk`.
 //!
-//! Every [`TICK_EVERY`] it prints `sample: alive, tick N` and stores `N` in a file of its
-//! workspace (`$EVP_MODULE_SDK_DEFAULT_WORKSPACE_PATH`), so a restart resumes the count and
-//! shows that the workspace persists. Without a workspace it counts in memory only. It needs
-//! no SDK socket, and dies on SIGTERM by the default action.
+//! Every [`TICK_EVERY`] it prints `sample: alive, tick N`, stores `N` in a file of its
+//! workspace (so a restart resumes the count and shows that the workspace persists), reports
+//! the state `tick` = `N` and sends the telemetry entry `tick` = `N`. Without a workspace it
+//! counts in memory only. It returns from `main` when the agent's exit event arrives.
+//!
+//! When the SDK socket cannot be reached (an agent that does not open one for the instance),
+//! it says so and keeps ticking without state or telemetry, dying on SIGTERM by the default
+//! action.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use evp_sdk::{Client, EvpResult};
 
 /// How often the module says it is alive: often enough to see at once that it runs, rarely
 /// enough not to flood the daemons' logs.
 const TICK_EVERY: Duration = Duration::from_secs(5);
-
-/// The environment variable through which the agent names the instance's workspace.
-const WORKSPACE_ENV: &str = "EVP_MODULE_SDK_DEFAULT_WORKSPACE_PATH";
 
 /// The file in the workspace that holds the last tick.
 const COUNTER_FILE: &str = "sample-ticks";
@@ -83,14 +86,32 @@ fn write_tick(file: &Path, tick: u64) -> std::io::Result<()> {
     std::fs::rename(&tmp, file)
 }
 
-/// The workspace named by the agent, if any (an empty value counts as unset).
+/// The workspace named by the agent, if set (an empty value counts as unset).
 fn workspace() -> Option<PathBuf> {
-    std::env::var_os(WORKSPACE_ENV)
+    std::env::var_os(evp_sdk::ENV_WORKSPACE)
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
 }
 
+/// Tells the agent about `tick`: the state `tick` and one telemetry entry `tick`.
+fn report(client: &mut Client, tick: u64) {
+    let value = tick.to_string();
+    if let Err(e) = client.send_state("tick", value.as_bytes(), |_| {}) {
+        eprintln!("sample: state not sent: {e}");
+    }
+    if let Err(e) = client.send_telemetry(&[("tick", &value)], |_| {}) {
+        eprintln!("sample: telemetry not sent: {e}");
+    }
+}
+
 fn main() {
+    let mut client = match Client::initialize() {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprintln!("sample: {e}; ticking without the SDK");
+            None
+        }
+    };
     let workspace = workspace();
     let mut counter = Counter::open(workspace.as_deref());
     match &workspace {
@@ -99,11 +120,34 @@ fn main() {
             w.display(),
             counter.tick
         ),
-        None => println!("sample: started without {WORKSPACE_ENV}; counting in memory only"),
+        None => println!(
+            "sample: started without {}; counting in memory only",
+            evp_sdk::ENV_WORKSPACE
+        ),
     }
+    let mut next = Instant::now() + TICK_EVERY;
     loop {
-        std::thread::sleep(TICK_EVERY);
+        let wait = next.saturating_duration_since(Instant::now());
+        match client.as_mut().map(|c| c.process_event(Some(wait))) {
+            None => std::thread::sleep(wait),
+            Some(EvpResult::Ok | EvpResult::TimedOut) => {}
+            Some(EvpResult::ShouldExit) => {
+                println!("sample: asked to exit after tick {}", counter.tick);
+                return;
+            }
+            Some(other) => {
+                eprintln!("sample: the agent connection failed ({other}); leaving");
+                return;
+            }
+        }
+        if Instant::now() < next {
+            continue;
+        }
+        next += TICK_EVERY;
         let tick = counter.advance();
+        if let Some(c) = client.as_mut() {
+            report(c, tick);
+        }
         let mut out = std::io::stdout().lock();
         // Nobody reading stdout is no reason to stop ticking: the counter file still moves.
         let _ = writeln!(out, "sample: alive, tick {tick}");

@@ -1,2 +1,77 @@
-//! Test modules written with evp-sdk (work in progress).
+//! Small EVP modules written with `evp-sdk`, built by `cargo build --workspace` into
+//! `target/<profile>/`, for the system tests that drive them from the hub. Each connects to
+//! `$EVP_MODULE_SDK_SOCKET_PATH`, logs one line per notable step on stderr, and returns from
+//! `main` (exit status 0) when the agent's exit event arrives (`EVP_SHOULDEXIT`). Exit status 1
+//! means the SDK socket could not be reached.
+//!
+//! | binary | behaviour |
+//! | --- | --- |
+//! | `evp-test-config-echo` | every configuration `(topic, value)` is sent back as the state `(topic, value)` |
+//! | `evp-test-config-telemetry` | every configuration `(topic, value)` is sent as one telemetry entry with key `topic`; the value as it is when it is JSON, else as a JSON string |
+//! | `evp-test-rpc-echo` | direct command `echo` is answered OK with its params as the response; any other method gets `METHOD_NOT_FOUND` with `{"error":"unknown method <m>"}` |
+//! | `evp-test-msg-sender` | configuration `count` = N (decimal text) sends N messages `"0"`..`"N-1"` on the publish alias `out` (retrying on `EVP_AGAIN`), then reports the state `sent` = `{"sent":S,"errors":E}` where S and E count the SENT and ERROR callbacks of that run |
+//! | `evp-test-msg-receiver` | counts the messages received on any subscribe alias and reports the state `received` = the count (a JSON number), at most every 100 ms and only when it changed |
+//! | `evp-test-telemetry-flood` | configuration `flood` = N sends N telemetry calls, each one entry `v` with a 100-byte JSON string, as fast as it can without processing events until the agent answers `EVP_AGAIN` (then it processes events and retries); when every callback came back it reports the state `flood` = `{"accepted":N,"again":A,"sent":S,"denied":D}` |
+//!
+//! Every module also answers no direct command except `evp-test-rpc-echo`; evp-sdk answers
+//! those with status ERROR.
 #![deny(missing_docs)]
+
+use std::time::Duration;
+
+use evp_sdk::Client;
+
+/// How long each module waits for an event before doing its idle work.
+pub const TICK: Duration = Duration::from_millis(100);
+
+/// Connects to the agent, or exits with status 1 saying why.
+pub fn connect(name: &str) -> Client {
+    match Client::initialize() {
+        Ok(c) => {
+            eprintln!("{name}: connected");
+            c
+        }
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// `value` as JSON text: itself when it already is JSON, else a JSON string of its text.
+pub fn as_json(value: &[u8]) -> String {
+    let text = String::from_utf8_lossy(value);
+    if serde_json::from_str::<serde_json::Value>(&text).is_ok() {
+        text.into_owned()
+    } else {
+        serde_json::Value::String(text.into_owned()).to_string()
+    }
+}
+
+/// A decimal count from a configuration value (surrounding spaces and quotes allowed).
+pub fn parse_count(value: &[u8]) -> Option<u64> {
+    String::from_utf8_lossy(value)
+        .trim()
+        .trim_matches('"')
+        .parse()
+        .ok()
+}
+
+/// Logs how the module ends.
+pub fn finish(name: &str, end: evp_sdk::EvpResult) {
+    eprintln!("{name}: leaving ({end})");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_become_json() {
+        assert_eq!(as_json(b"42"), "42");
+        assert_eq!(as_json(b"{\"a\":1}"), "{\"a\":1}");
+        assert_eq!(as_json(b"hello"), "\"hello\"");
+        assert_eq!(parse_count(b" \"1000\" "), Some(1000));
+        assert_eq!(parse_count(b"x"), None);
+    }
+}
