@@ -13,6 +13,10 @@
 //! | `evp-test-msg-receiver` | counts the messages received on any subscribe alias and reports the state `received` = the count (a JSON number), at most every 100 ms and only when it changed |
 //! | `evp-test-telemetry-flood` | configuration `flood` = N sends N telemetry calls, each one entry `v` with a 100-byte JSON string, as fast as it can without processing events until the agent answers `EVP_AGAIN` (then it processes events and retries); when every callback came back it reports the state `flood` = `{"accepted":N,"again":A,"sent":S,"denied":D}` |
 //!
+//! With sdk-broker's default limits (`event_queue_bytes` 1 MiB, that is 16384 callbacks
+//! waiting) the flooder meets `EVP_AGAIN` only when N is above about 16000, or when the
+//! broker's queue limits are set lower in `[sdk_broker]`.
+//!
 //! Every module also answers no direct command except `evp-test-rpc-echo`; evp-sdk answers
 //! those with status ERROR.
 #![deny(missing_docs)]
