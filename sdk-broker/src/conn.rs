@@ -81,8 +81,16 @@ pub(crate) fn bind(
         .map_err(io(format!("binding {}", path.display())))?;
     let mode = match group {
         Some(gid) => {
-            std::os::unix::fs::chown(&path, None, Some(gid))
-                .map_err(io(format!("chgrp {}", path.display())))?;
+            use std::os::unix::fs::MetadataExt;
+            // In a set-group-id directory of that group the socket already has it, and no
+            // chown is needed (the systemd unit's syscall filter forbids chown).
+            let has = std::fs::metadata(&path)
+                .map(|m| m.gid() == gid)
+                .unwrap_or(false);
+            if !has {
+                std::os::unix::fs::chown(&path, None, Some(gid))
+                    .map_err(io(format!("chgrp {}", path.display())))?;
+            }
             MODE_GROUP
         }
         None => MODE_OWNER_ONLY,
