@@ -4,24 +4,32 @@
 #![deny(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod backoff;
+pub mod crash;
+pub mod download;
 pub mod reconcile;
+pub mod restart;
 pub mod store;
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use evp_daemon::{AgentConfig, DaemonArgs};
 use evp_schemas::dbus::{EvpError, RECONCILER_NAME, RECONCILER_PATH};
 use evp_schemas::{Deployment, DeploymentStatus, ReconcileStatus};
 use serde::Deserialize;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{error, info};
 use zbus::interface;
 
-use crate::reconcile::{Desired, Reconciler, SharedStatus, StatusChanged};
+use crate::download::{DownloadConfig, Downloader, Downloads, EventSink, ProxyConfig};
+use crate::reconcile::{Desired, Event, Reconciler, Settings, SharedStatus, StatusChanged};
+use crate::restart::RestartConfig;
 use crate::store::{DesiredStore, ModuleCache};
 
-/// The `[reconciler]` section of agent.toml.
+/// The `[reconciler]` section of agent.toml. Every key is optional.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReconcilerConfig {
@@ -29,10 +37,164 @@ pub struct ReconcilerConfig {
     /// spawned modules 10 s.
     #[serde(default = "default_stop_grace_ms")]
     pub stop_grace_ms: u32,
+    /// Module transfers running at once: a gateway's uplink is shared, and four keeps a
+    /// deployment of many modules moving without starving each transfer.
+    #[serde(default = "default_max_concurrent_downloads")]
+    pub max_concurrent_downloads: usize,
+    /// First wait before a failed download is tried again; it doubles up to the max.
+    #[serde(default = "default_backoff_base_ms")]
+    pub download_retry_base_ms: u64,
+    /// Longest wait between download attempts.
+    #[serde(default = "default_backoff_max_ms")]
+    pub download_retry_max_ms: u64,
+    /// A transfer that receives nothing for this long fails (and resumes at the next attempt).
+    #[serde(default = "default_read_timeout_ms")]
+    pub download_read_timeout_ms: u64,
+    /// First wait before restarting a crashed instance; it doubles up to the max.
+    #[serde(default = "default_backoff_base_ms")]
+    pub restart_backoff_base_ms: u64,
+    /// Longest wait before restarting a crashed instance.
+    #[serde(default = "default_backoff_max_ms")]
+    pub restart_backoff_max_ms: u64,
+    /// An instance that ran this long counts as healthy: its restart count and backoff reset.
+    #[serde(default = "default_reset_after_ms")]
+    pub restart_reset_after_ms: u64,
+    /// Consecutive restarts after which a crashing instance is left in `error`.
+    #[serde(default = "default_restart_limit")]
+    pub restart_limit: u32,
+    /// First wait before retrying a pass that failed (a runtime not on the bus, a refused load
+    /// or start); it doubles up to the max.
+    #[serde(default = "default_backoff_base_ms")]
+    pub retry_base_ms: u64,
+    /// Longest wait between such retries.
+    #[serde(default = "default_backoff_max_ms")]
+    pub retry_max_ms: u64,
+    /// HTTP proxy host for module downloads; `EVP_HTTP_PROXY_HOST` wins when set.
+    #[serde(default)]
+    pub http_proxy_host: Option<String>,
+    /// HTTP proxy port; `EVP_HTTP_PROXY_PORT` wins when set.
+    #[serde(default)]
+    pub http_proxy_port: Option<u16>,
+    /// HTTP proxy Basic-auth user; `EVP_HTTP_PROXY_USERNAME` wins when set.
+    #[serde(default)]
+    pub http_proxy_username: Option<String>,
+    /// HTTP proxy Basic-auth password; `EVP_HTTP_PROXY_PASSWORD` wins when set.
+    #[serde(default)]
+    pub http_proxy_password: Option<String>,
+    /// An extra CA trusted for HTTPS downloads; `EVP_TLS_CA_CERT`, then `EVP_HTTPS_CA_CERT`,
+    /// win when set.
+    #[serde(default)]
+    pub https_ca_cert: Option<PathBuf>,
+}
+
+impl Default for ReconcilerConfig {
+    fn default() -> Self {
+        // An empty table gets every default, exactly as agent.toml without the section.
+        serde_json::from_value(serde_json::json!({}))
+            .unwrap_or_else(|_| unreachable!("every key has a default"))
+    }
 }
 
 fn default_stop_grace_ms() -> u32 {
     10_000
+}
+fn default_max_concurrent_downloads() -> usize {
+    4
+}
+/// Retries and restarts start at 1 s, as EVP's own retry tick.
+fn default_backoff_base_ms() -> u64 {
+    1_000
+}
+/// Failures on a gateway are mostly links and peers coming back; a minute keeps the device
+/// responsive without hammering a server.
+fn default_backoff_max_ms() -> u64 {
+    60_000
+}
+fn default_read_timeout_ms() -> u64 {
+    60_000
+}
+fn default_reset_after_ms() -> u64 {
+    60_000
+}
+fn default_restart_limit() -> u32 {
+    5
+}
+
+/// Why the `[reconciler]` section and the environment do not make a usable configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A proxy host is set without a usable port.
+    #[error(
+        "HTTP proxy host {host:?} needs a port (EVP_HTTP_PROXY_PORT or [reconciler] http_proxy_port)"
+    )]
+    ProxyPortMissing {
+        /// The proxy host.
+        host: String,
+    },
+    /// `EVP_HTTP_PROXY_PORT` is not a port number.
+    #[error("EVP_HTTP_PROXY_PORT={0:?} is not a port number")]
+    ProxyPortInvalid(String),
+}
+
+impl ReconcilerConfig {
+    /// How downloads are made, with the environment (`lookup`, empty meaning unset) winning
+    /// over the section.
+    pub fn download_config(
+        &self,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<DownloadConfig, ConfigError> {
+        let host = lookup("EVP_HTTP_PROXY_HOST").or_else(|| self.http_proxy_host.clone());
+        let proxy = match host {
+            None => None,
+            Some(host) => {
+                let port = match lookup("EVP_HTTP_PROXY_PORT") {
+                    Some(p) => Some(
+                        p.trim()
+                            .parse::<u16>()
+                            .map_err(|_| ConfigError::ProxyPortInvalid(p.clone()))?,
+                    ),
+                    None => self.http_proxy_port,
+                };
+                let port =
+                    port.ok_or_else(|| ConfigError::ProxyPortMissing { host: host.clone() })?;
+                Some(ProxyConfig {
+                    host,
+                    port,
+                    username: lookup("EVP_HTTP_PROXY_USERNAME")
+                        .or_else(|| self.http_proxy_username.clone()),
+                    password: lookup("EVP_HTTP_PROXY_PASSWORD")
+                        .or_else(|| self.http_proxy_password.clone()),
+                })
+            }
+        };
+        let ca_cert = lookup("EVP_TLS_CA_CERT")
+            .or_else(|| lookup("EVP_HTTPS_CA_CERT"))
+            .map(PathBuf::from)
+            .or_else(|| self.https_ca_cert.clone());
+        Ok(DownloadConfig {
+            max_concurrent: self.max_concurrent_downloads.max(1),
+            read_timeout: Duration::from_millis(self.download_read_timeout_ms),
+            proxy,
+            ca_cert,
+            retry_base: Duration::from_millis(self.download_retry_base_ms),
+            retry_max: Duration::from_millis(self.download_retry_max_ms),
+        })
+    }
+
+    /// The reconcile loop's settings.
+    pub fn settings(&self) -> Settings {
+        Settings {
+            stop_grace_ms: self.stop_grace_ms,
+            restart: RestartConfig {
+                base: Duration::from_millis(self.restart_backoff_base_ms),
+                max: Duration::from_millis(self.restart_backoff_max_ms),
+                reset_after: Duration::from_millis(self.restart_reset_after_ms),
+                limit: self.restart_limit,
+            },
+            retry_base: Duration::from_millis(self.retry_base_ms),
+            retry_max: Duration::from_millis(self.retry_max_ms),
+        }
+    }
 }
 
 /// The `org.evp.Reconciler1` object.
@@ -104,7 +266,14 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     let store = DesiredStore::new(config.data_subdir("deployment")?);
     let modules_dir = config.common.data_dir.join("modules");
     create_shared_dir(&modules_dir)?;
-    let cache = ModuleCache::new(modules_dir)?;
+    let download_config = section.download_config(evp_daemon::env_nonempty)?;
+    let downloader = Downloader::new(ModuleCache::new(modules_dir), &download_config)?;
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let sink_tx = events_tx.clone();
+    let sink: EventSink = Arc::new(move |ev| {
+        let _ = sink_tx.send(Event::Download(ev));
+    });
+    let downloads = Downloads::new(downloader, &download_config, sink);
 
     let initial = store.load();
     if let Some(d) = &initial {
@@ -151,12 +320,15 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
             }
         }
     });
-    tokio::spawn(reconcile::follow_runtime_events(
+    reconcile::follow_runtimes(&conn, events_tx).await;
+    let reconciler = Reconciler::new(
         conn.clone(),
-        status.clone(),
-        changed.clone(),
-    ));
-    let reconciler = Reconciler::new(conn.clone(), cache, status, changed, section.stop_grace_ms);
+        downloads,
+        events_rx,
+        status,
+        changed,
+        section.settings(),
+    );
     tokio::spawn(reconciler.run(desired_rx));
     info!("serving {RECONCILER_NAME}");
     evp_daemon::notify_ready();

@@ -1,21 +1,27 @@
-//! The reconcile loop: brings what runs on the device to the desired deployment, one diff at a
-//! time, and keeps the deployment status up to date.
+//! The reconcile loop: one task owns what reconcilerd believes runs (`running`), and changes it
+//! only in response to its inputs, one at a time: a new desired deployment, a runtime's
+//! `InstanceChanged`, a runtime appearing on or leaving the bus, a download task's report, and
+//! its own timers (restarts, retries). A redeploy and a restart therefore never race. After
+//! every input the status is rendered from this state, so its `deploymentId` always comes with
+//! the instances and modules of that deployment.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use evp_schemas::dbus::{self, Runtime1Proxy};
 use evp_schemas::{
     Deployment, DeploymentStatus, InstanceState, InstanceStatus, Module, ModuleImpl, ModuleState,
-    ModuleStatus, ReconcileStatus,
+    ModuleStatus, ReconcileStatus, RestartPolicy,
 };
 use futures_util::StreamExt;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 use zbus::Connection;
 
-use crate::store::ModuleCache;
+use crate::backoff::{self, Backoff};
+use crate::download::{DownloadEvent, Downloads, Progress};
+use crate::restart::{self, Decision, Exit, RestartConfig, RestartState};
 
 /// What the loop is asked to do: the latest desired deployment and whether changes are held.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -26,49 +32,90 @@ pub struct Desired {
     pub paused: bool,
 }
 
-/// The status shared between the loop, the runtime-event listener and the D-Bus object.
+/// The status shared between the loop and the D-Bus object.
 pub type SharedStatus = Arc<Mutex<DeploymentStatus>>;
 
 /// Called after every status change, to emit `PropertiesChanged`.
 pub type StatusChanged = Arc<dyn Fn() + Send + Sync>;
 
-/// First wait before retrying a deployment that had failures (a download, a runtime away).
-const RETRY_FIRST: Duration = Duration::from_secs(1);
-/// Longest wait between retries: failures on a gateway are mostly links and peers coming back,
-/// and a minute keeps the device responsive without hammering a server.
-const RETRY_MAX: Duration = Duration::from_secs(60);
+/// The loop's settings, from `[reconciler]`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Grace given to an instance that is stopped before it is killed.
+    pub stop_grace_ms: u32,
+    /// Restart policy defaults.
+    pub restart: RestartConfig,
+    /// First wait before retrying a pass that had failures (a runtime away, a refused load).
+    pub retry_base: Duration,
+    /// Longest wait between such retries.
+    pub retry_max: Duration,
+}
 
-/// Which runtime daemon runs a module kind; `None` for kinds this agent cannot run.
-fn runtime_of(kind: ModuleImpl) -> Option<(&'static str, &'static str)> {
-    match kind {
-        ModuleImpl::Wasm => Some((dbus::RUNTIME_WASM_NAME, dbus::RUNTIME_WASM_PATH)),
-        ModuleImpl::Spawn | ModuleImpl::Python | ModuleImpl::Docker => {
-            Some((dbus::RUNTIME_CONTAINER_NAME, dbus::RUNTIME_CONTAINER_PATH))
+/// Grace given when an exited instance's record is dropped before a restart: it does not run,
+/// so there is nothing to wait for.
+const FORGET_GRACE_MS: u32 = 0;
+
+/// The two runtime daemons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Runtime {
+    /// runtimed-wasm.
+    Wasm,
+    /// runtimed-container.
+    Container,
+}
+
+impl Runtime {
+    /// Both runtimes.
+    pub const ALL: [Runtime; 2] = [Runtime::Wasm, Runtime::Container];
+
+    /// Its bus name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Runtime::Wasm => dbus::RUNTIME_WASM_NAME,
+            Runtime::Container => dbus::RUNTIME_CONTAINER_NAME,
         }
-        ModuleImpl::Dlfcn => None,
+    }
+
+    fn path(self) -> &'static str {
+        match self {
+            Runtime::Wasm => dbus::RUNTIME_WASM_PATH,
+            Runtime::Container => dbus::RUNTIME_CONTAINER_PATH,
+        }
+    }
+
+    /// Which runtime runs a module kind; `None` for kinds this agent cannot run.
+    pub fn of(kind: ModuleImpl) -> Option<Runtime> {
+        match kind {
+            ModuleImpl::Wasm => Some(Runtime::Wasm),
+            ModuleImpl::Spawn | ModuleImpl::Python | ModuleImpl::Docker => Some(Runtime::Container),
+            ModuleImpl::Dlfcn => None,
+        }
     }
 }
 
 /// A proxy to one runtime; properties are not cached because the loop reads them rarely.
-async fn runtime_proxy(
-    conn: &Connection,
-    name: &'static str,
-    path: &'static str,
-) -> zbus::Result<Runtime1Proxy<'static>> {
+async fn runtime_proxy(conn: &Connection, rt: Runtime) -> zbus::Result<Runtime1Proxy<'static>> {
     Runtime1Proxy::builder(conn)
-        .destination(name)
-        .path(path)
+        .destination(rt.name())
+        .path(rt.path())
         .cache_properties(zbus::proxy::CacheProperties::No)
         .build()
         .await
 }
 
 /// What an instance was started from: when any of it changes, the instance is restarted.
-/// Messaging routes are left out on purpose: changing them must not restart anything.
+/// Messaging routes and the restart policy are left out on purpose: changing them must not
+/// restart anything.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Placement {
     module_id: String,
     module: Module,
+}
+
+impl Placement {
+    fn runtime(&self) -> Option<Runtime> {
+        Runtime::of(self.module.module_impl)
+    }
 }
 
 fn placement(deployment: &Deployment, instance: &str) -> Option<Placement> {
@@ -80,122 +127,560 @@ fn placement(deployment: &Deployment, instance: &str) -> Option<Placement> {
     })
 }
 
-/// The loop's own view of the device: what it placed.
-pub struct Reconciler {
-    conn: Connection,
-    cache: ModuleCache,
-    status: SharedStatus,
-    changed: StatusChanged,
-    stop_grace_ms: u32,
-    /// Instances started by this loop, and from what.
-    running: BTreeMap<String, Placement>,
-    /// Modules loaded into a runtime, and from what definition.
-    loaded: BTreeMap<String, Module>,
+/// The hash a module is cached under, when it is fetched into the cache at all (not docker).
+fn cached_hash(module: &Module) -> Option<String> {
+    match (module.module_impl, &module.download_url, &module.hash) {
+        (ModuleImpl::Docker, ..) => None,
+        (_, Some(_), Some(h)) => Some(h.to_ascii_lowercase()),
+        _ => None,
+    }
 }
 
-/// How one pass ended.
-enum Pass {
-    /// Everything was attempted; `failures` says whether something must be retried.
-    Done { failures: bool },
-    /// A newer desired state arrived mid-way.
-    Preempted,
+/// An instance this loop placed (or adopted) and tracks.
+#[derive(Debug, Clone)]
+struct Running {
+    placement: Placement,
+    state: InstanceState,
+    failure: Option<String>,
+    restart: RestartState,
+}
+
+/// What the loop knows about one download task.
+#[derive(Debug, Clone, Default)]
+struct DownloadView {
+    progress: Option<Progress>,
+    failed: Option<String>,
+}
+
+/// One input of the loop besides the desired deployment and its timers.
+#[derive(Debug)]
+pub enum Event {
+    /// A download task reported.
+    Download(DownloadEvent),
+    /// A runtime's `InstanceChanged`.
+    Instance {
+        /// Which runtime sent it.
+        runtime: Runtime,
+        /// The instance.
+        instance: String,
+        /// Its status word.
+        status: String,
+        /// Why, for `error`.
+        failure: String,
+    },
+    /// A runtime got an owner on the bus (`true`) or lost it (`false`).
+    Owner {
+        /// Which runtime.
+        runtime: Runtime,
+        /// Whether it is on the bus now.
+        present: bool,
+    },
+}
+
+/// How a module stands, as the status shows it.
+enum ModuleView {
+    Ok,
+    Downloading(Option<Progress>),
+    Failed(String),
+    /// Fetched, waiting for its runtime to be on the bus: shown as `error` with the reason,
+    /// while the deployment stays `applying`.
+    Waiting(String),
+}
+
+/// The loop's own view of the device.
+pub struct Reconciler {
+    conn: Connection,
+    status: SharedStatus,
+    changed: StatusChanged,
+    settings: Settings,
+    downloads: Downloads,
+    events: mpsc::UnboundedReceiver<Event>,
+    /// The deployment being applied, which the status describes.
+    target: Option<Deployment>,
+    paused: bool,
+    /// A pass over `target` ran to its end.
+    applied: bool,
+    /// A pass is due.
+    dirty: bool,
+    running: BTreeMap<String, Running>,
+    /// Modules loaded into a runtime, and from what definition.
+    loaded: BTreeMap<String, Module>,
+    downloading: HashMap<String, DownloadView>,
+    module_errors: BTreeMap<String, String>,
+    instance_errors: BTreeMap<String, String>,
+    /// Runtimes whose `Instances` were read since they last appeared on the bus.
+    synced: BTreeSet<Runtime>,
+    /// Instances a runtime hosts that the deployment does not want (or wants from another
+    /// module): stopped by the next pass.
+    foreign: Vec<(Runtime, String)>,
+    retry: Backoff,
+    retry_at: Option<Instant>,
+    published: Option<DeploymentStatus>,
 }
 
 impl Reconciler {
     /// A loop that publishes its status into `status` and calls `changed` after each change.
+    /// `events` carries download reports (their sink sends [`Event::Download`] into it) and
+    /// runtime events (see [`follow_runtimes`]).
     pub fn new(
         conn: Connection,
-        cache: ModuleCache,
+        downloads: Downloads,
+        events: mpsc::UnboundedReceiver<Event>,
         status: SharedStatus,
         changed: StatusChanged,
-        stop_grace_ms: u32,
+        settings: Settings,
     ) -> Self {
+        let retry = Backoff::new(settings.retry_base, settings.retry_max);
         Reconciler {
             conn,
-            cache,
             status,
             changed,
-            stop_grace_ms,
+            settings,
+            downloads,
+            events,
+            target: None,
+            paused: false,
+            applied: false,
+            dirty: false,
             running: BTreeMap::new(),
             loaded: BTreeMap::new(),
+            downloading: HashMap::new(),
+            module_errors: BTreeMap::new(),
+            instance_errors: BTreeMap::new(),
+            synced: BTreeSet::new(),
+            foreign: Vec::new(),
+            retry,
+            retry_at: None,
+            published: None,
         }
     }
 
-    fn update(&self, f: impl FnOnce(&mut DeploymentStatus)) {
-        {
-            let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut s);
-        }
-        (self.changed)();
-    }
-
-    async fn runtime(&self, kind: ModuleImpl) -> Result<Runtime1Proxy<'static>, String> {
-        let (name, path) = runtime_of(kind)
-            .ok_or_else(|| format!("{kind} modules are not supported on this device"))?;
-        runtime_proxy(&self.conn, name, path)
+    async fn runtime(&self, rt: Runtime) -> Result<Runtime1Proxy<'static>, String> {
+        runtime_proxy(&self.conn, rt)
             .await
-            .map_err(|e| format!("runtime {name} unavailable: {e}"))
+            .map_err(|e| format!("runtime {} unavailable: {e}", rt.name()))
     }
 
-    /// Runs forever: converges to each new desired state, retrying failures with backoff.
+    /// Runs until the desired-state sender is dropped.
     pub async fn run(mut self, mut desired_rx: watch::Receiver<Desired>) {
-        let mut retry = RETRY_FIRST;
+        // `changed()` below marks the value seen, so a flag carries the news to the top.
+        let mut desired_changed = true;
         loop {
-            let desired = desired_rx.borrow_and_update().clone();
-            let pass = match (&desired.deployment, desired.paused) {
-                (_, true) => {
-                    self.update(|s| s.reconcile_status = Some(ReconcileStatus::Paused));
-                    Pass::Done { failures: false }
+            if std::mem::take(&mut desired_changed) || desired_rx.has_changed().unwrap_or(false) {
+                let desired = desired_rx.borrow_and_update().clone();
+                self.paused = desired.paused;
+                if !self.paused && desired.deployment != self.target {
+                    self.target = desired.deployment;
+                    self.applied = false;
+                    self.retry.reset();
+                    self.retry_at = None;
                 }
-                (None, false) => Pass::Done { failures: false },
-                (Some(d), false) => self.reconcile(d, &desired_rx).await,
-            };
-            let failures = match pass {
-                Pass::Preempted => continue,
-                Pass::Done { failures } => failures,
-            };
-            if failures {
-                debug!(?retry, "deployment had failures; retrying later");
-                tokio::select! {
-                    r = desired_rx.changed() => { if r.is_err() { return; } retry = RETRY_FIRST; }
-                    _ = tokio::time::sleep(retry) => { retry = (retry * 2).min(RETRY_MAX); }
+                self.dirty = true;
+            }
+            if self.dirty && !self.paused && self.target.is_some() {
+                self.dirty = false;
+                if self.pass(&desired_rx).await {
+                    // Preempted: take the newer deployment first.
+                    self.dirty = true;
+                    continue;
                 }
-            } else {
-                retry = RETRY_FIRST;
-                if desired_rx.changed().await.is_err() {
-                    return;
+            }
+            self.publish();
+            let deadline = self.next_deadline();
+            tokio::select! {
+                r = desired_rx.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    desired_changed = true;
+                }
+                ev = self.events.recv() => match ev {
+                    Some(ev) => self.handle(ev).await,
+                    None => return,
+                },
+                _ = sleep_until(deadline) => self.on_timers().await,
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.running
+            .values()
+            .filter_map(|r| r.restart.pending())
+            .chain(self.retry_at)
+            .min()
+    }
+
+    async fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Download(d) => self.on_download(d),
+            Event::Instance {
+                runtime,
+                instance,
+                status,
+                failure,
+            } => {
+                self.on_instance(runtime, &instance, &status, &failure)
+                    .await
+            }
+            Event::Owner { runtime, present } => {
+                if present {
+                    info!(
+                        runtime = runtime.name(),
+                        "runtime is on the bus; reading its instances"
+                    );
+                    self.synced.remove(&runtime);
+                    self.sync_runtime(runtime).await;
+                } else {
+                    self.runtime_lost(runtime);
+                }
+                self.dirty = true;
+            }
+        }
+    }
+
+    fn on_download(&mut self, ev: DownloadEvent) {
+        match ev {
+            DownloadEvent::Started { hash, task } if self.downloads.is_current(&hash, task) => {
+                let v = self.downloading.entry(hash).or_default();
+                v.failed = None;
+            }
+            DownloadEvent::Progress {
+                hash,
+                task,
+                progress,
+            } if self.downloads.is_current(&hash, task) => {
+                self.downloading.entry(hash).or_default().progress = Some(progress);
+            }
+            DownloadEvent::Failed {
+                hash,
+                task,
+                message,
+                ..
+            } if self.downloads.is_current(&hash, task) => {
+                let v = self.downloading.entry(hash).or_default();
+                v.failed = Some(message);
+                v.progress = None;
+            }
+            DownloadEvent::Done { hash, task } if self.downloads.is_current(&hash, task) => {
+                self.downloads.finished(&hash);
+                self.downloading.remove(&hash);
+                self.dirty = true;
+            }
+            stale => debug!(?stale, "report of a cancelled download"),
+        }
+    }
+
+    async fn on_instance(&mut self, rt: Runtime, instance: &str, status: &str, failure: &str) {
+        let Some(r) = self.running.get_mut(instance) else {
+            return;
+        };
+        if r.placement.runtime() != Some(rt) {
+            return;
+        }
+        let Some(state) = InstanceState::parse(status) else {
+            warn!(%instance, "unknown instance status {status:?}");
+            return;
+        };
+        match state {
+            // Stops are the loop's own doing (or part of a restart).
+            InstanceState::Stopped => {}
+            InstanceState::Error => {
+                let reason = if failure.is_empty() {
+                    "failed".to_owned()
+                } else {
+                    failure.to_owned()
+                };
+                self.on_exit(instance, Exit::Failure(reason));
+            }
+            InstanceState::SelfExiting => self.on_exit(instance, Exit::Clean),
+            other => {
+                if r.restart.pending().is_none() {
+                    info!(%instance, "now {other}");
+                    r.state = other;
+                    r.failure = None;
                 }
             }
         }
     }
 
-    async fn reconcile(&mut self, desired: &Deployment, rx: &watch::Receiver<Desired>) -> Pass {
-        let preempted = || rx.has_changed().unwrap_or(false);
-        self.update(|s| {
-            s.deployment_id = desired.deployment_id.clone();
-            s.reconcile_status = Some(ReconcileStatus::Applying);
-            s.failure_message = None;
-            s.modules.retain(|id, _| desired.modules.contains_key(id));
-        });
+    /// Applies the restart policy to an instance that exited by itself.
+    fn on_exit(&mut self, instance: &str, exit: Exit) {
+        let policy = self
+            .target
+            .as_ref()
+            .and_then(|d| d.instance_specs.get(instance))
+            .and_then(|s| s.restart_policy)
+            .unwrap_or(RestartPolicy::OnFailure);
+        let config = self.settings.restart;
+        let Some(r) = self.running.get_mut(instance) else {
+            return;
+        };
+        if r.restart.pending().is_some() {
+            // Already waiting to restart: this is the same exit, reported again.
+            return;
+        }
+        let now = Instant::now();
+        let decision = r
+            .restart
+            .on_exit(policy, &config, &exit, now, backoff::random_jitter());
+        let (state, reason) = match &exit {
+            Exit::Clean => (
+                InstanceState::SelfExiting,
+                "exited with status 0".to_owned(),
+            ),
+            Exit::Failure(m) => (InstanceState::Error, m.clone()),
+        };
+        let message = restart::describe(&reason, &decision, config.limit, now);
+        match &decision {
+            Decision::Restart { attempt, delay, .. } => {
+                info!(%instance, attempt, limit = config.limit, ?delay, "{reason}; restarting it after the backoff")
+            }
+            Decision::Stay => info!(%instance, "{message}"),
+            Decision::GiveUp { .. } => warn!(%instance, "{message}"),
+        }
+        r.state = state;
+        r.failure = (state == InstanceState::Error).then_some(message);
+    }
 
-        // 1. Stop what is not wanted any more, or wanted from something else.
+    async fn on_timers(&mut self) {
+        let now = Instant::now();
+        if self.retry_at.is_some_and(|t| t <= now) {
+            self.retry_at = None;
+            self.dirty = true;
+        }
+        let due: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(_, r)| r.restart.pending().is_some_and(|t| t <= now))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in due {
+            self.restart(&name).await;
+        }
+    }
+
+    /// Starts an exited instance again, as its restart policy scheduled.
+    async fn restart(&mut self, name: &str) {
+        let Some(r) = self.running.get(name) else {
+            return;
+        };
+        let want = r.placement.clone();
+        let attempt = r.restart.restarts();
+        let Some(rt) = want.runtime().filter(|rt| self.synced.contains(rt)) else {
+            // Its runtime is away; what it reports when it is back decides.
+            if let Some(r) = self.running.get_mut(name) {
+                r.restart.cancel();
+            }
+            return;
+        };
+        info!(instance = %name, attempt, limit = self.settings.restart.limit, "restarting instance");
+        let result = match self.runtime(rt).await {
+            Ok(proxy) => {
+                // The runtime keeps an exited instance's record; StopInstance drops it, so the
+                // start below is a fresh one rather than a no-op.
+                if let Err(e) = proxy.stop_instance(name, FORGET_GRACE_MS).await {
+                    debug!(instance = %name, "forgetting the exited instance: {}", dbus::error_message(&e));
+                }
+                start(&proxy, name, &want).await
+            }
+            Err(e) => Err(e),
+        };
+        let now = Instant::now();
+        let Some(r) = self.running.get_mut(name) else {
+            return;
+        };
+        r.restart.on_restarted(now);
+        match result {
+            Ok(()) => {
+                r.state = InstanceState::Starting;
+                r.failure = None;
+            }
+            Err(msg) => self.on_exit(name, Exit::Failure(format!("Failed to restart: {msg}"))),
+        }
+    }
+
+    /// A runtime left the bus: its instances' states are unknown until it is back.
+    fn runtime_lost(&mut self, rt: Runtime) {
+        warn!(
+            runtime = rt.name(),
+            "runtime left the bus; its instances are unknown until it is back"
+        );
+        self.synced.remove(&rt);
+        self.loaded
+            .retain(|_, m| Runtime::of(m.module_impl) != Some(rt));
+        for r in self.running.values_mut() {
+            if r.placement.runtime() == Some(rt) {
+                r.state = InstanceState::Unknown;
+                r.failure = Some(format!("runtime {} is not on the bus", rt.name()));
+                r.restart.cancel();
+            }
+        }
+    }
+
+    /// Reads what a runtime hosts and folds it into `running`: instances it hosts with the
+    /// module the deployment wants are adopted without a start; ones it no longer hosts are
+    /// started again by the next pass; the others are stopped. Returns whether it answered.
+    async fn sync_runtime(&mut self, rt: Runtime) -> bool {
+        let hosted = match self.runtime(rt).await {
+            Ok(p) => p.instances().await.map_err(|e| dbus::error_message(&e)),
+            Err(e) => Err(e),
+        };
+        let hosted = match hosted {
+            Ok(h) => h,
+            Err(e) => {
+                debug!(runtime = rt.name(), "cannot read its instances: {e}");
+                return false;
+            }
+        };
+        let now = Instant::now();
+        // A runtime that (re)appeared may not know our modules; loading again is harmless.
+        self.loaded
+            .retain(|_, m| Runtime::of(m.module_impl) != Some(rt));
+        let mut hosted: BTreeMap<String, (String, String, String)> = hosted
+            .into_iter()
+            .map(|(name, module, status, failure)| (name, (module, status, failure)))
+            .collect();
+        let ours: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(_, r)| r.placement.runtime() == Some(rt))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in ours {
+            let Some(r) = self.running.get_mut(&name) else {
+                continue;
+            };
+            match hosted.remove(&name) {
+                Some((module_id, status, failure)) if module_id == r.placement.module_id => {
+                    r.restart.cancel();
+                    self.take_state(&name, &status, &failure);
+                }
+                Some(_) => {
+                    self.running.remove(&name);
+                    self.foreign.push((rt, name));
+                }
+                None => {
+                    info!(instance = %name, runtime = rt.name(), "instance is gone from its runtime; it will be started again");
+                    self.running.remove(&name);
+                }
+            }
+        }
+        for (name, (module_id, status, failure)) in hosted {
+            let want = self
+                .target
+                .as_ref()
+                .and_then(|d| placement(d, &name))
+                .filter(|p| p.module_id == module_id && p.runtime() == Some(rt));
+            match want {
+                Some(placement) => {
+                    info!(instance = %name, module = %module_id, %status, "adopting instance the runtime already hosts");
+                    self.running.insert(
+                        name.clone(),
+                        Running {
+                            placement,
+                            state: InstanceState::Unknown,
+                            failure: None,
+                            restart: RestartState::new(now),
+                        },
+                    );
+                    self.take_state(&name, &status, &failure);
+                }
+                None => {
+                    info!(instance = %name, module = %module_id, runtime = rt.name(), "the runtime hosts an instance the deployment does not want; stopping it");
+                    self.foreign.push((rt, name));
+                }
+            }
+        }
+        self.synced.insert(rt);
+        self.dirty = true;
+        true
+    }
+
+    /// Takes an instance's state as its runtime reports it; exits go through the policy.
+    fn take_state(&mut self, name: &str, status: &str, failure: &str) {
+        match InstanceState::parse(status) {
+            Some(InstanceState::Error) => {
+                let reason = if failure.is_empty() {
+                    "failed"
+                } else {
+                    failure
+                };
+                self.on_exit(name, Exit::Failure(reason.to_owned()));
+            }
+            Some(InstanceState::SelfExiting) => self.on_exit(name, Exit::Clean),
+            state => {
+                if let Some(r) = self.running.get_mut(name) {
+                    r.state = state.unwrap_or(InstanceState::Unknown);
+                    r.failure = None;
+                }
+            }
+        }
+    }
+
+    /// One pass towards `target`. Returns `true` when a newer desired state preempted it.
+    async fn pass(&mut self, rx: &watch::Receiver<Desired>) -> bool {
+        let Some(desired) = self.target.clone() else {
+            return false;
+        };
+        let preempted = || rx.has_changed().unwrap_or(false);
+        self.applied = false;
+        self.module_errors.clear();
+        self.instance_errors.clear();
+        let mut failures = false;
+
+        // 0. Learn what runtimes host before placing anything on them (and before the status
+        //    says anything about them).
+        for rt in Runtime::ALL {
+            if !self.synced.contains(&rt) && !self.sync_runtime(rt).await && needs(&desired, rt) {
+                debug!(
+                    runtime = rt.name(),
+                    "runtime not on the bus yet; retrying later"
+                );
+                failures = true;
+            }
+        }
+        self.publish();
+
+        // 1. Stop what runtimes host that the deployment does not want.
+        while let Some((rt, name)) = self.foreign.pop() {
+            if preempted() {
+                self.foreign.push((rt, name));
+                return true;
+            }
+            if let Ok(proxy) = self.runtime(rt).await {
+                if let Err(e) = proxy
+                    .stop_instance(&name, self.settings.stop_grace_ms)
+                    .await
+                {
+                    warn!(instance = %name, "stop failed: {}", dbus::error_message(&e));
+                }
+                if !desired.instance_specs.contains_key(&name)
+                    && let Err(e) = proxy.purge_instance(&name).await
+                {
+                    warn!(instance = %name, "removing its directory failed: {}", dbus::error_message(&e));
+                }
+            }
+        }
+
+        // 2. Stop what is not wanted any more, or wanted from something else.
         let placed: Vec<(String, Placement)> = self
             .running
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, v)| (k.clone(), v.placement.clone()))
             .collect();
         for (name, was) in placed {
-            let want = placement(desired, &name);
+            let want = placement(&desired, &name);
             if want.as_ref() == Some(&was) {
                 continue;
             }
-            self.stop_instance(&name, &was).await;
-            if want.is_none() {
-                self.purge_instance(&name, &was).await;
+            if preempted() {
+                return true;
             }
+            self.stop_instance(&name, &was, want.is_none()).await;
         }
 
-        // 2. Unload modules whose definition is gone or changed.
+        // 3. Unload modules whose definition is gone or changed.
         let loaded: Vec<(String, Module)> = self
             .loaded
             .iter()
@@ -205,238 +690,409 @@ impl Reconciler {
             if desired.modules.get(&id) == Some(&module) {
                 continue;
             }
-            if let Ok(rt) = self.runtime(module.module_impl).await
-                && let Err(e) = rt.unload_module(&id).await
+            if let Some(rt) = Runtime::of(module.module_impl)
+                && let Ok(proxy) = self.runtime(rt).await
+                && let Err(e) = proxy.unload_module(&id).await
             {
                 warn!(module = %id, "unload failed: {}", dbus::error_message(&e));
             }
             self.loaded.remove(&id);
         }
 
-        // 3. Fetch and load every module of the deployment.
-        let mut failures = false;
+        // 4. Cancel downloads nothing wants any more; the others carry on untouched.
+        let wanted: BTreeSet<String> = desired.modules.values().filter_map(cached_hash).collect();
+        for hash in self.downloads.retain(|h| wanted.contains(h)) {
+            self.downloading.remove(&hash);
+        }
+
+        // 5. Fetch (in the background) and load every module of the deployment.
         for (id, module) in &desired.modules {
             if self.loaded.get(id) == Some(module) {
                 continue;
             }
-            if preempted() {
-                return Pass::Preempted;
+            let Some(rt) = Runtime::of(module.module_impl) else {
+                self.module_errors.insert(
+                    id.clone(),
+                    format!(
+                        "{} modules are not supported on this device",
+                        module.module_impl
+                    ),
+                );
+                continue;
+            };
+            let (location, hash) = match (&module.download_url, module.module_impl) {
+                (None, _) => {
+                    self.module_errors.insert(
+                        id.clone(),
+                        format!(
+                            "module {id} has no downloadUrl; embedded modules are not supported"
+                        ),
+                    );
+                    continue;
+                }
+                (Some(url), ModuleImpl::Docker) => {
+                    (url.clone(), module.hash.clone().unwrap_or_default())
+                }
+                (Some(url), _) => {
+                    let hash = module.hash.clone().unwrap_or_default().to_ascii_lowercase();
+                    if !self.downloads.cache().contains(&hash) {
+                        self.downloads.ensure(&hash, url);
+                        self.downloading.entry(hash).or_default();
+                        continue;
+                    }
+                    let path = self.downloads.cache().path_of(&hash);
+                    (path.to_string_lossy().into_owned(), hash)
+                }
+            };
+            if !self.synced.contains(&rt) {
+                continue;
             }
-            self.set_module(id, ModuleState::Downloading, None);
-            match self.load_module(id, module).await {
+            if preempted() {
+                return true;
+            }
+            let result = match self.runtime(rt).await {
+                Ok(proxy) => proxy
+                    .load_module(id, module.module_impl.as_str(), &location, &hash)
+                    .await
+                    .map_err(|e| format!("Failed to load: {}", dbus::error_message(&e))),
+                Err(e) => Err(e),
+            };
+            match result {
                 Ok(()) => {
                     self.loaded.insert(id.clone(), module.clone());
-                    self.set_module(id, ModuleState::Ok, None);
                 }
                 Err(msg) => {
                     warn!(module = %id, "{msg}");
                     failures = true;
-                    self.set_module(id, ModuleState::Error, Some(msg));
+                    self.module_errors.insert(id.clone(), msg);
                 }
             }
         }
 
-        // 4. Start the instances that do not run yet.
-        for (name, spec) in &desired.instance_specs {
+        // 6. Start the instances that do not run yet.
+        let mut started_on = BTreeSet::new();
+        for name in desired.instance_specs.keys() {
             if self.running.contains_key(name) {
                 continue;
             }
-            if preempted() {
-                return Pass::Preempted;
-            }
-            let Some(want) = placement(desired, name) else {
+            let Some(want) = placement(&desired, name) else {
                 continue;
             };
-            if !self.loaded.contains_key(&spec.module_id) {
-                failures = true;
-                self.set_instance(
-                    name,
-                    &spec.module_id,
-                    InstanceState::Error,
-                    Some(format!("Module {} is not ready", spec.module_id)),
-                );
+            if self.loaded.get(&want.module_id) != Some(&want.module) {
                 continue;
             }
-            self.set_instance(name, &spec.module_id, InstanceState::Starting, None);
-            match self.start_instance(name, &want).await {
+            let Some(rt) = want.runtime().filter(|rt| self.synced.contains(rt)) else {
+                continue;
+            };
+            if preempted() {
+                return true;
+            }
+            let result = match self.runtime(rt).await {
+                Ok(proxy) => start(&proxy, name, &want).await,
+                Err(e) => Err(e),
+            };
+            match result {
                 Ok(()) => {
-                    self.running.insert(name.clone(), want);
+                    started_on.insert(rt);
+                    self.running.insert(
+                        name.clone(),
+                        Running {
+                            placement: want,
+                            state: InstanceState::Starting,
+                            failure: None,
+                            restart: RestartState::new(Instant::now()),
+                        },
+                    );
                 }
                 Err(msg) => {
                     warn!(instance = %name, "{msg}");
                     failures = true;
-                    self.set_instance(name, &spec.module_id, InstanceState::Error, Some(msg));
+                    self.instance_errors.insert(name.clone(), msg);
                 }
             }
         }
-        let status = if failures {
-            ReconcileStatus::Error
+        // A start of an instance that already runs changes nothing and so emits no signal:
+        // take the state of what was just started from the runtime itself.
+        for rt in started_on {
+            self.refresh_started(rt).await;
+        }
+
+        if failures {
+            let delay = self.retry.next_delay();
+            debug!(?delay, "the pass had failures; retrying later");
+            self.retry_at = Some(Instant::now() + delay);
         } else {
-            ReconcileStatus::Ok
-        };
+            self.retry.reset();
+            self.retry_at = None;
+        }
+        self.applied = true;
+        let status = self.render().reconcile_status;
         info!(
             deployment = desired.deployment_id.as_deref().unwrap_or("-"),
-            "reconciled: {status}"
+            status = status.map(ReconcileStatus::as_str).unwrap_or("-"),
+            "reconcile pass done"
         );
-        self.update(|s| {
-            s.reconcile_status = Some(status);
-            s.instances
-                .retain(|name, _| desired.instance_specs.contains_key(name));
-        });
-        Pass::Done { failures }
+        false
     }
 
-    fn set_module(&self, id: &str, state: ModuleState, failure: Option<String>) {
-        self.update(|s| {
-            s.modules.insert(
-                id.to_owned(),
-                ModuleStatus {
-                    status: state,
-                    failure_message: failure,
+    async fn refresh_started(&mut self, rt: Runtime) {
+        let hosted = match self.runtime(rt).await {
+            Ok(p) => p.instances().await.map_err(|e| dbus::error_message(&e)),
+            Err(e) => Err(e),
+        };
+        match hosted {
+            Ok(hosted) => {
+                for (name, module_id, status, failure) in hosted {
+                    let starting = self.running.get(&name).is_some_and(|r| {
+                        r.state == InstanceState::Starting && r.placement.module_id == module_id
+                    });
+                    if starting && status != InstanceState::Starting.as_str() {
+                        self.take_state(&name, &status, &failure);
+                    }
+                }
+            }
+            Err(e) => warn!(runtime = rt.name(), "reading the runtime's instances: {e}"),
+        }
+    }
+
+    async fn stop_instance(&mut self, name: &str, was: &Placement, purge: bool) {
+        match was.runtime() {
+            Some(rt) => match self.runtime(rt).await {
+                Ok(proxy) => {
+                    if let Err(e) = proxy.stop_instance(name, self.settings.stop_grace_ms).await {
+                        warn!(instance = %name, "stop failed: {}", dbus::error_message(&e));
+                    }
+                    if purge && let Err(e) = proxy.purge_instance(name).await {
+                        warn!(instance = %name, "removing its directory failed: {}", dbus::error_message(&e));
+                    }
+                }
+                Err(e) => warn!(instance = %name, "cannot stop: {e}"),
+            },
+            None => {
+                warn!(instance = %name, "cannot stop: no runtime runs {}", was.module.module_impl)
+            }
+        }
+        self.running.remove(name);
+    }
+
+    fn module_view(&self, id: &str, module: &Module) -> ModuleView {
+        if self.loaded.get(id) == Some(module) {
+            return ModuleView::Ok;
+        }
+        if let Some(e) = self.module_errors.get(id) {
+            return ModuleView::Failed(e.clone());
+        }
+        if let Some(hash) = cached_hash(module)
+            && let Some(d) = self.downloading.get(&hash)
+        {
+            return match &d.failed {
+                Some(e) => ModuleView::Failed(e.clone()),
+                None => ModuleView::Downloading(d.progress),
+            };
+        }
+        match Runtime::of(module.module_impl) {
+            Some(rt) if !self.synced.contains(&rt) => ModuleView::Waiting(format!(
+                "waiting for runtime {} to be on the bus",
+                rt.name()
+            )),
+            _ => ModuleView::Downloading(None),
+        }
+    }
+
+    /// The status of `target` as things stand.
+    fn render(&self) -> DeploymentStatus {
+        let Some(d) = &self.target else {
+            return DeploymentStatus {
+                reconcile_status: self.paused.then_some(ReconcileStatus::Paused),
+                ..Default::default()
+            };
+        };
+        let mut pending = !self.applied;
+        let mut failed = false;
+        let mut modules = BTreeMap::new();
+        let mut module_ok = BTreeMap::new();
+        for (id, m) in &d.modules {
+            let view = self.module_view(id, m);
+            let status = match view {
+                ModuleView::Ok => ModuleStatus {
+                    status: ModuleState::Ok,
+                    failure_message: None,
                     bytes_done: None,
                     bytes_total: None,
                 },
-            );
-        });
-    }
-
-    fn set_instance(&self, name: &str, module_id: &str, state: InstanceState, msg: Option<String>) {
-        self.update(|s| {
-            s.instances.insert(
-                name.to_owned(),
+                ModuleView::Downloading(p) => {
+                    pending = true;
+                    ModuleStatus {
+                        status: ModuleState::Downloading,
+                        failure_message: None,
+                        bytes_done: p.map(|p| p.done),
+                        bytes_total: p.and_then(|p| p.total),
+                    }
+                }
+                ModuleView::Failed(msg) => {
+                    failed = true;
+                    module_error(msg)
+                }
+                ModuleView::Waiting(msg) => {
+                    pending = true;
+                    module_error(msg)
+                }
+            };
+            module_ok.insert(id.clone(), status.status);
+            modules.insert(id.clone(), status);
+        }
+        let mut instances = BTreeMap::new();
+        for (name, spec) in &d.instance_specs {
+            let running = self
+                .running
+                .get(name)
+                .filter(|r| Some(&r.placement) == placement(d, name).as_ref());
+            let (state, failure) = if let Some(r) = running {
+                (r.state, r.failure.clone())
+            } else if let Some(e) = self.instance_errors.get(name) {
+                failed = true;
+                (InstanceState::Error, Some(e.clone()))
+            } else {
+                pending = true;
+                match module_ok.get(&spec.module_id) {
+                    Some(ModuleState::Error) => (
+                        InstanceState::Error,
+                        Some(format!("Module {} is not ready", spec.module_id)),
+                    ),
+                    _ => (InstanceState::Starting, None),
+                }
+            };
+            instances.insert(
+                name.clone(),
                 InstanceStatus {
                     status: state,
-                    module_id: module_id.to_owned(),
-                    failure_message: msg,
+                    module_id: spec.module_id.clone(),
+                    failure_message: failure,
                 },
             );
-        });
-    }
-
-    async fn load_module(&self, id: &str, module: &Module) -> Result<(), String> {
-        let runtime = self.runtime(module.module_impl).await?;
-        let (path, hash) = match (&module.download_url, module.module_impl) {
-            (Some(url), ModuleImpl::Docker) => {
-                (url.clone(), module.hash.clone().unwrap_or_default())
-            }
-            (Some(url), _) => {
-                let hash = module.hash.clone().unwrap_or_default();
-                let path = self
-                    .cache
-                    .fetch(url, &hash)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                (path.to_string_lossy().into_owned(), hash)
-            }
-            (None, _) => {
-                return Err(format!(
-                    "module {id} has no downloadUrl; embedded modules are not supported"
-                ));
-            }
+        }
+        let reconcile_status = if self.paused {
+            ReconcileStatus::Paused
+        } else if failed && self.applied {
+            ReconcileStatus::Error
+        } else if pending {
+            ReconcileStatus::Applying
+        } else {
+            ReconcileStatus::Ok
         };
-        runtime
-            .load_module(id, module.module_impl.as_str(), &path, &hash)
-            .await
-            .map_err(|e| format!("Failed to load: {}", dbus::error_message(&e)))
-    }
-
-    async fn start_instance(&self, name: &str, want: &Placement) -> Result<(), String> {
-        let runtime = self.runtime(want.module.module_impl).await?;
-        let options = dbus::start_options(
-            &[("entry_point", &want.module.entry_point)],
-            &Default::default(),
-        )
-        .map_err(|e| e.to_string())?;
-        runtime
-            .start_instance(name, &want.module_id, options)
-            .await
-            .map_err(|e| format!("Failed to start: {}", dbus::error_message(&e)))?;
-        // A start of an instance that already runs (after reconcilerd restarted) changes
-        // nothing and so emits no signal: take its state from the runtime itself.
-        match runtime.instances().await {
-            Ok(hosted) => {
-                if let Some((_, module_id, status, failure)) =
-                    hosted.into_iter().find(|(instance, ..)| instance == name)
-                    && let Some(state) = InstanceState::parse(&status)
-                {
-                    self.set_instance(
-                        name,
-                        &module_id,
-                        state,
-                        (!failure.is_empty()).then_some(failure),
-                    );
-                }
-            }
-            Err(e) => warn!(instance = %name, "reading the runtime's instances: {e}"),
+        DeploymentStatus {
+            deployment_id: d.deployment_id.clone(),
+            reconcile_status: Some(reconcile_status),
+            failure_message: None,
+            instances,
+            modules,
         }
-        Ok(())
     }
 
-    async fn stop_instance(&mut self, name: &str, was: &Placement) {
-        match self.runtime(was.module.module_impl).await {
-            Ok(rt) => {
-                if let Err(e) = rt.stop_instance(name, self.stop_grace_ms).await {
-                    warn!(instance = %name, "stop failed: {}", dbus::error_message(&e));
-                }
-            }
-            Err(e) => warn!(instance = %name, "cannot stop: {e}"),
+    /// Renders the status and publishes it when it changed.
+    fn publish(&mut self) {
+        let status = self.render();
+        if self.published.as_ref() == Some(&status) {
+            return;
         }
-        self.running.remove(name);
-        self.update(|s| {
-            s.instances.remove(name);
-        });
-    }
-
-    async fn purge_instance(&self, name: &str, was: &Placement) {
-        if let Ok(rt) = self.runtime(was.module.module_impl).await
-            && let Err(e) = rt.purge_instance(name).await
         {
-            warn!(instance = %name, "removing its directory failed: {}", dbus::error_message(&e));
+            let mut shared = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            *shared = status.clone();
         }
+        self.published = Some(status);
+        (self.changed)();
     }
 }
 
-/// Follows `InstanceChanged` from both runtimes and folds it into the status of the instances
-/// the current deployment has. `stopped` is the loop's own doing and is left to it.
-pub async fn follow_runtime_events(conn: Connection, status: SharedStatus, changed: StatusChanged) {
-    let mut streams = Vec::new();
-    for (name, path) in [
-        (dbus::RUNTIME_WASM_NAME, dbus::RUNTIME_WASM_PATH),
-        (dbus::RUNTIME_CONTAINER_NAME, dbus::RUNTIME_CONTAINER_PATH),
-    ] {
-        match runtime_proxy(&conn, name, path).await {
-            Ok(p) => match p.receive_instance_changed().await {
-                Ok(s) => streams.push(s),
-                Err(e) => warn!("cannot follow {name}: {e}"),
-            },
-            Err(e) => warn!("cannot follow {name}: {e}"),
-        }
+fn module_error(msg: String) -> ModuleStatus {
+    ModuleStatus {
+        status: ModuleState::Error,
+        failure_message: Some(msg),
+        bytes_done: None,
+        bytes_total: None,
     }
-    let mut events = futures_util::stream::select_all(streams);
-    while let Some(signal) = events.next().await {
-        let Ok(args) = signal.args() else { continue };
-        let (instance, failure) = (*args.instance(), *args.failure_message());
-        let Some(state) = InstanceState::parse(args.status()) else {
-            warn!(%instance, "unknown instance status {:?}", args.status());
-            continue;
-        };
-        if state == InstanceState::Stopped {
-            continue;
-        }
-        let updated = {
-            let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
-            match s.instances.get_mut(instance) {
-                Some(i) => {
-                    i.status = state;
-                    i.failure_message = (!failure.is_empty()).then(|| failure.to_owned());
-                    true
-                }
-                None => false,
+}
+
+/// Whether the deployment has modules that `rt` runs.
+fn needs(d: &Deployment, rt: Runtime) -> bool {
+    d.modules
+        .values()
+        .any(|m| Runtime::of(m.module_impl) == Some(rt))
+}
+
+async fn start(proxy: &Runtime1Proxy<'static>, name: &str, want: &Placement) -> Result<(), String> {
+    let options = dbus::start_options(
+        &[("entry_point", &want.module.entry_point)],
+        &Default::default(),
+    )
+    .map_err(|e| e.to_string())?;
+    proxy
+        .start_instance(name, &want.module_id, options)
+        .await
+        .map_err(|e| format!("Failed to start: {}", dbus::error_message(&e)))
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Subscribes to both runtimes' `InstanceChanged` and to their names' owner changes, and
+/// forwards them into the loop. Subscriptions are made before this returns, so nothing the
+/// runtimes say after the loop first reads their `Instances` is missed.
+pub async fn follow_runtimes(conn: &Connection, events: mpsc::UnboundedSender<Event>) {
+    for rt in Runtime::ALL {
+        let proxy = match runtime_proxy(conn, rt).await {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(runtime = rt.name(), "cannot follow: {e}");
+                continue;
             }
         };
-        if updated {
-            info!(%instance, "now {state}");
-            changed();
+        match proxy.receive_instance_changed().await {
+            Ok(mut stream) => {
+                let tx = events.clone();
+                tokio::spawn(async move {
+                    while let Some(signal) = stream.next().await {
+                        let Ok(args) = signal.args() else { continue };
+                        let ev = Event::Instance {
+                            runtime: rt,
+                            instance: args.instance().to_string(),
+                            status: args.status().to_string(),
+                            failure: args.failure_message().to_string(),
+                        };
+                        if tx.send(ev).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            Err(e) => warn!(
+                runtime = rt.name(),
+                "cannot follow its instance changes: {e}"
+            ),
+        }
+        match proxy.inner().receive_owner_changed().await {
+            Ok(mut stream) => {
+                let tx = events.clone();
+                tokio::spawn(async move {
+                    while let Some(owner) = stream.next().await {
+                        let ev = Event::Owner {
+                            runtime: rt,
+                            present: owner.is_some(),
+                        };
+                        if tx.send(ev).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            Err(e) => warn!(
+                runtime = rt.name(),
+                "cannot follow its presence on the bus: {e}"
+            ),
         }
     }
 }

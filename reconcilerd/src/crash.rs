@@ -1,0 +1,38 @@
+//! A test-only crash hook: with `EVP_TEST_CRASH_AT=<point>` in the environment, a debug build
+//! aborts the process right after the named write point, so a system test sees exactly what a
+//! power cut at that step leaves on disk (page-cache loss aside, which the fsync ordering
+//! covers). Release builds compile the hook to nothing.
+//!
+//! Points: `desired-tmp-written` (the new `desired.json.tmp` written, not synced),
+//! `desired-tmp-synced` (synced, not renamed), `desired-renamed` (renamed over `desired.json`,
+//! directory not synced), `module-partial-written` (a module's whole body written and synced
+//! to `<hash>.partial`, not verified or renamed), `module-renamed` (the verified file renamed to
+//! `<hash>`, directory not synced).
+
+/// Environment variable naming the write point at which a debug build aborts.
+pub const CRASH_AT_ENV: &str = "EVP_TEST_CRASH_AT";
+
+/// The write points the hook knows.
+pub const POINTS: [&str; 5] = [
+    "desired-tmp-written",
+    "desired-tmp-synced",
+    "desired-renamed",
+    "module-partial-written",
+    "module-renamed",
+];
+
+/// Aborts the process if `EVP_TEST_CRASH_AT` names `point` (debug builds only).
+#[cfg(debug_assertions)]
+pub fn point(point: &str) {
+    debug_assert!(POINTS.contains(&point), "unknown crash point {point}");
+    if std::env::var(CRASH_AT_ENV).is_ok_and(|v| v == point) {
+        // stderr is unbuffered: the line is out before the abort.
+        eprintln!("evp-reconcilerd: {CRASH_AT_ENV}={point}: aborting as asked");
+        std::process::abort();
+    }
+}
+
+/// Release builds have no crash hook.
+#[cfg(not(debug_assertions))]
+#[inline(always)]
+pub fn point(_point: &str) {}
