@@ -167,9 +167,35 @@ pub fn bus_builder(args: &DaemonArgs) -> Result<zbus::connection::Builder<'stati
     })
 }
 
+/// SIGTERM and SIGINT streams, created before READY so that a stop requested right after the
+/// daemon said it is ready is a clean stop, not the default action of the signal.
+static SHUTDOWN_SIGNALS: std::sync::Mutex<Option<ShutdownSignals>> = std::sync::Mutex::new(None);
+
+struct ShutdownSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+fn shutdown_signals() -> Result<ShutdownSignals> {
+    use tokio::signal::unix::{SignalKind, signal};
+    Ok(ShutdownSignals {
+        term: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
+        int: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
+    })
+}
+
 /// Tells systemd the daemon serves (`READY=1`) and starts the watchdog pings when
-/// `WATCHDOG_USEC` asks for them. Call it once the bus name is owned.
+/// `WATCHDOG_USEC` asks for them. Call it once the bus name is owned, from the runtime.
 pub fn notify_ready() {
+    {
+        let mut slot = SHUTDOWN_SIGNALS.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            match shutdown_signals() {
+                Ok(s) => *slot = Some(s),
+                Err(e) => warn!("{e:#}"),
+            }
+        }
+    }
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         warn!("sd_notify READY failed: {e}");
     }
@@ -189,12 +215,17 @@ pub fn notify_ready() {
 
 /// Waits for SIGTERM or SIGINT, then tells systemd the daemon is stopping.
 pub async fn wait_for_shutdown() -> Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let taken = SHUTDOWN_SIGNALS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    let mut signals = match taken {
+        Some(s) => s,
+        None => shutdown_signals()?,
+    };
     let which = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+        _ = signals.term.recv() => "SIGTERM",
+        _ = signals.int.recv() => "SIGINT",
     };
     info!("{which} received, stopping");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);

@@ -274,6 +274,11 @@ impl StackConfig {
         top.insert("data_dir".into(), path(self.data_dir()));
         top.insert("run_dir".into(), path(self.run_dir()));
         top.insert("hub".into(), toml::Value::Table(hub));
+        // On a device the runtime leaves instances running when it stops, to re-adopt them;
+        // a development stack stops as a whole and leaves nothing behind.
+        let mut container = toml::Table::new();
+        container.insert("stop_instances_on_exit".into(), true.into());
+        top.insert("container".into(), toml::Value::Table(container));
         format!(
             "# Written by evp-devhub for a development stack.\n{}",
             toml::to_string(&top).unwrap_or_default()

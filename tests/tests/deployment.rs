@@ -207,13 +207,13 @@ async fn wrong_hash_fails_the_module_and_its_instances_never_start() {
     );
     sys.deploy(&d).await.unwrap();
     let status = sys
-        .wait_status(|s| s["deploymentId"] == "dep-1" && s["modules"]["a"]["status"] == "error")
+        .wait_status(|s| {
+            s["deploymentId"] == "dep-1"
+                && s["modules"]["a"]["failureMessage"] == "Module hash mismatch"
+        })
         .await
         .unwrap();
-    assert_eq!(
-        status["modules"]["a"]["failureMessage"],
-        "Module hash mismatch"
-    );
+    assert_eq!(status["modules"]["a"]["status"], "error");
     assert_eq!(status["reconcileStatus"], "error");
     assert_ne!(instance_status(&status, "one"), "ok");
     assert!(

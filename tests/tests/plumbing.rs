@@ -9,12 +9,15 @@ use evp_system_tests::{DEADLINE, bin_dir};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-fn next_message(socket: &UnixDatagram) -> String {
+fn next_message(socket: &UnixDatagram, daemon: &str, log: &std::path::Path) -> String {
     let mut buf = [0u8; 4096];
-    let n = socket
-        .recv(&mut buf)
-        .expect("a notification before the deadline");
-    String::from_utf8_lossy(&buf[..n]).into_owned()
+    match socket.recv(&mut buf) {
+        Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+        Err(e) => panic!(
+            "{daemon} sent no notification before the deadline ({e}); its log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        ),
+    }
 }
 
 #[test]
@@ -38,6 +41,7 @@ fn every_daemon_notifies_systemd_and_stops_cleanly_on_sigterm() {
         "evp-sdk-broker",
     ] {
         let socket_path = dir.path().join(format!("{daemon}.notify"));
+        let log = dir.path().join(format!("{daemon}.log"));
         let socket = UnixDatagram::bind(&socket_path).unwrap();
         socket.set_read_timeout(Some(DEADLINE)).unwrap();
         let mut child = Command::new(bin_dir().join(daemon))
@@ -50,14 +54,22 @@ fn every_daemon_notifies_systemd_and_stops_cleanly_on_sigterm() {
             .env("WATCHDOG_USEC", "200000")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        assert_eq!(next_message(&socket).trim(), "READY=1", "{daemon}");
-        assert_eq!(next_message(&socket).trim(), "WATCHDOG=1", "{daemon}");
+        assert_eq!(
+            next_message(&socket, daemon, &log).trim(),
+            "READY=1",
+            "{daemon}"
+        );
+        assert_eq!(
+            next_message(&socket, daemon, &log).trim(),
+            "WATCHDOG=1",
+            "{daemon}"
+        );
         kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
         let stopping = (0..100)
-            .map(|_| next_message(&socket))
+            .map(|_| next_message(&socket, daemon, &log))
             .find(|m| m.trim() != "WATCHDOG=1")
             .unwrap();
         assert_eq!(stopping.trim(), "STOPPING=1", "{daemon}");
