@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use evp_schemas::evp2::topics::{
-    ATTRIBUTES, ATTRIBUTES_REQUEST_PREFIX, ATTRIBUTES_RESPONSE_PREFIX, TELEMETRY,
+    ATTRIBUTES, ATTRIBUTES_REQUEST_PREFIX, ATTRIBUTES_RESPONSE_PREFIX, RPC_REQUEST_PREFIX,
+    RPC_RESPONSE_FILTER, RPC_RESPONSE_PREFIX, TELEMETRY,
 };
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
 use serde_json::{Map, Value, json};
@@ -66,6 +67,14 @@ pub enum HubError {
         /// How long it waited.
         timeout: Duration,
     },
+    /// A direct command got no answer in time.
+    #[error("no answer to direct command {mqtt_id} within {timeout:?}")]
+    CommandTimeout {
+        /// The request topic's id.
+        mqtt_id: String,
+        /// How long it waited.
+        timeout: Duration,
+    },
     /// No status report satisfied the condition in time.
     #[error("{}", status_timeout_message(*.timeout, *.received, .last.as_deref()))]
     StatusTimeout {
@@ -96,6 +105,13 @@ pub enum DeviceReport {
     InstanceState(Value),
     /// A telemetry message (`<instance>/<key>` keys).
     Telemetry(Value),
+    /// An answer to a direct command, on `v1/devices/me/rpc/response/<mqtt_id>`.
+    CommandResponse {
+        /// The id of the request topic it answers.
+        mqtt_id: String,
+        /// The payload (`{"direct-command-response": {...}}` in EVP2).
+        payload: Value,
+    },
 }
 
 /// What a JSON object on `v1/devices/me/attributes` is: the topic carries both the device's
@@ -377,6 +393,54 @@ impl HubSide {
         lock(&self.shared.instance_states).clone()
     }
 
+    /// Sends a direct command as an EVP2 hub does (`evp-c2d` with a `direct-command-request`)
+    /// and returns the device's `direct-command-response` object. `params` is JSON text, as
+    /// EVP2 carries it.
+    pub async fn call(
+        &self,
+        instance: &str,
+        method: &str,
+        params: &str,
+        reqid: u64,
+        timeout: Duration,
+    ) -> Result<Value, HubError> {
+        static NEXT_MQTT_ID: AtomicU64 = AtomicU64::new(1);
+        let mqtt_id = NEXT_MQTT_ID.fetch_add(1, Ordering::Relaxed).to_string();
+        let mut reports = self.subscribe();
+        let request = json!({
+            "method": "evp-c2d",
+            "params": { "direct-command-request": {
+                "reqid": reqid.to_string(),
+                "method": method,
+                "instance": instance,
+                "params": params,
+            }}
+        });
+        self.publish_raw(
+            &format!("{RPC_REQUEST_PREFIX}{mqtt_id}"),
+            request.to_string().into_bytes(),
+        )
+        .await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, reports.recv()).await {
+                Err(_) | Ok(Err(broadcast::error::RecvError::Closed)) => {
+                    return Err(HubError::CommandTimeout { mqtt_id, timeout });
+                }
+                Ok(Ok(DeviceReport::CommandResponse {
+                    mqtt_id: id,
+                    payload,
+                })) if id == mqtt_id => {
+                    return Ok(payload
+                        .get("direct-command-response")
+                        .cloned()
+                        .unwrap_or(payload));
+                }
+                Ok(_) => {}
+            }
+        }
+    }
+
     /// Every report the device sends from now on, as it comes.
     pub fn subscribe(&self) -> broadcast::Receiver<DeviceReport> {
         self.shared.reports.subscribe()
@@ -574,7 +638,11 @@ async fn run_events(
     shared: Arc<Shared>,
     outbox: mpsc::UnboundedSender<OutboxItem>,
 ) {
-    let mut filters = vec![ATTRIBUTES.to_owned(), TELEMETRY.to_owned()];
+    let mut filters = vec![
+        ATTRIBUTES.to_owned(),
+        TELEMETRY.to_owned(),
+        RPC_RESPONSE_FILTER.to_owned(),
+    ];
     if shared.options.answer_requests {
         filters.push(ATTRIBUTES_REQUEST_FILTER.to_owned());
     }
@@ -681,6 +749,16 @@ fn handle_publish(
                 payload: answer.to_string().into_bytes(),
                 retain: false,
             });
+        }
+    } else if let Some(mqtt_id) = topic.strip_prefix(RPC_RESPONSE_PREFIX) {
+        match serde_json::from_slice::<Value>(payload) {
+            Ok(payload) => {
+                let _ = shared.reports.send(DeviceReport::CommandResponse {
+                    mqtt_id: mqtt_id.to_owned(),
+                    payload,
+                });
+            }
+            Err(e) => tracing::debug!("ignoring a command response that is not JSON: {e}"),
         }
     } else if topic == TELEMETRY {
         match serde_json::from_slice::<Value>(payload) {

@@ -15,6 +15,8 @@ use tokio::signal::unix::{SignalKind, signal};
 /// How long a subcommand tries to reach the broker: on loopback it answers at once or not at
 /// all.
 const CLI_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long `call` waits for the device's answer (sdk-broker gives a module 15 s).
+const CALL_WAIT: Duration = Duration::from_secs(20);
 /// How long `status` waits for a status report when none is retained.
 const STATUS_WAIT: Duration = Duration::from_secs(3);
 
@@ -65,6 +67,19 @@ enum Cmd {
         topic: String,
         /// The value, sent as a string.
         value: String,
+        /// The broker of the running devhub.
+        #[arg(long, default_value = DEFAULT_BROKER_URL)]
+        broker: String,
+    },
+    /// Send a direct command to an instance and print its answer.
+    Call {
+        /// The instance.
+        instance: String,
+        /// The method name.
+        method: String,
+        /// The parameters, JSON text.
+        #[arg(default_value = "{}")]
+        params: String,
         /// The broker of the running devhub.
         #[arg(long, default_value = DEFAULT_BROKER_URL)]
         broker: String,
@@ -148,6 +163,24 @@ async fn run() -> Result<()> {
             println!("set configuration/{instance}/{topic}");
             Ok(())
         }
+        Cmd::Call {
+            instance,
+            method,
+            params,
+            broker,
+        } => {
+            let hub = connect_passive(&broker).await?;
+            // A request id unique enough for a person at a terminal: the clock in ms.
+            let reqid = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_millis() as u64);
+            let answer = hub
+                .call(&instance, &method, &params, reqid, CALL_WAIT)
+                .await?;
+            hub.close().await;
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+            Ok(())
+        }
         Cmd::Status { broker } => match fetch_status(&broker, STATUS_WAIT).await? {
             Some(status) => {
                 println!("{}", serde_json::to_string_pretty(&status)?);
@@ -201,6 +234,9 @@ async fn watch(broker: &str) -> Result<()> {
                 Ok(DeviceReport::Status(v)) => println!("status {v}"),
                 Ok(DeviceReport::InstanceState(v)) => println!("state {v}"),
                 Ok(DeviceReport::Telemetry(v)) => println!("telemetry {v}"),
+                Ok(DeviceReport::CommandResponse { mqtt_id, payload }) => {
+                    println!("command-response {mqtt_id} {payload}")
+                }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                     eprintln!("evp-devhub: {n} reports skipped (output too slow)");
                 }
