@@ -187,14 +187,7 @@ impl Downloader {
                 path: path.clone(),
                 source,
             })?;
-            let certs = match reqwest::Certificate::from_pem_bundle(&bytes) {
-                Ok(c) if !c.is_empty() => c,
-                _ => vec![
-                    reqwest::Certificate::from_der(&bytes)
-                        .map_err(|_| ClientError::CaParse(path.clone()))?,
-                ],
-            };
-            builder = builder.tls_certs_merge(certs);
+            builder = builder.tls_certs_merge(parse_ca(path, &bytes)?);
         }
         let http = builder.build().map_err(ClientError::Build)?;
         Ok(Downloader {
@@ -389,6 +382,26 @@ impl Downloader {
         info!(url, bytes = done, "module download complete");
         Ok(hex::encode(hasher.finalize()))
     }
+}
+
+/// The certificates of a CA file: a PEM bundle, or one DER certificate. Each is parsed here,
+/// so a file that holds no certificate is refused at start rather than trusted as nothing.
+fn parse_ca(path: &Path, bytes: &[u8]) -> Result<Vec<reqwest::Certificate>, ClientError> {
+    let mut ders: Vec<Vec<u8>> = rustls_pemfile::certs(&mut &bytes[..])
+        .filter_map(Result::ok)
+        .map(|c| c.as_ref().to_vec())
+        .collect();
+    if ders.is_empty() {
+        ders.push(bytes.to_vec());
+    }
+    ders.iter()
+        .map(|der| {
+            x509_parser::parse_x509_certificate(der)
+                .ok()
+                .and_then(|_| reqwest::Certificate::from_der(der).ok())
+                .ok_or_else(|| ClientError::CaParse(path.to_owned()))
+        })
+        .collect()
 }
 
 /// Empties the partial file and the running hash, to download from 0.
@@ -670,5 +683,635 @@ impl Drop for Downloads {
         for task in self.tasks.values() {
             task.handle.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
+
+    /// How long a test waits for something that should happen quickly.
+    const DEADLINE: Duration = Duration::from_secs(20);
+
+    fn sha(bytes: &[u8]) -> String {
+        hex::encode(Sha256::digest(bytes))
+    }
+
+    /// Bytes that differ from one position to the next, so a misplaced range is caught.
+    fn content(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    #[derive(Clone)]
+    struct File {
+        body: Vec<u8>,
+        etag: String,
+    }
+
+    /// What one request asked for.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    struct Seen {
+        path: String,
+        range: Option<String>,
+        if_range: Option<String>,
+        status: u16,
+    }
+
+    #[derive(Default)]
+    struct Behaviour {
+        files: HashMap<String, File>,
+        /// The next this many responses send only this many body bytes, then close.
+        cut: Vec<usize>,
+        ignore_range: bool,
+        /// Pause between 1 KiB body chunks.
+        slow: Option<Duration>,
+        /// The next this many requests get a 500.
+        fail: usize,
+    }
+
+    /// A small HTTP/1.1 server on 127.0.0.1 that can cut bodies, ignore Range, change files
+    /// and count concurrent transfers.
+    struct Server {
+        addr: std::net::SocketAddr,
+        behaviour: Arc<Mutex<Behaviour>>,
+        seen: Arc<Mutex<Vec<Seen>>>,
+        active: Arc<AtomicUsize>,
+        max_active: Arc<AtomicUsize>,
+    }
+
+    impl Server {
+        async fn start() -> Server {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let server = Server {
+                addr: listener.local_addr().unwrap(),
+                behaviour: Arc::default(),
+                seen: Arc::default(),
+                active: Arc::default(),
+                max_active: Arc::default(),
+            };
+            let (b, seen, active, max_active) = (
+                server.behaviour.clone(),
+                server.seen.clone(),
+                server.active.clone(),
+                server.max_active.clone(),
+            );
+            tokio::spawn(async move {
+                while let Ok((sock, _)) = listener.accept().await {
+                    let (b, seen, active, max_active) =
+                        (b.clone(), seen.clone(), active.clone(), max_active.clone());
+                    tokio::spawn(async move {
+                        let _ = serve(sock, b, seen, &active, &max_active).await;
+                    });
+                }
+            });
+            server
+        }
+
+        fn put(&self, path: &str, body: Vec<u8>, etag: &str) {
+            self.behaviour.lock().unwrap().files.insert(
+                path.into(),
+                File {
+                    body,
+                    etag: etag.into(),
+                },
+            );
+        }
+
+        fn url(&self, path: &str) -> String {
+            format!("http://{}/{path}", self.addr)
+        }
+
+        fn seen(&self) -> Vec<Seen> {
+            self.seen.lock().unwrap().clone()
+        }
+    }
+
+    async fn serve(
+        sock: tokio::net::TcpStream,
+        behaviour: Arc<Mutex<Behaviour>>,
+        seen: Arc<Mutex<Vec<Seen>>>,
+        active: &AtomicUsize,
+        max_active: &AtomicUsize,
+    ) -> std::io::Result<()> {
+        struct Leave<'a>(&'a AtomicUsize);
+        impl Drop for Leave<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let (read, mut write) = sock.into_split();
+        let mut lines = BufReader::new(read).lines();
+        let request = lines.next_line().await?.unwrap_or_default();
+        let path = request
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("/")
+            .trim_start_matches('/')
+            .to_owned();
+        let (mut range, mut if_range) = (None, None);
+        while let Some(line) = lines.next_line().await? {
+            if line.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                match k.trim().to_ascii_lowercase().as_str() {
+                    "range" => range = Some(v.trim().to_owned()),
+                    "if-range" => if_range = Some(v.trim().to_owned()),
+                    _ => {}
+                }
+            }
+        }
+        // A transfer counts from its request (the client holds its permit; an idle pooled
+        // connection does not count) to the last body byte handed to the kernel (the client
+        // cannot have read it yet, so it still holds the permit).
+        let n = active.fetch_add(1, Ordering::SeqCst) + 1;
+        max_active.fetch_max(n, Ordering::SeqCst);
+        let leave = Leave(active);
+        let (head, body, cut, slow) = {
+            let mut b = behaviour.lock().unwrap();
+            let fail = b.fail > 0;
+            if fail {
+                b.fail -= 1;
+            }
+            let cut = if b.cut.is_empty() {
+                None
+            } else {
+                Some(b.cut.remove(0))
+            };
+            let slow = b.slow;
+            let (head, body, status) = match b.files.get(&path) {
+                _ if fail => (
+                    "HTTP/1.1 500 Oops\r\ncontent-length: 0\r\n".to_owned(),
+                    vec![],
+                    500,
+                ),
+                None => (
+                    "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n".to_owned(),
+                    vec![],
+                    404,
+                ),
+                Some(f) => {
+                    let start = range
+                        .as_deref()
+                        .and_then(|r| r.strip_prefix("bytes="))
+                        .and_then(|r| r.strip_suffix('-'))
+                        .and_then(|n| n.parse::<usize>().ok());
+                    let validator_ok = if_range.as_deref().is_none_or(|v| v == f.etag);
+                    let len = f.body.len();
+                    match start {
+                        Some(s) if !b.ignore_range && validator_ok && s >= len => (
+                            format!(
+                                "HTTP/1.1 416 Range Not Satisfiable\r\ncontent-range: bytes */{len}\r\ncontent-length: 0\r\n"
+                            ),
+                            vec![],
+                            416,
+                        ),
+                        Some(s) if !b.ignore_range && validator_ok => (
+                            format!(
+                                "HTTP/1.1 206 Partial Content\r\netag: {}\r\ncontent-range: bytes {s}-{}/{len}\r\ncontent-length: {}\r\n",
+                                f.etag,
+                                len - 1,
+                                len - s
+                            ),
+                            f.body[s..].to_vec(),
+                            206,
+                        ),
+                        _ => (
+                            format!(
+                                "HTTP/1.1 200 OK\r\netag: {}\r\ncontent-length: {len}\r\n",
+                                f.etag
+                            ),
+                            f.body.clone(),
+                            200,
+                        ),
+                    }
+                }
+            };
+            seen.lock().unwrap().push(Seen {
+                path,
+                range,
+                if_range,
+                status,
+            });
+            (head, body, cut, slow)
+        };
+        write
+            .write_all(format!("{head}connection: close\r\n\r\n").as_bytes())
+            .await?;
+        let body = match cut {
+            Some(n) => &body[..n.min(body.len())],
+            None => &body[..],
+        };
+        for (i, chunk) in body.chunks(1024).enumerate() {
+            if let Some(d) = slow.filter(|_| i > 0) {
+                tokio::time::sleep(d).await;
+            }
+            write.write_all(chunk).await?;
+        }
+        drop(leave);
+        write.flush().await?;
+        Ok(())
+    }
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        cache_dir: PathBuf,
+        downloader: Downloader,
+    }
+
+    fn fixture(config: DownloadConfig) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let cache_dir = dir.path().join("modules");
+        std::fs::create_dir(&cache_dir).unwrap();
+        let downloader = Downloader::new(ModuleCache::new(cache_dir.clone()), &config).unwrap();
+        Fixture {
+            _dir: dir,
+            cache_dir,
+            downloader,
+        }
+    }
+
+    fn cache_files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn no_progress(_: Progress) {}
+
+    #[tokio::test]
+    async fn a_cut_transfer_resumes_with_range_and_if_range() {
+        let server = Server::start().await;
+        let body = content(100_000, 1);
+        server.put("m", body.clone(), "\"v1\"");
+        server.behaviour.lock().unwrap().cut = vec![30_000];
+        let f = fixture(DownloadConfig::default());
+        let hash = sha(&body);
+
+        let e = f
+            .downloader
+            .fetch(&server.url("m"), &hash, &no_progress)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, FetchError::Transfer(_)), "{e}");
+        let partial = f.downloader.cache().partial_of(&hash);
+        assert_eq!(std::fs::metadata(&partial).unwrap().len(), 30_000);
+
+        let progress = Arc::new(Mutex::new(Vec::new()));
+        let p = progress.clone();
+        let record = move |x: Progress| p.lock().unwrap().push(x);
+        let path = f
+            .downloader
+            .fetch(&server.url("m"), &hash, &record)
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), body);
+        let seen = server.seen();
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[1].range.as_deref(), Some("bytes=30000-"));
+        assert_eq!(seen[1].if_range.as_deref(), Some("\"v1\""));
+        assert_eq!(seen[1].status, 206);
+        let progress = progress.lock().unwrap().clone();
+        assert_eq!(
+            progress.first(),
+            Some(&Progress {
+                done: 30_000,
+                total: Some(100_000)
+            })
+        );
+        assert_eq!(
+            progress.last(),
+            Some(&Progress {
+                done: 100_000,
+                total: Some(100_000)
+            })
+        );
+        assert_eq!(cache_files(&f.cache_dir), vec![hash]);
+    }
+
+    #[tokio::test]
+    async fn a_server_that_ignores_range_gets_a_fresh_download() {
+        let server = Server::start().await;
+        let body = content(50_000, 2);
+        server.put("m", body.clone(), "\"v1\"");
+        {
+            let mut b = server.behaviour.lock().unwrap();
+            b.cut = vec![20_000];
+            b.ignore_range = true;
+        }
+        let f = fixture(DownloadConfig::default());
+        let hash = sha(&body);
+        assert!(
+            f.downloader
+                .fetch(&server.url("m"), &hash, &no_progress)
+                .await
+                .is_err()
+        );
+        let path = f
+            .downloader
+            .fetch(&server.url("m"), &hash, &no_progress)
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), body);
+        let seen = server.seen();
+        assert_eq!(seen[1].range.as_deref(), Some("bytes=20000-"));
+        assert_eq!(seen[1].status, 200, "the server ignored the range");
+    }
+
+    #[tokio::test]
+    async fn a_changed_file_is_downloaded_again_from_the_start() {
+        let server = Server::start().await;
+        let old = content(40_000, 3);
+        let new = content(45_000, 4);
+        server.put("m", old, "\"old\"");
+        server.behaviour.lock().unwrap().cut = vec![10_000];
+        let f = fixture(DownloadConfig::default());
+        let hash = sha(&new);
+        assert!(
+            f.downloader
+                .fetch(&server.url("m"), &hash, &no_progress)
+                .await
+                .is_err()
+        );
+        // The server now has the file the manifest meant; its validator changed.
+        server.put("m", new.clone(), "\"new\"");
+        let path = f
+            .downloader
+            .fetch(&server.url("m"), &hash, &no_progress)
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), new);
+        let seen = server.seen();
+        assert_eq!(seen[1].if_range.as_deref(), Some("\"old\""));
+        assert_eq!(seen[1].status, 200, "If-Range did not match: whole file");
+    }
+
+    #[tokio::test]
+    async fn a_resumed_file_that_does_not_hash_right_is_deleted() {
+        let server = Server::start().await;
+        let good = content(40_000, 5);
+        server.put("m", good.clone(), "\"same\"");
+        server.behaviour.lock().unwrap().cut = vec![10_000];
+        let f = fixture(DownloadConfig::default());
+        let hash = sha(&good);
+        assert!(
+            f.downloader
+                .fetch(&server.url("m"), &hash, &no_progress)
+                .await
+                .is_err()
+        );
+        // A server that changes the file but not its ETag: the resumed bytes do not fit.
+        server.put("m", content(40_000, 6), "\"same\"");
+        let e = f
+            .downloader
+            .fetch(&server.url("m"), &hash, &no_progress)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, FetchError::HashMismatch));
+        assert_eq!(e.to_string(), "Module hash mismatch");
+        assert_eq!(server.seen()[1].status, 206);
+        assert!(
+            cache_files(&f.cache_dir).is_empty(),
+            "{:?}",
+            cache_files(&f.cache_dir)
+        );
+        // The next attempt starts from 0 and, with the right file back, succeeds.
+        server.put("m", good.clone(), "\"same\"");
+        f.downloader
+            .fetch(&server.url("m"), &hash, &no_progress)
+            .await
+            .unwrap();
+        assert_eq!(server.seen()[2].range, None);
+    }
+
+    #[tokio::test]
+    async fn a_complete_partial_file_needs_no_request() {
+        let server = Server::start().await;
+        let body = content(5_000, 7);
+        let f = fixture(DownloadConfig::default());
+        let hash = sha(&body);
+        // As a power cut right after the last byte was written and synced leaves it.
+        std::fs::write(f.downloader.cache().partial_of(&hash), &body).unwrap();
+        let path = f
+            .downloader
+            .fetch(&server.url("m"), &hash, &no_progress)
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(path).unwrap(), body);
+        assert!(server.seen().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_partial_file_longer_than_the_module_starts_over() {
+        let server = Server::start().await;
+        let body = content(5_000, 8);
+        server.put("m", body.clone(), "\"v\"");
+        let f = fixture(DownloadConfig::default());
+        let hash = sha(&body);
+        std::fs::write(f.downloader.cache().partial_of(&hash), content(6_000, 9)).unwrap();
+        let path = f
+            .downloader
+            .fetch(&server.url("m"), &hash, &no_progress)
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(path).unwrap(), body);
+        let statuses: Vec<u16> = server.seen().iter().map(|s| s.status).collect();
+        assert_eq!(statuses, vec![416, 200]);
+    }
+
+    #[tokio::test]
+    async fn concurrent_downloads_stay_within_the_bound() {
+        let server = Server::start().await;
+        server.behaviour.lock().unwrap().slow = Some(Duration::from_millis(2));
+        let bodies: Vec<Vec<u8>> = (0..6).map(|i| content(20_000, 10 + i)).collect();
+        for (i, b) in bodies.iter().enumerate() {
+            server.put(&format!("m{i}"), b.clone(), "\"v\"");
+        }
+        let f = fixture(DownloadConfig {
+            max_concurrent: 2,
+            ..Default::default()
+        });
+        let fetches = bodies.iter().enumerate().map(|(i, b)| {
+            let d = f.downloader.clone();
+            let url = server.url(&format!("m{i}"));
+            let hash = sha(b);
+            async move { d.fetch(&url, &hash, &no_progress).await }
+        });
+        for r in futures_util::future::join_all(fetches).await {
+            r.unwrap();
+        }
+        assert_eq!(server.max_active.load(Ordering::SeqCst), 2);
+        assert_eq!(server.seen().len(), 6);
+    }
+
+    #[tokio::test]
+    async fn the_same_content_under_two_ids_is_fetched_once() {
+        let server = Server::start().await;
+        server.behaviour.lock().unwrap().slow = Some(Duration::from_millis(1));
+        let body = content(20_000, 20);
+        server.put("m", body.clone(), "\"v\"");
+        let f = fixture(DownloadConfig::default());
+        let hash = sha(&body);
+        let url = server.url("m");
+        let (a, b) = tokio::join!(
+            f.downloader.fetch(&url, &hash, &no_progress),
+            f.downloader.fetch(&url, &hash, &no_progress)
+        );
+        assert_eq!(a.unwrap(), b.unwrap());
+        assert_eq!(server.seen().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn file_urls_are_copied_and_wrong_hashes_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("m.bin");
+        std::fs::write(&src, b"module").unwrap();
+        let f = fixture(DownloadConfig::default());
+        let url = format!("file://{}", src.display());
+        let e = f
+            .downloader
+            .fetch(&url, &sha(b"other"), &no_progress)
+            .await
+            .unwrap_err();
+        assert_eq!(e.to_string(), "Module hash mismatch");
+        assert!(cache_files(&f.cache_dir).is_empty());
+        // A hash of the wrong length is a mismatch too, as in EVP.
+        let e = f.downloader.fetch(&url, "abcd", &no_progress).await;
+        assert!(matches!(e, Err(FetchError::HashMismatch)));
+        let path = f
+            .downloader
+            .fetch(&url, &sha(b"module").to_uppercase(), &no_progress)
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"module");
+        assert_eq!(path, f.downloader.cache().path_of(&sha(b"module")));
+        let e = f
+            .downloader
+            .fetch("ftp://x/y", &sha(b"module2"), &no_progress)
+            .await;
+        assert!(matches!(e, Err(FetchError::UnsupportedScheme(_))));
+    }
+
+    fn downloads(f: &Fixture) -> (Downloads, mpsc::UnboundedReceiver<DownloadEvent>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let sink: EventSink = Arc::new(move |ev| {
+            let _ = tx.send(ev);
+        });
+        let config = DownloadConfig {
+            retry_base: Duration::from_millis(10),
+            retry_max: Duration::from_millis(40),
+            ..Default::default()
+        };
+        (Downloads::new(f.downloader.clone(), &config, sink), rx)
+    }
+
+    /// Waits for the first event that `pick` accepts, failing after the deadline.
+    async fn wait_event(
+        rx: &mut mpsc::UnboundedReceiver<DownloadEvent>,
+        what: &str,
+        pick: impl Fn(&DownloadEvent) -> bool,
+    ) -> Vec<DownloadEvent> {
+        let mut before = Vec::new();
+        let found = tokio::time::timeout(DEADLINE, async {
+            while let Some(ev) = rx.recv().await {
+                let done = pick(&ev);
+                before.push(ev);
+                if done {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(found.is_ok(), "no {what} within {DEADLINE:?}: {before:?}");
+        before
+    }
+
+    #[tokio::test]
+    async fn failed_downloads_are_retried_until_they_succeed() {
+        let server = Server::start().await;
+        let body = content(10_000, 30);
+        server.put("m", body.clone(), "\"v\"");
+        {
+            let mut b = server.behaviour.lock().unwrap();
+            b.fail = 2;
+            b.cut = vec![0, 0, 4_000];
+        }
+        let f = fixture(DownloadConfig::default());
+        let (mut d, mut rx) = downloads(&f);
+        let hash = sha(&body);
+        d.ensure(&hash, &server.url("m"));
+        let events = wait_event(&mut rx, "Done", |e| matches!(e, DownloadEvent::Done { .. })).await;
+        let failures: Vec<&str> = events
+            .iter()
+            .filter_map(|e| match e {
+                DownloadEvent::Failed { message, .. } => Some(message.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            failures[..2],
+            [
+                "Download failed HTTP Response = 500",
+                "Download failed HTTP Response = 500"
+            ]
+        );
+        assert_eq!(failures.len(), 3, "{failures:?}");
+        assert!(f.downloader.cache().contains(&hash));
+        let seen = server.seen();
+        assert_eq!(seen.last().unwrap().range.as_deref(), Some("bytes=4000-"));
+    }
+
+    #[tokio::test]
+    async fn preemption_cancels_only_the_downloads_no_longer_wanted() {
+        let server = Server::start().await;
+        server.behaviour.lock().unwrap().slow = Some(Duration::from_millis(5));
+        let kept = content(200_000, 40);
+        let dropped = content(200_000, 41);
+        server.put("kept", kept.clone(), "\"k\"");
+        server.put("dropped", dropped.clone(), "\"d\"");
+        let f = fixture(DownloadConfig::default());
+        let (mut d, mut rx) = downloads(&f);
+        let (kh, dh) = (sha(&kept), sha(&dropped));
+        d.ensure(&kh, &server.url("kept"));
+        d.ensure(&dh, &server.url("dropped"));
+        // Both transfers are under way.
+        wait_event(&mut rx, "progress of the dropped module", |e| {
+            matches!(e, DownloadEvent::Progress { hash, progress, .. } if *hash == dh && progress.done > 0)
+        })
+        .await;
+        // A newer deployment wants only `kept`; ensuring it again changes nothing.
+        let cancelled = d.retain(|h| h == kh);
+        d.ensure(&kh, &server.url("kept"));
+        assert_eq!(cancelled, vec![dh.clone()]);
+        assert!(!d.contains(&dh));
+        let events = wait_event(
+            &mut rx,
+            "Done of the kept module",
+            |e| matches!(e, DownloadEvent::Done { hash, .. } if *hash == kh),
+        )
+        .await;
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e, DownloadEvent::Done { hash, .. } if *hash == dh)),
+            "the cancelled download finished"
+        );
+        assert!(f.downloader.cache().contains(&kh));
+        assert!(!f.downloader.cache().contains(&dh));
+        let kept_requests = server.seen().iter().filter(|s| s.path == "kept").count();
+        assert_eq!(kept_requests, 1, "the wanted download was restarted");
+        // What the cancelled transfer got stays, to resume if the module comes back.
+        let partial = std::fs::metadata(f.downloader.cache().partial_of(&dh)).unwrap();
+        assert!(partial.len() > 0 && partial.len() < 200_000);
     }
 }

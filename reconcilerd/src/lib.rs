@@ -345,3 +345,134 @@ fn create_shared_dir(dir: &std::path::Path) -> Result<()> {
         .create(dir)
         .with_context(|| format!("creating {}", dir.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| {
+            vars.iter()
+                .find(|(n, v)| *n == k && !v.is_empty())
+                .map(|(_, v)| (*v).to_owned())
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = ReconcilerConfig::default();
+        assert_eq!(c.max_concurrent_downloads, 4);
+        assert_eq!(c.restart_limit, 5);
+        let s = c.settings();
+        assert_eq!(s.restart, RestartConfig::default());
+        assert_eq!(s.retry_base, Duration::from_secs(1));
+        let d = c.download_config(env(&[])).unwrap();
+        assert_eq!(d.retry_base, Duration::from_secs(1));
+        assert_eq!(d.retry_max, Duration::from_secs(60));
+        assert_eq!(d.proxy, None);
+        assert_eq!(d.ca_cert, None);
+    }
+
+    #[test]
+    fn the_environment_wins_over_the_section() {
+        let c: ReconcilerConfig = serde_json::from_value(serde_json::json!({
+            "http_proxy_host": "toml-proxy",
+            "http_proxy_port": 3128,
+            "http_proxy_username": "toml-user",
+            "https_ca_cert": "/toml/ca.pem",
+        }))
+        .unwrap();
+        let d = c.download_config(env(&[])).unwrap();
+        assert_eq!(d.proxy.as_ref().unwrap().host, "toml-proxy");
+        assert_eq!(d.proxy.as_ref().unwrap().port, 3128);
+        assert_eq!(d.ca_cert, Some(PathBuf::from("/toml/ca.pem")));
+        let vars = [
+            ("EVP_HTTP_PROXY_HOST", "env-proxy"),
+            ("EVP_HTTP_PROXY_PORT", "8080"),
+            ("EVP_HTTP_PROXY_USERNAME", ""),
+            ("EVP_HTTP_PROXY_PASSWORD", "secret"),
+            ("EVP_HTTPS_CA_CERT", "/env/https.pem"),
+        ];
+        let d = c.download_config(env(&vars)).unwrap();
+        assert_eq!(
+            d.proxy,
+            Some(ProxyConfig {
+                host: "env-proxy".into(),
+                port: 8080,
+                // Empty means unset, so the section's user stays.
+                username: Some("toml-user".into()),
+                password: Some("secret".into()),
+            })
+        );
+        assert_eq!(d.ca_cert, Some(PathBuf::from("/env/https.pem")));
+        let with_tls = [
+            ("EVP_TLS_CA_CERT", "/env/tls.pem"),
+            ("EVP_HTTPS_CA_CERT", "/x"),
+        ];
+        let d = c.download_config(env(&with_tls)).unwrap();
+        assert_eq!(d.ca_cert, Some(PathBuf::from("/env/tls.pem")));
+    }
+
+    #[test]
+    fn a_proxy_needs_a_valid_port() {
+        let c = ReconcilerConfig::default();
+        let e = c
+            .download_config(env(&[("EVP_HTTP_PROXY_HOST", "p")]))
+            .unwrap_err();
+        assert!(matches!(e, ConfigError::ProxyPortMissing { .. }));
+        let e = c
+            .download_config(env(&[
+                ("EVP_HTTP_PROXY_HOST", "p"),
+                ("EVP_HTTP_PROXY_PORT", "http"),
+            ]))
+            .unwrap_err();
+        assert!(matches!(e, ConfigError::ProxyPortInvalid(_)));
+    }
+
+    #[test]
+    fn a_proxy_and_a_ca_file_make_a_client() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ModuleCache::new(dir.path().to_owned());
+        let proxied = DownloadConfig {
+            proxy: Some(ProxyConfig {
+                host: "127.0.0.1".into(),
+                port: 3128,
+                username: Some("u".into()),
+                password: None,
+            }),
+            ..Default::default()
+        };
+        assert!(Downloader::new(cache.clone(), &proxied).is_ok());
+        let garbage = dir.path().join("ca.pem");
+        std::fs::write(&garbage, b"not a certificate").unwrap();
+        let with_ca = DownloadConfig {
+            ca_cert: Some(garbage),
+            ..Default::default()
+        };
+        assert!(matches!(
+            Downloader::new(cache.clone(), &with_ca),
+            Err(crate::download::ClientError::CaParse(_))
+        ));
+        let ca = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        for (name, bytes) in [
+            ("ca.pem", ca.cert.pem().into_bytes()),
+            ("ca.der", ca.cert.der().to_vec()),
+        ] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            let good = DownloadConfig {
+                ca_cert: Some(path),
+                ..Default::default()
+            };
+            assert!(Downloader::new(cache.clone(), &good).is_ok(), "{name}");
+        }
+        let missing = DownloadConfig {
+            ca_cert: Some(dir.path().join("nope.pem")),
+            ..Default::default()
+        };
+        assert!(matches!(
+            Downloader::new(cache, &missing),
+            Err(crate::download::ClientError::CaRead { .. })
+        ));
+    }
+}
