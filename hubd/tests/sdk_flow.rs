@@ -278,9 +278,7 @@ impl Rig {
             FakeBroker::state_reported(&emitter, instance, topic, value.as_bytes()).await?;
             let seen = tokio::time::timeout(Duration::from_millis(500), async {
                 loop {
-                    let Some((t, p)) = self.inbox.recv().await else {
-                        return None;
-                    };
+                    let (t, p) = self.inbox.recv().await?;
                     if t != ATTRIBUTES {
                         continue;
                     }
