@@ -540,3 +540,41 @@ pub async fn follow_telemetry(
         tokio::time::sleep(PROXY_RETRY).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(topic: &str, len: usize) -> ConfigurationDelivery {
+        ConfigurationDelivery {
+            instance: "i".into(),
+            topic: topic.into(),
+            value: vec![b'v'; len],
+        }
+    }
+
+    #[test]
+    fn held_configurations_keep_the_latest_per_topic_and_stay_bounded() {
+        let mut held = HeldConfigurations::default();
+        held.hold(delivery("a", 1));
+        held.hold(delivery("b", 2));
+        held.hold(delivery("a", 3));
+        let topics: Vec<&str> = held.queue.iter().map(|d| d.topic.as_str()).collect();
+        assert_eq!(topics, ["b", "a"], "the newer value replaces the older");
+        assert_eq!(held.bytes, 5);
+        held.forget("i", "b");
+        assert_eq!(held.bytes, 3);
+
+        for i in 0..MAX_HELD_CONFIGURATIONS + 5 {
+            held.hold(delivery(&i.to_string(), 0));
+        }
+        assert_eq!(held.queue.len(), MAX_HELD_CONFIGURATIONS);
+        assert_eq!(held.queue[0].topic, "5", "the oldest are dropped");
+
+        let mut held = HeldConfigurations::default();
+        held.hold(delivery("big", MAX_HELD_CONFIGURATION_BYTES));
+        held.hold(delivery("small", 1));
+        assert_eq!(held.queue.len(), 1);
+        assert_eq!(held.bytes, 1, "the byte bound drops the oldest");
+    }
+}
