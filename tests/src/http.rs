@@ -1,6 +1,8 @@
-//! A real HTTP server on loopback that serves module files from a directory, with the faults a
-//! cellular link and odd servers produce: a transfer cut mid-way, Range ignored, a slow body.
-//! It records every request it answered.
+//! An HTTP/1.1 file server on loopback with the faults a cellular link and odd servers produce:
+//! a transfer cut mid-way, Range ignored, a slow body. It records every request and how its
+//! answer ended. It is written on std's TCP rather than an HTTP crate because the faults
+//! (a connection that ends short of its Content-Length) are what a well-kept server library
+//! exists to prevent.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
@@ -37,10 +39,11 @@ pub struct Request {
 /// Size of the body chunks a paced transfer pauses between.
 const PACE_CHUNK: usize = 16 * 1024;
 
-/// A file server on 127.0.0.1; stops on drop.
+/// A file server on 127.0.0.1, one thread per connection, `Connection: close` always, so a
+/// cut transfer really ends the connection early. Stops on drop.
 pub struct FileServer {
-    server: Arc<tiny_http::Server>,
-    threads: Vec<std::thread::JoinHandle<()>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
     requests: Arc<Mutex<Vec<Request>>>,
     /// Its port.
     pub port: u16,
@@ -54,28 +57,27 @@ impl FileServer {
 
     /// Serves the files of `root` with the given faults.
     pub fn start_with(root: PathBuf, behaviour: Behaviour) -> Result<FileServer> {
-        let server =
-            Arc::new(tiny_http::Server::http("127.0.0.1:0").map_err(|e| anyhow::anyhow!("{e}"))?);
-        let port = server
-            .server_addr()
-            .to_ip()
-            .map(|a| a.port())
-            .ok_or_else(|| anyhow::anyhow!("no IP address"))?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let port = listener.local_addr()?.port();
         let requests = Arc::new(Mutex::new(Vec::new()));
-        // A few threads, so a paced transfer does not hold up other downloads.
-        let threads = (0..4)
-            .map(|_| {
-                let (s, log, root) = (server.clone(), requests.clone(), root.clone());
-                std::thread::spawn(move || {
-                    for request in s.incoming_requests() {
-                        serve(request, &root, behaviour, &log);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (log, halt) = (requests.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !halt.load(std::sync::atomic::Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let (log, root) = (log.clone(), root.clone());
+                        std::thread::spawn(move || serve(stream, &root, behaviour, &log));
                     }
-                })
-            })
-            .collect();
+                    // Polled, so that drop can stop the server without a connection.
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
         Ok(FileServer {
-            server,
-            threads,
+            stop,
+            thread: Some(thread),
             requests,
             port,
         })
@@ -100,18 +102,39 @@ impl FileServer {
     }
 }
 
+/// Reads the request head: the path and the `Range` header.
+fn read_head(stream: &mut std::net::TcpStream) -> Option<(String, Option<String>)> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).ok()? == 0 || head.len() > 16 * 1024 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let mut lines = head.lines();
+    let path = lines.next()?.split_whitespace().nth(1)?.to_owned();
+    let range = lines.find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.eq_ignore_ascii_case("range")
+            .then(|| value.trim().to_owned())
+    });
+    Some((path, range))
+}
+
 fn serve(
-    request: tiny_http::Request,
+    mut stream: std::net::TcpStream,
     root: &std::path::Path,
     behaviour: Behaviour,
     log: &Mutex<Vec<Request>>,
 ) {
-    let name = request.url().trim_start_matches('/').to_owned();
-    let range = request
-        .headers()
-        .iter()
-        .find(|h| h.field.equiv("Range"))
-        .map(|h| h.value.as_str().to_owned());
+    use std::io::Write;
+    let _ = stream.set_nonblocking(false);
+    let Some((path, range)) = read_head(&mut stream) else {
+        return;
+    };
+    let name = path.trim_start_matches('/').to_owned();
     let (index, nth_for_file) = {
         let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
         log.push(Request {
@@ -129,7 +152,10 @@ fn serve(
         .then(|| std::fs::File::open(root.join(&name)).ok())
         .flatten();
     let Some(mut file) = file else {
-        finish(request.respond(tiny_http::Response::empty(404)).is_ok());
+        let ok = stream
+            .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .is_ok();
+        finish(ok);
         return;
     };
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -141,82 +167,59 @@ fn serve(
             .filter(|n| *n < len),
         _ => None,
     };
-    let mut headers = vec![
-        header("Accept-Ranges", "bytes"),
-        header("ETag", &format!("\"{len}\"")),
-    ];
-    let status = match start {
-        Some(n) => {
-            headers.push(header(
-                "Content-Range",
-                &format!("bytes {n}-{}/{len}", len.saturating_sub(1)),
-            ));
-            206
-        }
-        None => 200,
-    };
     let offset = start.unwrap_or(0);
-    if file.seek(SeekFrom::Start(offset)).is_err() {
-        finish(request.respond(tiny_http::Response::empty(500)).is_ok());
+    let mut head = match start {
+        Some(n) => format!(
+            "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {n}-{}/{len}\r\n",
+            len.saturating_sub(1)
+        ),
+        None => "HTTP/1.1 200 OK\r\n".to_owned(),
+    };
+    head.push_str(&format!(
+        "Content-Length: {}\r\nAccept-Ranges: bytes\r\nETag: \"{len}\"\r\nConnection: close\r\n\r\n",
+        len - offset
+    ));
+    if stream.write_all(head.as_bytes()).is_err() || file.seek(SeekFrom::Start(offset)).is_err() {
+        finish(false);
         return;
     }
     let cut = (nth_for_file <= behaviour.cut_requests).then_some(behaviour.cut_after);
-    let body = FaultyBody {
-        inner: file,
-        sent: 0,
-        cut,
-        pace: behaviour.pace,
-    };
-    let response = tiny_http::Response::new(
-        tiny_http::StatusCode(status),
-        headers,
-        body,
-        Some((len - offset) as usize),
-        None,
-    );
-    finish(request.respond(response).is_ok());
-}
-
-fn header(name: &str, value: &str) -> tiny_http::Header {
-    tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("valid header")
-}
-
-/// A body that fails after `cut` bytes (the connection then drops mid-transfer) and may pause
-/// between chunks.
-struct FaultyBody {
-    inner: std::fs::File,
-    sent: u64,
-    cut: Option<u64>,
-    pace: Option<Duration>,
-}
-
-impl Read for FaultyBody {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let mut want = buf.len().min(PACE_CHUNK);
-        if let Some(cut) = self.cut {
-            if self.sent >= cut {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::ConnectionAborted,
-                    "transfer cut by the test server",
-                ));
+    let mut sent = 0u64;
+    let mut buf = vec![0u8; PACE_CHUNK];
+    let completed = loop {
+        let mut want = PACE_CHUNK;
+        if let Some(cut) = cut {
+            if sent >= cut {
+                break false;
             }
-            want = want.min((cut - self.sent) as usize);
+            want = want.min((cut - sent) as usize);
         }
-        if let Some(pause) = self.pace {
+        if let Some(pause) = behaviour.pace {
             std::thread::sleep(pause);
         }
-        let n = self.inner.read(&mut buf[..want])?;
-        self.sent += n as u64;
-        Ok(n)
-    }
+        let n = match file.read(&mut buf[..want]) {
+            Ok(0) => break true,
+            Ok(n) => n,
+            Err(_) => break false,
+        };
+        if stream
+            .write_all(&buf[..n])
+            .and_then(|_| stream.flush())
+            .is_err()
+        {
+            break false;
+        }
+        sent += n as u64;
+    };
+    // A cut ends the connection with the body short of its Content-Length.
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    finish(completed);
 }
 
 impl Drop for FileServer {
     fn drop(&mut self) {
-        for _ in &self.threads {
-            self.server.unblock();
-        }
-        for t in self.threads.drain(..) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
