@@ -295,6 +295,8 @@ struct SlotState {
     exits: u64,
     last_exit: Option<ExitStatus>,
     backoff: Option<Duration>,
+    /// Environment for this daemon only, from its next start on (see [`Stack::set_env`]).
+    extra_env: Vec<(String, String)>,
 }
 
 #[derive(Debug)]
@@ -511,6 +513,14 @@ impl Stack {
             .await
     }
 
+    /// Sets environment for one daemon only, used from its next start on (a test-only fault
+    /// switch, for example); an empty list removes it.
+    pub fn set_env(&self, name: &str, env: Vec<(String, String)>) -> Result<(), StackError> {
+        let index = self.index(name)?;
+        lock(&self.inner.slots[index].state).extra_env = env;
+        Ok(())
+    }
+
     /// Waits until the daemon owns its bus name.
     pub async fn wait_ready(&self, name: &str, timeout: Duration) -> Result<(), StackError> {
         let index = self.index(name)?;
@@ -689,6 +699,7 @@ fn spawn_slot(inner: &Arc<Inner>, index: usize) -> Result<bool, StackError> {
         .env("EVP_DATA_DIR", config.data_dir())
         .env(STACK_MARKER_ENV, &inner.marker)
         .envs(config.env.iter().map(|(k, v)| (k, v)))
+        .envs(state.extra_env.iter().map(|(k, v)| (k, v)))
         .current_dir(&config.dir)
         .stdin(Stdio::null())
         // Its own process group: Ctrl-C in a terminal reaches the devhub only, which stops

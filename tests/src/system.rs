@@ -190,6 +190,17 @@ impl System {
         processes_with_env(|env| env.split(|b| *b == 0).any(|v| v == marker.as_bytes()))
     }
 
+    /// A reboot of the device: every daemon stopped (and the modules with them), then started
+    /// again from what is on disk.
+    pub async fn restart_stack(&mut self) -> Result<()> {
+        let config = self.stack.config().clone();
+        self.stack.stop_all().await;
+        self.stack = Stack::launch(config)
+            .await
+            .context("starting the daemons again")?;
+        Ok(())
+    }
+
     /// Stops everything, and kills any module the daemons left behind.
     pub async fn stop(self) {
         self.stack.stop_all().await;
