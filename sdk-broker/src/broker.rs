@@ -401,61 +401,73 @@ impl Broker {
 
     /// `CloseInstance`: the exit protocol. Pending requests get their EXIT callbacks, the
     /// module gets `exit` once its queue drains, and the socket goes when the module
-    /// disconnects or after the grace. Closing an unknown instance does nothing.
+    /// disconnects or after the grace. Returns once the socket is gone, so the caller (which
+    /// then stops the process) knows a module that follows the protocol has let go: its
+    /// process is exiting by itself. Closing an unknown instance does nothing.
     pub async fn close_instance(self: &Arc<Self>, instance: &str) {
         let mut answers = Vec::new();
         let grace_needed;
+        let mut closed;
+        let already_closing;
         {
             let mut guard = self.lock();
             let st = &mut *guard;
             let Some(inst) = st.instances.get_mut(instance) else {
                 return;
             };
-            if inst.exiting {
-                return;
-            }
+            closed = inst.stop.subscribe();
+            already_closing = inst.exiting;
             inst.exiting = true;
-            for (_, p) in std::mem::take(&mut inst.pending_states) {
-                inst.complete(
-                    p.conn,
-                    Event::State {
-                        cb: p.cb,
-                        reason: StateReason::Exit,
-                    },
-                );
-            }
-            let id = inst.id;
-            let mut kept = VecDeque::new();
-            for p in std::mem::take(&mut st.telemetry) {
-                if p.instance == instance && p.inst_id == id {
-                    st.telemetry_entries -= p.entries.len();
-                    st.telemetry_bytes -= p.bytes;
-                    inst.telemetry_bytes -= p.bytes;
+            if already_closing {
+                grace_needed = false;
+            } else {
+                for (_, p) in std::mem::take(&mut inst.pending_states) {
                     inst.complete(
                         p.conn,
-                        Event::Telemetry {
+                        Event::State {
                             cb: p.cb,
-                            reason: TelemetryReason::Exit,
+                            reason: StateReason::Exit,
                         },
                     );
-                } else {
-                    kept.push_back(p);
+                }
+                let id = inst.id;
+                let mut kept = VecDeque::new();
+                for p in std::mem::take(&mut st.telemetry) {
+                    if p.instance == instance && p.inst_id == id {
+                        st.telemetry_entries -= p.entries.len();
+                        st.telemetry_bytes -= p.bytes;
+                        inst.telemetry_bytes -= p.bytes;
+                        inst.complete(
+                            p.conn,
+                            Event::Telemetry {
+                                cb: p.cb,
+                                reason: TelemetryReason::Exit,
+                            },
+                        );
+                    } else {
+                        kept.push_back(p);
+                    }
+                }
+                st.telemetry = kept;
+                inst.drop_events(|q| matches!(q.event, Event::RpcRequest { .. }));
+                for (reqid, _) in inst.rpcs.drain() {
+                    answers.push((
+                        reqid,
+                        instance.to_owned(),
+                        error_response(&format!("instance {instance} is stopping")),
+                    ));
+                }
+                inst.notify.notify_one();
+                grace_needed = inst.conn.is_some();
+                if !grace_needed {
+                    self.remove(st, instance);
                 }
             }
-            st.telemetry = kept;
-            inst.drop_events(|q| matches!(q.event, Event::RpcRequest { .. }));
-            for (reqid, _) in inst.rpcs.drain() {
-                answers.push((
-                    reqid,
-                    instance.to_owned(),
-                    error_response(&format!("instance {instance} is stopping")),
-                ));
-            }
-            inst.notify.notify_one();
-            grace_needed = inst.conn.is_some();
-            if !grace_needed {
-                self.remove(st, instance);
-            }
+        }
+        if already_closing {
+            // A second close waits for the first one's outcome.
+            let _ = closed.wait_for(|gone| *gone).await;
+            return;
         }
         info!(instance, "instance closing");
         self.answer_errors(answers).await;
@@ -471,6 +483,8 @@ impl Broker {
                     me.remove(&mut st, &name);
                 }
             });
+            // The sender is dropped with the instance, which ends the wait too.
+            let _ = closed.wait_for(|gone| *gone).await;
         }
     }
 

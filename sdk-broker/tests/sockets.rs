@@ -583,7 +583,11 @@ async fn exit_protocol_turns_pending_requests_into_exit_and_removes_the_socket()
     })
     .await;
     h.broker.call_method("leaving", 1, "m", "{}").await;
-    h.broker.close_instance("leaving").await;
+    // CloseInstance answers only once the module has let go; here it runs beside the module.
+    let closing = {
+        let broker = h.broker.clone();
+        tokio::spawn(async move { broker.close_instance("leaving").await })
+    };
     match h.signal().await {
         Signal::RpcResponse {
             reqid: 1,
@@ -612,15 +616,23 @@ async fn exit_protocol_turns_pending_requests_into_exit_and_removes_the_socket()
         drop(c);
     })
     .await;
-    wait_for(|| !path.exists()).await;
+    tokio::time::timeout(PATIENCE, closing)
+        .await
+        .expect("CloseInstance answers once the module disconnected")
+        .unwrap();
+    assert!(
+        !path.exists(),
+        "CloseInstance answered before the socket was gone"
+    );
     h.no_signal().await;
     // Re-opening after the module left works, and a module that never leaves is cut off after
     // the grace.
     let path = h.open("leaving");
     let p = path.clone();
     let mut c = client(move || connect(&p)).await;
+    // Answered after the grace, with the socket gone, although the module never left.
     h.broker.close_instance("leaving").await;
-    wait_for(|| !path.exists()).await;
+    assert!(!path.exists());
     client(move || {
         let r = c.next_event(Some(Duration::from_millis(100)));
         assert!(
