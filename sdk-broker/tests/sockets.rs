@@ -647,17 +647,6 @@ async fn exit_protocol_turns_pending_requests_into_exit_and_removes_the_socket()
     assert!(!path.exists());
 }
 
-async fn wait_for(cond: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "condition not met in time"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_frames_get_the_documented_answer_and_never_crash_the_broker() {
     let h = harness(quick_settings());
