@@ -28,6 +28,11 @@ pub const DEFAULT_WORKSPACE_DIR: &str = "default_workspace";
 /// ignored, so only a process stuck in the kernel (uninterruptible I/O) outlives this; the
 /// caller then gets an error instead of a call that never answers.
 pub const KILL_REAP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a stop waits for an instance to exit by itself before SIGTERM. Long enough for a
+/// module that just got the SDK's exit event and closed its socket to return from `main`,
+/// short enough that stopping a module that ignores the SDK is not noticeably slower.
+pub const VOLUNTARY_EXIT_WINDOW: Duration = Duration::from_millis(200);
 /// Failure message of a recorded instance whose process was gone when the runtime started.
 pub const DIED_WHILE_AWAY: &str = "exited while runtimed-container was not running";
 /// Failure message of a re-adopted instance that exited: it is not this runtime's child, so its
@@ -864,6 +869,16 @@ impl Supervisor {
             Err(_) => Phase::Gone,
         };
         if let Phase::Running(workload) = current {
+            // An SDK module told to exit (sdk-broker's CloseInstance comes first) is usually
+            // on its way out: a moment to finish by itself, so EVP modules, which never
+            // expect SIGTERM, end with their own status.
+            let window = grace.min(VOLUNTARY_EXIT_WINDOW);
+            if tokio::time::timeout(window, wait_gone(&mut phase))
+                .await
+                .is_ok()
+            {
+                return Ok(self.forget_stopped(instance, generation));
+            }
             if let Err(e) = workload.terminate() {
                 warn!(instance, "asking the instance to exit failed: {e}");
             }
@@ -891,6 +906,12 @@ impl Supervisor {
             }
         }
 
+        self.forget_stopped(instance, generation);
+        Ok(())
+    }
+
+    /// Takes a stopped instance out of `Instances`, unless a newer start replaced it.
+    fn forget_stopped(&self, instance: &str, generation: u64) {
         let mut state = self.lock();
         if state
             .instances
@@ -901,7 +922,6 @@ impl Supervisor {
             self.remove_record(instance);
             state.emit(instance, STOPPED, "");
         }
-        Ok(())
     }
 
     /// Stops every instance in parallel, each with `grace`.
