@@ -877,7 +877,8 @@ impl Supervisor {
                 .await
                 .is_ok()
             {
-                return Ok(self.forget_stopped(instance, generation));
+                self.forget_stopped(instance, generation);
+                return Ok(());
             }
             if let Err(e) = workload.terminate() {
                 warn!(instance, "asking the instance to exit failed: {e}");
