@@ -321,8 +321,12 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         }
     });
     reconcile::follow_runtimes(&conn, events_tx).await;
+    let sdk = evp_schemas::dbus::SdkBroker1Proxy::new(&conn)
+        .await
+        .context("making the sdk-broker proxy")?;
     let reconciler = Reconciler::new(
         conn.clone(),
+        sdk,
         downloads,
         events_rx,
         status,

@@ -9,7 +9,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use evp_schemas::dbus::{self, Runtime1Proxy};
+use evp_schemas::dbus::{self, Runtime1Proxy, SdkBroker1Proxy};
+use evp_schemas::routing::Routing;
 use evp_schemas::{
     Deployment, DeploymentStatus, InstanceState, InstanceStatus, Module, ModuleImpl, ModuleState,
     ModuleStatus, ReconcileStatus, RestartPolicy,
@@ -190,6 +191,9 @@ enum ModuleView {
 /// The loop's own view of the device.
 pub struct Reconciler {
     conn: Connection,
+    /// sdk-broker: instances get their SDK socket before they start and the exit event
+    /// before they are stopped.
+    sdk: SdkBroker1Proxy<'static>,
     status: SharedStatus,
     changed: StatusChanged,
     settings: Settings,
@@ -224,6 +228,7 @@ impl Reconciler {
     /// runtime events (see [`follow_runtimes`]).
     pub fn new(
         conn: Connection,
+        sdk: SdkBroker1Proxy<'static>,
         downloads: Downloads,
         events: mpsc::UnboundedReceiver<Event>,
         status: SharedStatus,
@@ -233,6 +238,7 @@ impl Reconciler {
         let retry = Backoff::new(settings.retry_base, settings.retry_max);
         Reconciler {
             conn,
+            sdk,
             status,
             changed,
             settings,
@@ -482,7 +488,7 @@ impl Reconciler {
                 if let Err(e) = proxy.stop_instance(name, FORGET_GRACE_MS).await {
                     debug!(instance = %name, "forgetting the exited instance: {}", dbus::error_message(&e));
                 }
-                start(&proxy, name, &want).await
+                start(&self.sdk, &proxy, name, &want).await
             }
             Err(e) => Err(e),
         };
@@ -649,17 +655,8 @@ impl Reconciler {
                 return true;
             }
             if let Ok(proxy) = self.runtime(rt).await {
-                if let Err(e) = proxy
-                    .stop_instance(&name, self.settings.stop_grace_ms)
-                    .await
-                {
-                    warn!(instance = %name, "stop failed: {}", dbus::error_message(&e));
-                }
-                if !desired.instance_specs.contains_key(&name)
-                    && let Err(e) = proxy.purge_instance(&name).await
-                {
-                    warn!(instance = %name, "removing its directory failed: {}", dbus::error_message(&e));
-                }
+                let purge = !desired.instance_specs.contains_key(&name);
+                stop_one(&self.sdk, &proxy, &name, self.settings.stop_grace_ms, purge).await;
             }
         }
 
@@ -669,15 +666,34 @@ impl Reconciler {
             .iter()
             .map(|(k, v)| (k.clone(), v.placement.clone()))
             .collect();
+        if preempted() {
+            return true;
+        }
+        // In parallel: each stop may wait out an exit grace, and they do not depend on
+        // each other.
+        let mut stops = Vec::new();
         for (name, was) in placed {
             let want = placement(&desired, &name);
             if want.as_ref() == Some(&was) {
                 continue;
             }
-            if preempted() {
-                return true;
+            let proxy = match was.runtime() {
+                Some(rt) => self.runtime(rt).await.ok(),
+                None => None,
+            };
+            stops.push((name, proxy, want.is_none()));
+        }
+        let grace = self.settings.stop_grace_ms;
+        let sdk = &self.sdk;
+        futures_util::future::join_all(stops.iter().map(|(name, proxy, purge)| async move {
+            match proxy {
+                Some(proxy) => stop_one(sdk, proxy, name, grace, *purge).await,
+                None => warn!(instance = %name, "cannot stop: its runtime is not reachable"),
             }
-            self.stop_instance(&name, &was, want.is_none()).await;
+        }))
+        .await;
+        for (name, _, _) in &stops {
+            self.running.remove(name);
         }
 
         // 3. Unload modules whose definition is gone or changed.
@@ -769,7 +785,14 @@ impl Reconciler {
             }
         }
 
-        // 6. Start the instances that do not run yet.
+        // 6. Messaging routes for sdk-broker, before any instance starts sending.
+        let routing = Routing::from_deployment(&desired).to_json();
+        if let Err(e) = self.sdk.set_routing(&routing).await {
+            warn!("setting the messaging routes: {}", dbus::error_message(&e));
+            failures = true;
+        }
+
+        // 7. Start the instances that do not run yet.
         let mut started_on = BTreeSet::new();
         for name in desired.instance_specs.keys() {
             if self.running.contains_key(name) {
@@ -788,7 +811,7 @@ impl Reconciler {
                 return true;
             }
             let result = match self.runtime(rt).await {
-                Ok(proxy) => start(&proxy, name, &want).await,
+                Ok(proxy) => start(&self.sdk, &proxy, name, &want).await,
                 Err(e) => Err(e),
             };
             match result {
@@ -853,26 +876,6 @@ impl Reconciler {
             }
             Err(e) => warn!(runtime = rt.name(), "reading the runtime's instances: {e}"),
         }
-    }
-
-    async fn stop_instance(&mut self, name: &str, was: &Placement, purge: bool) {
-        match was.runtime() {
-            Some(rt) => match self.runtime(rt).await {
-                Ok(proxy) => {
-                    if let Err(e) = proxy.stop_instance(name, self.settings.stop_grace_ms).await {
-                        warn!(instance = %name, "stop failed: {}", dbus::error_message(&e));
-                    }
-                    if purge && let Err(e) = proxy.purge_instance(name).await {
-                        warn!(instance = %name, "removing its directory failed: {}", dbus::error_message(&e));
-                    }
-                }
-                Err(e) => warn!(instance = %name, "cannot stop: {e}"),
-            },
-            None => {
-                warn!(instance = %name, "cannot stop: no runtime runs {}", was.module.module_impl)
-            }
-        }
-        self.running.remove(name);
     }
 
     fn module_view(&self, id: &str, module: &Module) -> ModuleView {
@@ -1020,9 +1023,23 @@ fn needs(d: &Deployment, rt: Runtime) -> bool {
         .any(|m| Runtime::of(m.module_impl) == Some(rt))
 }
 
-async fn start(proxy: &Runtime1Proxy<'static>, name: &str, want: &Placement) -> Result<(), String> {
+/// Opens the instance's SDK socket in sdk-broker, then starts it with that socket. Opening is
+/// idempotent, so a restart or a reconcilerd restart reuses the socket that is there.
+async fn start(
+    sdk: &SdkBroker1Proxy<'static>,
+    proxy: &Runtime1Proxy<'static>,
+    name: &str,
+    want: &Placement,
+) -> Result<(), String> {
+    let socket = sdk
+        .open_instance(name)
+        .await
+        .map_err(|e| format!("Failed to create SDK socket: {}", dbus::error_message(&e)))?;
     let options = dbus::start_options(
-        &[("entry_point", &want.module.entry_point)],
+        &[
+            ("entry_point", &want.module.entry_point),
+            ("sdk_socket", &socket),
+        ],
         &Default::default(),
     )
     .map_err(|e| e.to_string())?;
@@ -1030,6 +1047,27 @@ async fn start(proxy: &Runtime1Proxy<'static>, name: &str, want: &Placement) -> 
         .start_instance(name, &want.module_id, options)
         .await
         .map_err(|e| format!("Failed to start: {}", dbus::error_message(&e)))
+}
+
+/// Stops one instance: the SDK exit protocol first (sdk-broker answers once the module let go,
+/// or after its grace), then the runtime's stop, then its directory when it left the
+/// deployment.
+async fn stop_one(
+    sdk: &SdkBroker1Proxy<'static>,
+    proxy: &Runtime1Proxy<'static>,
+    name: &str,
+    grace_ms: u32,
+    purge: bool,
+) {
+    if let Err(e) = sdk.close_instance(name).await {
+        debug!(instance = %name, "closing its SDK socket: {}", dbus::error_message(&e));
+    }
+    if let Err(e) = proxy.stop_instance(name, grace_ms).await {
+        warn!(instance = %name, "stop failed: {}", dbus::error_message(&e));
+    }
+    if purge && let Err(e) = proxy.purge_instance(name).await {
+        warn!(instance = %name, "removing its directory failed: {}", dbus::error_message(&e));
+    }
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -1,0 +1,244 @@
+//! The remote SDK end to end: modules built with evp-sdk, spawned by the agent, talking to
+//! sdk-broker over their sockets, driven from the hub's side through mosquitto and hubd.
+
+use std::time::Duration;
+
+use evp_system_tests::system::{Options, System, instance_status};
+use evp_system_tests::{DEADLINE, bin_dir, wait_for};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+/// A test module of the workspace as a deployment's module: its file URL and hash.
+fn workspace_module(binary: &str) -> Value {
+    let path = bin_dir().join(binary);
+    let bytes = std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("{} ({e}): run `cargo build --workspace`", path.display()));
+    json!({
+        "moduleImpl": "spawn",
+        "entryPoint": "main",
+        "downloadUrl": format!("file://{}", path.display()),
+        "hash": hex::encode(Sha256::digest(&bytes)),
+    })
+}
+
+/// One instance per `(instance, binary)`, no messaging routes.
+fn deployment_of(id: &str, instances: &[(&str, &str)]) -> Value {
+    let mut d = json!({
+        "deploymentId": id, "instanceSpecs": {}, "modules": {},
+        "publishTopics": {}, "subscribeTopics": {}
+    });
+    for (instance, binary) in instances {
+        d["modules"][*binary] = workspace_module(binary);
+        d["instanceSpecs"][*instance] = json!({"moduleId": binary, "publish": {}, "subscribe": {}});
+    }
+    d
+}
+
+async fn deploy_and_wait(sys: &System, d: &Value) {
+    sys.deploy(d).await.unwrap();
+    let id = d["deploymentId"].as_str().unwrap().to_owned();
+    let names: Vec<String> = d["instanceSpecs"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    sys.wait_status(|s| {
+        s["deploymentId"] == id.as_str()
+            && s["reconcileStatus"] == "ok"
+            && names.iter().all(|n| instance_status(s, n) == "ok")
+    })
+    .await
+    .unwrap();
+}
+
+async fn wait_state(sys: &System, key: &str, check: impl Fn(&Value) -> bool) -> Value {
+    wait_for(&format!("the hub to see {key}"), DEADLINE, async || {
+        sys.hub
+            .instance_states()
+            .get(key)
+            .filter(|v| check(v))
+            .cloned()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn configuration_comes_back_as_state_and_as_telemetry() {
+    let sys = System::start().await.unwrap();
+    let mut telemetry = sys.hub.subscribe();
+    deploy_and_wait(
+        &sys,
+        &deployment_of(
+            "dep-1",
+            &[
+                ("echo", "evp-test-config-echo"),
+                ("tele", "evp-test-config-telemetry"),
+            ],
+        ),
+    )
+    .await;
+    sys.hub
+        .set_configuration("echo", "greeting", "hello")
+        .await
+        .unwrap();
+    sys.hub
+        .set_configuration("tele", "room/temp", "21.5")
+        .await
+        .unwrap();
+    wait_state(&sys, "state/echo/greeting", |v| v == "hello").await;
+    let seen = wait_for("telemetry from tele", DEADLINE, async || {
+        match telemetry.try_recv() {
+            Ok(evp_devhub::DeviceReport::Telemetry(v)) if v.get("tele/room/temp").is_some() => {
+                Some(v)
+            }
+            _ => None,
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(seen["tele/room/temp"], json!(21.5), "{seen}");
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn direct_commands_are_answered_on_the_right_request() {
+    let sys = System::start().await.unwrap();
+    deploy_and_wait(
+        &sys,
+        &deployment_of("dep-1", &[("rpc", "evp-test-rpc-echo")]),
+    )
+    .await;
+    let wait = Duration::from_secs(20);
+    let ok = sys
+        .hub
+        .call("rpc", "echo", r#"{"text":"hi"}"#, 10042, wait)
+        .await
+        .unwrap();
+    assert_eq!(ok["status"], "ok", "{ok}");
+    assert_eq!(ok["reqid"], "10042");
+    assert_eq!(ok["response"], r#"{"text":"hi"}"#);
+    let unknown = sys
+        .hub
+        .call("rpc", "nope", "{}", 10043, wait)
+        .await
+        .unwrap();
+    assert_eq!(unknown["status"], "error", "{unknown}");
+    assert_eq!(unknown["errorMessage"], "Unknown method");
+    let absent = sys
+        .hub
+        .call("ghost", "echo", "{}", 10044, wait)
+        .await
+        .unwrap();
+    assert_eq!(absent["status"], "error", "{absent}");
+    assert_eq!(absent["reqid"], "10044");
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_messages_reach_the_subscriber_by_its_alias() {
+    let sys = System::start().await.unwrap();
+    let mut d = deployment_of(
+        "dep-1",
+        &[
+            ("tx", "evp-test-msg-sender"),
+            ("rx", "evp-test-msg-receiver"),
+        ],
+    );
+    d["instanceSpecs"]["tx"]["publish"] = json!({"out": "pub-salute"});
+    d["instanceSpecs"]["rx"]["subscribe"] = json!({"in": "sub-salute"});
+    d["publishTopics"] = json!({"pub-salute": {"type": "local", "topic": "salute"}});
+    d["subscribeTopics"] = json!({"sub-salute": {"type": "local", "topic": "salute"}});
+    deploy_and_wait(&sys, &d).await;
+    sys.hub
+        .set_configuration("tx", "count", "1000")
+        .await
+        .unwrap();
+    let sent = wait_state(&sys, "state/tx/sent", |_| true).await;
+    let sent: Value = serde_json::from_str(sent.as_str().unwrap()).unwrap();
+    assert_eq!(sent, json!({"sent": 1000, "errors": 0}));
+    wait_state(&sys, "state/rx/received", |v| v == "1000").await;
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn undeploy_runs_the_exit_protocol_and_modules_exit_by_themselves() {
+    let sys = System::start().await.unwrap();
+    deploy_and_wait(
+        &sys,
+        &deployment_of("dep-1", &[("echo", "evp-test-config-echo")]),
+    )
+    .await;
+    sys.hub.set_configuration("echo", "t", "v").await.unwrap();
+    wait_state(&sys, "state/echo/t", |v| v == "v").await;
+    let pids = sys.instance_pids("echo");
+    assert_eq!(pids.len(), 1);
+    sys.deploy(&deployment_of("dep-empty", &[])).await.unwrap();
+    sys.wait_status(|s| s["deploymentId"] == "dep-empty" && s["reconcileStatus"] == "ok")
+        .await
+        .unwrap();
+    evp_system_tests::system::wait_gone(&pids).await.unwrap();
+    // The runtime logs how the process ended: by itself with status 0, not by a signal.
+    let log = sys
+        .stack
+        .config()
+        .log_dir()
+        .join("evp-runtimed-container.log");
+    let text = std::fs::read_to_string(log).unwrap();
+    let line = text
+        .lines()
+        .rfind(|l| l.contains("echo") && l.contains("exit"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        !line.contains("SIG"),
+        "the module did not exit by itself: {line}"
+    );
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_telemetry_flood_gets_back_pressure_and_the_broker_stays_small() {
+    // Small queues, so back-pressure comes early and the bound is easy to see.
+    let sys = System::start_with(Options {
+        extra_toml: "[sdk_broker]\nevent_queue_bytes = 65536\ntelemetry_queue_bytes = 65536\n"
+            .into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    deploy_and_wait(
+        &sys,
+        &deployment_of("dep-1", &[("flood", "evp-test-telemetry-flood")]),
+    )
+    .await;
+    sys.hub
+        .set_configuration("flood", "flood", "20000")
+        .await
+        .unwrap();
+    let report = wait_state(&sys, "state/flood/flood", |_| true).await;
+    let report: Value = serde_json::from_str(report.as_str().unwrap()).unwrap();
+    assert_eq!(report["accepted"], 20000, "{report}");
+    assert!(
+        report["again"].as_u64().unwrap() > 0,
+        "no back-pressure: {report}"
+    );
+    assert_eq!(
+        report["sent"].as_u64().unwrap() + report["denied"].as_u64().unwrap(),
+        20000,
+        "a callback was lost: {report}"
+    );
+    let broker = sys.stack.pid("evp-sdk-broker").unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{broker}/status")).unwrap();
+    let high_water_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(
+        high_water_kib < 64 * 1024,
+        "sdk-broker grew to {high_water_kib} KiB under a flood"
+    );
+    sys.stop().await;
+}
