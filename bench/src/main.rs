@@ -24,6 +24,28 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Scenario {
+    /// Telemetry throughput end to end: one module (evp-test-telemetry-flood) sends N
+    /// telemetry calls of a 100-byte value through sdk-broker, hubd and mosquitto to a
+    /// subscriber; messages per second at the subscriber, and the peak RSS of sdk-broker and
+    /// hubd.
+    Telemetry {
+        /// Telemetry calls per run.
+        #[arg(long, default_value_t = 100_000)]
+        messages: u64,
+        /// Measured runs.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// A burst of N telemetry calls queued at once: the rate from the first message to the
+    /// last at the subscriber.
+    TelemetryBurst {
+        /// Telemetry calls in the burst.
+        #[arg(long, default_value_t = 10_000)]
+        messages: u64,
+        /// Measured runs.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// Time from the deployment message to the status report with `ok` for N spawned
     /// instances of a module already in the cache.
     DeploySpawn {
@@ -36,6 +58,8 @@ enum Scenario {
     },
 }
 
+/// A telemetry run ends early when no message arrived for this long.
+const STALL: Duration = Duration::from_secs(3);
 /// How long one run may take before the benchmark gives up.
 const RUN_DEADLINE: Duration = Duration::from_secs(120);
 
@@ -43,6 +67,10 @@ const RUN_DEADLINE: Duration = Duration::from_secs(120);
 async fn main() -> Result<()> {
     let figures = match Cli::parse().scenario {
         Scenario::DeploySpawn { instances, runs } => deploy_spawn(instances, runs).await?,
+        Scenario::Telemetry { messages, runs } => telemetry("telemetry", messages, runs).await?,
+        Scenario::TelemetryBurst { messages, runs } => {
+            telemetry("telemetry-burst", messages, runs).await?
+        }
     };
     println!("{figures}");
     Ok(())
@@ -121,5 +149,178 @@ async fn deploy_spawn(instances: usize, runs: usize) -> Result<Value> {
     if let (Value::Object(o), Value::Object(s)) = (&mut out, summary(&samples)) {
         o.extend(s);
     }
+    Ok(out)
+}
+
+/// Peak resident memory of a process in KiB (`VmHWM`), 0 when it cannot be read.
+fn peak_rss_kib(pid: Option<u32>) -> u64 {
+    pid.and_then(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Median, min and max of rates.
+fn rate_summary(rates: &[f64]) -> Value {
+    let mut r = rates.to_vec();
+    r.sort_by(f64::total_cmp);
+    let median = r.get(r.len() / 2).copied().unwrap_or_default();
+    json!({
+        "median_msgs_per_s": median.round(),
+        "min_msgs_per_s": r.first().copied().unwrap_or_default().round(),
+        "max_msgs_per_s": r.last().copied().unwrap_or_default().round(),
+    })
+}
+
+/// Counts telemetry messages at a plain MQTT subscriber, noting when the first and the last
+/// arrived.
+struct Subscriber {
+    count: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    times: std::sync::Arc<std::sync::Mutex<(Option<Instant>, Option<Instant>)>>,
+}
+
+impl Subscriber {
+    async fn start(port: u16) -> Result<Subscriber> {
+        use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+        let mut options = MqttOptions::new("evp-bench-subscriber", "127.0.0.1", port);
+        options.set_max_packet_size(256 * 1024, 256 * 1024);
+        let (client, mut eventloop) = AsyncClient::new(options, 64);
+        client
+            .subscribe("v1/devices/me/telemetry", QoS::AtMostOnce)
+            .await?;
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let times = std::sync::Arc::new(std::sync::Mutex::new((None, None)));
+        let (c, t) = (count.clone(), times.clone());
+        let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
+        let mut subscribed_tx = Some(subscribed_tx);
+        tokio::spawn(async move {
+            let _client = client;
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(tx) = subscribed_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(_))) => {
+                        let now = Instant::now();
+                        // Several SDK calls may share one message when their keys differ;
+                        // the flooder repeats one key, so one message is one call.
+                        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let mut times = t.lock().unwrap_or_else(|e| e.into_inner());
+                        times.0.get_or_insert(now);
+                        times.1 = Some(now);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), subscribed_rx)
+            .await
+            .context("subscribing to telemetry")??;
+        Ok(Subscriber { count, times })
+    }
+
+    fn reset(&self) {
+        self.count.store(0, std::sync::atomic::Ordering::SeqCst);
+        *self.times.lock().unwrap_or_else(|e| e.into_inner()) = (None, None);
+    }
+
+    fn count(&self) -> u64 {
+        self.count.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn span(&self) -> Option<(Instant, Instant)> {
+        let t = self.times.lock().unwrap_or_else(|e| e.into_inner());
+        Some((t.0?, t.1?))
+    }
+}
+
+async fn telemetry(scenario: &str, messages: u64, runs: usize) -> Result<Value> {
+    let sys = System::start().await.context("starting the agent")?;
+    let flood = evp_system_tests::bin_dir().join("evp-test-telemetry-flood");
+    let bytes = std::fs::read(&flood).with_context(|| {
+        format!(
+            "{}: run `cargo build --release --workspace`",
+            flood.display()
+        )
+    })?;
+    let hash = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&bytes))
+    };
+    let url = format!("file://{}", flood.display());
+    sys.deploy(&deployment(
+        "bench",
+        &[("flood", "flood")],
+        &[("flood", &url, &hash)],
+    ))
+    .await?;
+    sys.hub
+        .wait_for_status(
+            |r| instance_status(&r["deploymentStatus"], "flood") == "ok",
+            RUN_DEADLINE,
+        )
+        .await?;
+    let subscriber = Subscriber::start(sys.mosquitto.port).await?;
+    let mut rates = Vec::new();
+    let mut delivered = Vec::new();
+    for run in 0..=runs {
+        subscriber.reset();
+        let started = Instant::now();
+        // A distinct value each run (the module trims spaces), so it is a new configuration.
+        let value = format!("{}{messages}", " ".repeat(run));
+        sys.hub.set_configuration("flood", "flood", &value).await?;
+        // Until every message arrived, or none came for a while (then the run reports what
+        // arrived: QoS 0 allows loss, and the figure says so).
+        let mut last_count = 0;
+        let mut last_progress = Instant::now();
+        while subscriber.count() < messages {
+            let now = Instant::now();
+            if subscriber.count() > last_count {
+                last_count = subscriber.count();
+                last_progress = now;
+            } else if now - last_progress > STALL {
+                break;
+            }
+            if now - started > RUN_DEADLINE {
+                anyhow::bail!(
+                    "run {run}: {} of {messages} messages arrived",
+                    subscriber.count()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let received = subscriber.count();
+        let rate = match (scenario, subscriber.span()) {
+            ("telemetry-burst", Some((first, last))) => {
+                received as f64 / (last - first).as_secs_f64().max(1e-6)
+            }
+            (_, Some((_, last))) => received as f64 / (last - started).as_secs_f64().max(1e-6),
+            _ => 0.0,
+        };
+        if run == 0 {
+            eprintln!("warm-up: {received} messages, {rate:.0} msg/s");
+        } else {
+            eprintln!("run {run}: {received} of {messages} messages, {rate:.0} msg/s");
+            rates.push(rate);
+            delivered.push(received);
+        }
+    }
+    let out = json!({
+        "scenario": scenario,
+        "messages": messages,
+        "value_bytes": 100,
+        "runs": runs,
+        "rates": rate_summary(&rates),
+        "min_delivered": delivered.iter().min().copied().unwrap_or(0),
+        "sdk_broker_peak_rss_kib": peak_rss_kib(sys.stack.pid("evp-sdk-broker")),
+        "hubd_peak_rss_kib": peak_rss_kib(sys.stack.pid("evp-hubd")),
+    });
+    sys.stop().await;
     Ok(out)
 }
