@@ -13,7 +13,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use evp_sdk::{Client, EvpResult};
+use evp_sdk::{Client, EvpResult, RpcStatus};
 
 /// How often the module says it is alive: often enough to see at once that it runs, rarely
 /// enough not to flood the daemons' logs.
@@ -112,6 +112,22 @@ fn main() {
             None
         }
     };
+    if let Some(c) = client.as_mut() {
+        // `echo` answers with its parameters: something to try with `evp-devhub call`.
+        let registered = c.set_rpc_callback(|c, req| {
+            let status = if req.method == "echo" {
+                RpcStatus::Ok
+            } else {
+                RpcStatus::MethodNotFound
+            };
+            if let Err(e) = c.send_rpc_response(req.id, &req.params, status, |_| {}) {
+                eprintln!("sample: answer to {} not sent: {e}", req.method);
+            }
+        });
+        if let Err(e) = registered {
+            eprintln!("sample: no direct commands: {e}");
+        }
+    }
     let workspace = workspace();
     let mut counter = Counter::open(workspace.as_deref());
     match &workspace {
