@@ -66,6 +66,46 @@ pub fn finish(name: &str, end: evp_sdk::EvpResult) {
     eprintln!("{name}: leaving ({end})");
 }
 
+/// The main loop of a module that does a run of `n` operations each time the configuration
+/// `topic` is set to a count `n`: connects, waits for the configuration while processing
+/// events, calls `run` with it, and returns when the agent asks it to exit.
+pub fn serve_count_runs(
+    name: &'static str,
+    topic: &'static str,
+    mut run: impl FnMut(&mut Client, u64) -> Result<(), evp_sdk::EvpResult>,
+) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let mut client = connect(name);
+    // The run to do: how many operations; 0 when idle.
+    let wanted = Arc::new(AtomicU64::new(0));
+    let w = Arc::clone(&wanted);
+    let registered = client.set_configuration_callback(move |_, t, value| {
+        if t == topic {
+            match parse_count(value) {
+                Some(n) => w.store(n, Ordering::SeqCst),
+                None => eprintln!("{name}: {topic} is not a number"),
+            }
+        }
+    });
+    if let Err(e) = registered {
+        eprintln!("{name}: {e}");
+        std::process::exit(1);
+    }
+    loop {
+        match client.process_event(Some(TICK)) {
+            evp_sdk::EvpResult::Ok | evp_sdk::EvpResult::TimedOut => {}
+            other => return finish(name, other),
+        }
+        let n = wanted.swap(0, Ordering::SeqCst);
+        if n > 0
+            && let Err(end) = run(&mut client, n)
+        {
+            return finish(name, end);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 const PUMP_WAIT: std::time::Duration = std::time::Duration::from_millis(5);
 
 use evp_sdk::{Client, EvpResult, MessageSentReason};
-use evp_sdk_test_modules::{TICK, connect, finish, parse_count};
+use evp_sdk_test_modules::serve_count_runs;
 
 const NAME: &str = "msg-sender";
 /// The publish alias the messages go to.
@@ -24,34 +24,7 @@ struct Tally {
 }
 
 fn main() {
-    let mut client = connect(NAME);
-    // The run to do: how many messages; 0 when idle.
-    let wanted = Arc::new(AtomicU64::new(0));
-    let w = Arc::clone(&wanted);
-    let registered = client.set_configuration_callback(move |_, topic, value| {
-        if topic == "count" {
-            match parse_count(value) {
-                Some(n) => w.store(n, Ordering::SeqCst),
-                None => eprintln!("{NAME}: count is not a number"),
-            }
-        }
-    });
-    if let Err(e) = registered {
-        eprintln!("{NAME}: {e}");
-        std::process::exit(1);
-    }
-    loop {
-        match client.process_event(Some(TICK)) {
-            EvpResult::Ok | EvpResult::TimedOut => {}
-            other => return finish(NAME, other),
-        }
-        let n = wanted.swap(0, Ordering::SeqCst);
-        if n > 0
-            && let Err(end) = run(&mut client, n)
-        {
-            return finish(NAME, end);
-        }
-    }
+    serve_count_runs(NAME, "count", run);
 }
 
 /// Sends `n` messages, waits for their callbacks, reports the tally.

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 const PUMP_WAIT: std::time::Duration = std::time::Duration::from_millis(5);
 
 use evp_sdk::{Client, EvpResult, TelemetryReason};
-use evp_sdk_test_modules::{TICK, connect, finish, parse_count};
+use evp_sdk_test_modules::serve_count_runs;
 
 const NAME: &str = "telemetry-flood";
 
@@ -22,33 +22,7 @@ struct Tally {
 }
 
 fn main() {
-    let mut client = connect(NAME);
-    let wanted = Arc::new(AtomicU64::new(0));
-    let w = Arc::clone(&wanted);
-    let registered = client.set_configuration_callback(move |_, topic, value| {
-        if topic == "flood" {
-            match parse_count(value) {
-                Some(n) => w.store(n, Ordering::SeqCst),
-                None => eprintln!("{NAME}: flood is not a number"),
-            }
-        }
-    });
-    if let Err(e) = registered {
-        eprintln!("{NAME}: {e}");
-        std::process::exit(1);
-    }
-    loop {
-        match client.process_event(Some(TICK)) {
-            EvpResult::Ok | EvpResult::TimedOut => {}
-            other => return finish(NAME, other),
-        }
-        let n = wanted.swap(0, Ordering::SeqCst);
-        if n > 0
-            && let Err(end) = run(&mut client, n)
-        {
-            return finish(NAME, end);
-        }
-    }
+    serve_count_runs(NAME, "flood", run);
 }
 
 fn run(client: &mut Client, n: u64) -> Result<(), EvpResult> {
