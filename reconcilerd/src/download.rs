@@ -691,9 +691,10 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio::io::{AsyncBufReadExt, BufReader};
+    use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, BufReader};
     use tokio::net::TcpListener;
     use tokio::sync::mpsc;
+    use tokio_rustls::TlsAcceptor;
 
     /// How long a test waits for something that should happen quickly.
     const DEADLINE: Duration = Duration::from_secs(20);
@@ -718,9 +719,15 @@ mod tests {
     /// What one request asked for.
     #[derive(Debug, Clone, PartialEq, Eq)]
     struct Seen {
+        method: String,
+        /// The request-target as sent: `/m` to an origin, `http://host:port/m` to a proxy,
+        /// `host:port` in a CONNECT.
+        target: String,
+        /// The file asked for (the target's path without its leading `/`).
         path: String,
         range: Option<String>,
         if_range: Option<String>,
+        proxy_authorization: Option<String>,
         status: u16,
     }
 
@@ -734,12 +741,70 @@ mod tests {
         slow: Option<Duration>,
         /// The next this many requests get a 500.
         fail: usize,
+        /// Answers `CONNECT` with 200 and then speaks TLS with this itself, as a proxy whose
+        /// tunnel ends here (the origin named in the CONNECT is never contacted); without it
+        /// a `CONNECT` gets a 405.
+        tunnel_tls: Option<TlsAcceptor>,
+    }
+
+    /// A connection, plain or TLS.
+    trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+    impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+    /// A request's line and the headers the tests look at.
+    struct Head {
+        method: String,
+        target: String,
+        path: String,
+        range: Option<String>,
+        if_range: Option<String>,
+        proxy_authorization: Option<String>,
+    }
+
+    async fn read_head(stream: &mut BufReader<Box<dyn Io>>) -> std::io::Result<Head> {
+        let mut line = String::new();
+        stream.read_line(&mut line).await?;
+        let mut words = line.split_whitespace();
+        let method = words.next().unwrap_or_default().to_owned();
+        let target = words.next().unwrap_or("/").to_owned();
+        // An origin gets `/m`; a proxy gets the absolute URI `http://host:port/m`.
+        let path = match target.split_once("://") {
+            Some((_, rest)) => rest.split_once('/').map_or("", |(_, p)| p),
+            None => target.trim_start_matches('/'),
+        }
+        .to_owned();
+        let mut head = Head {
+            method,
+            target,
+            path,
+            range: None,
+            if_range: None,
+            proxy_authorization: None,
+        };
+        loop {
+            line.clear();
+            if stream.read_line(&mut line).await? == 0 || line.trim_end().is_empty() {
+                return Ok(head);
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                let v = Some(v.trim().to_owned());
+                match k.trim().to_ascii_lowercase().as_str() {
+                    "range" => head.range = v,
+                    "if-range" => head.if_range = v,
+                    "proxy-authorization" => head.proxy_authorization = v,
+                    _ => {}
+                }
+            }
+        }
     }
 
     /// A small HTTP/1.1 server on 127.0.0.1 that can cut bodies, ignore Range, change files
-    /// and count concurrent transfers.
+    /// and count concurrent transfers. It also answers as a proxy: absolute-form requests
+    /// are served from its own files, and a `CONNECT` is tunnelled to itself (`tunnel_tls`).
     struct Server {
         addr: std::net::SocketAddr,
+        /// `https` when it speaks TLS from the first byte.
+        scheme: &'static str,
         behaviour: Arc<Mutex<Behaviour>>,
         seen: Arc<Mutex<Vec<Seen>>>,
         active: Arc<AtomicUsize>,
@@ -748,9 +813,19 @@ mod tests {
 
     impl Server {
         async fn start() -> Server {
+            Server::listen(None).await
+        }
+
+        /// An HTTPS server: TLS with `tls` from the first byte.
+        async fn start_tls(tls: TlsAcceptor) -> Server {
+            Server::listen(Some(tls)).await
+        }
+
+        async fn listen(tls: Option<TlsAcceptor>) -> Server {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let server = Server {
                 addr: listener.local_addr().unwrap(),
+                scheme: if tls.is_some() { "https" } else { "http" },
                 behaviour: Arc::default(),
                 seen: Arc::default(),
                 active: Arc::default(),
@@ -766,7 +841,16 @@ mod tests {
                 while let Ok((sock, _)) = listener.accept().await {
                     let (b, seen, active, max_active) =
                         (b.clone(), seen.clone(), active.clone(), max_active.clone());
+                    let tls = tls.clone();
                     tokio::spawn(async move {
+                        let sock: Box<dyn Io> = match tls {
+                            None => Box::new(sock),
+                            // A client that refuses the certificate ends the handshake here.
+                            Some(tls) => match tls.accept(sock).await {
+                                Ok(s) => Box::new(s),
+                                Err(_) => return,
+                            },
+                        };
                         let _ = serve(sock, b, seen, &active, &max_active).await;
                     });
                 }
@@ -785,7 +869,7 @@ mod tests {
         }
 
         fn url(&self, path: &str) -> String {
-            format!("http://{}/{path}", self.addr)
+            format!("{}://{}/{path}", self.scheme, self.addr)
         }
 
         fn seen(&self) -> Vec<Seen> {
@@ -794,7 +878,7 @@ mod tests {
     }
 
     async fn serve(
-        sock: tokio::net::TcpStream,
+        sock: Box<dyn Io>,
         behaviour: Arc<Mutex<Behaviour>>,
         seen: Arc<Mutex<Vec<Seen>>>,
         active: &AtomicUsize,
@@ -806,28 +890,43 @@ mod tests {
                 self.0.fetch_sub(1, Ordering::SeqCst);
             }
         }
-        let (read, mut write) = sock.into_split();
-        let mut lines = BufReader::new(read).lines();
-        let request = lines.next_line().await?.unwrap_or_default();
-        let path = request
-            .split_whitespace()
-            .nth(1)
-            .unwrap_or("/")
-            .trim_start_matches('/')
-            .to_owned();
-        let (mut range, mut if_range) = (None, None);
-        while let Some(line) = lines.next_line().await? {
-            if line.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = line.split_once(':') {
-                match k.trim().to_ascii_lowercase().as_str() {
-                    "range" => range = Some(v.trim().to_owned()),
-                    "if-range" => if_range = Some(v.trim().to_owned()),
-                    _ => {}
-                }
-            }
+        let mut stream = BufReader::new(sock);
+        let mut head = read_head(&mut stream).await?;
+        if head.method == "CONNECT" {
+            let tunnel = behaviour.lock().unwrap().tunnel_tls.clone();
+            seen.lock().unwrap().push(Seen {
+                method: head.method,
+                target: head.target,
+                path: head.path,
+                range: head.range,
+                if_range: head.if_range,
+                proxy_authorization: head.proxy_authorization,
+                status: if tunnel.is_some() { 200 } else { 405 },
+            });
+            let Some(tls) = tunnel else {
+                stream
+                    .write_all(b"HTTP/1.1 405 Method Not Allowed\r\ncontent-length: 0\r\n\r\n")
+                    .await?;
+                return stream.flush().await;
+            };
+            stream
+                .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+                .await?;
+            stream.flush().await?;
+            // The client waits for the 200 before its ClientHello: nothing is buffered yet.
+            assert!(stream.buffer().is_empty());
+            let tunnelled: Box<dyn Io> = Box::new(tls.accept(stream.into_inner()).await?);
+            stream = BufReader::new(tunnelled);
+            head = read_head(&mut stream).await?;
         }
+        let Head {
+            method,
+            target,
+            path,
+            range,
+            if_range,
+            proxy_authorization,
+        } = head;
         // A transfer counts from its request (the client holds its permit; an idle pooled
         // connection does not count) to the last body byte handed to the kernel (the client
         // cannot have read it yet, so it still holds the permit).
@@ -895,14 +994,17 @@ mod tests {
                 }
             };
             seen.lock().unwrap().push(Seen {
+                method,
+                target,
                 path,
                 range,
                 if_range,
+                proxy_authorization,
                 status,
             });
             (head, body, cut, slow)
         };
-        write
+        stream
             .write_all(format!("{head}connection: close\r\n\r\n").as_bytes())
             .await?;
         let body = match cut {
@@ -913,10 +1015,10 @@ mod tests {
             if let Some(d) = slow.filter(|_| i > 0) {
                 tokio::time::sleep(d).await;
             }
-            write.write_all(chunk).await?;
+            stream.write_all(chunk).await?;
         }
         drop(leave);
-        write.flush().await?;
+        stream.flush().await?;
         Ok(())
     }
 
@@ -948,6 +1050,230 @@ mod tests {
     }
 
     fn no_progress(_: Progress) {}
+
+    /// A CA made for the test (its PEM written to `dir/<name>`) and a TLS acceptor whose
+    /// certificate for 127.0.0.1 that CA signed.
+    fn pki(dir: &Path, name: &str) -> (PathBuf, TlsAcceptor) {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("test CA {name}"));
+        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        let ca_path = dir.join(name);
+        std::fs::write(&ca_path, ca.pem()).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        )
+        .unwrap();
+        (ca_path, TlsAcceptor::from(Arc::new(config)))
+    }
+
+    /// A port on 127.0.0.1 where nothing listens (bound, then released): an origin that can
+    /// only be reached through a proxy.
+    fn dead_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    fn proxy_to(server: &Server, username: Option<&str>, password: Option<&str>) -> ProxyConfig {
+        ProxyConfig {
+            host: "127.0.0.1".into(),
+            port: server.addr.port(),
+            username: username.map(str::to_owned),
+            password: password.map(str::to_owned),
+        }
+    }
+
+    /// `Basic` credentials of `evp-user` / `s3cr:et` (a colon in the password is legal).
+    const BASIC_EVP_USER: &str = "Basic ZXZwLXVzZXI6czNjcjpldA==";
+
+    /// The module is not in the cache and not one byte of it was written.
+    fn nothing_cached(f: &Fixture, hash: &str) {
+        assert!(!f.downloader.cache().contains(hash));
+        let partial = f.downloader.cache().partial_of(hash);
+        let written = std::fs::metadata(&partial).map_or(0, |m| m.len());
+        assert_eq!(written, 0, "{:?}", cache_files(&f.cache_dir));
+    }
+
+    #[tokio::test]
+    async fn https_downloads_trust_the_configured_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, tls) = pki(dir.path(), "ca.pem");
+        let server = Server::start_tls(tls).await;
+        let body = content(70_000, 50);
+        server.put("m", body.clone(), "\"v\"");
+        let f = fixture(DownloadConfig {
+            ca_cert: Some(ca),
+            ..Default::default()
+        });
+        let hash = sha(&body);
+        let url = server.url("m");
+        assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+        let path = f.downloader.fetch(&url, &hash, &no_progress).await.unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), body);
+        assert_eq!(path, f.downloader.cache().path_of(&hash));
+        assert_eq!(cache_files(&f.cache_dir), vec![hash]);
+        let seen = server.seen();
+        assert_eq!(seen.len(), 1);
+        assert_eq!((seen[0].method.as_str(), seen[0].status), ("GET", 200));
+    }
+
+    #[tokio::test]
+    async fn https_downloads_refuse_a_certificate_no_trusted_ca_signed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_ca, tls) = pki(dir.path(), "ca.pem");
+        let (other_ca, _) = pki(dir.path(), "other-ca.pem");
+        let server = Server::start_tls(tls).await;
+        let body = content(10_000, 51);
+        server.put("m", body.clone(), "\"v\"");
+        let hash = sha(&body);
+        // Only the system's roots, then another CA besides them.
+        for ca_cert in [None, Some(other_ca)] {
+            let f = fixture(DownloadConfig {
+                ca_cert: ca_cert.clone(),
+                ..Default::default()
+            });
+            let e = f
+                .downloader
+                .fetch(&server.url("m"), &hash, &no_progress)
+                .await
+                .unwrap_err();
+            let FetchError::Transfer(message) = &e else {
+                panic!("{ca_cert:?}: {e:?}");
+            };
+            assert!(
+                message.contains("invalid peer certificate: UnknownIssuer"),
+                "{ca_cert:?}: {message}"
+            );
+            assert!(e.is_retryable());
+            nothing_cached(&f, &hash);
+        }
+        assert!(server.seen().is_empty(), "a request went out over TLS");
+    }
+
+    #[tokio::test]
+    async fn http_downloads_go_through_the_configured_proxy_with_basic_auth() {
+        let proxy = Server::start().await;
+        let body = content(30_000, 52);
+        proxy.put("m", body.clone(), "\"v\"");
+        let hash = sha(&body);
+        let origin = format!("http://127.0.0.1:{}/m", dead_port());
+
+        // Without the proxy the origin is unreachable.
+        let direct = fixture(DownloadConfig::default());
+        let e = direct
+            .downloader
+            .fetch(&origin, &hash, &no_progress)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, FetchError::Transfer(_)), "{e}");
+        assert!(proxy.seen().is_empty());
+
+        let f = fixture(DownloadConfig {
+            proxy: Some(proxy_to(&proxy, Some("evp-user"), Some("s3cr:et"))),
+            ..Default::default()
+        });
+        let path = f
+            .downloader
+            .fetch(&origin, &hash, &no_progress)
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(path).unwrap(), body);
+        let seen = proxy.seen();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].method, "GET");
+        assert_eq!(seen[0].target, origin, "absolute-form request to the proxy");
+        assert_eq!(seen[0].proxy_authorization.as_deref(), Some(BASIC_EVP_USER));
+
+        // No user, no credentials.
+        let anonymous = fixture(DownloadConfig {
+            proxy: Some(proxy_to(&proxy, None, None)),
+            ..Default::default()
+        });
+        anonymous
+            .downloader
+            .fetch(&origin, &hash, &no_progress)
+            .await
+            .unwrap();
+        let seen = proxy.seen();
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[1].target, origin);
+        assert_eq!(seen[1].proxy_authorization, None);
+    }
+
+    #[tokio::test]
+    async fn https_downloads_tunnel_through_the_proxy_and_still_verify_the_origin() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, tls) = pki(dir.path(), "ca.pem");
+        let proxy = Server::start().await;
+        proxy.behaviour.lock().unwrap().tunnel_tls = Some(tls);
+        let body = content(30_000, 53);
+        proxy.put("m", body.clone(), "\"v\"");
+        let hash = sha(&body);
+        let authority = format!("127.0.0.1:{}", dead_port());
+        let origin = format!("https://{authority}/m");
+
+        let f = fixture(DownloadConfig {
+            proxy: Some(proxy_to(&proxy, Some("evp-user"), Some("s3cr:et"))),
+            ca_cert: Some(ca),
+            ..Default::default()
+        });
+        let path = f
+            .downloader
+            .fetch(&origin, &hash, &no_progress)
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(path).unwrap(), body);
+        let seen = proxy.seen();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert_eq!(seen[0].method, "CONNECT");
+        assert_eq!(seen[0].target, authority);
+        assert_eq!(seen[0].proxy_authorization.as_deref(), Some(BASIC_EVP_USER));
+        // Inside the tunnel: an origin-form request, and the proxy credentials stay outside.
+        assert_eq!(
+            (seen[1].method.as_str(), seen[1].target.as_str()),
+            ("GET", "/m")
+        );
+        assert_eq!(seen[1].proxy_authorization, None);
+        assert_eq!(seen[1].status, 200);
+
+        // The tunnel does not bypass verification: without the CA the certificate is refused.
+        let untrusting = fixture(DownloadConfig {
+            proxy: Some(proxy_to(&proxy, Some("evp-user"), Some("s3cr:et"))),
+            ..Default::default()
+        });
+        let e = untrusting
+            .downloader
+            .fetch(&origin, &hash, &no_progress)
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("invalid peer certificate: UnknownIssuer"),
+            "{e}"
+        );
+        nothing_cached(&untrusting, &hash);
+        let seen = proxy.seen();
+        assert_eq!(seen.len(), 3, "only the CONNECT: {seen:?}");
+        assert_eq!(seen[2].method, "CONNECT");
+    }
 
     #[tokio::test]
     async fn a_cut_transfer_resumes_with_range_and_if_range() {
