@@ -210,11 +210,16 @@ async fn runtime_killed_in_steady_state_readopts_its_instances() {
         hosted.iter().all(|(_, module, _, _)| module == "a"),
         "{hosted:?}"
     );
+    // While reconcilerd re-reads the runtime the status may say `applying`; it settles.
     let status = sys
-        .wait_status(|s| instance_status(s, "one") == "ok" && instance_status(s, "two") == "ok")
+        .wait_status(|s| {
+            s["reconcileStatus"] == "ok"
+                && instance_status(s, "one") == "ok"
+                && instance_status(s, "two") == "ok"
+        })
         .await
         .unwrap();
-    assert_eq!(status["reconcileStatus"], "ok");
+    assert_eq!(status["deploymentId"], "dep-1");
     assert_eq!(sys.instance_pids("one"), vec![pids[0]]);
     assert_eq!(sys.instance_pids("two"), vec![pids[1]]);
     sys.stop().await;
