@@ -491,12 +491,13 @@ impl Broker {
     /// Forgets an instance: stops its listener and connection, removes its socket file.
     fn remove(&self, st: &mut State, instance: &str) {
         if let Some(inst) = st.instances.remove(instance) {
-            let _ = inst.stop.send(true);
+            // The file first: whoever waits for the stop (CloseInstance) finds it gone.
             if let Err(e) = std::fs::remove_file(&inst.socket)
                 && e.kind() != std::io::ErrorKind::NotFound
             {
                 warn!(instance, "removing {}: {e}", inst.socket.display());
             }
+            let _ = inst.stop.send(true);
             info!(instance, "instance closed, socket removed");
         }
     }
