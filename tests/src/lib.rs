@@ -34,11 +34,26 @@ pub async fn wait_for<T>(
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound then released; the OS does not hand it out again soon).
+/// Ports handed to test servers: below Linux's ephemeral range (32768–60999), so no outgoing
+/// connection ever takes one as its source port. A broker stopped and restarted on its port
+/// could otherwise find the port taken, or a client reconnecting to it connected to itself.
+const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A free TCP port on 127.0.0.1 for a server the test starts (bound, then released).
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    use std::sync::atomic::{AtomicU16, Ordering};
+    // Spread over the range by process, so parallel test binaries rarely try the same ports.
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let span = TEST_PORTS.end - TEST_PORTS.start;
+    let seed = (std::process::id() % u32::from(span)) as u16;
+    for _ in 0..span {
+        let offset = seed.wrapping_add(NEXT.fetch_add(7, Ordering::Relaxed)) % span;
+        let port = TEST_PORTS.start + offset;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free port in {TEST_PORTS:?} on 127.0.0.1")
 }
 
 /// The directory holding the workspace's binaries (`target/<profile>`), for test binaries in
