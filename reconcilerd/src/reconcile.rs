@@ -176,6 +176,9 @@ pub enum Event {
         /// Whether it is on the bus now.
         present: bool,
     },
+    /// sdk-broker got a new owner on the bus: it restarted, and every SDK socket it served is
+    /// gone with its old process.
+    SdkBrokerBack,
 }
 
 /// How a module stands, as the status shows it.
@@ -342,7 +345,50 @@ impl Reconciler {
                 }
                 self.dirty = true;
             }
+            Event::SdkBrokerBack => self.reattach_sdk().await,
         }
+    }
+
+    /// After sdk-broker restarted, every placed instance gets a new SDK socket and is started
+    /// again on it: EVP modules do not reconnect (their SDK ends them when the connection
+    /// drops), so without this they would stay exited until the next deployment.
+    async fn reattach_sdk(&mut self) {
+        let names: Vec<String> = self.running.keys().cloned().collect();
+        if names.is_empty() {
+            return;
+        }
+        warn!(
+            instances = names.len(),
+            "sdk-broker restarted; starting the instances again on new SDK sockets"
+        );
+        for name in names {
+            let Some(want) = self.running.get(&name).map(|r| r.placement.clone()) else {
+                continue;
+            };
+            let Some(rt) = want.runtime().filter(|rt| self.synced.contains(rt)) else {
+                continue;
+            };
+            let result = match self.runtime(rt).await {
+                Ok(proxy) => {
+                    // Its SDK connection is dead: stop what is left of it at once.
+                    if let Err(e) = proxy.stop_instance(&name, FORGET_GRACE_MS).await {
+                        debug!(instance = %name, "stopping before reattaching: {}", dbus::error_message(&e));
+                    }
+                    start(&self.sdk, &proxy, &name, &want).await
+                }
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => {
+                    if let Some(r) = self.running.get_mut(&name) {
+                        r.state = InstanceState::Starting;
+                        r.failure = None;
+                    }
+                }
+                Err(msg) => self.on_exit(&name, Exit::Failure(format!("Failed to restart: {msg}"))),
+            }
+        }
+        self.dirty = true;
     }
 
     fn on_download(&mut self, ev: DownloadEvent) {
@@ -1081,6 +1127,24 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// forwards them into the loop. Subscriptions are made before this returns, so nothing the
 /// runtimes say after the loop first reads their `Instances` is missed.
 pub async fn follow_runtimes(conn: &Connection, events: mpsc::UnboundedSender<Event>) {
+    match SdkBroker1Proxy::new(conn).await {
+        Ok(sdk) => match sdk.inner().receive_owner_changed().await {
+            Ok(mut stream) => {
+                let tx = events.clone();
+                tokio::spawn(async move {
+                    // Only changes come: a new owner is a (re)started sdk-broker, which knows
+                    // none of the sockets the placed instances were started with.
+                    while let Some(owner) = stream.next().await {
+                        if owner.is_some() && tx.send(Event::SdkBrokerBack).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            Err(e) => warn!("cannot follow sdk-broker on the bus: {e}"),
+        },
+        Err(e) => warn!("cannot follow sdk-broker on the bus: {e}"),
+    }
     for rt in Runtime::ALL {
         let proxy = match runtime_proxy(conn, rt).await {
             Ok(p) => p,

@@ -242,3 +242,40 @@ async fn a_telemetry_flood_gets_back_pressure_and_the_broker_stays_small() {
     );
     sys.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn instances_get_new_sockets_when_sdk_broker_restarts() {
+    use evp_devhub::stack::Signal;
+    let sys = System::start().await.unwrap();
+    deploy_and_wait(
+        &sys,
+        &deployment_of("dep-1", &[("echo", "evp-test-config-echo")]),
+    )
+    .await;
+    sys.hub
+        .set_configuration("echo", "first", "1")
+        .await
+        .unwrap();
+    wait_state(&sys, "state/echo/first", |v| v == "1").await;
+
+    sys.stack.kill("evp-sdk-broker", Signal::SIGKILL).unwrap();
+    sys.stack
+        .wait_exit("evp-sdk-broker", DEADLINE)
+        .await
+        .unwrap();
+    sys.stack.start("evp-sdk-broker").await.unwrap();
+
+    // The instance runs again on a new socket and gets what the hub sets next.
+    sys.hub
+        .set_configuration("echo", "second", "2")
+        .await
+        .unwrap();
+    wait_state(&sys, "state/echo/second", |v| v == "2").await;
+    let status = sys
+        .wait_status(|s| s["reconcileStatus"] == "ok" && instance_status(s, "echo") == "ok")
+        .await
+        .unwrap();
+    assert_eq!(status["deploymentId"], "dep-1");
+    assert_eq!(sys.instance_pids("echo").len(), 1);
+    sys.stop().await;
+}
