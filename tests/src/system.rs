@@ -201,6 +201,29 @@ impl System {
         Ok(())
     }
 
+    /// Deploys `instances` of one module that stays up (module id `a`), waits until the
+    /// deployment is `ok` with all of them `ok`, and returns their PIDs in order; each must run
+    /// as exactly one process.
+    pub async fn run_instances(&self, id: &str, instances: &[&str]) -> Result<Vec<u32>> {
+        let (url, hash) = self.module("a", "exec /bin/sleep 300")?;
+        let specs: Vec<(&str, &str)> = instances.iter().map(|i| (*i, "a")).collect();
+        self.deploy(&deployment(id, &specs, &[("a", &url, &hash)]))
+            .await?;
+        self.wait_status(|s| {
+            s["deploymentId"] == id
+                && s["reconcileStatus"] == "ok"
+                && instances.iter().all(|i| instance_status(s, i) == "ok")
+        })
+        .await?;
+        instances
+            .iter()
+            .map(|i| match self.instance_pids(i).as_slice() {
+                [pid] => Ok(*pid),
+                pids => anyhow::bail!("{i} should run as one process: {pids:?}"),
+            })
+            .collect()
+    }
+
     /// Stops everything, and kills any module the daemons left behind.
     pub async fn stop(self) {
         self.stack.stop_all().await;
@@ -296,4 +319,28 @@ pub async fn wait_gone(pids: &[u32]) -> Result<()> {
             .then_some(())
     })
     .await
+}
+
+/// Every daemon's bus name, object path and `org.evp` interface.
+pub const DAEMON_INTERFACES: [(&str, &str, &str); 5] = {
+    use evp_schemas::dbus::*;
+    [
+        (HUB_NAME, HUB_PATH, interfaces::HUB),
+        (RECONCILER_NAME, RECONCILER_PATH, interfaces::RECONCILER),
+        (RUNTIME_WASM_NAME, RUNTIME_WASM_PATH, interfaces::RUNTIME),
+        (
+            RUNTIME_CONTAINER_NAME,
+            RUNTIME_CONTAINER_PATH,
+            interfaces::RUNTIME,
+        ),
+        (SDK_BROKER_NAME, SDK_BROKER_PATH, interfaces::SDK_BROKER),
+    ]
+};
+
+/// The introspection XML of `interface` in `schemas/dbus/`, the source of truth.
+pub fn schema_xml(interface: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../schemas/dbus")
+        .join(format!("{interface}.xml"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }

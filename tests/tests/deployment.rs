@@ -27,18 +27,6 @@ fn one_pid(sys: &System, instance: &str) -> u32 {
     pids[0]
 }
 
-/// Deploys `instances` of one module that stays up, waits until all are `ok`, and returns
-/// their PIDs in order.
-async fn run_instances(sys: &System, id: &str, instances: &[&str]) -> Vec<u32> {
-    let (url, hash) = sys.module("a", STAYS_UP).unwrap();
-    let specs: Vec<(&str, &str)> = instances.iter().map(|i| (*i, "a")).collect();
-    sys.deploy(&deployment(id, &specs, &[("a", &url, &hash)]))
-        .await
-        .unwrap();
-    sys.wait_status(|s| all_ok(s, id, instances)).await.unwrap();
-    instances.iter().map(|i| one_pid(sys, i)).collect()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn deployment_is_started_and_reported_ok_to_the_hub() {
     let sys = System::start().await.unwrap();
@@ -127,7 +115,7 @@ async fn redeploy_with_one_instance_changed_leaves_the_others_running() {
 #[tokio::test(flavor = "multi_thread")]
 async fn empty_deployment_stops_everything_and_removes_instance_directories() {
     let sys = System::start().await.unwrap();
-    let pids = run_instances(&sys, "dep-1", &["one", "two"]).await;
+    let pids = sys.run_instances("dep-1", &["one", "two"]).await.unwrap();
     assert!(sys.instance_dir("one").is_dir());
 
     sys.deploy(&deployment("dep-empty", &[], &[]))
@@ -151,7 +139,7 @@ async fn empty_deployment_stops_everything_and_removes_instance_directories() {
 #[tokio::test(flavor = "multi_thread")]
 async fn malformed_manifest_is_reported_as_error_and_the_previous_deployment_keeps_running() {
     let sys = System::start().await.unwrap();
-    let pid = run_instances(&sys, "dep-1", &["one"]).await[0];
+    let pid = sys.run_instances("dep-1", &["one"]).await.unwrap()[0];
     let (url, hash) = sys.module("a", STAYS_UP).unwrap();
 
     // No instanceSpecs: the whole manifest is invalid.
@@ -234,7 +222,7 @@ async fn wrong_hash_fails_the_module_and_its_instances_never_start() {
 async fn reconcilerd_restart_carries_on_without_restarting_instances() {
     use evp_devhub::stack::Signal;
     let sys = System::start().await.unwrap();
-    let pids = run_instances(&sys, "dep-1", &["one", "two"]).await;
+    let pids = sys.run_instances("dep-1", &["one", "two"]).await.unwrap();
 
     sys.stack.kill("evp-reconcilerd", Signal::SIGKILL).unwrap();
     sys.stack

@@ -3,8 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use evp_schemas::dbus;
-use evp_system_tests::system::System;
+use evp_system_tests::system::{DAEMON_INTERFACES, System, schema_xml};
 
 /// Everything about an interface that a caller depends on, in a comparable form.
 fn signature_of(iface: &zbus_xml::Interface<'_>) -> BTreeSet<String> {
@@ -44,33 +43,8 @@ fn interface_in<'a>(node: &'a zbus_xml::Node<'a>, name: &str) -> &'a zbus_xml::I
 #[tokio::test(flavor = "multi_thread")]
 async fn every_daemon_serves_exactly_its_schema() {
     let sys = System::start().await.unwrap();
-    let schema_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas/dbus");
-    let cases = [
-        (dbus::HUB_NAME, dbus::HUB_PATH, dbus::interfaces::HUB),
-        (
-            dbus::RECONCILER_NAME,
-            dbus::RECONCILER_PATH,
-            dbus::interfaces::RECONCILER,
-        ),
-        (
-            dbus::RUNTIME_WASM_NAME,
-            dbus::RUNTIME_WASM_PATH,
-            dbus::interfaces::RUNTIME,
-        ),
-        (
-            dbus::RUNTIME_CONTAINER_NAME,
-            dbus::RUNTIME_CONTAINER_PATH,
-            dbus::interfaces::RUNTIME,
-        ),
-        (
-            dbus::SDK_BROKER_NAME,
-            dbus::SDK_BROKER_PATH,
-            dbus::interfaces::SDK_BROKER,
-        ),
-    ];
-    for (service, path, interface) in cases {
-        let expected_xml =
-            std::fs::read_to_string(schema_dir.join(format!("{interface}.xml"))).unwrap();
+    for (service, path, interface) in DAEMON_INTERFACES {
+        let expected_xml = schema_xml(interface);
         let expected = zbus_xml::Node::from_reader(expected_xml.as_bytes()).unwrap();
         let proxy = zbus::fdo::IntrospectableProxy::builder(&sys.conn)
             .destination(service)

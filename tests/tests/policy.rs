@@ -8,8 +8,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
-use evp_schemas::dbus;
-use evp_system_tests::system::System;
+use evp_system_tests::system::{DAEMON_INTERFACES, System, schema_xml};
 
 /// Calls `member` with no arguments as `uid` (0: as this process) and returns busctl's error
 /// output; empty when the call succeeded.
@@ -55,33 +54,9 @@ async fn only_the_named_callers_reach_the_daemons() {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
     let address = sys.bus.address().to_owned();
-    let schema = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas/dbus");
-    let cases = [
-        (dbus::HUB_NAME, dbus::HUB_PATH, dbus::interfaces::HUB),
-        (
-            dbus::RECONCILER_NAME,
-            dbus::RECONCILER_PATH,
-            dbus::interfaces::RECONCILER,
-        ),
-        (
-            dbus::RUNTIME_WASM_NAME,
-            dbus::RUNTIME_WASM_PATH,
-            dbus::interfaces::RUNTIME,
-        ),
-        (
-            dbus::RUNTIME_CONTAINER_NAME,
-            dbus::RUNTIME_CONTAINER_PATH,
-            dbus::interfaces::RUNTIME,
-        ),
-        (
-            dbus::SDK_BROKER_NAME,
-            dbus::SDK_BROKER_PATH,
-            dbus::interfaces::SDK_BROKER,
-        ),
-    ];
     let mut methods_checked = 0;
-    for (service, path, iface) in cases {
-        let xml = std::fs::read_to_string(schema.join(format!("{iface}.xml"))).unwrap();
+    for (service, path, iface) in DAEMON_INTERFACES {
+        let xml = schema_xml(iface);
         let node = zbus_xml::Node::from_reader(xml.as_bytes()).unwrap();
         let interface = node
             .interfaces()

@@ -151,29 +151,6 @@ async fn restart_limit_leaves_the_instance_in_error_with_the_reason() {
     sys.stop().await;
 }
 
-async fn running(sys: &System, id: &str, instances: &[&str]) -> Vec<u32> {
-    let (url, hash) = sys.module("a", "exec /bin/sleep 300").unwrap();
-    let specs: Vec<(&str, &str)> = instances.iter().map(|i| (*i, "a")).collect();
-    sys.deploy(&deployment(id, &specs, &[("a", &url, &hash)]))
-        .await
-        .unwrap();
-    sys.wait_status(|s| {
-        s["deploymentId"] == id
-            && s["reconcileStatus"] == "ok"
-            && instances.iter().all(|i| instance_status(s, i) == "ok")
-    })
-    .await
-    .unwrap();
-    instances
-        .iter()
-        .map(|i| {
-            let p = sys.instance_pids(i);
-            assert_eq!(p.len(), 1, "{i}: {p:?}");
-            p[0]
-        })
-        .collect()
-}
-
 async fn restart(sys: &System, daemon: &str) {
     sys.stack.kill(daemon, Signal::SIGKILL).unwrap();
     sys.stack.wait_exit(daemon, DEADLINE).await.unwrap();
@@ -183,7 +160,7 @@ async fn restart(sys: &System, daemon: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn runtime_killed_in_steady_state_readopts_its_instances() {
     let sys = System::start().await.unwrap();
-    let pids = running(&sys, "dep-1", &["one", "two"]).await;
+    let pids = sys.run_instances("dep-1", &["one", "two"]).await.unwrap();
     restart(&sys, "evp-runtimed-container").await;
     let runtime = Runtime1Proxy::builder(&sys.conn)
         .destination(RUNTIME_CONTAINER_NAME)
