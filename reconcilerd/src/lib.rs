@@ -1,8 +1,6 @@
 //! reconcilerd: owns the desired deployment. It validates and persists what hubd hands it,
 //! downloads and verifies modules into a cache, drives the runtimes so the device matches the
 //! deployment, and publishes the status as `org.evp.Reconciler1.DeploymentStatus`.
-#![deny(missing_docs)]
-#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod backoff;
 pub mod crash;
