@@ -659,6 +659,11 @@ impl Downloads {
         self.tasks.contains_key(hash)
     }
 
+    /// The hashes that have a task.
+    pub fn hashes(&self) -> impl Iterator<Item = &str> {
+        self.tasks.keys().map(String::as_str)
+    }
+
     /// Forgets the task of `hash` after it reported `Done`.
     pub fn finished(&mut self, hash: &str) {
         self.tasks.remove(hash);

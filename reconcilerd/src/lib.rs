@@ -5,8 +5,10 @@
 pub mod backoff;
 pub mod crash;
 pub mod download;
+pub mod plan;
 pub mod reconcile;
 pub mod restart;
+pub mod status;
 pub mod store;
 
 use std::path::PathBuf;
