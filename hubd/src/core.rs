@@ -3,12 +3,12 @@
 //! telemetry. It talks to the rest of the device only through [`Links`] and [`SdkLinks`], so
 //! it runs (and is tested) without D-Bus.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use evp_schemas::codec::DeviceConfig;
-use evp_schemas::evp2::{Evp2Codec, topics};
+use evp_schemas::evp2::{Evp2Codec, sizes, topics};
 use evp_schemas::{
     Deployment, DeploymentStatus, DesiredChange, DirectCommandResponse, HubCodec, RpcStatus,
 };
@@ -24,6 +24,7 @@ use crate::device_config::{AgentSettings, DeviceConfigStore};
 use crate::report::{self, Rejection};
 use crate::rpc::{self, PendingCommands};
 use crate::session::Session;
+use crate::states;
 use crate::telemetry::{self, TelemetryBatch};
 use crate::timing::{BACKOFF_RESET_AFTER, Backoff, ReportDecision, ReportTimer};
 use crate::tls::TlsMaterial;
@@ -31,13 +32,12 @@ use crate::tls::TlsMaterial;
 /// MQTT keep-alive (EVP: 400 s).
 const KEEP_ALIVE: Duration = Duration::from_secs(400);
 /// Largest MQTT packet hubd sends: EVP's 128 KiB send buffer, which hubs are sized for.
-pub const MAX_OUTGOING_PACKET: usize = 131_072;
+pub const MAX_OUTGOING_PACKET: usize = sizes::MAX_PACKET;
 /// Largest MQTT packet hubd accepts. Larger than EVP's 128 KiB receive buffer so a big
 /// manifest, or the device's own report echoed by a plain broker, never drops the connection.
 const MAX_INCOMING_PACKET: usize = 1 << 20;
-/// Bytes of an MQTT PUBLISH besides topic and payload: fixed header (up to 5), topic length (2)
-/// and packet id (2), rounded up.
-pub const PUBLISH_OVERHEAD: usize = 16;
+/// Bytes of an MQTT PUBLISH besides topic and payload.
+pub const PUBLISH_OVERHEAD: usize = sizes::PUBLISH_OVERHEAD;
 /// Requests waiting for rumqttc's event loop, which writes one per poll. A publisher that
 /// finds it full waits for room (a bounded time) rather than dropping, so its size does not
 /// limit the rate: the in-process benchmark (`tests/sdk_flow.rs`) measured the same telemetry
@@ -356,8 +356,9 @@ struct Core {
     states: BTreeMap<(String, String), Vec<u8>>,
     states_timer: ReportTimer,
     states_wake: Option<Instant>,
-    /// The encoded instance-state report, or `None` when the states changed since.
-    states_payload: Option<String>,
+    /// The encoded instance-state report (all its messages joined, to compare, and each
+    /// message), or `None` when the states changed since.
+    states_payload: Option<(String, Vec<String>)>,
     pending: PendingCommands,
     calls: mpsc::Sender<MethodCall>,
     rejection: Option<Rejection>,
@@ -366,6 +367,9 @@ struct Core {
     status: Option<DeploymentStatus>,
     deployments: watch::Sender<Option<DeploymentRequest>>,
     configurations: mpsc::Sender<ConfigurationDelivery>,
+    /// Configurations accepted from the hub that the delivery queue had no room for yet, in
+    /// order; no further MQTT message is read until they are handed over (back-pressure).
+    config_backlog: VecDeque<ConfigurationDelivery>,
 }
 
 /// Runs the MQTT session until `shutdown` completes, then disconnects cleanly.
@@ -438,7 +442,8 @@ pub async fn run_with_sdk(
         connected: false,
         status: status.borrow_and_update().clone(),
         deployments,
-        configurations,
+        configurations: configurations.clone(),
+        config_backlog: VecDeque::new(),
     };
     let mut status_open = true;
     let mut outcomes_open = true;
@@ -453,9 +458,22 @@ pub async fn run_with_sdk(
                 None => std::future::pending().await,
             }
         };
+        let backlog = !core.config_backlog.is_empty();
         tokio::select! {
             _ = &mut shutdown => break,
-            ev = events.recv() => match ev {
+            // A PATCH's configurations are all handed over before the next message is read.
+            permit = configurations.reserve(), if backlog => match permit {
+                Ok(permit) => {
+                    if let Some(d) = core.config_backlog.pop_front() {
+                        permit.send(d);
+                    }
+                }
+                Err(_) => {
+                    failure = Some(anyhow::anyhow!("the configuration delivery task stopped"));
+                    break;
+                }
+            },
+            ev = events.recv(), if !backlog => match ev {
                 Some(ev) => core.on_mqtt(ev),
                 None => {
                     failure = Some(anyhow::anyhow!("the MQTT event loop stopped unexpectedly"));
@@ -623,8 +641,14 @@ impl Core {
                     topic,
                     value,
                 };
-                if let Err(e) = self.configurations.try_send(delivery) {
-                    warn!("configuration dropped, the delivery queue is full or closed: {e}");
+                if !self.config_backlog.is_empty() {
+                    self.config_backlog.push_back(delivery);
+                } else if let Err(e) = self.configurations.try_send(delivery) {
+                    // Full: kept, in order, until there is room (never dropped). Closed: the
+                    // session loop stops at its next turn.
+                    if let mpsc::error::TrySendError::Full(d) = e {
+                        self.config_backlog.push_back(d);
+                    }
                 }
             }
             DesiredChange::ConfigurationDeleted { instance, topic } => {
@@ -701,7 +725,7 @@ impl Core {
             self.respond(mqtt_id, &rpc::agent_method(&cmd));
             return;
         }
-        if let Err(e) = self.pending.insert(cmd.reqid, mqtt_id, now) {
+        if let Err(e) = self.pending.insert(cmd.reqid, &cmd.instance, mqtt_id, now) {
             warn!(
                 "direct command {} on request {mqtt_id} refused: {e}",
                 cmd.reqid
@@ -805,7 +829,11 @@ impl Core {
             return;
         }
         let topic = format!("{}{mqtt_id}", topics::RPC_RESPONSE_PREFIX);
-        let payload = self.codec.encode_direct_command_response(answer);
+        let (payload, too_big) =
+            rpc::answer_payload(&self.codec, answer, sizes::max_payload(topic.len()));
+        if let Some(why) = too_big {
+            warn!("direct command {} answered with an error: {why}", answer.reqid);
+        }
         self.publish(&topic, QoS::AtMostOnce, payload);
     }
 
@@ -832,9 +860,12 @@ impl Core {
             self.status.as_ref(),
             self.rejection.as_ref(),
         );
-        let payload = self.codec.encode_status_report(&report).to_string();
+        let (payload, shrunk) = report::fit(&self.codec, &report, sizes::MAX_ATTRIBUTES_PAYLOAD);
         self.report_wake = match self.timer.decide(now, &payload, self.settings.intervals) {
             ReportDecision::SendNow => {
+                if let Some(why) = shrunk {
+                    warn!("{why}");
+                }
                 let level = qos(self.cfg.status_qos);
                 match self.publish(topics::ATTRIBUTES, level, payload.clone().into_bytes()) {
                     Published::NotQueued => Some(now + REPORT_RETRY),
@@ -859,10 +890,22 @@ impl Core {
             self.states_wake = None;
             return;
         }
-        let payload = match &self.states_payload {
+        let (payload, messages) = match &self.states_payload {
             Some(p) => p.clone(),
             None => {
-                let p = self.codec.encode_instance_states(&self.states).to_string();
+                let report = self.codec.encode_instance_states(&self.states);
+                let empty = serde_json::Map::new();
+                let (messages, left_out) = states::split(
+                    report.as_object().unwrap_or(&empty),
+                    sizes::MAX_ATTRIBUTES_PAYLOAD,
+                );
+                if !left_out.is_empty() {
+                    error!(
+                        "instance states left out of the report, each alone larger than one \
+                         MQTT message: {left_out:?}"
+                    );
+                }
+                let p = (messages.join("\n"), messages);
                 self.states_payload = Some(p.clone());
                 p
             }
@@ -872,16 +915,16 @@ impl Core {
             .decide(now, &payload, self.settings.intervals)
         {
             ReportDecision::SendNow => {
-                match self.publish(
-                    topics::ATTRIBUTES,
-                    QoS::AtMostOnce,
-                    payload.clone().into_bytes(),
-                ) {
-                    Published::NotQueued => Some(now + REPORT_RETRY),
-                    Published::Queued | Published::TooBig => {
-                        self.states_timer.sent(now, payload);
-                        self.settings.intervals.max.map(|max| now + max)
-                    }
+                let mut queued = true;
+                for m in messages {
+                    queued &= self.publish(topics::ATTRIBUTES, QoS::AtMostOnce, m.into_bytes())
+                        != Published::NotQueued;
+                }
+                if queued {
+                    self.states_timer.sent(now, payload);
+                    self.settings.intervals.max.map(|max| now + max)
+                } else {
+                    Some(now + REPORT_RETRY)
                 }
             }
             ReportDecision::WaitUntil(at) => Some(at),
