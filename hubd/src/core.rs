@@ -13,21 +13,21 @@ use evp_schemas::{
     Deployment, DeploymentStatus, DesiredChange, DirectCommandResponse, HubCodec, RpcStatus,
 };
 use rumqttc::{
-    AsyncClient, ClientError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS, Request,
-    Transport,
+    AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS, Transport,
 };
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::HubConfig;
 use crate::device_config::{AgentSettings, DeviceConfigStore};
 use crate::report::{self, Rejection};
 use crate::rpc::{self, PendingCommands};
 use crate::session::Session;
-use crate::states;
 use crate::telemetry::{self, TelemetryBatch};
-use crate::timing::{BACKOFF_RESET_AFTER, Backoff, ReportDecision, ReportTimer};
+use crate::timing::{BACKOFF_RESET_AFTER, Backoff, ReportTimer};
 use crate::tls::TlsMaterial;
+
+mod publishing;
 
 /// MQTT keep-alive (EVP: 400 s).
 const KEEP_ALIVE: Duration = Duration::from_secs(400);
@@ -818,162 +818,4 @@ impl Core {
             self.states_payload = None;
         }
     }
-
-    /// Publishes a direct-command answer on `v1/devices/me/rpc/response/<mqtt_id>`.
-    fn respond(&self, mqtt_id: &str, answer: &DirectCommandResponse) {
-        if !self.connected {
-            warn!(
-                "answer to direct command {} dropped: MQTT is not connected",
-                answer.reqid
-            );
-            return;
-        }
-        let topic = format!("{}{mqtt_id}", topics::RPC_RESPONSE_PREFIX);
-        let (payload, too_big) =
-            rpc::answer_payload(&self.codec, answer, sizes::max_payload(topic.len()));
-        if let Some(why) = too_big {
-            warn!("direct command {} answered with an error: {why}", answer.reqid);
-        }
-        self.publish(&topic, QoS::AtMostOnce, payload);
-    }
-
-    /// Sends what is due: the initial GET, the status report, the instance-state report.
-    fn tick(&mut self, now: Instant) {
-        if !self.connected {
-            return;
-        }
-        if self.session.get_due(now).is_some_and(|at| at <= now) {
-            let topic = format!(
-                "{}{}",
-                topics::ATTRIBUTES_REQUEST_PREFIX,
-                topics::INITIAL_GET_ID
-            );
-            if self.publish(&topic, QoS::AtMostOnce, b"{}".to_vec()) == Published::Queued {
-                debug!("initial attribute GET sent");
-            }
-            // Sent or not, it is tried again after the resend period.
-            self.session.get_sent(now);
-        }
-        let report = report::build(
-            &self.system_info,
-            &self.settings,
-            self.status.as_ref(),
-            self.rejection.as_ref(),
-        );
-        let (payload, shrunk) = report::fit(&self.codec, &report, sizes::MAX_ATTRIBUTES_PAYLOAD);
-        self.report_wake = match self.timer.decide(now, &payload, self.settings.intervals) {
-            ReportDecision::SendNow => {
-                if let Some(why) = shrunk {
-                    warn!("{why}");
-                }
-                let level = qos(self.cfg.status_qos);
-                match self.publish(topics::ATTRIBUTES, level, payload.clone().into_bytes()) {
-                    Published::NotQueued => Some(now + REPORT_RETRY),
-                    // Too big is recorded as sent: trying again would only fail again, until
-                    // the report changes.
-                    Published::Queued | Published::TooBig => {
-                        self.timer.sent(now, payload);
-                        self.settings.intervals.max.map(|max| now + max)
-                    }
-                }
-            }
-            ReportDecision::WaitUntil(at) => Some(at),
-            ReportDecision::Idle => None,
-        };
-        self.tick_states(now);
-    }
-
-    /// The instance-state report: the same timing rules as the status report, with its own
-    /// clock; nothing is sent before a module reported a state.
-    fn tick_states(&mut self, now: Instant) {
-        if self.states.is_empty() && !self.states_timer.has_sent() {
-            self.states_wake = None;
-            return;
-        }
-        let (payload, messages) = match &self.states_payload {
-            Some(p) => p.clone(),
-            None => {
-                let report = self.codec.encode_instance_states(&self.states);
-                let empty = serde_json::Map::new();
-                let (messages, left_out) = states::split(
-                    report.as_object().unwrap_or(&empty),
-                    sizes::MAX_ATTRIBUTES_PAYLOAD,
-                );
-                if !left_out.is_empty() {
-                    error!(
-                        "instance states left out of the report, each alone larger than one \
-                         MQTT message: {left_out:?}"
-                    );
-                }
-                let p = (messages.join("\n"), messages);
-                self.states_payload = Some(p.clone());
-                p
-            }
-        };
-        self.states_wake = match self
-            .states_timer
-            .decide(now, &payload, self.settings.intervals)
-        {
-            ReportDecision::SendNow => {
-                let mut queued = true;
-                for m in messages {
-                    queued &= self.publish(topics::ATTRIBUTES, QoS::AtMostOnce, m.into_bytes())
-                        != Published::NotQueued;
-                }
-                if queued {
-                    self.states_timer.sent(now, payload);
-                    self.settings.intervals.max.map(|max| now + max)
-                } else {
-                    Some(now + REPORT_RETRY)
-                }
-            }
-            ReportDecision::WaitUntil(at) => Some(at),
-            ReportDecision::Idle => None,
-        };
-    }
-
-    /// Queues a publish; when the request channel is full (a telemetry flood), waits for room
-    /// on a task of its own, a bounded time.
-    fn publish(&self, topic: &str, level: QoS, payload: Vec<u8>) -> Published {
-        let size = topic.len() + payload.len() + PUBLISH_OVERHEAD;
-        if size > MAX_OUTGOING_PACKET {
-            error!(
-                "not publishing {size} bytes on {topic}: larger than the {MAX_OUTGOING_PACKET}-byte MQTT limit"
-            );
-            return Published::TooBig;
-        }
-        match self.client.try_publish(topic, level, false, payload) {
-            Ok(()) => Published::Queued,
-            Err(ClientError::TryRequest(Request::Publish(p))) => {
-                let client = self.client.clone();
-                let topic = topic.to_owned();
-                tokio::spawn(async move {
-                    let wait = client.publish_bytes(topic.as_str(), level, false, p.payload);
-                    match tokio::time::timeout(PUBLISH_WAIT, wait).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => warn!("publish on {topic} not queued: {e}"),
-                        Err(_) => {
-                            warn!("publish on {topic} dropped: no room for it in {PUBLISH_WAIT:?}")
-                        }
-                    }
-                });
-                Published::Queued
-            }
-            Err(e) => {
-                warn!("publish on {topic} not queued: {e}");
-                Published::NotQueued
-            }
-        }
-    }
-}
-
-/// What became of a publish.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Published {
-    /// Handed to the MQTT event loop.
-    Queued,
-    /// Larger than the MQTT limit; dropped.
-    TooBig,
-    /// The request channel is full or closed.
-    NotQueued,
 }

@@ -1016,7 +1016,7 @@ impl Reconciler {
                 InstanceStatus {
                     status: state,
                     module_id: spec.module_id.clone(),
-                    failure_message: failure,
+                    failure_message: failure.map(bounded),
                 },
             );
         }
@@ -1053,10 +1053,19 @@ impl Reconciler {
     }
 }
 
+/// Longest failure message in the status: they quote what the hub and the runtimes said (ids,
+/// URLs, errors), which may be of any size, and every one of them shares one MQTT report.
+const MAX_FAILURE_MESSAGE: usize = 512;
+
+/// `msg` within [`MAX_FAILURE_MESSAGE`], its middle elided.
+fn bounded(msg: String) -> String {
+    evp_schemas::text::shorten_owned(msg, MAX_FAILURE_MESSAGE)
+}
+
 fn module_error(msg: String) -> ModuleStatus {
     ModuleStatus {
         status: ModuleState::Error,
-        failure_message: Some(msg),
+        failure_message: Some(bounded(msg)),
         bytes_done: None,
         bytes_total: None,
     }

@@ -157,13 +157,10 @@ impl ValidationError {
     /// A validation error at `path`. Both are bounded ([`MAX_ERROR_PATH`],
     /// [`MAX_ERROR_MESSAGE`]): they quote the hub's names and values, which may be of any size.
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        let bound = |s: String, max| match crate::text::shorten(&s, max) {
-            std::borrow::Cow::Borrowed(_) => s,
-            std::borrow::Cow::Owned(short) => short,
-        };
+        use crate::text::shorten_owned;
         ValidationError {
-            path: bound(path.into(), MAX_ERROR_PATH),
-            message: bound(message.into(), MAX_ERROR_MESSAGE),
+            path: shorten_owned(path.into(), MAX_ERROR_PATH),
+            message: shorten_owned(message.into(), MAX_ERROR_MESSAGE),
         }
     }
 }

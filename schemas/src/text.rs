@@ -25,6 +25,14 @@ pub fn shorten(text: &str, max: usize) -> Cow<'_, str> {
     Cow::Owned(format!("{}{ELLIPSIS}{}", &text[..head], &text[tail..]))
 }
 
+/// [`shorten`] for an owned text, which is kept (not copied) when short enough.
+pub fn shorten_owned(text: String, max: usize) -> String {
+    match shorten(&text, max) {
+        Cow::Borrowed(_) => text,
+        Cow::Owned(short) => short,
+    }
+}
+
 /// The largest char boundary of `text` at or below `at`.
 fn floor_char_boundary(text: &str, at: usize) -> usize {
     let mut at = at.min(text.len());
@@ -48,6 +56,8 @@ mod tests {
         assert!(s.starts_with("refers to module \"mmm"), "{s}");
         assert!(s.ends_with("mmm\", which is not in modules"), "{s}");
         assert!(s.contains(ELLIPSIS));
+        assert_eq!(shorten_owned("abc".into(), 3), "abc");
+        assert_eq!(shorten_owned("abcdefgh".into(), 7), "ab…gh");
     }
 
     #[test]
