@@ -137,6 +137,8 @@ struct Queued {
 #[derive(Debug)]
 struct PendingState {
     value: Vec<u8>,
+    /// Its [`limits::state_cost`].
+    cost: usize,
     cb: Callback,
     conn: u64,
 }
@@ -178,6 +180,24 @@ struct Inst {
 }
 
 impl Inst {
+    /// The instance's share of the instance-state report once `topic` is `value`: every
+    /// topic at its newest value (pending, else reported), as encoded for the hub.
+    fn state_share_with(&self, instance: &str, topic: &str, value: &[u8]) -> usize {
+        let reported = |t: &str| {
+            self.reported
+                .get(t)
+                .map_or(0, |v| limits::state_cost(instance, t, v))
+        };
+        let pending_growth: isize = self
+            .pending_states
+            .iter()
+            .filter(|(t, _)| t.as_str() != topic)
+            .map(|(t, p)| p.cost as isize - reported(t) as isize)
+            .sum();
+        let others = self.reported_bytes as isize - reported(topic) as isize + pending_growth;
+        others.max(0) as usize + limits::state_cost(instance, topic, value)
+    }
+
     /// Reserves a callback's bytes; false when the queue is full.
     fn reserve(&mut self, limit: usize) -> bool {
         if self.used + CALLBACK_COST > limit {
@@ -764,13 +784,8 @@ impl Broker {
             };
             // Counted as the hub will get them, escaping included: what cannot fit one
             // report message, or would take the instance past its share, is refused now.
-            let current = inst
-                .reported
-                .get(&topic)
-                .map_or(0, |v| limits::state_cost(instance, &topic, v));
             if !limits::state_fits(instance, &topic, &blob)
-                || inst.reported_bytes - current + limits::state_cost(instance, &topic, &blob)
-                    > state_limit
+                || inst.state_share_with(instance, &topic, &blob) > state_limit
             {
                 return EvpResult::TooBig;
             }
@@ -788,6 +803,7 @@ impl Broker {
                 return EvpResult::Ok;
             }
             let new = PendingState {
+                cost: limits::state_cost(instance, &topic, &blob),
                 value: blob,
                 cb,
                 conn,

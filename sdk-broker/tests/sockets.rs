@@ -323,6 +323,39 @@ async fn states_are_overwritten_before_collection_and_identical_ones_suppressed(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn states_are_bounded_by_their_encoded_size_before_collection_too() {
+    // A long collection window: the second state is refused while the first still waits.
+    let mut h = harness(Settings {
+        telemetry_flush_ms: 300,
+        state_bytes: 1000,
+        ..quick_settings()
+    });
+    let path = h.open("inst-b");
+    let c = client(move || {
+        let mut c = connect(&path);
+        c.send_state("a", &[b'a'; 600], |_| {}).unwrap();
+        let e = c.send_state("b", &[b'b'; 600], |_| {}).unwrap_err();
+        assert_eq!(e.result(), EvpResult::TooBig, "past the instance's share");
+        // 150 bytes of control characters are 900 once escaped.
+        let e = c.send_state("c", &[1u8; 150], |_| {}).unwrap_err();
+        assert_eq!(e.result(), EvpResult::TooBig, "measured escaped");
+        c.send_state("a", &[b'A'; 900], |_| {}).unwrap();
+        c
+    })
+    .await;
+    assert_eq!(
+        h.signal().await,
+        Signal::State {
+            instance: "inst-b".into(),
+            topic: "a".into(),
+            value: vec![b'A'; 900]
+        },
+        "replacing a topic frees its old share"
+    );
+    drop(c);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configuration_is_persisted_and_redelivered_on_reconnect_to_that_instance_only() {
     let h = harness(quick_settings());
     let a = h.open("inst-a");
