@@ -289,9 +289,13 @@ mod tests {
             let instance = format!("i{}", i as usize / MAX_PENDING_PER_INSTANCE);
             p.insert(i, &instance, "x", t0).unwrap();
         }
-        assert_eq!(p.insert(u64::MAX, "other", "y", t0), Err(PendingError::Full));
+        assert_eq!(
+            p.insert(u64::MAX, "other", "y", t0),
+            Err(PendingError::Full)
+        );
         assert!(
-            p.insert(u64::MAX, "other", "y", t0 + PENDING_EXPIRY).is_ok(),
+            p.insert(u64::MAX, "other", "y", t0 + PENDING_EXPIRY)
+                .is_ok(),
             "expired entries make room"
         );
         assert_eq!(p.len(), 1);
@@ -333,14 +337,23 @@ mod tests {
             response: Some(response.into()),
         };
         let (payload, why) = answer_payload(&Evp2Codec, &answer("{}"), 1000);
-        assert_eq!(payload, Evp2Codec.encode_direct_command_response(&answer("{}")));
+        assert_eq!(
+            payload,
+            Evp2Codec.encode_direct_command_response(&answer("{}"))
+        );
         assert_eq!(why, None);
         // 200 control characters are 1,200 bytes once escaped.
         let (payload, why) = answer_payload(&Evp2Codec, &answer(&"\u{1}".repeat(200)), 1000);
         let v: Value = serde_json::from_slice(&payload).unwrap();
         let r = &v["direct-command-response"];
-        assert_eq!((r["status"].as_str(), r["reqid"].as_str()), (Some("error"), Some("7")));
-        assert!(r["errorMessage"].as_str().unwrap().contains("MQTT limit"), "{r}");
+        assert_eq!(
+            (r["status"].as_str(), r["reqid"].as_str()),
+            (Some("error"), Some("7"))
+        );
+        assert!(
+            r["errorMessage"].as_str().unwrap().contains("MQTT limit"),
+            "{r}"
+        );
         assert!(why.is_some() && payload.len() <= 1000);
     }
 

@@ -62,7 +62,10 @@ mod tests {
             assert!(m.len() <= 80, "{m}");
             merged.extend(object(serde_json::from_str(m).unwrap()));
         }
-        assert_eq!(merged, states, "the hub merges them back to the whole report");
+        assert_eq!(
+            merged, states,
+            "the hub merges them back to the whole report"
+        );
         assert!(messages.len() >= 2);
     }
 
@@ -71,7 +74,10 @@ mod tests {
         let states = object(json!({"state/a/x": "1", "state/a/y": "2"}));
         assert_eq!(
             split(&states, 1000),
-            (vec![r#"{"state/a/x":"1","state/a/y":"2"}"#.to_owned()], vec![])
+            (
+                vec![r#"{"state/a/x":"1","state/a/y":"2"}"#.to_owned()],
+                vec![]
+            )
         );
         let states = object(json!({"state/a/x": "1", "state/h/h": "h".repeat(100)}));
         let (messages, left_out) = split(&states, 50);

@@ -349,13 +349,25 @@ mod tests {
         d.instance_specs.get_mut("i").unwrap().module_id = long.clone();
         let e = d.validate().unwrap_err();
         assert!(e.message.len() <= MAX_ERROR_MESSAGE, "{}", e.message.len());
-        assert!(e.message.starts_with("refers to module \"nnn"), "{}", e.message);
-        assert!(e.message.ends_with("\", which is not in modules"), "{}", e.message);
+        assert!(
+            e.message.starts_with("refers to module \"nnn"),
+            "{}",
+            e.message
+        );
+        assert!(
+            e.message.ends_with("\", which is not in modules"),
+            "{}",
+            e.message
+        );
         let spec = d.instance_specs.remove("i").unwrap();
         d.instance_specs.insert(long, spec);
         let e = d.validate().unwrap_err();
         assert!(e.path.len() <= MAX_ERROR_PATH, "{}", e.path.len());
-        assert!(e.path.starts_with("deployment.instanceSpecs.nnn"), "{}", e.path);
+        assert!(
+            e.path.starts_with("deployment.instanceSpecs.nnn"),
+            "{}",
+            e.path
+        );
     }
 
     #[test]

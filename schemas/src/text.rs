@@ -50,7 +50,10 @@ mod tests {
     fn short_text_is_kept_and_long_text_loses_its_middle() {
         assert_eq!(shorten("abc", 3), "abc");
         assert!(matches!(shorten("abc", 3), Cow::Borrowed(_)));
-        let long = format!("refers to module \"{}\", which is not in modules", "m".repeat(140_000));
+        let long = format!(
+            "refers to module \"{}\", which is not in modules",
+            "m".repeat(140_000)
+        );
         let s = shorten(&long, 100);
         assert!(s.len() <= 100, "{}", s.len());
         assert!(s.starts_with("refers to module \"mmm"), "{s}");

@@ -32,8 +32,8 @@ pub fn telemetry_fits(instance: &str, entries: &[(String, String)]) -> bool {
         .iter()
         .map(|(key, json)| sizes::telemetry_entry_len(instance, key, json.trim()) + 1)
         .sum();
-    // `{`, `}`; the last entry counted a comma it does not have.
-    entries + 1 <= sizes::MAX_TELEMETRY_PAYLOAD
+    // Plus `{` and `}`, less the comma the last entry does not have: one byte more.
+    entries < sizes::MAX_TELEMETRY_PAYLOAD
 }
 
 /// Whether the answer `response` to command `reqid` fits one MQTT message; the status (its
@@ -53,7 +53,11 @@ mod tests {
         // 25 KB of control characters are 150 KB in JSON.
         assert!(!state_fits("i", "t", &vec![1u8; 25_000]));
         assert!(state_cost("i", "t", &vec![1u8; 100]) > 600);
-        assert_eq!(state_cost("i", "t", b"\xff"), 1, "left out of the report: costs nothing");
+        assert_eq!(
+            state_cost("i", "t", b"\xff"),
+            1,
+            "left out of the report: costs nothing"
+        );
     }
 
     #[test]

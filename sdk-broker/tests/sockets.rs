@@ -178,7 +178,11 @@ async fn every_request_over_a_real_socket() {
             .unwrap();
         // A value that is not JSON is accepted, as EVP does, and goes on as a JSON string.
         c.send_telemetry(
-            &[("temp", "21.5"), ("obj", "{\"x\":[1,2]}"), ("raw", "not json")],
+            &[
+                ("temp", "21.5"),
+                ("obj", "{\"x\":[1,2]}"),
+                ("raw", "not json"),
+            ],
             l.cb::<TelemetryReason>("tel"),
         )
         .unwrap();

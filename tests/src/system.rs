@@ -9,9 +9,9 @@ use evp_devhub::{HubSide, PrivateBus, Stack, StackConfig};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::{DEADLINE, bin_dir, wait_for};
 use crate::certs::{self, Pki};
 use crate::mosquitto::{Mosquitto, TlsFiles};
+use crate::{DEADLINE, bin_dir, wait_for};
 
 /// How a [`System`] is set up.
 #[derive(Debug, Clone, Default)]

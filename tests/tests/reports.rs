@@ -116,7 +116,10 @@ async fn big_states_are_split_and_what_never_fits_is_refused_at_the_call() {
     // 25 KB of control characters are 150 KB once escaped: refused at the call, and the
     // others' states keep being reported.
     let control = "\u{1}".repeat(25_000);
-    sys.hub.set_configuration("big", "ctl", &control).await.unwrap();
+    sys.hub
+        .set_configuration("big", "ctl", &control)
+        .await
+        .unwrap();
     wait_state(&sys, "state/big/ctl/refused", |v| v == "EVP_TOOBIG").await;
     sys.hub.set_configuration("small", "x", "3").await.unwrap();
     wait_state(&sys, "state/small/x", |v| v == "3").await;
@@ -165,7 +168,10 @@ async fn a_command_whose_answer_cannot_be_sent_gets_an_error_answer() {
     // As sdk-broker's other refusals: EVP's "Unknown error", the reason in the response.
     let response: Value = serde_json::from_str(answer["response"].as_str().unwrap()).unwrap();
     let message = response["error"].as_str().unwrap_or_default();
-    assert!(message.contains("does not fit one MQTT message"), "{answer}");
+    assert!(
+        message.contains("does not fit one MQTT message"),
+        "{answer}"
+    );
     // The instance still answers what fits.
     let ok = sys
         .hub
@@ -186,7 +192,12 @@ async fn three_thousand_configurations_in_one_patch_all_arrive() {
     .await;
     const N: usize = 3000;
     let patch: Map<String, Value> = (0..N)
-        .map(|i| (format!("configuration/echo/k{i:04}"), json!(format!("v{i}"))))
+        .map(|i| {
+            (
+                format!("configuration/echo/k{i:04}"),
+                json!(format!("v{i}")),
+            )
+        })
         .collect();
     sys.hub.patch(patch).await.unwrap();
     // Each is persisted by sdk-broker and echoed by the module: allow for a slow disk.

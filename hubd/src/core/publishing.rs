@@ -28,7 +28,10 @@ impl Core {
         let (payload, too_big) =
             rpc::answer_payload(&self.codec, answer, sizes::max_payload(topic.len()));
         if let Some(why) = too_big {
-            warn!("direct command {} answered with an error: {why}", answer.reqid);
+            warn!(
+                "direct command {} answered with an error: {why}",
+                answer.reqid
+            );
         }
         self.publish(&topic, QoS::AtMostOnce, payload);
     }

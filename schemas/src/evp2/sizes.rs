@@ -91,7 +91,11 @@ mod tests {
                 "{s:?}"
             );
         }
-        assert_eq!(json_string_len(&"\u{1}".repeat(25_000)), 150_002, "six-fold");
+        assert_eq!(
+            json_string_len(&"\u{1}".repeat(25_000)),
+            150_002,
+            "six-fold"
+        );
     }
 
     #[test]
