@@ -642,11 +642,11 @@ impl Core {
                 if !self.config_backlog.is_empty() {
                     self.config_backlog.push_back(delivery);
                 } else if let Err(e) = self.configurations.try_send(delivery) {
-                    // Full: kept, in order, until there is room (never dropped). Closed: the
-                    // session loop stops at its next turn.
-                    if let mpsc::error::TrySendError::Full(d) = e {
-                        self.config_backlog.push_back(d);
-                    }
+                    // Full: kept, in order, until there is room (never dropped). Closed: kept
+                    // too, and the session loop stops at its next turn, finding it closed.
+                    let (mpsc::error::TrySendError::Full(d) | mpsc::error::TrySendError::Closed(d)) =
+                        e;
+                    self.config_backlog.push_back(d);
                 }
             }
             DesiredChange::ConfigurationDeleted { instance, topic } => {

@@ -52,7 +52,7 @@ mod tests {
         assert!(state_fits("i", "t", &vec![b'a'; 100_000]));
         // 25 KB of control characters are 150 KB in JSON.
         assert!(!state_fits("i", "t", &vec![1u8; 25_000]));
-        assert!(state_cost("i", "t", &vec![1u8; 100]) > 600);
+        assert!(state_cost("i", "t", &[1u8; 100]) > 600);
         assert_eq!(
             state_cost("i", "t", b"\xff"),
             1,
