@@ -40,10 +40,9 @@ const PERMANENT_DELIVERY_ERRORS: &[&str] = &[
 const DELIVERY_RETRY_FIRST: Duration = Duration::from_secs(1);
 /// Longest such wait; sdk-broker coming on the bus triggers a retry at once anyway.
 const DELIVERY_RETRY_MAX: Duration = Duration::from_secs(60);
-/// Most configurations held for a retry. A hub sets a handful per instance; beyond this the
-/// oldest are dropped with a warning (sdk-broker would have persisted them, had it been up).
-const MAX_HELD_CONFIGURATIONS: usize = 1024;
-/// Most value bytes held for a retry: eight of the largest MQTT messages hubd accepts.
+/// Most bytes (values, names and topics) held for a retry: eight of the largest MQTT messages
+/// hubd accepts. Beyond it no further configuration is taken from the session until
+/// sdk-broker takes some (back-pressure: nothing accepted from the hub is dropped).
 const MAX_HELD_CONFIGURATION_BYTES: usize = 8 << 20;
 
 /// The `org.evp.Hub1` object.
@@ -262,11 +261,16 @@ async fn sdk_broker_proxy(conn: &zbus::Connection) -> SdkBroker1Proxy<'static> {
     }
 }
 
-/// Configurations sdk-broker did not take yet, the latest per instance and topic, bounded.
+/// Configurations sdk-broker did not take yet, the latest per instance and topic. Never drops
+/// one: when it holds [`MAX_HELD_CONFIGURATION_BYTES`], no more are taken in.
 #[derive(Debug, Default)]
 struct HeldConfigurations {
     queue: VecDeque<ConfigurationDelivery>,
     bytes: usize,
+}
+
+fn held_size(d: &ConfigurationDelivery) -> usize {
+    d.instance.len() + d.topic.len() + d.value.len()
 }
 
 impl HeldConfigurations {
@@ -276,25 +280,25 @@ impl HeldConfigurations {
             .iter()
             .position(|d| d.instance == instance && d.topic == topic);
         if let Some(d) = at.and_then(|i| self.queue.remove(i)) {
-            self.bytes -= d.value.len();
+            self.bytes -= held_size(&d);
         }
     }
 
     fn hold(&mut self, d: ConfigurationDelivery) {
         self.forget(&d.instance, &d.topic);
-        self.bytes += d.value.len();
+        self.bytes += held_size(&d);
         self.queue.push_back(d);
-        while self.queue.len() > MAX_HELD_CONFIGURATIONS
-            || (self.bytes > MAX_HELD_CONFIGURATION_BYTES && self.queue.len() > 1)
-        {
-            if let Some(old) = self.queue.pop_front() {
-                self.bytes -= old.value.len();
-                warn!(
-                    "configuration {}/{} dropped: too many configurations wait for sdk-broker",
-                    old.instance, old.topic
-                );
-            }
-        }
+    }
+
+    fn pop(&mut self) -> Option<ConfigurationDelivery> {
+        let d = self.queue.pop_front()?;
+        self.bytes -= held_size(&d);
+        Some(d)
+    }
+
+    /// Whether no more should be taken in until some are delivered.
+    fn is_full(&self) -> bool {
+        self.bytes >= MAX_HELD_CONFIGURATION_BYTES
     }
 }
 
@@ -367,7 +371,7 @@ pub async fn deliver_configurations(
             }
         };
         tokio::select! {
-            d = rx.recv() => {
+            d = rx.recv(), if !held.is_full() => {
                 let Some(d) = d else { return };
                 held.forget(&d.instance, &d.topic);
                 if !deliver(&proxy, &d, true).await {
@@ -377,8 +381,7 @@ pub async fn deliver_configurations(
             }
             _ = retry => {
                 let mut failed = VecDeque::new();
-                while let Some(d) = held.queue.pop_front() {
-                    held.bytes -= d.value.len();
+                while let Some(d) = held.pop() {
                     if !deliver(&proxy, &d, false).await {
                         failed.push_back(d);
                     }
@@ -554,27 +557,26 @@ mod tests {
     }
 
     #[test]
-    fn held_configurations_keep_the_latest_per_topic_and_stay_bounded() {
+    fn held_configurations_keep_the_latest_per_topic_and_push_back_when_full() {
         let mut held = HeldConfigurations::default();
         held.hold(delivery("a", 1));
         held.hold(delivery("b", 2));
         held.hold(delivery("a", 3));
         let topics: Vec<&str> = held.queue.iter().map(|d| d.topic.as_str()).collect();
         assert_eq!(topics, ["b", "a"], "the newer value replaces the older");
-        assert_eq!(held.bytes, 5);
+        assert_eq!(held.bytes, 4 + 5);
         held.forget("i", "b");
-        assert_eq!(held.bytes, 3);
+        assert_eq!(held.bytes, 5);
 
-        for i in 0..MAX_HELD_CONFIGURATIONS + 5 {
+        for i in 0..3000 {
             held.hold(delivery(&i.to_string(), 0));
         }
-        assert_eq!(held.queue.len(), MAX_HELD_CONFIGURATIONS);
-        assert_eq!(held.queue[0].topic, "5", "the oldest are dropped");
-
-        let mut held = HeldConfigurations::default();
+        assert_eq!(held.queue.len(), 3001, "none is dropped");
+        assert!(!held.is_full());
         held.hold(delivery("big", MAX_HELD_CONFIGURATION_BYTES));
-        held.hold(delivery("small", 1));
-        assert_eq!(held.queue.len(), 1);
-        assert_eq!(held.bytes, 1, "the byte bound drops the oldest");
+        assert!(held.is_full(), "no more is taken in");
+        assert_eq!(held.queue.len(), 3002);
+        while held.pop().is_some() {}
+        assert_eq!((held.bytes, held.is_full()), (0, false));
     }
 }

@@ -3,21 +3,18 @@
 //! telemetry. It talks to the rest of the device only through [`Links`] and [`SdkLinks`], so
 //! it runs (and is tested) without D-Bus.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use evp_schemas::codec::DeviceConfig;
-use evp_schemas::evp2::{Evp2Codec, topics};
+use evp_schemas::evp2::{Evp2Codec, sizes, topics};
 use evp_schemas::{
     Deployment, DeploymentStatus, DesiredChange, DirectCommandResponse, HubCodec, RpcStatus,
 };
-use rumqttc::{
-    AsyncClient, ClientError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS, Request,
-    Transport,
-};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS, Transport};
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::HubConfig;
 use crate::device_config::{AgentSettings, DeviceConfigStore};
@@ -25,19 +22,20 @@ use crate::report::{self, Rejection};
 use crate::rpc::{self, PendingCommands};
 use crate::session::Session;
 use crate::telemetry::{self, TelemetryBatch};
-use crate::timing::{BACKOFF_RESET_AFTER, Backoff, ReportDecision, ReportTimer};
+use crate::timing::{BACKOFF_RESET_AFTER, Backoff, ReportTimer};
 use crate::tls::TlsMaterial;
+
+mod publishing;
 
 /// MQTT keep-alive (EVP: 400 s).
 const KEEP_ALIVE: Duration = Duration::from_secs(400);
 /// Largest MQTT packet hubd sends: EVP's 128 KiB send buffer, which hubs are sized for.
-pub const MAX_OUTGOING_PACKET: usize = 131_072;
+pub const MAX_OUTGOING_PACKET: usize = sizes::MAX_PACKET;
 /// Largest MQTT packet hubd accepts. Larger than EVP's 128 KiB receive buffer so a big
 /// manifest, or the device's own report echoed by a plain broker, never drops the connection.
 const MAX_INCOMING_PACKET: usize = 1 << 20;
-/// Bytes of an MQTT PUBLISH besides topic and payload: fixed header (up to 5), topic length (2)
-/// and packet id (2), rounded up.
-pub const PUBLISH_OVERHEAD: usize = 16;
+/// Bytes of an MQTT PUBLISH besides topic and payload.
+pub const PUBLISH_OVERHEAD: usize = sizes::PUBLISH_OVERHEAD;
 /// Requests waiting for rumqttc's event loop, which writes one per poll. A publisher that
 /// finds it full waits for room (a bounded time) rather than dropping, so its size does not
 /// limit the rate: the in-process benchmark (`tests/sdk_flow.rs`) measured the same telemetry
@@ -356,8 +354,9 @@ struct Core {
     states: BTreeMap<(String, String), Vec<u8>>,
     states_timer: ReportTimer,
     states_wake: Option<Instant>,
-    /// The encoded instance-state report, or `None` when the states changed since.
-    states_payload: Option<String>,
+    /// The encoded instance-state report (all its messages joined, to compare, and each
+    /// message), or `None` when the states changed since.
+    states_payload: Option<(String, Vec<String>)>,
     pending: PendingCommands,
     calls: mpsc::Sender<MethodCall>,
     rejection: Option<Rejection>,
@@ -366,6 +365,9 @@ struct Core {
     status: Option<DeploymentStatus>,
     deployments: watch::Sender<Option<DeploymentRequest>>,
     configurations: mpsc::Sender<ConfigurationDelivery>,
+    /// Configurations accepted from the hub that the delivery queue had no room for yet, in
+    /// order; no further MQTT message is read until they are handed over (back-pressure).
+    config_backlog: VecDeque<ConfigurationDelivery>,
 }
 
 /// Runs the MQTT session until `shutdown` completes, then disconnects cleanly.
@@ -438,7 +440,8 @@ pub async fn run_with_sdk(
         connected: false,
         status: status.borrow_and_update().clone(),
         deployments,
-        configurations,
+        configurations: configurations.clone(),
+        config_backlog: VecDeque::new(),
     };
     let mut status_open = true;
     let mut outcomes_open = true;
@@ -453,9 +456,22 @@ pub async fn run_with_sdk(
                 None => std::future::pending().await,
             }
         };
+        let backlog = !core.config_backlog.is_empty();
         tokio::select! {
             _ = &mut shutdown => break,
-            ev = events.recv() => match ev {
+            // A PATCH's configurations are all handed over before the next message is read.
+            permit = configurations.reserve(), if backlog => match permit {
+                Ok(permit) => {
+                    if let Some(d) = core.config_backlog.pop_front() {
+                        permit.send(d);
+                    }
+                }
+                Err(_) => {
+                    failure = Some(anyhow::anyhow!("the configuration delivery task stopped"));
+                    break;
+                }
+            },
+            ev = events.recv(), if !backlog => match ev {
                 Some(ev) => core.on_mqtt(ev),
                 None => {
                     failure = Some(anyhow::anyhow!("the MQTT event loop stopped unexpectedly"));
@@ -623,8 +639,14 @@ impl Core {
                     topic,
                     value,
                 };
-                if let Err(e) = self.configurations.try_send(delivery) {
-                    warn!("configuration dropped, the delivery queue is full or closed: {e}");
+                if !self.config_backlog.is_empty() {
+                    self.config_backlog.push_back(delivery);
+                } else if let Err(e) = self.configurations.try_send(delivery) {
+                    // Full: kept, in order, until there is room (never dropped). Closed: kept
+                    // too, and the session loop stops at its next turn, finding it closed.
+                    let (mpsc::error::TrySendError::Full(d) | mpsc::error::TrySendError::Closed(d)) =
+                        e;
+                    self.config_backlog.push_back(d);
                 }
             }
             DesiredChange::ConfigurationDeleted { instance, topic } => {
@@ -701,7 +723,7 @@ impl Core {
             self.respond(mqtt_id, &rpc::agent_method(&cmd));
             return;
         }
-        if let Err(e) = self.pending.insert(cmd.reqid, mqtt_id, now) {
+        if let Err(e) = self.pending.insert(cmd.reqid, &cmd.instance, mqtt_id, now) {
             warn!(
                 "direct command {} on request {mqtt_id} refused: {e}",
                 cmd.reqid
@@ -794,143 +816,4 @@ impl Core {
             self.states_payload = None;
         }
     }
-
-    /// Publishes a direct-command answer on `v1/devices/me/rpc/response/<mqtt_id>`.
-    fn respond(&self, mqtt_id: &str, answer: &DirectCommandResponse) {
-        if !self.connected {
-            warn!(
-                "answer to direct command {} dropped: MQTT is not connected",
-                answer.reqid
-            );
-            return;
-        }
-        let topic = format!("{}{mqtt_id}", topics::RPC_RESPONSE_PREFIX);
-        let payload = self.codec.encode_direct_command_response(answer);
-        self.publish(&topic, QoS::AtMostOnce, payload);
-    }
-
-    /// Sends what is due: the initial GET, the status report, the instance-state report.
-    fn tick(&mut self, now: Instant) {
-        if !self.connected {
-            return;
-        }
-        if self.session.get_due(now).is_some_and(|at| at <= now) {
-            let topic = format!(
-                "{}{}",
-                topics::ATTRIBUTES_REQUEST_PREFIX,
-                topics::INITIAL_GET_ID
-            );
-            if self.publish(&topic, QoS::AtMostOnce, b"{}".to_vec()) == Published::Queued {
-                debug!("initial attribute GET sent");
-            }
-            // Sent or not, it is tried again after the resend period.
-            self.session.get_sent(now);
-        }
-        let report = report::build(
-            &self.system_info,
-            &self.settings,
-            self.status.as_ref(),
-            self.rejection.as_ref(),
-        );
-        let payload = self.codec.encode_status_report(&report).to_string();
-        self.report_wake = match self.timer.decide(now, &payload, self.settings.intervals) {
-            ReportDecision::SendNow => {
-                let level = qos(self.cfg.status_qos);
-                match self.publish(topics::ATTRIBUTES, level, payload.clone().into_bytes()) {
-                    Published::NotQueued => Some(now + REPORT_RETRY),
-                    // Too big is recorded as sent: trying again would only fail again, until
-                    // the report changes.
-                    Published::Queued | Published::TooBig => {
-                        self.timer.sent(now, payload);
-                        self.settings.intervals.max.map(|max| now + max)
-                    }
-                }
-            }
-            ReportDecision::WaitUntil(at) => Some(at),
-            ReportDecision::Idle => None,
-        };
-        self.tick_states(now);
-    }
-
-    /// The instance-state report: the same timing rules as the status report, with its own
-    /// clock; nothing is sent before a module reported a state.
-    fn tick_states(&mut self, now: Instant) {
-        if self.states.is_empty() && !self.states_timer.has_sent() {
-            self.states_wake = None;
-            return;
-        }
-        let payload = match &self.states_payload {
-            Some(p) => p.clone(),
-            None => {
-                let p = self.codec.encode_instance_states(&self.states).to_string();
-                self.states_payload = Some(p.clone());
-                p
-            }
-        };
-        self.states_wake = match self
-            .states_timer
-            .decide(now, &payload, self.settings.intervals)
-        {
-            ReportDecision::SendNow => {
-                match self.publish(
-                    topics::ATTRIBUTES,
-                    QoS::AtMostOnce,
-                    payload.clone().into_bytes(),
-                ) {
-                    Published::NotQueued => Some(now + REPORT_RETRY),
-                    Published::Queued | Published::TooBig => {
-                        self.states_timer.sent(now, payload);
-                        self.settings.intervals.max.map(|max| now + max)
-                    }
-                }
-            }
-            ReportDecision::WaitUntil(at) => Some(at),
-            ReportDecision::Idle => None,
-        };
-    }
-
-    /// Queues a publish; when the request channel is full (a telemetry flood), waits for room
-    /// on a task of its own, a bounded time.
-    fn publish(&self, topic: &str, level: QoS, payload: Vec<u8>) -> Published {
-        let size = topic.len() + payload.len() + PUBLISH_OVERHEAD;
-        if size > MAX_OUTGOING_PACKET {
-            error!(
-                "not publishing {size} bytes on {topic}: larger than the {MAX_OUTGOING_PACKET}-byte MQTT limit"
-            );
-            return Published::TooBig;
-        }
-        match self.client.try_publish(topic, level, false, payload) {
-            Ok(()) => Published::Queued,
-            Err(ClientError::TryRequest(Request::Publish(p))) => {
-                let client = self.client.clone();
-                let topic = topic.to_owned();
-                tokio::spawn(async move {
-                    let wait = client.publish_bytes(topic.as_str(), level, false, p.payload);
-                    match tokio::time::timeout(PUBLISH_WAIT, wait).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => warn!("publish on {topic} not queued: {e}"),
-                        Err(_) => {
-                            warn!("publish on {topic} dropped: no room for it in {PUBLISH_WAIT:?}")
-                        }
-                    }
-                });
-                Published::Queued
-            }
-            Err(e) => {
-                warn!("publish on {topic} not queued: {e}");
-                Published::NotQueued
-            }
-        }
-    }
-}
-
-/// What became of a publish.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Published {
-    /// Handed to the MQTT event loop.
-    Queued,
-    /// Larger than the MQTT limit; dropped.
-    TooBig,
-    /// The request channel is full or closed.
-    NotQueued,
 }

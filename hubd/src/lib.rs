@@ -17,6 +17,7 @@ pub mod device_config;
 pub mod report;
 pub mod rpc;
 pub mod session;
+pub mod states;
 pub mod telemetry;
 pub mod timing;
 pub mod tls;

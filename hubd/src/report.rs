@@ -2,7 +2,8 @@
 //! deployment status with a refused deployment laid over it.
 
 use evp_schemas::codec::SystemInfo;
-use evp_schemas::{DeploymentStatus, ReconcileStatus, StatusReport};
+use evp_schemas::text::shorten;
+use evp_schemas::{DeploymentStatus, HubCodec, ReconcileStatus, StatusReport};
 
 use crate::device_config::AgentSettings;
 
@@ -65,6 +66,79 @@ pub fn build(
     }
 }
 
+/// Longest failure message kept in a report too big for one MQTT message.
+const SHORT_FAILURE_MESSAGE: usize = 128;
+/// Longest id (deployment, configuration) kept in a report that must leave its lists out.
+const SHORT_ID: usize = 256;
+
+/// The report as one payload of at most `max_payload` bytes: as it is when it fits; else with
+/// every failure message shortened; else, as a last resort, without its instance and module
+/// lists, its failure message saying why. Never nothing: the hub always learns the deployment
+/// id and its reconcile status. The second value says what was left out, for the log.
+pub fn fit(
+    codec: &impl HubCodec,
+    report: &StatusReport,
+    max_payload: usize,
+) -> (String, Option<String>) {
+    let full = codec.encode_status_report(report).to_string();
+    if full.len() <= max_payload {
+        return (full, None);
+    }
+    let mut smaller = report.clone();
+    if let Some(d) = &mut smaller.deployment {
+        let short = |m: &mut Option<String>| {
+            if let Some(text) = m {
+                *text = shorten(text, SHORT_FAILURE_MESSAGE).into_owned();
+            }
+        };
+        short(&mut d.failure_message);
+        d.instances
+            .values_mut()
+            .for_each(|i| short(&mut i.failure_message));
+        d.modules
+            .values_mut()
+            .for_each(|m| short(&mut m.failure_message));
+    }
+    let shortened = codec.encode_status_report(&smaller).to_string();
+    if shortened.len() <= max_payload {
+        let why = format!(
+            "the status report of {} bytes exceeds the {max_payload}-byte MQTT limit: failure \
+             messages shortened to {SHORT_FAILURE_MESSAGE} bytes",
+            full.len()
+        );
+        return (shortened, Some(why));
+    }
+    let why = match &mut smaller.deployment {
+        Some(d) => {
+            let why = format!(
+                "status report of {} bytes exceeds the {max_payload}-byte MQTT limit: the \
+                 status of {} instances and {} modules is left out",
+                full.len(),
+                d.instances.len(),
+                d.modules.len()
+            );
+            d.instances.clear();
+            d.modules.clear();
+            d.failure_message = Some(match &d.failure_message {
+                Some(m) => format!("{why}; {m}"),
+                None => why.clone(),
+            });
+            if let Some(id) = &mut d.deployment_id {
+                *id = shorten(id, SHORT_ID).into_owned();
+            }
+            why
+        }
+        None => format!(
+            "status report of {} bytes exceeds the {max_payload}-byte MQTT limit",
+            full.len()
+        ),
+    };
+    if let Some(id) = &mut smaller.configuration_id {
+        *id = shorten(id, SHORT_ID).into_owned();
+    }
+    (codec.encode_status_report(&smaller).to_string(), Some(why))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,6 +146,61 @@ mod tests {
     use evp_schemas::evp2::Evp2Codec;
     use evp_schemas::{HubCodec, InstanceState, InstanceStatus};
     use std::time::Duration;
+
+    fn report_of(instances: usize, message_len: usize) -> StatusReport {
+        let mut status = DeploymentStatus {
+            deployment_id: Some("dep-1".into()),
+            reconcile_status: Some(ReconcileStatus::Error),
+            ..Default::default()
+        };
+        for i in 0..instances {
+            status.instances.insert(
+                format!("instance-{i}"),
+                InstanceStatus {
+                    status: InstanceState::Error,
+                    module_id: "m".into(),
+                    failure_message: Some("x".repeat(message_len)),
+                },
+            );
+        }
+        StatusReport {
+            system_info: system_info(),
+            interval_min_s: 3,
+            interval_max_s: 180,
+            configuration_id: None,
+            registries_with_auth: Vec::new(),
+            deployment: Some(status),
+        }
+    }
+
+    #[test]
+    fn a_report_too_big_still_goes_out_as_small_as_it_must_be() {
+        const MAX: usize = 131_000;
+        let small = report_of(3, 10);
+        let (payload, why) = fit(&Evp2Codec, &small, MAX);
+        assert_eq!(why, None);
+        assert_eq!(payload, Evp2Codec.encode_status_report(&small).to_string());
+
+        // A few instances with huge messages: the messages shrink, the list stays.
+        let (payload, why) = fit(&Evp2Codec, &report_of(3, 100_000), MAX);
+        assert!(payload.len() <= MAX && why.is_some());
+        let v: serde_json::Value = serde_json::from_str(&payload).unwrap();
+        let message = v["deploymentStatus"]["instances"]["instance-2"]["failureMessage"]
+            .as_str()
+            .unwrap();
+        assert!(message.len() <= SHORT_FAILURE_MESSAGE && message.contains('…'));
+
+        // 10,000 instances: the lists go, the report says why.
+        let (payload, why) = fit(&Evp2Codec, &report_of(10_000, 10), MAX);
+        assert!(payload.len() <= MAX, "{}", payload.len());
+        let v: serde_json::Value = serde_json::from_str(&payload).unwrap();
+        let d = &v["deploymentStatus"];
+        assert_eq!(d["deploymentId"], "dep-1");
+        assert_eq!(d["reconcileStatus"], "error");
+        let message = d["failureMessage"].as_str().unwrap();
+        assert!(message.contains("10000 instances"), "{message}");
+        assert_eq!(why.as_deref(), message.split("; ").next());
+    }
 
     #[test]
     fn rejection_overlays_the_running_deployment() {

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use evp_schemas::{DirectCommand, DirectCommandResponse, RpcStatus};
+use evp_schemas::{DirectCommand, DirectCommandResponse, HubCodec, RpcStatus};
 use serde_json::{Value, json};
 use tracing::info;
 
@@ -14,6 +14,10 @@ pub const PENDING_EXPIRY: Duration = Duration::from_secs(60);
 /// Most direct commands waiting for an answer at once; a hub that sends more within
 /// [`PENDING_EXPIRY`] is flooding the device, and further commands are refused with an error.
 pub const MAX_PENDING: usize = 1024;
+/// Most direct commands waiting for one instance: a quarter of [`MAX_PENDING`], so an
+/// instance that never answers fills its own share only and the others keep being served
+/// (EVP's whole ring held 16; a hub rarely has more than a few in flight per instance).
+pub const MAX_PENDING_PER_INSTANCE: usize = MAX_PENDING / 4;
 /// Prefix of the methods the agent answers itself.
 pub const AGENT_METHOD_PREFIX: &str = "$agent/";
 
@@ -34,18 +38,27 @@ pub enum PendingError {
     /// Too many commands are waiting.
     #[error("{MAX_PENDING} direct commands are already waiting for an answer")]
     Full,
+    /// Too many commands are waiting for this instance.
+    #[error(
+        "{MAX_PENDING_PER_INSTANCE} direct commands are already waiting for an answer from instance {0}"
+    )]
+    InstanceFull(String),
 }
 
 #[derive(Debug)]
 struct Pending {
     mqtt_id: String,
+    instance: String,
     expires: Instant,
 }
 
-/// EVP request id → the MQTT id of the request to answer, until answered or expired.
+/// EVP request id → the MQTT id of the request to answer, until answered or expired; bounded
+/// in all and per instance.
 #[derive(Debug, Default)]
 pub struct PendingCommands {
     map: HashMap<u64, Pending>,
+    /// How many entries of `map` each instance has; instances with none are absent.
+    per_instance: HashMap<String, usize>,
 }
 
 impl PendingCommands {
@@ -54,48 +67,87 @@ impl PendingCommands {
         Self::default()
     }
 
-    /// Records that `reqid` arrived on MQTT request `mqtt_id` at `now`. A request id still
-    /// waiting is refused, so an answer never goes to the wrong MQTT id.
-    pub fn insert(&mut self, reqid: u64, mqtt_id: &str, now: Instant) -> Result<(), PendingError> {
+    /// Records that `reqid` for `instance` arrived on MQTT request `mqtt_id` at `now`. A
+    /// request id still waiting is refused, so an answer never goes to the wrong MQTT id; so is
+    /// a command beyond the instance's share or the whole bound.
+    pub fn insert(
+        &mut self,
+        reqid: u64,
+        instance: &str,
+        mqtt_id: &str,
+        now: Instant,
+    ) -> Result<(), PendingError> {
         if let Some(p) = self.map.get(&reqid).filter(|p| p.expires > now) {
             return Err(PendingError::Duplicate {
                 reqid,
                 mqtt_id: p.mqtt_id.clone(),
             });
         }
-        if self.map.len() >= MAX_PENDING {
+        let instance_count = |s: &Self| s.per_instance.get(instance).copied().unwrap_or(0);
+        if self.map.len() >= MAX_PENDING || instance_count(self) >= MAX_PENDING_PER_INSTANCE {
             self.expire(now);
             if self.map.len() >= MAX_PENDING {
                 return Err(PendingError::Full);
             }
+            if instance_count(self) >= MAX_PENDING_PER_INSTANCE {
+                return Err(PendingError::InstanceFull(instance.to_owned()));
+            }
         }
+        // An expired entry of the same reqid is replaced: uncount it first.
+        self.remove(reqid);
+        *self.per_instance.entry(instance.to_owned()).or_default() += 1;
         self.map.insert(
             reqid,
             Pending {
                 mqtt_id: mqtt_id.to_owned(),
+                instance: instance.to_owned(),
                 expires: now + PENDING_EXPIRY,
             },
         );
         Ok(())
     }
 
+    /// Removes `reqid`'s entry, keeping the per-instance counts right.
+    fn remove(&mut self, reqid: u64) -> Option<Pending> {
+        let p = self.map.remove(&reqid)?;
+        self.uncount(&p.instance);
+        Some(p)
+    }
+
+    fn uncount(&mut self, instance: &str) {
+        if let Some(n) = self.per_instance.get_mut(instance) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_instance.remove(instance);
+            }
+        }
+    }
+
     /// The MQTT id to answer `reqid` on, which is then forgotten; `None` when nothing waits
     /// for it (never sent, answered already, or expired).
     pub fn take(&mut self, reqid: u64, now: Instant) -> Option<String> {
-        let p = self.map.remove(&reqid)?;
+        let p = self.remove(reqid)?;
         (p.expires > now).then_some(p.mqtt_id)
     }
 
     /// Forgets the expired entries; returns how many.
     pub fn expire(&mut self, now: Instant) -> usize {
-        let before = self.map.len();
-        self.map.retain(|_, p| p.expires > now);
-        before - self.map.len()
+        let expired: Vec<u64> = self
+            .map
+            .iter()
+            .filter(|(_, p)| p.expires <= now)
+            .map(|(reqid, _)| *reqid)
+            .collect();
+        for reqid in &expired {
+            self.remove(*reqid);
+        }
+        expired.len()
     }
 
     /// Forgets everything (a new MQTT session: the hub's ids of the old one mean nothing now).
     pub fn clear(&mut self) {
         self.map.clear();
+        self.per_instance.clear();
     }
 
     /// How many commands wait.
@@ -118,6 +170,26 @@ pub fn error_response(reqid: u64, message: impl Into<String>) -> DirectCommandRe
         response: Some(json!({ "error": message }).to_string()),
         error_message: Some(message),
     }
+}
+
+/// The payload answering a direct command with `answer`, at most `max_payload` bytes: the
+/// answer itself, or, when it is too big to send, an error answer saying so (the hub learns
+/// why instead of waiting for nothing). The second value is that reason, for the log.
+pub fn answer_payload(
+    codec: &impl HubCodec,
+    answer: &DirectCommandResponse,
+    max_payload: usize,
+) -> (Vec<u8>, Option<String>) {
+    let payload = codec.encode_direct_command_response(answer);
+    if payload.len() <= max_payload {
+        return (payload, None);
+    }
+    let why = format!(
+        "the answer of {} bytes exceeds the {max_payload}-byte MQTT limit",
+        payload.len()
+    );
+    let error = error_response(answer.reqid, why.clone());
+    (codec.encode_direct_command_response(&error), Some(why))
 }
 
 /// The agent's answer to one of its own `$agent/...` methods. `$agent/get` reports
@@ -164,8 +236,8 @@ mod tests {
     fn an_answer_goes_to_its_own_request_once() {
         let t0 = Instant::now();
         let mut p = PendingCommands::new();
-        p.insert(7, "42", t0).unwrap();
-        p.insert(8, "43", t0).unwrap();
+        p.insert(7, "i", "42", t0).unwrap();
+        p.insert(8, "i", "43", t0).unwrap();
         assert_eq!(p.take(8, t0), Some("43".into()));
         assert_eq!(p.take(7, t0), Some("42".into()));
         assert_eq!(p.take(7, t0), None, "answered already");
@@ -177,16 +249,16 @@ mod tests {
     fn a_pending_duplicate_is_refused_and_keeps_the_first_id() {
         let t0 = Instant::now();
         let mut p = PendingCommands::new();
-        p.insert(7, "42", t0).unwrap();
+        p.insert(7, "i", "42", t0).unwrap();
         assert_eq!(
-            p.insert(7, "50", t0 + Duration::from_secs(1)),
+            p.insert(7, "i", "50", t0 + Duration::from_secs(1)),
             Err(PendingError::Duplicate {
                 reqid: 7,
                 mqtt_id: "42".into()
             })
         );
         assert_eq!(p.take(7, t0), Some("42".into()));
-        p.insert(7, "51", t0).unwrap();
+        p.insert(7, "i", "51", t0).unwrap();
         assert_eq!(p.take(7, t0), Some("51".into()), "reusable once answered");
     }
 
@@ -195,16 +267,16 @@ mod tests {
         let t0 = Instant::now();
         let later = t0 + PENDING_EXPIRY;
         let mut p = PendingCommands::new();
-        p.insert(7, "42", t0).unwrap();
+        p.insert(7, "i", "42", t0).unwrap();
         assert_eq!(p.take(7, later), None, "an expired entry is never answered");
-        p.insert(8, "43", t0).unwrap();
-        p.insert(8, "44", later).unwrap();
+        p.insert(8, "i", "43", t0).unwrap();
+        p.insert(8, "i", "44", later).unwrap();
         assert_eq!(
             p.take(8, later),
             Some("44".into()),
             "an expired reqid is free"
         );
-        p.insert(9, "45", t0).unwrap();
+        p.insert(9, "i", "45", t0).unwrap();
         assert_eq!(p.expire(later), 1);
         assert!(p.is_empty());
     }
@@ -214,16 +286,75 @@ mod tests {
         let t0 = Instant::now();
         let mut p = PendingCommands::new();
         for i in 0..MAX_PENDING as u64 {
-            p.insert(i, "x", t0).unwrap();
+            let instance = format!("i{}", i as usize / MAX_PENDING_PER_INSTANCE);
+            p.insert(i, &instance, "x", t0).unwrap();
         }
-        assert_eq!(p.insert(u64::MAX, "y", t0), Err(PendingError::Full));
+        assert_eq!(
+            p.insert(u64::MAX, "other", "y", t0),
+            Err(PendingError::Full)
+        );
         assert!(
-            p.insert(u64::MAX, "y", t0 + PENDING_EXPIRY).is_ok(),
+            p.insert(u64::MAX, "other", "y", t0 + PENDING_EXPIRY)
+                .is_ok(),
             "expired entries make room"
         );
         assert_eq!(p.len(), 1);
         p.clear();
         assert!(p.is_empty());
+    }
+
+    #[test]
+    fn a_silent_instance_fills_its_own_share_only() {
+        let t0 = Instant::now();
+        let mut p = PendingCommands::new();
+        for i in 0..MAX_PENDING_PER_INSTANCE as u64 {
+            p.insert(i, "silent", "x", t0).unwrap();
+        }
+        assert_eq!(
+            p.insert(10_000, "silent", "y", t0),
+            Err(PendingError::InstanceFull("silent".into()))
+        );
+        p.insert(10_001, "other", "z", t0).unwrap();
+        assert_eq!(p.take(0, t0), Some("x".into()));
+        p.insert(10_000, "silent", "y", t0).unwrap();
+        assert_eq!(
+            p.insert(10_002, "silent", "w", t0),
+            Err(PendingError::InstanceFull("silent".into())),
+            "an answer frees one place, not more"
+        );
+        assert_eq!(p.expire(t0 + PENDING_EXPIRY), MAX_PENDING_PER_INSTANCE + 1);
+        assert!(p.per_instance.is_empty(), "counts follow expiry");
+        const { assert!(MAX_PENDING_PER_INSTANCE < MAX_PENDING) };
+    }
+
+    #[test]
+    fn an_answer_too_big_becomes_an_error_answer() {
+        use evp_schemas::evp2::Evp2Codec;
+        let answer = |response: &str| DirectCommandResponse {
+            reqid: 7,
+            status: RpcStatus::Ok,
+            error_message: None,
+            response: Some(response.into()),
+        };
+        let (payload, why) = answer_payload(&Evp2Codec, &answer("{}"), 1000);
+        assert_eq!(
+            payload,
+            Evp2Codec.encode_direct_command_response(&answer("{}"))
+        );
+        assert_eq!(why, None);
+        // 200 control characters are 1,200 bytes once escaped.
+        let (payload, why) = answer_payload(&Evp2Codec, &answer(&"\u{1}".repeat(200)), 1000);
+        let v: Value = serde_json::from_slice(&payload).unwrap();
+        let r = &v["direct-command-response"];
+        assert_eq!(
+            (r["status"].as_str(), r["reqid"].as_str()),
+            (Some("error"), Some("7"))
+        );
+        assert!(
+            r["errorMessage"].as_str().unwrap().contains("MQTT limit"),
+            "{r}"
+        );
+        assert!(why.is_some() && payload.len() <= 1000);
     }
 
     fn cmd(method: &str, params: &str) -> DirectCommand {

@@ -94,10 +94,19 @@ fn module_view(s: &StatusInputs<'_>, id: &str, module: &Module) -> ModuleView {
     }
 }
 
+/// Longest failure message in the status: they quote what the hub and the runtimes said (ids,
+/// URLs, errors), which may be of any size, and every one of them shares one MQTT report.
+const MAX_FAILURE_MESSAGE: usize = 512;
+
+/// `msg` within [`MAX_FAILURE_MESSAGE`], its middle elided.
+fn bounded(msg: String) -> String {
+    evp_schemas::text::shorten_owned(msg, MAX_FAILURE_MESSAGE)
+}
+
 fn module_error(msg: String) -> ModuleStatus {
     ModuleStatus {
         status: ModuleState::Error,
-        failure_message: Some(msg),
+        failure_message: Some(bounded(msg)),
         bytes_done: None,
         bytes_total: None,
     }
@@ -170,7 +179,7 @@ pub fn render(s: &StatusInputs<'_>) -> DeploymentStatus {
             InstanceStatus {
                 status: state,
                 module_id: spec.module_id.clone(),
-                failure_message: failure,
+                failure_message: failure.map(bounded),
             },
         );
     }
@@ -390,6 +399,19 @@ mod tests {
                    "instances": {"a": {"status": "starting", "moduleId": "m"}},
                    "modules": {"m": {"status": "ok"}}}),
         );
+    }
+
+    #[test]
+    fn failure_messages_are_bounded_with_their_middle_cut() {
+        let long = format!("start {} end", "x".repeat(10_000));
+        let got = one()
+            .running(InstanceState::Error, Some(&long))
+            .render();
+        let msg = got["instances"]["a"]["failureMessage"]
+            .as_str()
+            .expect("a failure message");
+        assert!(msg.len() <= MAX_FAILURE_MESSAGE, "{} bytes", msg.len());
+        assert!(msg.starts_with("start x") && msg.ends_with("x end"), "{msg}");
     }
 
     #[test]

@@ -136,6 +136,12 @@ pub struct Topic {
     pub topic: String,
 }
 
+/// Longest JSON path a [`ValidationError`] keeps: room for a few ids of a typical length.
+pub const MAX_ERROR_PATH: usize = 256;
+/// Longest message a [`ValidationError`] keeps: a sentence quoting a value of a few hundred
+/// bytes, far below what one MQTT report can carry.
+pub const MAX_ERROR_MESSAGE: usize = 512;
+
 /// Why a deployment was refused, with the JSON path of the offending field
 /// (`deployment.modules.cam.hash`), so an operator can find it in the manifest.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -148,11 +154,13 @@ pub struct ValidationError {
 }
 
 impl ValidationError {
-    /// A validation error at `path`.
+    /// A validation error at `path`. Both are bounded ([`MAX_ERROR_PATH`],
+    /// [`MAX_ERROR_MESSAGE`]): they quote the hub's names and values, which may be of any size.
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        use crate::text::shorten_owned;
         ValidationError {
-            path: path.into(),
-            message: message.into(),
+            path: shorten_owned(path.into(), MAX_ERROR_PATH),
+            message: shorten_owned(message.into(), MAX_ERROR_MESSAGE),
         }
     }
 }
@@ -332,6 +340,34 @@ mod tests {
         d.instance_specs.get_mut("i").unwrap().module_id = "nope".into();
         let e = d.validate().unwrap_err();
         assert_eq!(e.path, "deployment.instanceSpecs.i.moduleId");
+    }
+
+    #[test]
+    fn a_huge_quoted_name_gives_a_bounded_message() {
+        let mut d = one_instance();
+        let long = "n".repeat(140_000);
+        d.instance_specs.get_mut("i").unwrap().module_id = long.clone();
+        let e = d.validate().unwrap_err();
+        assert!(e.message.len() <= MAX_ERROR_MESSAGE, "{}", e.message.len());
+        assert!(
+            e.message.starts_with("refers to module \"nnn"),
+            "{}",
+            e.message
+        );
+        assert!(
+            e.message.ends_with("\", which is not in modules"),
+            "{}",
+            e.message
+        );
+        let spec = d.instance_specs.remove("i").unwrap();
+        d.instance_specs.insert(long, spec);
+        let e = d.validate().unwrap_err();
+        assert!(e.path.len() <= MAX_ERROR_PATH, "{}", e.path.len());
+        assert!(
+            e.path.starts_with("deployment.instanceSpecs.nnn"),
+            "{}",
+            e.path
+        );
     }
 
     #[test]

@@ -14,6 +14,8 @@ use crate::deployment::{
     Deployment, InstanceSpec, Module, ModuleImpl, RestartPolicy, Topic, ValidationError,
 };
 
+pub mod sizes;
+
 /// The name EVP2 reports as `protocolVersion`.
 pub const PROTOCOL_NAME: &str = "EVP2-TB";
 

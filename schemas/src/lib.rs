@@ -3,6 +3,7 @@
 //! - [`deployment`]: the canonical desired deployment and its validation.
 //! - [`status`]: the canonical deployment status that reconcilerd publishes.
 //! - [`codec`] and [`evp2`]: the hub's wire dialects, behind one trait.
+//! - [`text`]: bounding quoted input in messages.
 //! - [`dbus`]: names, errors and proxies of the D-Bus interfaces; their
 //!   introspection XML lives in `schemas/dbus/` and is the source of truth.
 //! - [`sdk`]: the SDK wire format between a module and sdk-broker.
@@ -20,6 +21,7 @@ pub mod evp2;
 pub mod routing;
 pub mod sdk;
 pub mod status;
+pub mod text;
 
 #[cfg(feature = "hub")]
 pub use codec::{

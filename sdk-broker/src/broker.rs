@@ -22,6 +22,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::limits;
 use crate::settings::Settings;
 use crate::store::ConfigStore;
 
@@ -40,6 +41,10 @@ pub const MAX_BATCH_ENTRIES: usize = 1000;
 /// Most bytes of keys and values in one `Telemetry` signal (D-Bus allows 128 MiB per message;
 /// a quarter MiB keeps hubd's decoding and any single MQTT publish small).
 pub const MAX_BATCH_BYTES: usize = 256 * 1024;
+
+/// Keys per instance whose non-JSON telemetry is warned about (once each); a module that
+/// makes up keys without end gets no more warnings past this, so the set stays small.
+const MAX_NON_JSON_WARNINGS: usize = 256;
 
 /// Largest configuration value plus topic accepted: it must fit an event in one SDK record,
 /// with room for the tables around it.
@@ -132,6 +137,8 @@ struct Queued {
 #[derive(Debug)]
 struct PendingState {
     value: Vec<u8>,
+    /// Its [`limits::state_cost`].
+    cost: usize,
     cb: Callback,
     conn: u64,
 }
@@ -163,13 +170,34 @@ struct Inst {
     pending_states: BTreeMap<String, PendingState>,
     /// The last value reported per topic, to suppress identical ones.
     reported: HashMap<String, Vec<u8>>,
+    /// The share of the instance-state report they take ([`limits::state_cost`]).
     reported_bytes: usize,
     telemetry_bytes: usize,
+    /// Telemetry keys already warned about for a value that is not JSON.
+    non_json_warned: HashSet<String>,
     /// Direct commands waiting for the module's answer, with their deadlines.
     rpcs: HashMap<u64, Instant>,
 }
 
 impl Inst {
+    /// The instance's share of the instance-state report once `topic` is `value`: every
+    /// topic at its newest value (pending, else reported), as encoded for the hub.
+    fn state_share_with(&self, instance: &str, topic: &str, value: &[u8]) -> usize {
+        let reported = |t: &str| {
+            self.reported
+                .get(t)
+                .map_or(0, |v| limits::state_cost(instance, t, v))
+        };
+        let pending_growth: isize = self
+            .pending_states
+            .iter()
+            .filter(|(t, _)| t.as_str() != topic)
+            .map(|(t, p)| p.cost as isize - reported(t) as isize)
+            .sum();
+        let others = self.reported_bytes as isize - reported(topic) as isize + pending_growth;
+        others.max(0) as usize + limits::state_cost(instance, topic, value)
+    }
+
     /// Reserves a callback's bytes; false when the queue is full.
     fn reserve(&mut self, limit: usize) -> bool {
         if self.used + CALLBACK_COST > limit {
@@ -388,6 +416,7 @@ impl Broker {
                     reported: HashMap::new(),
                     reported_bytes: 0,
                     telemetry_bytes: 0,
+                    non_json_warned: HashSet::new(),
                     rpcs: HashMap::new(),
                 },
             );
@@ -753,8 +782,11 @@ impl Broker {
             let Some(inst) = st.instances.get_mut(instance) else {
                 return EvpResult::Error;
             };
-            let current = inst.reported.get(&topic).map_or(0, Vec::len);
-            if inst.reported_bytes - current + topic.len() + blob.len() > state_limit {
+            // Counted as the hub will get them, escaping included: what cannot fit one
+            // report message, or would take the instance past its share, is refused now.
+            if !limits::state_fits(instance, &topic, &blob)
+                || inst.state_share_with(instance, &topic, &blob) > state_limit
+            {
                 return EvpResult::TooBig;
             }
             if !inst.reserve(limit) {
@@ -771,6 +803,7 @@ impl Broker {
                 return EvpResult::Ok;
             }
             let new = PendingState {
+                cost: limits::state_cost(instance, &topic, &blob),
                 value: blob,
                 cb,
                 conn,
@@ -804,16 +837,25 @@ impl Broker {
         if entries.len() > MAX_TELEMETRY_ENTRIES {
             return EvpResult::TooBig;
         }
-        // A fixed quirk: EVP drops non-JSON values and still says SENT; here the call fails.
-        if entries
-            .iter()
-            .any(|e| serde_json::from_str::<serde::de::IgnoredAny>(&e.value).is_err())
-        {
-            return EvpResult::Inval;
+        // EVP accepts a value that is not JSON (and then drops it); unchanged modules rely on
+        // EVP_OK, so it is accepted and goes to the hub as a JSON string instead.
+        let mut non_json = Vec::new();
+        let entries: Vec<(String, String)> = entries
+            .into_iter()
+            .map(|e| match limits::telemetry_json(&e.value) {
+                None => (e.key, e.value),
+                Some(json) => {
+                    non_json.push(e.key.clone());
+                    (e.key, json)
+                }
+            })
+            .collect();
+        if !limits::telemetry_fits(instance, &entries) {
+            return EvpResult::TooBig;
         }
         let bytes: usize = entries
             .iter()
-            .map(|e| instance.len() + e.key.len() + e.value.len())
+            .map(|(key, value)| instance.len() + key.len() + value.len())
             .sum();
         let limit = self.settings.event_queue_bytes;
         let tel_limit = self.settings.telemetry_queue_bytes;
@@ -842,6 +884,16 @@ impl Broker {
                 );
                 return EvpResult::Ok;
             }
+            for key in non_json {
+                if inst.non_json_warned.len() < MAX_NON_JSON_WARNINGS
+                    && inst.non_json_warned.insert(key.clone())
+                {
+                    warn!(
+                        instance,
+                        key, "telemetry value is not JSON: sent to the hub as a JSON string"
+                    );
+                }
+            }
             inst.telemetry_bytes += bytes;
             st.telemetry_entries += entries.len();
             st.telemetry_bytes += bytes;
@@ -852,7 +904,7 @@ impl Broker {
                 inst_id,
                 conn,
                 cb,
-                entries: entries.into_iter().map(|e| (e.key, e.value)).collect(),
+                entries,
                 bytes,
             });
             EvpResult::Ok
@@ -953,6 +1005,28 @@ impl Broker {
         };
         if RpcStatus::from_code(status).is_none() {
             return EvpResult::Inval;
+        }
+        if !limits::rpc_response_fits(id, status, &response) {
+            // The module gets EVP_TOOBIG; the hub, which waits for this command, gets an error
+            // answer now rather than none.
+            let was_waiting = {
+                let mut st = self.lock();
+                st.instances
+                    .get_mut(instance)
+                    .filter(|i| i.id == inst_id)
+                    .is_some_and(|i| i.rpcs.remove(&id).is_some())
+            };
+            if was_waiting {
+                warn!(instance, reqid = id, "answer too big for one MQTT message");
+                let message = format!(
+                    "the answer of instance {instance} does not fit one MQTT message once \
+                     encoded ({} bytes of response)",
+                    response.len()
+                );
+                self.answer_errors(vec![(id, instance.to_owned(), error_response(&message))])
+                    .await;
+            }
+            return EvpResult::TooBig;
         }
         let limit = self.settings.event_queue_bytes;
         let mut waiting = false;
@@ -1061,9 +1135,10 @@ impl Broker {
                 && inst.id == id
             {
                 if reason == StateReason::Sent && !same {
-                    let old = inst.reported.insert(topic.clone(), p.value);
-                    inst.reported_bytes -= old.map_or(0, |v| v.len());
-                    inst.reported_bytes += inst.reported.get(&topic).map_or(0, Vec::len);
+                    inst.reported_bytes += limits::state_cost(&name, &topic, &p.value);
+                    if let Some(old) = inst.reported.insert(topic.clone(), p.value) {
+                        inst.reported_bytes -= limits::state_cost(&name, &topic, &old);
+                    }
                 }
                 inst.complete(p.conn, Event::State { cb: p.cb, reason });
             }

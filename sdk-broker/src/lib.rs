@@ -14,6 +14,7 @@
 
 pub mod broker;
 mod conn;
+pub mod limits;
 pub mod settings;
 pub mod store;
 

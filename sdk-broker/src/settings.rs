@@ -21,7 +21,8 @@ pub struct Settings {
     pub event_queue_bytes: usize,
     /// Bound of one instance's telemetry not yet emitted, in bytes.
     pub telemetry_queue_bytes: usize,
-    /// Bound of one instance's reported states, in bytes (`EVP_TOOBIG` beyond).
+    /// Bound of one instance's share of the instance-state report, in bytes as encoded for
+    /// the hub, escaping included (`EVP_TOOBIG` beyond).
     pub state_bytes: usize,
     /// How long states and telemetry wait to be batched before they are emitted.
     pub telemetry_flush_ms: u64,

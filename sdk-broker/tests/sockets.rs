@@ -176,15 +176,16 @@ async fn every_request_over_a_real_socket() {
         assert_eq!(c.next_event(Some(Duration::ZERO)).unwrap(), Event::TimedOut);
         c.send_state("st", b"{\"a\":1}", l.cb::<StateReason>("state"))
             .unwrap();
+        // A value that is not JSON is accepted, as EVP does, and goes on as a JSON string.
         c.send_telemetry(
-            &[("temp", "21.5"), ("obj", "{\"x\":[1,2]}")],
+            &[
+                ("temp", "21.5"),
+                ("obj", "{\"x\":[1,2]}"),
+                ("raw", "not json"),
+            ],
             l.cb::<TelemetryReason>("tel"),
         )
         .unwrap();
-        let e = c
-            .send_telemetry(&[("bad", "not json")], |_| {})
-            .unwrap_err();
-        assert_eq!(e.result(), EvpResult::Inval);
         c.send_message("nowhere", b"x", l.cb::<MessageSentReason>("msg"))
             .unwrap();
         c.send_rpc_response(99, "{}", RpcStatus::Ok, l.cb::<RpcResponseReason>("rpc"))
@@ -205,6 +206,7 @@ async fn every_request_over_a_real_socket() {
             Signal::Telemetry(vec![
                 ("inst-a".into(), "temp".into(), "21.5".into()),
                 ("inst-a".into(), "obj".into(), "{\"x\":[1,2]}".into()),
+                ("inst-a".into(), "raw".into(), "\"not json\"".into()),
             ])
         ]
     );
@@ -322,6 +324,39 @@ async fn states_are_overwritten_before_collection_and_identical_ones_suppressed(
     .await;
     assert_eq!(reasons, ["same:Sent"], "an identical value still gets SENT");
     h.no_signal().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn states_are_bounded_by_their_encoded_size_before_collection_too() {
+    // A long collection window: the second state is refused while the first still waits.
+    let mut h = harness(Settings {
+        telemetry_flush_ms: 300,
+        state_bytes: 1000,
+        ..quick_settings()
+    });
+    let path = h.open("inst-b");
+    let c = client(move || {
+        let mut c = connect(&path);
+        c.send_state("a", &[b'a'; 600], |_| {}).unwrap();
+        let e = c.send_state("b", &[b'b'; 600], |_| {}).unwrap_err();
+        assert_eq!(e.result(), EvpResult::TooBig, "past the instance's share");
+        // 150 bytes of control characters are 900 once escaped.
+        let e = c.send_state("c", &[1u8; 150], |_| {}).unwrap_err();
+        assert_eq!(e.result(), EvpResult::TooBig, "measured escaped");
+        c.send_state("a", &[b'A'; 900], |_| {}).unwrap();
+        c
+    })
+    .await;
+    assert_eq!(
+        h.signal().await,
+        Signal::State {
+            instance: "inst-b".into(),
+            topic: "a".into(),
+            value: vec![b'A'; 900]
+        },
+        "replacing a topic frees its old share"
+    );
+    drop(c);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,9 +9,9 @@ use evp_devhub::{HubSide, PrivateBus, Stack, StackConfig};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::DEADLINE;
 use crate::certs::{self, Pki};
 use crate::mosquitto::{Mosquitto, TlsFiles};
+use crate::{DEADLINE, bin_dir, wait_for};
 
 /// How a [`System`] is set up.
 #[derive(Debug, Clone, Default)]
@@ -343,4 +343,64 @@ pub fn schema_xml(interface: &str) -> String {
         .join("../schemas/dbus")
         .join(format!("{interface}.xml"));
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A test module of the workspace (`target/<profile>/<binary>`) as a deployment's module: its
+/// file URL and hash. Panics when it is not built.
+pub fn workspace_module(binary: &str) -> Value {
+    let path = bin_dir().join(binary);
+    let bytes = std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("{} ({e}): run `cargo build --workspace`", path.display()));
+    json!({
+        "moduleImpl": "spawn",
+        "entryPoint": "main",
+        "downloadUrl": format!("file://{}", path.display()),
+        "hash": hex::encode(Sha256::digest(&bytes)),
+    })
+}
+
+/// One instance per `(instance, binary)` of the workspace's test modules, no messaging routes.
+pub fn deployment_of(id: &str, instances: &[(&str, &str)]) -> Value {
+    let mut d = json!({
+        "deploymentId": id, "instanceSpecs": {}, "modules": {},
+        "publishTopics": {}, "subscribeTopics": {}
+    });
+    for (instance, binary) in instances {
+        d["modules"][*binary] = workspace_module(binary);
+        d["instanceSpecs"][*instance] = json!({"moduleId": binary, "publish": {}, "subscribe": {}});
+    }
+    d
+}
+
+/// Deploys `d` and waits until it is `ok` with every instance `ok`; panics otherwise.
+pub async fn deploy_and_wait(sys: &System, d: &Value) {
+    sys.deploy(d).await.unwrap();
+    let id = d["deploymentId"].as_str().unwrap().to_owned();
+    let names: Vec<String> = d["instanceSpecs"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    sys.wait_status(|s| {
+        s["deploymentId"] == id.as_str()
+            && s["reconcileStatus"] == "ok"
+            && names.iter().all(|n| instance_status(s, n) == "ok")
+    })
+    .await
+    .unwrap();
+}
+
+/// Waits until the hub's latest value of the instance-state `key` satisfies `check`, and
+/// returns it; panics after the deadline.
+pub async fn wait_state(sys: &System, key: &str, check: impl Fn(&Value) -> bool) -> Value {
+    wait_for(&format!("the hub to see {key}"), DEADLINE, async || {
+        sys.hub
+            .instance_states()
+            .get(key)
+            .filter(|v| check(v))
+            .cloned()
+    })
+    .await
+    .unwrap()
 }

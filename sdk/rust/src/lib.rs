@@ -333,7 +333,8 @@ impl Client {
     }
 
     /// `EVP_sendTelemetry`: `(key, JSON value)` entries, sent as one call. A value that is not
-    /// JSON is refused with `EVP_INVAL`; a full queue gives `EVP_AGAIN`.
+    /// JSON is accepted, as EVP accepts it, and reaches the hub as a JSON string; a call too
+    /// big for one MQTT message gives `EVP_TOOBIG`, a full queue `EVP_AGAIN`.
     pub fn send_telemetry(
         &mut self,
         entries: &[(&str, &str)],

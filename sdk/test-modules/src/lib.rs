@@ -6,7 +6,8 @@
 //!
 //! | binary | behaviour |
 //! | --- | --- |
-//! | `evp-test-config-echo` | every configuration `(topic, value)` is sent back as the state `(topic, value)` |
+//! | `evp-test-config-echo` | every configuration `(topic, value)` is sent back as the state `(topic, value)`; when the agent refuses that state, the state `<topic>/refused` is the code it answered (`EVP_TOOBIG`) |
+//! | `evp-test-telemetry-raw` | every configuration `(topic, value)` is sent as one telemetry entry with key `topic` and the value's text as it is, JSON or not; the state `<topic>` then says what the agent did: the call's code and, once it comes, the callback's reason (`EVP_OK SENT`) |
 //! | `evp-test-config-telemetry` | every configuration `(topic, value)` is sent as one telemetry entry with key `topic`; the value as it is when it is JSON, else as a JSON string |
 //! | `evp-test-rpc-echo` | direct command `echo` is answered OK with its params as the response; any other method gets `METHOD_NOT_FOUND` with `{"error":"unknown method <m>"}` |
 //! | `evp-test-msg-sender` | configuration `count` = N (decimal text) sends N messages `"0"`..`"N-1"` on the publish alias `out` (retrying on `EVP_AGAIN`), then reports the state `sent` = `{"sent":S,"errors":E}` where S and E count the SENT and ERROR callbacks of that run |

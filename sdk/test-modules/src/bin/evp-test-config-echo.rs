@@ -10,6 +10,11 @@ fn main() {
         eprintln!("{NAME}: configuration {topic} ({} bytes)", value.len());
         if let Err(e) = c.send_state(topic, value, |_| {}) {
             eprintln!("{NAME}: state {topic} refused: {e}");
+            // Said to the hub too, so a test sees what the module was told.
+            let refused = format!("{topic}/refused");
+            if let Err(e) = c.send_state(&refused, e.result().to_string().as_bytes(), |_| {}) {
+                eprintln!("{NAME}: state {refused} refused: {e}");
+            }
         }
     });
     if let Err(e) = registered {

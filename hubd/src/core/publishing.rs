@@ -1,0 +1,178 @@
+//! What the session publishes: direct-command answers, the status report and the
+//! instance-state report (split across messages when it must be), through one bounded publish.
+
+use std::time::Instant;
+
+use evp_schemas::evp2::{sizes, topics};
+use evp_schemas::{DirectCommandResponse, HubCodec};
+use rumqttc::{ClientError, QoS, Request};
+use tracing::{debug, error, warn};
+
+use super::{Core, MAX_OUTGOING_PACKET, PUBLISH_OVERHEAD, PUBLISH_WAIT, REPORT_RETRY, qos};
+use crate::report;
+use crate::rpc;
+use crate::states;
+use crate::timing::ReportDecision;
+
+impl Core {
+    /// Publishes a direct-command answer on `v1/devices/me/rpc/response/<mqtt_id>`.
+    pub(super) fn respond(&self, mqtt_id: &str, answer: &DirectCommandResponse) {
+        if !self.connected {
+            warn!(
+                "answer to direct command {} dropped: MQTT is not connected",
+                answer.reqid
+            );
+            return;
+        }
+        let topic = format!("{}{mqtt_id}", topics::RPC_RESPONSE_PREFIX);
+        let (payload, too_big) =
+            rpc::answer_payload(&self.codec, answer, sizes::max_payload(topic.len()));
+        if let Some(why) = too_big {
+            warn!(
+                "direct command {} answered with an error: {why}",
+                answer.reqid
+            );
+        }
+        self.publish(&topic, QoS::AtMostOnce, payload);
+    }
+
+    /// Sends what is due: the initial GET, the status report, the instance-state report.
+    pub(super) fn tick(&mut self, now: Instant) {
+        if !self.connected {
+            return;
+        }
+        if self.session.get_due(now).is_some_and(|at| at <= now) {
+            let topic = format!(
+                "{}{}",
+                topics::ATTRIBUTES_REQUEST_PREFIX,
+                topics::INITIAL_GET_ID
+            );
+            if self.publish(&topic, QoS::AtMostOnce, b"{}".to_vec()) == Published::Queued {
+                debug!("initial attribute GET sent");
+            }
+            // Sent or not, it is tried again after the resend period.
+            self.session.get_sent(now);
+        }
+        let report = report::build(
+            &self.system_info,
+            &self.settings,
+            self.status.as_ref(),
+            self.rejection.as_ref(),
+        );
+        let (payload, shrunk) = report::fit(&self.codec, &report, sizes::MAX_ATTRIBUTES_PAYLOAD);
+        self.report_wake = match self.timer.decide(now, &payload, self.settings.intervals) {
+            ReportDecision::SendNow => {
+                if let Some(why) = shrunk {
+                    warn!("{why}");
+                }
+                let level = qos(self.cfg.status_qos);
+                match self.publish(topics::ATTRIBUTES, level, payload.clone().into_bytes()) {
+                    Published::NotQueued => Some(now + REPORT_RETRY),
+                    // Too big is recorded as sent: trying again would only fail again, until
+                    // the report changes.
+                    Published::Queued | Published::TooBig => {
+                        self.timer.sent(now, payload);
+                        self.settings.intervals.max.map(|max| now + max)
+                    }
+                }
+            }
+            ReportDecision::WaitUntil(at) => Some(at),
+            ReportDecision::Idle => None,
+        };
+        self.tick_states(now);
+    }
+
+    /// The instance-state report: the same timing rules as the status report, with its own
+    /// clock; nothing is sent before a module reported a state.
+    fn tick_states(&mut self, now: Instant) {
+        if self.states.is_empty() && !self.states_timer.has_sent() {
+            self.states_wake = None;
+            return;
+        }
+        let (payload, messages) = match &self.states_payload {
+            Some(p) => p.clone(),
+            None => {
+                let report = self.codec.encode_instance_states(&self.states);
+                let empty = serde_json::Map::new();
+                let (messages, left_out) = states::split(
+                    report.as_object().unwrap_or(&empty),
+                    sizes::MAX_ATTRIBUTES_PAYLOAD,
+                );
+                if !left_out.is_empty() {
+                    error!(
+                        "instance states left out of the report, each alone larger than one \
+                         MQTT message: {left_out:?}"
+                    );
+                }
+                let p = (messages.join("\n"), messages);
+                self.states_payload = Some(p.clone());
+                p
+            }
+        };
+        self.states_wake = match self
+            .states_timer
+            .decide(now, &payload, self.settings.intervals)
+        {
+            ReportDecision::SendNow => {
+                let mut queued = true;
+                for m in messages {
+                    queued &= self.publish(topics::ATTRIBUTES, QoS::AtMostOnce, m.into_bytes())
+                        != Published::NotQueued;
+                }
+                if queued {
+                    self.states_timer.sent(now, payload);
+                    self.settings.intervals.max.map(|max| now + max)
+                } else {
+                    Some(now + REPORT_RETRY)
+                }
+            }
+            ReportDecision::WaitUntil(at) => Some(at),
+            ReportDecision::Idle => None,
+        };
+    }
+
+    /// Queues a publish; when the request channel is full (a telemetry flood), waits for room
+    /// on a task of its own, a bounded time.
+    fn publish(&self, topic: &str, level: QoS, payload: Vec<u8>) -> Published {
+        let size = topic.len() + payload.len() + PUBLISH_OVERHEAD;
+        if size > MAX_OUTGOING_PACKET {
+            error!(
+                "not publishing {size} bytes on {topic}: larger than the {MAX_OUTGOING_PACKET}-byte MQTT limit"
+            );
+            return Published::TooBig;
+        }
+        match self.client.try_publish(topic, level, false, payload) {
+            Ok(()) => Published::Queued,
+            Err(ClientError::TryRequest(Request::Publish(p))) => {
+                let client = self.client.clone();
+                let topic = topic.to_owned();
+                tokio::spawn(async move {
+                    let wait = client.publish_bytes(topic.as_str(), level, false, p.payload);
+                    match tokio::time::timeout(PUBLISH_WAIT, wait).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => warn!("publish on {topic} not queued: {e}"),
+                        Err(_) => {
+                            warn!("publish on {topic} dropped: no room for it in {PUBLISH_WAIT:?}")
+                        }
+                    }
+                });
+                Published::Queued
+            }
+            Err(e) => {
+                warn!("publish on {topic} not queued: {e}");
+                Published::NotQueued
+            }
+        }
+    }
+}
+
+/// What became of a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Published {
+    /// Handed to the MQTT event loop.
+    Queued,
+    /// Larger than the MQTT limit; dropped.
+    TooBig,
+    /// The request channel is full or closed.
+    NotQueued,
+}
