@@ -13,7 +13,9 @@ use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
+use crate::identity::{self, Identities};
 use crate::record::{self, Ended, InstanceRecord, ProcessHandle, RECORD_VERSION};
+use crate::tree::{self, Scope};
 
 /// Environment variable naming the instance's SDK socket (EVP's name).
 pub const ENV_SDK_SOCKET: &str = "EVP_MODULE_SDK_SOCKET_PATH";
@@ -33,6 +35,8 @@ pub const KILL_REAP_TIMEOUT: Duration = Duration::from_secs(30);
 /// module that just got the SDK's exit event and closed its socket to return from `main`,
 /// short enough that stopping a module that ignores the SDK is not noticeably slower.
 pub const VOLUNTARY_EXIT_WINDOW: Duration = Duration::from_millis(200);
+/// How often a stop looks whether what an instance left behind has exited.
+const LEFTOVER_POLL: Duration = Duration::from_millis(20);
 /// Failure message of a recorded instance whose process was gone when the runtime started.
 pub const DIED_WHILE_AWAY: &str = "exited while runtimed-container was not running";
 /// Failure message of a re-adopted instance that exited: it is not this runtime's child, so its
@@ -72,6 +76,8 @@ pub struct AdoptSpec {
     pub instance_dir: PathBuf,
     /// The process as recorded when it started.
     pub process: ProcessHandle,
+    /// The uid of its own it runs as, if any.
+    pub uid: Option<u32>,
 }
 
 /// The outcome of [`Runtime::adopt`].
@@ -98,6 +104,11 @@ pub struct Started {
     pub exited: BoxFuture<'static, Exit>,
     /// The process to record for re-adoption; `None` when it cannot be identified.
     pub process: Option<ProcessHandle>,
+    /// The instance's process id, as `StartInstance` answers it.
+    pub pid: u32,
+    /// Every process of the instance (not only its group), for stops; `None` for kinds whose
+    /// workload is not a process tree.
+    pub scope: Option<Scope>,
 }
 
 /// How an instance ended.
@@ -130,6 +141,9 @@ pub struct StartSpec {
     pub env: BTreeMap<String, String>,
     /// The `entry_point` option, for kinds that use one.
     pub entry_point: Option<String>,
+    /// The uid (and gid) of its own to run it as, with no supplementary groups; `None` to run
+    /// it as the runtime's user.
+    pub uid: Option<u32>,
 }
 
 /// The `StartInstance` options this runtime understands.
@@ -312,6 +326,11 @@ struct Instance {
     phase: watch::Sender<Phase>,
     /// What is on disk for it; `None` until its module was resolved.
     record: Option<InstanceRecord>,
+    /// Its process id once started, for the answer of a repeated `StartInstance`.
+    pid: Option<u32>,
+    /// Every process of it, once started: a stop ends them all, also those left behind by a
+    /// process that exited.
+    scope: Option<Scope>,
 }
 
 impl Instance {
@@ -363,20 +382,31 @@ impl State {
 /// `.await`, so a slow stop never holds up other calls.
 pub struct Supervisor {
     instances_dir: PathBuf,
+    identities: Identities,
     runtimes: BTreeMap<&'static str, Arc<dyn Runtime>>,
     state: Mutex<State>,
 }
 
 impl Supervisor {
     /// A supervisor with these runtimes, keeping instance directories in `instances_dir`, and
-    /// the stream of its instance changes.
+    /// the stream of its instance changes; instances run as the runtime's user.
     pub fn new(
         instances_dir: PathBuf,
         runtimes: Vec<Arc<dyn Runtime>>,
     ) -> (Arc<Supervisor>, mpsc::UnboundedReceiver<InstanceEvent>) {
+        Self::with_identities(instances_dir, runtimes, Identities::Shared)
+    }
+
+    /// As [`Supervisor::new`], with instances run as `identities` says.
+    pub fn with_identities(
+        instances_dir: PathBuf,
+        runtimes: Vec<Arc<dyn Runtime>>,
+        identities: Identities,
+    ) -> (Arc<Supervisor>, mpsc::UnboundedReceiver<InstanceEvent>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let supervisor = Supervisor {
             instances_dir,
+            identities,
             runtimes: runtimes.into_iter().map(|r| (r.kind(), r)).collect(),
             state: Mutex::new(State {
                 modules: HashMap::new(),
@@ -513,6 +543,7 @@ impl Supervisor {
                 instance: name.to_owned(),
                 instance_dir: self.instance_dir(name),
                 process,
+                uid: rec.uid,
             })),
             (None, None, _) => Some(Ok(Adoption::Gone("no process was recorded".into()))),
             (None, Some(_), None) => Some(Err(format!(
@@ -520,6 +551,7 @@ impl Supervisor {
                 rec.kind
             ))),
         };
+        let mut adopted = None;
         let (status, phase, exited) = match adoption {
             None => {
                 out.ended.push(name.to_owned());
@@ -528,6 +560,7 @@ impl Supervisor {
             }
             Some(Ok(Adoption::Running(started))) => {
                 out.adopted.push(name.to_owned());
+                adopted = Some((started.pid, started.scope));
                 (
                     Status::Ok,
                     Phase::Running(started.workload),
@@ -568,6 +601,7 @@ impl Supervisor {
             }
             let generation = state.next_generation;
             state.next_generation += 1;
+            let (pid, scope) = adopted.unzip();
             state.instances.insert(
                 name.to_owned(),
                 Instance {
@@ -577,6 +611,8 @@ impl Supervisor {
                     stopping: false,
                     phase: watch::Sender::new(phase),
                     record: Some(rec),
+                    pid,
+                    scope: scope.flatten(),
                 },
             );
             state.emit(name, status.as_str(), status.message());
@@ -656,15 +692,22 @@ impl Supervisor {
     }
 
     /// Starts an instance of a loaded module; a no-op when it already runs that module.
+    /// Answers the instance's `(pid, uid)`.
     pub async fn start_instance(
         self: &Arc<Self>,
         instance: &str,
         module_id: &str,
         options: InstanceOptions,
-    ) -> Result<(), EvpError> {
+    ) -> Result<(u32, u32), EvpError> {
         validate_instance_name(instance)
             .map_err(|m| EvpError::InvalidArgument(format!("instance {instance:?}: {m}")))?;
-        let (runtime, location, generation) = {
+        // Read before the lock: what holds uids outside this runtime's own bookkeeping.
+        let outside = match self.identities {
+            Identities::PerInstance { min, max } => Some(self.uids_in_use_outside(instance, min, max)),
+            Identities::Shared => None,
+        };
+        let on_disk = identity::owner(&self.instance_dir(instance).join(DEFAULT_WORKSPACE_DIR));
+        let (runtime, location, generation, uid) = {
             let mut state = self.lock();
             if !state.accepting {
                 return Err(EvpError::Busy(format!(
@@ -683,14 +726,19 @@ impl Supervisor {
                 )));
             };
             let location = module.location.clone();
-            let base_record = InstanceRecord {
+            let mut base_record = InstanceRecord {
                 version: RECORD_VERSION,
                 module_id: module_id.to_owned(),
                 kind: module.kind.to_owned(),
                 module_location: location.clone(),
                 process: None,
                 ended: None,
+                uid: None,
             };
+            let previous_uid = state
+                .instances
+                .get(instance)
+                .and_then(|i| i.record.as_ref()?.uid);
             if let Some(existing) = state.instances.get(instance)
                 && existing.is_active()
             {
@@ -700,13 +748,38 @@ impl Supervisor {
                     )));
                 }
                 if existing.module_id == module_id {
-                    return Ok(());
+                    return match existing.pid {
+                        Some(pid) => Ok((pid, previous_uid.unwrap_or_else(own_uid))),
+                        None => Err(EvpError::Busy(format!(
+                            "instance {instance} is starting; ask again once it runs"
+                        ))),
+                    };
                 }
                 return Err(EvpError::Busy(format!(
                     "instance {instance} runs module {}; stop it before starting module {module_id}",
                     existing.module_id
                 )));
             }
+            if let (Identities::PerInstance { min, max }, Some(outside)) =
+                (self.identities, &outside)
+            {
+                let held: std::collections::HashSet<u32> = state
+                    .instances
+                    .iter()
+                    .filter(|(name, _)| name.as_str() != instance)
+                    .filter_map(|(_, i)| i.record.as_ref()?.uid)
+                    .collect();
+                let uid = identity::pick(min, max, previous_uid.or(on_disk), |u| {
+                    held.contains(&u) || outside.contains(&u) || identity::in_user_database(u)
+                })
+                .ok_or_else(|| {
+                    EvpError::Busy(format!(
+                        "no free uid left in [container] instance uids {min}-{max} for instance {instance}"
+                    ))
+                })?;
+                base_record.uid = Some(uid);
+            }
+            let uid = base_record.uid;
             let generation = state.next_generation;
             state.next_generation += 1;
             state.instances.insert(
@@ -718,13 +791,15 @@ impl Supervisor {
                     stopping: false,
                     phase: watch::Sender::new(Phase::Starting),
                     record: Some(base_record),
+                    pid: None,
+                    scope: None,
                 },
             );
             state.emit(instance, Status::Starting.as_str(), "");
-            (runtime, location, generation)
+            (runtime, location, generation, uid)
         };
 
-        let spec = match self.prepare(instance, location, options) {
+        let spec = match self.prepare(instance, location, options, uid) {
             Ok(spec) => spec,
             Err(message) => return Err(self.start_failed(instance, generation, message)),
         };
@@ -732,6 +807,7 @@ impl Supervisor {
             Ok(started) => started,
             Err(message) => return Err(self.start_failed(instance, generation, message)),
         };
+        let pid = started.pid;
 
         let mut state = self.lock();
         let stopping = match state.instances.get_mut(instance) {
@@ -743,6 +819,8 @@ impl Supervisor {
                     rec.ended = None;
                     self.save_record(instance, rec);
                 }
+                inst.pid = Some(pid);
+                inst.scope = started.scope.clone();
                 inst.phase
                     .send_replace(Phase::Running(started.workload.clone()));
                 Some(inst.stopping)
@@ -763,21 +841,54 @@ impl Supervisor {
         }
         drop(state);
         self.watch_exit(instance, generation, started.exited);
-        Ok(())
+        Ok((pid, uid.unwrap_or_else(own_uid)))
     }
 
-    /// Creates the instance directory and workspace (0700) and resolves the start options.
+    /// Uids in `min..=max` that `instance` must not get: those of live processes, and the
+    /// owners of the other instances' workspaces (a stopped instance's files stay its own
+    /// until its directory is purged).
+    fn uids_in_use_outside(
+        &self,
+        instance: &str,
+        min: u32,
+        max: u32,
+    ) -> std::collections::HashSet<u32> {
+        let mut used = identity::used_by_processes(min, max);
+        if let Ok(entries) = std::fs::read_dir(&self.instances_dir) {
+            used.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_name().to_str() != Some(instance))
+                    .filter_map(|e| identity::owner(&e.path().join(DEFAULT_WORKSPACE_DIR)))
+                    .filter(|u| (min..=max).contains(u)),
+            );
+        }
+        used
+    }
+
+    /// Creates the instance directory and workspace and resolves the start options. With a
+    /// uid of its own, the workspace is the instance's alone (owned by it, 0700) and the
+    /// directories above it let it through without listing them (0711); otherwise all are
+    /// 0700.
     fn prepare(
         &self,
         instance: &str,
         module_location: String,
         options: InstanceOptions,
+        uid: Option<u32>,
     ) -> Result<StartSpec, String> {
         let instance_dir = self.instances_dir.join(instance);
         let workspace = instance_dir.join(DEFAULT_WORKSPACE_DIR);
-        create_private_dir(&self.instances_dir)?;
-        create_private_dir(&instance_dir)?;
-        create_private_dir(&workspace)?;
+        let dir_mode = if uid.is_some() { 0o711 } else { 0o700 };
+        create_private_dir(&self.instances_dir, dir_mode)?;
+        create_private_dir(&instance_dir, dir_mode)?;
+        create_private_dir(&workspace, 0o700)?;
+        if let Some(uid) = uid
+            && identity::owner(&workspace) != Some(uid)
+        {
+            identity::chown_tree(&workspace, uid)
+                .map_err(|e| format!("giving {} to uid {uid}: {e}", workspace.display()))?;
+        }
         let sdk_socket = options
             .sdk_socket
             .unwrap_or_else(|| instance_dir.join(SDK_SOCKET_FILE));
@@ -789,6 +900,7 @@ impl Supervisor {
             sdk_socket,
             env: options.env,
             entry_point: options.entry_point,
+            uid,
         })
     }
 
@@ -847,19 +959,23 @@ impl Supervisor {
     /// Stops an instance: SIGTERM, up to `grace` to exit, then SIGKILL; returns once it is
     /// reaped and has left `Instances`. Unknown or already exited instances are fine.
     pub async fn stop_instance(&self, instance: &str, grace: Duration) -> Result<(), EvpError> {
-        let (generation, mut phase) = {
+        let (generation, mut phase, scope) = {
             let mut state = self.lock();
             let Some(inst) = state.instances.get_mut(instance) else {
                 return Ok(());
             };
             if !inst.is_active() {
+                // Its process exited; what it started and left running goes with it now.
+                if let Some(scope) = &inst.scope {
+                    end_leftovers(instance, scope);
+                }
                 state.instances.remove(instance);
                 self.remove_record(instance);
                 state.emit(instance, STOPPED, "");
                 return Ok(());
             }
             inst.stopping = true;
-            (inst.generation, inst.phase.subscribe())
+            (inst.generation, inst.phase.subscribe(), inst.scope.clone())
         };
         info!(instance, grace_ms = grace.as_millis(), "stopping instance");
 
@@ -877,6 +993,22 @@ impl Supervisor {
                 .await
                 .is_ok()
             {
+                // What it started (a daemon that called setsid, say) is stopped as it would
+                // have been: SIGTERM, the grace, SIGKILL.
+                if let Some(scope) = scope.filter(tree::any_alive) {
+                    if let Err(e) = workload.terminate() {
+                        warn!(instance, "asking what the instance left to exit failed: {e}");
+                    }
+                    let _ = tokio::time::timeout(grace, async {
+                        while tree::any_alive(&scope) {
+                            tokio::time::sleep(LEFTOVER_POLL).await;
+                        }
+                    })
+                    .await;
+                    if let Err(e) = workload.kill() {
+                        warn!(instance, "killing what the instance left failed: {e}");
+                    }
+                }
                 self.forget_stopped(instance, generation);
                 return Ok(());
             }
@@ -974,6 +1106,14 @@ impl Supervisor {
     }
 }
 
+/// Kills what an exited instance left running.
+fn end_leftovers(instance: &str, scope: &Scope) {
+    let killed = tree::signal_all(scope, nix::sys::signal::Signal::SIGKILL, true);
+    if killed > 0 {
+        info!(instance, killed, "killed processes the instance left running");
+    }
+}
+
 async fn wait_gone(phase: &mut watch::Receiver<Phase>) {
     // An error means the record (and its sender) is gone, which only happens once it exited.
     let _ = phase.wait_for(|p| matches!(p, Phase::Gone)).await;
@@ -983,9 +1123,15 @@ fn io_error(doing: &str, path: &Path, e: std::io::Error) -> EvpError {
     EvpError::Io(format!("{doing} {}: {e}", path.display()))
 }
 
-/// Creates `dir` if missing and makes it 0700, refusing a symlink in its place so an instance
-/// never writes outside the instances directory.
-fn create_private_dir(dir: &Path) -> Result<(), String> {
+/// The runtime's own uid: what an instance without a uid of its own runs as.
+fn own_uid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+
+/// Creates `dir` if missing and gives it `mode` (0700, or 0711 to let instances through),
+/// refusing a symlink in its place so an instance never writes outside the instances
+/// directory.
+fn create_private_dir(dir: &Path, mode: u32) -> Result<(), String> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     match std::fs::symlink_metadata(dir) {
         Ok(m) if m.file_type().is_symlink() => {
@@ -1001,14 +1147,14 @@ fn create_private_dir(dir: &Path) -> Result<(), String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::DirBuilder::new()
                 .recursive(true)
-                .mode(0o700)
+                .mode(mode)
                 .create(dir)
                 .map_err(|e| format!("creating {}: {e}", dir.display()))?;
         }
         Err(e) => return Err(format!("inspecting {}: {e}", dir.display())),
     }
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| format!("making {} private (0700): {e}", dir.display()))
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("making {} private ({mode:04o}): {e}", dir.display()))
 }
 
 #[cfg(test)]
