@@ -57,6 +57,10 @@ impl System {
     /// A device set up as `options` says.
     pub async fn start_with(options: Options) -> Result<System> {
         let dir = tempfile::Builder::new().prefix("evp-system-").tempdir()?;
+        // Instances run under uids of their own when the test runs as root: they must get
+        // through to their workspace and SDK socket inside (without listing anything), as
+        // through /var/lib and /run on a device.
+        traversable(dir.path())?;
         let bus = PrivateBus::start(&dir.path().join("bus")).context("starting dbus-daemon")?;
         let pki = if options.tls {
             Some(certs::make(dir.path(), DEVICE)?)
@@ -249,6 +253,13 @@ impl Drop for System {
             eprintln!("kept {}", path.keep().display());
         }
     }
+}
+
+/// Lets every user through `dir` (mode 0711) without letting them list it.
+pub fn traversable(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+        .with_context(|| format!("chmod 0711 {}", dir.display()))
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
