@@ -73,6 +73,57 @@ fn can_change_uids(caps: u64) -> bool {
         .all(|bit| caps & (1 << bit) != 0)
 }
 
+/// Drops every capability of the calling process: the ambient set (which `execve` would carry
+/// into the module) and the effective, permitted and inheritable sets. Needed after `setuid`
+/// in an instance's child: a runtime that is not root keeps its capabilities across a change
+/// between two non-zero uids, and its ambient ones would survive the exec. Async-signal-safe
+/// (two system calls), for `pre_exec`.
+pub fn drop_all_capabilities() -> std::io::Result<()> {
+    /// `_LINUX_CAPABILITY_VERSION_3`: 64-bit sets, in two 32-bit halves.
+    const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    // SAFETY: prctl with integer arguments only; no memory of ours is touched.
+    let rc = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut header = Header {
+        version: CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: capset reads the header and two data structs, laid out as the kernel's
+    // `__user_cap_header_struct` and `__user_cap_data_struct`, which live for the call.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Picks an instance's uid in `min..=max`: `preferred` (the uid it had, so its workspace stays
 /// its own) when it is in range and not taken, else the lowest uid not taken.
 pub fn pick(min: u32, max: u32, preferred: Option<u32>, taken: impl Fn(u32) -> bool) -> Option<u32> {
@@ -108,16 +159,38 @@ pub fn owner(path: &Path) -> Option<u32> {
 }
 
 /// Gives `dir` and everything in it to `uid` (group `uid` too), without following symlinks,
-/// so an instance that got another uid than last time still owns its workspace.
+/// so an instance that got another uid than last time still owns its workspace. The runtime
+/// must be able to read the tree: [`take_tree`] it first when another uid owns it.
 pub fn chown_tree(dir: &Path, uid: u32) -> std::io::Result<()> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::symlink_metadata(dir)?;
-    if meta.uid() != uid || meta.gid() != uid {
-        std::os::unix::fs::lchown(dir, Some(uid), Some(uid))?;
-    }
     if meta.is_dir() {
         for entry in std::fs::read_dir(dir)? {
             chown_tree(&entry?.path(), uid)?;
+        }
+    }
+    if meta.uid() != uid || meta.gid() != uid {
+        std::os::unix::fs::lchown(dir, Some(uid), Some(uid))?;
+    }
+    Ok(())
+}
+
+/// Makes `dir` and everything in it the runtime's (`own`), each directory readable and
+/// searchable by it, without following symlinks: with CAP_CHOWN alone (no CAP_DAC_OVERRIDE or
+/// CAP_FOWNER) the runtime can then purge, or give to another uid, what an instance owned.
+pub fn take_tree(dir: &Path, own: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::symlink_metadata(dir)?;
+    if meta.uid() != own {
+        std::os::unix::fs::lchown(dir, Some(own), Some(own))?;
+    }
+    if meta.is_dir() {
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o700 != 0o700 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o700))?;
+        }
+        for entry in std::fs::read_dir(dir)? {
+            take_tree(&entry?.path(), own)?;
         }
     }
     Ok(())

@@ -882,12 +882,22 @@ impl Supervisor {
         let dir_mode = if uid.is_some() { 0o711 } else { 0o700 };
         create_private_dir(&self.instances_dir, dir_mode)?;
         create_private_dir(&instance_dir, dir_mode)?;
-        create_private_dir(&workspace, 0o700)?;
-        if let Some(uid) = uid
-            && identity::owner(&workspace) != Some(uid)
-        {
-            identity::chown_tree(&workspace, uid)
-                .map_err(|e| format!("giving {} to uid {uid}: {e}", workspace.display()))?;
+        match (uid, identity::owner(&workspace)) {
+            // Already the instance's: how it keeps its own files is its business.
+            (Some(uid), Some(owner)) if owner == uid => refuse_non_dir(&workspace)?,
+            (Some(uid), owner) => {
+                // Another uid's (the instance had another one last time): taken back first,
+                // since the runtime may not read into it.
+                if owner.is_some_and(|o| o != own_uid()) {
+                    refuse_non_dir(&workspace)?;
+                    identity::take_tree(&workspace, own_uid())
+                        .map_err(|e| format!("taking back {}: {e}", workspace.display()))?;
+                }
+                create_private_dir(&workspace, 0o700)?;
+                identity::chown_tree(&workspace, uid)
+                    .map_err(|e| format!("giving {} to uid {uid}: {e}", workspace.display()))?;
+            }
+            (None, _) => create_private_dir(&workspace, 0o700)?,
         }
         let sdk_socket = options
             .sdk_socket
@@ -1089,6 +1099,16 @@ impl Supervisor {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(io_error("inspecting", &dir, e)),
         };
+        // What an instance under a uid of its own wrote is the runtime's again first, so it
+        // can be removed without CAP_DAC_OVERRIDE.
+        if meta.is_dir() && self.identities.per_instance() {
+            let dir = dir.clone();
+            let own = own_uid();
+            tokio::task::spawn_blocking(move || identity::take_tree(&dir, own))
+                .await
+                .map_err(|e| EvpError::Io(format!("taking back {instance}'s directory: {e}")))?
+                .map_err(|e| io_error("taking back", &self.instances_dir.join(instance), e))?;
+        }
         // A symlink or file in its place is removed itself; nothing it points to is touched.
         let removed = if meta.is_dir() {
             tokio::fs::remove_dir_all(&dir).await
@@ -1126,6 +1146,19 @@ fn io_error(doing: &str, path: &Path, e: std::io::Error) -> EvpError {
 /// The runtime's own uid: what an instance without a uid of its own runs as.
 fn own_uid() -> u32 {
     nix::unistd::geteuid().as_raw()
+}
+
+/// Refuses a symlink or a file where the directory `dir` should be (if it exists), so an
+/// instance never writes outside the instances directory.
+fn refuse_non_dir(dir: &Path) -> Result<(), String> {
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.file_type().is_symlink() => Err(format!(
+            "{} is a symbolic link; remove it and start again",
+            dir.display()
+        )),
+        Ok(m) if !m.is_dir() => Err(format!("{} exists and is not a directory", dir.display())),
+        _ => Ok(()),
+    }
 }
 
 /// Creates `dir` if missing and gives it `mode` (0700, or 0711 to let instances through),

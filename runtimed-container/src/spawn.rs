@@ -154,6 +154,11 @@ fn spawn(spec: StartSpec, logs: LogPolicy) -> Result<Started, String> {
         // gid = uid; setting the uid also makes std drop every supplementary group (it calls
         // setgroups(0) before setuid), so nothing of the runtime's groups is inherited.
         command.uid(uid).gid(uid);
+        // SAFETY: the closure runs in the child between fork and exec and only makes system
+        // calls (see `drop_all_capabilities`), which is async-signal-safe.
+        unsafe {
+            command.pre_exec(crate::identity::drop_all_capabilities);
+        }
     }
     // EVP runs spawn modules with argc 0; Rust cannot, so argv[0] names the instance for `ps`.
     command
@@ -347,6 +352,11 @@ impl ProcessGroup {
     fn signal(&self, signal: Signal) -> Result<(), String> {
         // SIGKILL is repeated until nothing of the instance is left (a fork meanwhile).
         tree::signal_all(&self.scope, signal, signal == Signal::SIGKILL);
+        if matches!(self.scope, Scope::Uid(_)) {
+            // Every process of the uid, the group included, was signalled; the runtime, of
+            // another uid and without CAP_KILL, could not signal the group itself.
+            return Ok(());
+        }
         if let Some(fd) = &self.pidfd
             && let Err(e) = fd.signal(signal)
         {

@@ -143,13 +143,63 @@ pub fn signal_all(scope: &Scope, signal: Signal, repeat: bool) -> usize {
         if found.is_empty() {
             break;
         }
-        for pid in found {
-            if signal_checked(pid, scope, signal) {
-                sent += 1;
+        match scope {
+            Scope::Uid(uid) => match signal_uid(*uid, signal) {
+                Ok(()) => sent += found.len(),
+                Err(e) => {
+                    warn!(uid, "sending {} to the instance's uid: {e}", signal.as_str());
+                    break;
+                }
+            },
+            Scope::Tree { .. } => {
+                for pid in found {
+                    if signal_checked(pid, scope, signal) {
+                        sent += 1;
+                    }
+                }
             }
         }
     }
     sent
+}
+
+/// Sends `signal` to every process of `uid` in one step: a helper process becomes `uid` and
+/// calls `kill(-1)`, which the kernel delivers to all processes of that uid at once (a process
+/// forking meanwhile cannot slip through), and which needs no CAP_KILL in the runtime.
+fn signal_uid(uid: u32, signal: Signal) -> std::io::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let sig = signal as libc::c_int;
+    // Never executed: the helper exits in pre_exec, after std made it `uid` (gid, no groups).
+    let mut helper = std::process::Command::new("/bin/true");
+    helper
+        .uid(uid)
+        .gid(uid)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: the closure runs in the forked child and calls only kill and _exit, which are
+    // async-signal-safe; it never returns.
+    unsafe {
+        helper.pre_exec(move || {
+            // Without any capability, kill(-1) reaches this uid's processes only.
+            if crate::identity::drop_all_capabilities().is_err() {
+                libc::_exit(2);
+            }
+            let rc = libc::kill(-1, sig);
+            libc::_exit(if rc == 0 { 0 } else { 1 })
+        });
+    }
+    let mut child = {
+        // Tracked from spawn to wait, so the orphan reaper leaves its exit status to us.
+        let mut tracked = crate::reaper::tracked();
+        let child = helper.spawn()?;
+        tracked.insert(child.id() as i32);
+        child
+    };
+    let status = child.wait();
+    crate::reaper::untrack(child.id() as i32);
+    // Status 1: kill(-1) found no process of the uid left (ESRCH), which is fine.
+    status.map(|_| ())
 }
 
 /// Signals `pid` through a pidfd, after checking (with the pidfd held, so the pid cannot

@@ -68,6 +68,13 @@ async fn each_instance_runs_under_a_uid_of_its_own_without_groups_owning_its_wor
             Vec::<u32>::new(),
             "{name} kept supplementary groups"
         );
+        // No capability survives into the module (a runtime that is not root keeps its own
+        // across setuid between two non-zero uids; it drops them before the exec).
+        for set in ["CapInh:", "CapPrm:", "CapEff:", "CapAmb:"] {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+            let value = status.lines().find_map(|l| l.strip_prefix(set)).unwrap();
+            assert_eq!(value.trim(), "0000000000000000", "{name}: {set}");
+        }
         let ws = std::fs::metadata(sys.instance_dir(name).join("default_workspace")).unwrap();
         assert_eq!((ws.uid(), ws.gid()), (uid[0], uid[0]), "{name}: workspace owner");
         assert_eq!(ws.permissions().mode() & 0o7777, 0o700, "{name}: workspace mode");
