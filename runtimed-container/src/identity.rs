@@ -126,7 +126,12 @@ pub fn drop_all_capabilities() -> std::io::Result<()> {
 
 /// Picks an instance's uid in `min..=max`: `preferred` (the uid it had, so its workspace stays
 /// its own) when it is in range and not taken, else the lowest uid not taken.
-pub fn pick(min: u32, max: u32, preferred: Option<u32>, taken: impl Fn(u32) -> bool) -> Option<u32> {
+pub fn pick(
+    min: u32,
+    max: u32,
+    preferred: Option<u32>,
+    taken: impl Fn(u32) -> bool,
+) -> Option<u32> {
     if let Some(p) = preferred.filter(|p| (min..=max).contains(p) && !taken(*p)) {
         return Some(p);
     }

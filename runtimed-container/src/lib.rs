@@ -257,7 +257,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     section.validate()?;
-    let identities = identity::Identities::detect(section.instance_uid_min, section.instance_uid_max);
+    let identities =
+        identity::Identities::detect(section.instance_uid_min, section.instance_uid_max);
     // Before any instance starts, so every orphan of a module is re-parented here.
     reaper::start();
     let (supervisor, events) = Supervisor::with_identities(

@@ -44,14 +44,14 @@ pub fn start() {
     }
     info!("child subreaper: orphaned descendants of modules are re-parented here");
     tokio::spawn(async {
-        let mut sigchld =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    warn!("cannot watch SIGCHLD, sweeping for orphans every second only: {e}");
-                    None
-                }
-            };
+        let mut sigchld = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())
+        {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!("cannot watch SIGCHLD, sweeping for orphans every second only: {e}");
+                None
+            }
+        };
         let mut tick = tokio::time::interval(SWEEP_INTERVAL);
         loop {
             match sigchld.as_mut() {

@@ -703,7 +703,9 @@ impl Supervisor {
             .map_err(|m| EvpError::InvalidArgument(format!("instance {instance:?}: {m}")))?;
         // Read before the lock: what holds uids outside this runtime's own bookkeeping.
         let outside = match self.identities {
-            Identities::PerInstance { min, max } => Some(self.uids_in_use_outside(instance, min, max)),
+            Identities::PerInstance { min, max } => {
+                Some(self.uids_in_use_outside(instance, min, max))
+            }
             Identities::Shared => None,
         };
         let on_disk = identity::owner(&self.instance_dir(instance).join(DEFAULT_WORKSPACE_DIR));
@@ -1007,7 +1009,10 @@ impl Supervisor {
                 // have been: SIGTERM, the grace, SIGKILL.
                 if let Some(scope) = scope.filter(tree::any_alive) {
                     if let Err(e) = workload.terminate() {
-                        warn!(instance, "asking what the instance left to exit failed: {e}");
+                        warn!(
+                            instance,
+                            "asking what the instance left to exit failed: {e}"
+                        );
                     }
                     let _ = tokio::time::timeout(grace, async {
                         while tree::any_alive(&scope) {
@@ -1130,7 +1135,10 @@ impl Supervisor {
 fn end_leftovers(instance: &str, scope: &Scope) {
     let killed = tree::signal_all(scope, nix::sys::signal::Signal::SIGKILL, true);
     if killed > 0 {
-        info!(instance, killed, "killed processes the instance left running");
+        info!(
+            instance,
+            killed, "killed processes the instance left running"
+        );
     }
 }
 

@@ -602,17 +602,27 @@ mod tests {
         f.start("i", "m").await.unwrap();
         let gc_file = f.instance_dir("i").join("default_workspace/gc");
         wait_file(&gc_file).await;
-        let gc: i32 = std::fs::read_to_string(&gc_file).unwrap().trim().parse().unwrap();
+        let gc: i32 = std::fs::read_to_string(&gc_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         let running = |pid: i32| {
             crate::process::stat(pid)
                 .unwrap()
                 .is_some_and(|s| !s.exited)
         };
         assert!(running(gc));
-        f.sup.stop_instance("i", Duration::from_millis(300)).await.unwrap();
+        f.sup
+            .stop_instance("i", Duration::from_millis(300))
+            .await
+            .unwrap();
         let start = Instant::now();
         while running(gc) {
-            assert!(start.elapsed() < DEADLINE, "the setsid grandchild {gc} survived the stop");
+            assert!(
+                start.elapsed() < DEADLINE,
+                "the setsid grandchild {gc} survived the stop"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }

@@ -9,7 +9,7 @@
 //! its parent.
 
 use std::collections::HashMap;
-use std::os::fd::{FromRawFd, OwnedFd, AsRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use nix::sys::signal::Signal;
 use tracing::warn;
@@ -147,7 +147,11 @@ pub fn signal_all(scope: &Scope, signal: Signal, repeat: bool) -> usize {
             Scope::Uid(uid) => match signal_uid(*uid, signal) {
                 Ok(()) => sent += found.len(),
                 Err(e) => {
-                    warn!(uid, "sending {} to the instance's uid: {e}", signal.as_str());
+                    warn!(
+                        uid,
+                        "sending {} to the instance's uid: {e}",
+                        signal.as_str()
+                    );
                     break;
                 }
             },

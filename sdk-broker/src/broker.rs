@@ -294,10 +294,10 @@ impl Broker {
     ) -> anyhow::Result<Arc<Broker>> {
         let store = ConfigStore::open(data_dir.join("sdk"))?;
         let configs = store.load_all();
-        if settings.allowed_uids.is_some() {
+        if settings.allowed_uids.is_some() || settings.instance_group.is_some() {
             warn!(
-                "[sdk_broker] allowed_uids is ignored: each socket is served to the process \
-                 BindInstance names (its uid and pid) only"
+                "[sdk_broker] allowed_uids and instance_group are ignored: each socket is \
+                 served to the process BindInstance names (its uid and pid) only"
             );
         }
         Ok(Arc::new(Broker {

@@ -160,9 +160,7 @@ async fn accept_and_check(
         let Ok(permit) = Arc::clone(&held).try_acquire_owned() else {
             warn!(
                 instance,
-                pid,
-                uid,
-                "refused an SDK peer: {MAX_HELD_PEERS} connections are already waiting"
+                pid, uid, "refused an SDK peer: {MAX_HELD_PEERS} connections are already waiting"
             );
             continue;
         };
@@ -173,7 +171,11 @@ async fn accept_and_check(
         tokio::spawn(async move {
             let _permit = permit;
             let bound = tokio::time::timeout(BIND_WAIT, async {
-                binding.wait_for(Option::is_some).await.ok().and_then(|b| *b)
+                binding
+                    .wait_for(Option::is_some)
+                    .await
+                    .ok()
+                    .and_then(|b| *b)
             })
             .await;
             let verdict = match bound {

@@ -885,7 +885,10 @@ async fn a_peer_with_another_uid_than_the_bound_one_is_refused() {
         eprintln!("skipped: needs root to run a client as another uid");
         return;
     }
-    for (uid, expect) in [(nix::unistd::geteuid().as_raw(), "refused"), (65534, "answered")] {
+    for (uid, expect) in [
+        (nix::unistd::geteuid().as_raw(), "refused"),
+        (65534, "answered"),
+    ] {
         let dirs = tempfile::tempdir().unwrap();
         std::fs::set_permissions(dirs.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let h = harness_in(quick_settings(), dirs);
@@ -910,7 +913,10 @@ async fn only_the_bound_process_tree_is_served_and_early_peers_wait_for_the_bind
     let h = harness(quick_settings());
     let path = h.broker.open_instance("i").unwrap();
     let me = nix::unistd::geteuid().as_raw();
-    let mut sibling = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+    let mut sibling = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
     h.broker.bind_instance("i", sibling.id(), me).unwrap();
     let p = path.clone();
     let refused = client(move || {
@@ -939,6 +945,9 @@ async fn only_the_bound_process_tree_is_served_and_early_peers_wait_for_the_bind
         raw_read(&mut s).is_some()
     })
     .await;
-    assert!(answered, "the connection made before the binding was not served");
+    assert!(
+        answered,
+        "the connection made before the binding was not served"
+    );
     assert!(h.broker.bind_instance("nobody", 1234, me).is_err());
 }

@@ -61,7 +61,11 @@ async fn each_instance_runs_under_a_uid_of_its_own_without_groups_owning_its_wor
         }
         // Real, effective, saved and filesystem ids are all the instance's own.
         assert!(uid.iter().all(|u| *u == uid[0]), "{name}: Uid {uid:?}");
-        assert!(UID_RANGE.contains(&uid[0]), "{name}: uid {} not in the range", uid[0]);
+        assert!(
+            UID_RANGE.contains(&uid[0]),
+            "{name}: uid {} not in the range",
+            uid[0]
+        );
         assert_eq!(gid, vec![uid[0]; 4], "{name}: the gid is not the uid");
         assert_eq!(
             status_field(*pid, "Groups:"),
@@ -76,8 +80,16 @@ async fn each_instance_runs_under_a_uid_of_its_own_without_groups_owning_its_wor
             assert_eq!(value.trim(), "0000000000000000", "{name}: {set}");
         }
         let ws = std::fs::metadata(sys.instance_dir(name).join("default_workspace")).unwrap();
-        assert_eq!((ws.uid(), ws.gid()), (uid[0], uid[0]), "{name}: workspace owner");
-        assert_eq!(ws.permissions().mode() & 0o7777, 0o700, "{name}: workspace mode");
+        assert_eq!(
+            (ws.uid(), ws.gid()),
+            (uid[0], uid[0]),
+            "{name}: workspace owner"
+        );
+        assert_eq!(
+            ws.permissions().mode() & 0o7777,
+            0o700,
+            "{name}: workspace mode"
+        );
         uids.push(uid[0]);
     }
     if is_root() {
@@ -151,7 +163,9 @@ async fn a_squatter_on_another_instances_socket_is_refused_and_the_real_one_work
         "the squatter got the victim's configuration:\n{ran}"
     );
     assert!(
-        !sys.hub.instance_states().contains_key("state/victim/greeting"),
+        !sys.hub
+            .instance_states()
+            .contains_key("state/victim/greeting"),
         "a state was reported in the victim's name before it connected"
     );
 
@@ -189,9 +203,13 @@ async fn a_module_cannot_queue_for_the_runtime_bus_name() {
             ),
         )
         .unwrap();
-    sys.deploy(&deployment("dep-1", &[("squat", "squat")], &[("squat", &url, &hash)]))
-        .await
-        .unwrap();
+    sys.deploy(&deployment(
+        "dep-1",
+        &[("squat", "squat")],
+        &[("squat", &url, &hash)],
+    ))
+    .await
+    .unwrap();
     let out = read_when_there(&sys.instance_dir("squat").join("default_workspace/out")).await;
     // The bus refuses a uid that no user database names at connect time (dbus-daemon resolves
     // every peer's groups); one it knew would meet the policy, which lets only evp-container
@@ -222,9 +240,13 @@ async fn a_grandchild_that_called_setsid_is_stopped_with_its_instance() {
              exec sleep 300' \"$ws\" & )\nexec sleep 300",
         )
         .unwrap();
-    sys.deploy(&deployment("dep-1", &[("f", "forker")], &[("forker", &url, &hash)]))
-        .await
-        .unwrap();
+    sys.deploy(&deployment(
+        "dep-1",
+        &[("f", "forker")],
+        &[("forker", &url, &hash)],
+    ))
+    .await
+    .unwrap();
     let gc: u32 = read_when_there(&sys.instance_dir("f").join("default_workspace/gc"))
         .await
         .trim()

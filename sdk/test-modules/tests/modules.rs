@@ -97,8 +97,12 @@ async fn test_modules_behave_as_documented() {
     /// Opens an instance bound to this test, whose children the modules are.
     fn open(broker: &Arc<Broker>, instance: &str) -> std::path::PathBuf {
         let path = broker.open_instance(instance).unwrap();
-        let uid = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap();
-        broker.bind_instance(instance, std::process::id(), uid).unwrap();
+        let uid = std::fs::metadata("/proc/self")
+            .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+            .unwrap();
+        broker
+            .bind_instance(instance, std::process::id(), uid)
+            .unwrap();
         path
     }
 
