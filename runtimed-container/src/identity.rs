@@ -43,7 +43,7 @@ impl Identities {
         let caps = std::fs::read_to_string("/proc/self/status")
             .ok()
             .and_then(|s| effective_caps(&s));
-        if caps.is_some_and(|c| can_change_uids(c)) {
+        if caps.is_some_and(can_change_uids) {
             return Identities::PerInstance { min, max };
         }
         warn!(

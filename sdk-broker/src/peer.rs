@@ -125,7 +125,7 @@ mod tests {
         assert!(check(BOUND, 50, 61184, parent).is_err());
         // A vanished process or a loop ends the walk.
         assert!(check(BOUND, 999, 61184, parent).is_err());
-        assert!(check(BOUND, 7, 61184, |p| Some(p)).is_err());
+        assert!(check(BOUND, 7, 61184, Some).is_err());
     }
 
     #[test]
