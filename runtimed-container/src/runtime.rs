@@ -3,19 +3,27 @@
 //! stop policy, whatever the kind.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use evp_schemas::dbus::{EvpError, StartOptions};
+use evp_schemas::dbus::EvpError;
 use evp_schemas::deployment::validate_instance_name;
 use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::identity::{self, Identities};
-use crate::record::{self, Ended, InstanceRecord, ProcessHandle, RECORD_VERSION};
+use crate::record::{self, InstanceRecord, ProcessHandle, RECORD_VERSION};
 use crate::tree::{self, Scope};
+
+mod dirs;
+mod options;
+mod recover;
+
+pub use options::{InstanceOptions, Status};
+
+pub(crate) use dirs::own_uid;
 
 /// Environment variable naming the instance's SDK socket (EVP's name).
 pub const ENV_SDK_SOCKET: &str = "EVP_MODULE_SDK_SOCKET_PATH";
@@ -144,123 +152,6 @@ pub struct StartSpec {
     /// The uid (and gid) of its own to run it as, with no supplementary groups; `None` to run
     /// it as the runtime's user.
     pub uid: Option<u32>,
-}
-
-/// The `StartInstance` options this runtime understands.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct InstanceOptions {
-    /// `sdk_socket` (s): the SDK socket path; `<instance dir>/sdk.sock` when absent.
-    pub sdk_socket: Option<PathBuf>,
-    /// `env` (a{ss}): extra environment entries.
-    pub env: BTreeMap<String, String>,
-    /// `entry_point` (s).
-    pub entry_point: Option<String>,
-}
-
-impl InstanceOptions {
-    /// Reads the D-Bus options, refusing wrong types and malformed values; unknown options are
-    /// ignored so newer callers can pass limits this build does not apply yet.
-    pub fn from_dbus(mut options: StartOptions) -> Result<InstanceOptions, EvpError> {
-        let mut out = InstanceOptions::default();
-        if let Some(v) = options.remove("sdk_socket") {
-            let path = String::try_from(v).map_err(|_| {
-                EvpError::InvalidArgument("option sdk_socket must be a string (s)".into())
-            })?;
-            if !path.starts_with('/') || path.contains('\0') {
-                return Err(EvpError::InvalidArgument(format!(
-                    "option sdk_socket {path:?} must be an absolute path"
-                )));
-            }
-            out.sdk_socket = Some(path.into());
-        }
-        if let Some(v) = options.remove("entry_point") {
-            out.entry_point = Some(String::try_from(v).map_err(|_| {
-                EvpError::InvalidArgument("option entry_point must be a string (s)".into())
-            })?);
-        }
-        if let Some(v) = options.remove("env") {
-            let env = HashMap::<String, String>::try_from(v).map_err(|_| {
-                EvpError::InvalidArgument("option env must be a string map (a{ss})".into())
-            })?;
-            for (key, value) in &env {
-                if key.is_empty() || key.contains(['=', '\0']) {
-                    return Err(EvpError::InvalidArgument(format!(
-                        "option env: {key:?} is not a valid variable name (empty, or has '=' or NUL)"
-                    )));
-                }
-                if value.contains('\0') {
-                    return Err(EvpError::InvalidArgument(format!(
-                        "option env: the value of {key} contains a NUL byte"
-                    )));
-                }
-            }
-            out.env = env.into_iter().collect();
-        }
-        if !options.is_empty() {
-            let mut names: Vec<_> = options.keys().map(String::as_str).collect();
-            names.sort_unstable();
-            warn!("StartInstance: ignoring options this build does not apply: {names:?}");
-        }
-        Ok(out)
-    }
-}
-
-/// An instance's status as reported on the bus.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Status {
-    /// Being started.
-    Starting,
-    /// Running.
-    Ok,
-    /// Exited by itself with status 0.
-    SelfExiting,
-    /// Failed to start, or exited by itself with a failure; why.
-    Error(String),
-}
-
-impl Status {
-    /// The status word on the bus.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Status::Starting => "starting",
-            Status::Ok => "ok",
-            Status::SelfExiting => "self-exiting",
-            Status::Error(_) => "error",
-        }
-    }
-
-    /// The failure message on the bus, empty unless `error`.
-    pub fn message(&self) -> &str {
-        match self {
-            Status::Error(m) => m,
-            _ => "",
-        }
-    }
-
-    fn from_exit(exit: &Exit) -> Status {
-        match exit {
-            Exit::Code(0) => Status::SelfExiting,
-            Exit::Code(n) => Status::Error(format!("exited with status {n}")),
-            Exit::Signal(name) => Status::Error(format!("killed by signal {name}")),
-            Exit::Lost(why) => Status::Error(format!("lost track of the process: {why}")),
-            Exit::Unknown => Status::Error(EXIT_STATUS_UNKNOWN.to_owned()),
-        }
-    }
-
-    /// The status a record says an instance ended with.
-    fn from_ended(ended: &Ended) -> Status {
-        match ended.status.as_str() {
-            "self-exiting" => Status::SelfExiting,
-            _ => Status::Error(ended.failure_message.clone()),
-        }
-    }
-
-    fn to_ended(&self) -> Ended {
-        Ended {
-            status: self.as_str().to_owned(),
-            failure_message: self.message().to_owned(),
-        }
-    }
 }
 
 /// What the daemon does with its instances when it exits.
@@ -493,136 +384,6 @@ impl Supervisor {
         }
     }
 
-    /// Takes back what an earlier run of the daemon recorded, before the bus is served:
-    /// instances whose process still runs (same PID, same start time) are `ok` again and can
-    /// be stopped as before; those whose process is gone are `error`
-    /// ([`DIED_WHILE_AWAY`]); those that had ended keep the status they ended with. All stay in
-    /// `Instances` until stopped, and each is announced as a change.
-    pub async fn recover(self: &Arc<Self>) -> Recovery {
-        let mut out = Recovery::default();
-        let entries = match std::fs::read_dir(&self.instances_dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return out,
-            Err(e) => {
-                warn!(dir = %self.instances_dir.display(), "no instance can be re-adopted: {e}");
-                return out;
-            }
-        };
-        let mut names: Vec<String> = entries
-            .flatten()
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| validate_instance_name(n).is_ok())
-            .collect();
-        names.sort_unstable();
-        for name in names {
-            let rec = match record::load(&self.instance_dir(&name)) {
-                Ok(Some(rec)) => rec,
-                Ok(None) => continue,
-                Err(e) => {
-                    warn!(instance = %name, "not re-adopted: {e}");
-                    continue;
-                }
-            };
-            self.recover_one(&name, rec, &mut out);
-        }
-        info!(
-            adopted = ?out.adopted,
-            died = ?out.died,
-            ended = ?out.ended,
-            "instances recorded by the previous run recovered"
-        );
-        out
-    }
-
-    fn recover_one(self: &Arc<Self>, name: &str, mut rec: InstanceRecord, out: &mut Recovery) {
-        let runtime = self.runtimes.get(rec.kind.as_str()).cloned();
-        let adoption = match (&rec.ended, rec.process, &runtime) {
-            (Some(_), _, _) => None,
-            (None, Some(process), Some(runtime)) => Some(runtime.adopt(AdoptSpec {
-                instance: name.to_owned(),
-                instance_dir: self.instance_dir(name),
-                process,
-                uid: rec.uid,
-            })),
-            (None, None, _) => Some(Ok(Adoption::Gone("no process was recorded".into()))),
-            (None, Some(_), None) => Some(Err(format!(
-                "kind {:?} is not run by this build; its process was not re-adopted",
-                rec.kind
-            ))),
-        };
-        let mut adopted = None;
-        let (status, phase, exited) = match adoption {
-            None => {
-                out.ended.push(name.to_owned());
-                let ended = rec.ended.clone().unwrap_or_else(|| Status::Ok.to_ended());
-                (Status::from_ended(&ended), Phase::Gone, None)
-            }
-            Some(Ok(Adoption::Running(started))) => {
-                out.adopted.push(name.to_owned());
-                adopted = Some((started.pid, started.scope));
-                (
-                    Status::Ok,
-                    Phase::Running(started.workload),
-                    Some(started.exited),
-                )
-            }
-            Some(Ok(Adoption::Gone(why))) => {
-                info!(instance = name, "{DIED_WHILE_AWAY}: {why}");
-                out.died.push(name.to_owned());
-                (Status::Error(DIED_WHILE_AWAY.to_owned()), Phase::Gone, None)
-            }
-            Some(Err(why)) => {
-                warn!(instance = name, "not re-adopted: {why}");
-                out.died.push(name.to_owned());
-                (
-                    Status::Error(format!("not re-adopted after a restart: {why}")),
-                    Phase::Gone,
-                    None,
-                )
-            }
-        };
-        if exited.is_none() && rec.ended.is_none() {
-            rec.ended = Some(status.to_ended());
-            self.save_record(name, &rec);
-        }
-        let generation = {
-            let mut state = self.lock();
-            if exited.is_some() && runtime.is_some() {
-                // StartInstance of the same module must find it loaded to be the no-op it is
-                // for a running instance; reconcilerd's own LoadModule replaces this entry.
-                state
-                    .modules
-                    .entry(rec.module_id.clone())
-                    .or_insert_with(|| Module {
-                        kind: runtime.as_ref().map_or("", |r| r.kind()),
-                        location: rec.module_location.clone(),
-                    });
-            }
-            let generation = state.next_generation;
-            state.next_generation += 1;
-            let (pid, scope) = adopted.unzip();
-            state.instances.insert(
-                name.to_owned(),
-                Instance {
-                    module_id: rec.module_id.clone(),
-                    generation,
-                    status: status.clone(),
-                    stopping: false,
-                    phase: watch::Sender::new(phase),
-                    record: Some(rec),
-                    pid,
-                    scope: scope.flatten(),
-                },
-            );
-            state.emit(name, status.as_str(), status.message());
-            generation
-        };
-        if let Some(exited) = exited {
-            self.watch_exit(name, generation, exited);
-        }
-    }
-
     /// Waits for the instance's exit in the background and records it.
     fn watch_exit(
         self: &Arc<Self>,
@@ -846,76 +607,6 @@ impl Supervisor {
         Ok((pid, uid.unwrap_or_else(own_uid)))
     }
 
-    /// Uids in `min..=max` that `instance` must not get: those of live processes, and the
-    /// owners of the other instances' workspaces (a stopped instance's files stay its own
-    /// until its directory is purged).
-    fn uids_in_use_outside(
-        &self,
-        instance: &str,
-        min: u32,
-        max: u32,
-    ) -> std::collections::HashSet<u32> {
-        let mut used = identity::used_by_processes(min, max);
-        if let Ok(entries) = std::fs::read_dir(&self.instances_dir) {
-            used.extend(
-                entries
-                    .flatten()
-                    .filter(|e| e.file_name().to_str() != Some(instance))
-                    .filter_map(|e| identity::owner(&e.path().join(DEFAULT_WORKSPACE_DIR)))
-                    .filter(|u| (min..=max).contains(u)),
-            );
-        }
-        used
-    }
-
-    /// Creates the instance directory and workspace and resolves the start options. With a
-    /// uid of its own, the workspace is the instance's alone (owned by it, 0700) and the
-    /// directories above it let it through without listing them (0711); otherwise all are
-    /// 0700.
-    fn prepare(
-        &self,
-        instance: &str,
-        module_location: String,
-        options: InstanceOptions,
-        uid: Option<u32>,
-    ) -> Result<StartSpec, String> {
-        let instance_dir = self.instances_dir.join(instance);
-        let workspace = instance_dir.join(DEFAULT_WORKSPACE_DIR);
-        let dir_mode = if uid.is_some() { 0o711 } else { 0o700 };
-        create_private_dir(&self.instances_dir, dir_mode)?;
-        create_private_dir(&instance_dir, dir_mode)?;
-        match (uid, identity::owner(&workspace)) {
-            // Already the instance's: how it keeps its own files is its business.
-            (Some(uid), Some(owner)) if owner == uid => refuse_non_dir(&workspace)?,
-            (Some(uid), owner) => {
-                // Another uid's (the instance had another one last time): taken back first,
-                // since the runtime may not read into it.
-                if owner.is_some_and(|o| o != own_uid()) {
-                    refuse_non_dir(&workspace)?;
-                    identity::take_tree(&workspace, own_uid())
-                        .map_err(|e| format!("taking back {}: {e}", workspace.display()))?;
-                }
-                create_private_dir(&workspace, 0o700)?;
-                identity::chown_tree(&workspace, uid)
-                    .map_err(|e| format!("giving {} to uid {uid}: {e}", workspace.display()))?;
-            }
-            (None, _) => create_private_dir(&workspace, 0o700)?,
-        }
-        let sdk_socket = options
-            .sdk_socket
-            .unwrap_or_else(|| instance_dir.join(SDK_SOCKET_FILE));
-        Ok(StartSpec {
-            instance: instance.to_owned(),
-            module_location,
-            instance_dir,
-            workspace,
-            sdk_socket,
-            env: options.env,
-            entry_point: options.entry_point,
-            uid,
-        })
-    }
-
     /// Records a failed start as the instance's `error` status and turns it into the answer.
     fn start_failed(&self, instance: &str, generation: u64, message: String) -> EvpError {
         let mut state = self.lock();
@@ -1082,53 +773,6 @@ impl Supervisor {
         });
         futures_util::future::join_all(stops).await;
     }
-
-    /// Removes `<instances dir>/<instance>`; refused while the instance runs, fine if absent.
-    pub async fn purge_instance(&self, instance: &str) -> Result<(), EvpError> {
-        validate_instance_name(instance)
-            .map_err(|m| EvpError::InvalidArgument(format!("instance {instance:?}: {m}")))?;
-        if self
-            .lock()
-            .instances
-            .get(instance)
-            .is_some_and(Instance::is_active)
-        {
-            return Err(EvpError::Busy(format!(
-                "instance {instance} is running; stop it before purging its directory"
-            )));
-        }
-        // The name is one path component (no '/', not '.' or '..'), so this stays inside.
-        let dir = self.instances_dir.join(instance);
-        let meta = match tokio::fs::symlink_metadata(&dir).await {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(io_error("inspecting", &dir, e)),
-        };
-        // What an instance under a uid of its own wrote is the runtime's again first, so it
-        // can be removed without CAP_DAC_OVERRIDE.
-        if meta.is_dir() && self.identities.per_instance() {
-            let dir = dir.clone();
-            let own = own_uid();
-            tokio::task::spawn_blocking(move || identity::take_tree(&dir, own))
-                .await
-                .map_err(|e| EvpError::Io(format!("taking back {instance}'s directory: {e}")))?
-                .map_err(|e| io_error("taking back", &self.instances_dir.join(instance), e))?;
-        }
-        // A symlink or file in its place is removed itself; nothing it points to is touched.
-        let removed = if meta.is_dir() {
-            tokio::fs::remove_dir_all(&dir).await
-        } else {
-            tokio::fs::remove_file(&dir).await
-        };
-        match removed {
-            Ok(()) => {
-                info!(instance, dir = %dir.display(), "instance directory purged");
-                Ok(())
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_error("removing", &dir, e)),
-        }
-    }
 }
 
 /// Kills what an exited instance left running.
@@ -1147,62 +791,11 @@ async fn wait_gone(phase: &mut watch::Receiver<Phase>) {
     let _ = phase.wait_for(|p| matches!(p, Phase::Gone)).await;
 }
 
-fn io_error(doing: &str, path: &Path, e: std::io::Error) -> EvpError {
-    EvpError::Io(format!("{doing} {}: {e}", path.display()))
-}
-
-/// The runtime's own uid: what an instance without a uid of its own runs as.
-fn own_uid() -> u32 {
-    nix::unistd::geteuid().as_raw()
-}
-
-/// Refuses a symlink or a file where the directory `dir` should be (if it exists), so an
-/// instance never writes outside the instances directory.
-fn refuse_non_dir(dir: &Path) -> Result<(), String> {
-    match std::fs::symlink_metadata(dir) {
-        Ok(m) if m.file_type().is_symlink() => Err(format!(
-            "{} is a symbolic link; remove it and start again",
-            dir.display()
-        )),
-        Ok(m) if !m.is_dir() => Err(format!("{} exists and is not a directory", dir.display())),
-        _ => Ok(()),
-    }
-}
-
-/// Creates `dir` if missing and gives it `mode` (0700, or 0711 to let instances through),
-/// refusing a symlink in its place so an instance never writes outside the instances
-/// directory.
-fn create_private_dir(dir: &Path, mode: u32) -> Result<(), String> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    match std::fs::symlink_metadata(dir) {
-        Ok(m) if m.file_type().is_symlink() => {
-            return Err(format!(
-                "{} is a symbolic link; remove it and start again",
-                dir.display()
-            ));
-        }
-        Ok(m) if !m.is_dir() => {
-            return Err(format!("{} exists and is not a directory", dir.display()));
-        }
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(mode)
-                .create(dir)
-                .map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        }
-        Err(e) => return Err(format!("inspecting {}: {e}", dir.display())),
-    }
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| format!("making {} private ({mode:04o}): {e}", dir.display()))
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
 
-    use evp_schemas::dbus::start_options;
+    use evp_schemas::dbus::{StartOptions, start_options};
     use zbus::zvariant::OwnedVariant;
 
     use super::*;
