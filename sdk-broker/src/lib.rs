@@ -12,8 +12,6 @@
 //! the returned path as the runtime's `sdk_socket` option), `BindInstance(instance, pid, uid)`
 //! with what `StartInstance` answered, `SetRouting(Routing JSON)` whenever
 //! the deployment changes, `CloseInstance(instance)` before `Runtime1.StopInstance`.
-#![deny(missing_docs)]
-#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod broker;
 mod conn;
@@ -27,7 +25,7 @@ use anyhow::{Context, Result};
 use evp_daemon::{AgentConfig, DaemonArgs};
 use evp_schemas::dbus::{EvpError, SDK_BROKER_NAME, SDK_BROKER_PATH};
 use futures_util::future::BoxFuture;
-use tracing::{info, warn};
+use tracing::info;
 use zbus::interface;
 use zbus::object_server::SignalEmitter;
 
