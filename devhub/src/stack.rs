@@ -202,6 +202,10 @@ pub struct StackConfig {
     pub env: Vec<(String, String)>,
     /// The daemons to run; all five by default.
     pub daemons: Vec<DaemonSpec>,
+    /// runtimed-container's `[container] instance_uid_min` and `instance_uid_max`, when not its
+    /// default range: stacks that run side by side (parallel tests as root) must not give two
+    /// instances one uid, since a stop signals every process of an instance's uid.
+    pub instance_uids: Option<(u32, u32)>,
 }
 
 /// Short report intervals for a responsive dev loop: a change shows within a fifth of a
@@ -236,6 +240,7 @@ impl StackConfig {
             agent_toml: None,
             env: Vec::new(),
             daemons: DAEMONS.to_vec(),
+            instance_uids: None,
         })
     }
 
@@ -278,6 +283,10 @@ impl StackConfig {
         // a development stack stops as a whole and leaves nothing behind.
         let mut container = toml::Table::new();
         container.insert("stop_instances_on_exit".into(), true.into());
+        if let Some((min, max)) = self.instance_uids {
+            container.insert("instance_uid_min".into(), i64::from(min).into());
+            container.insert("instance_uid_max".into(), i64::from(max).into());
+        }
         top.insert("container".into(), toml::Value::Table(container));
         format!(
             "# Written by evp-devhub for a development stack.\n{}",

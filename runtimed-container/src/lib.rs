@@ -5,11 +5,14 @@
 //! goes to files ([`logs`]), what it started is recorded ([`record`]), and its next start
 //! re-adopts what still runs ([`process`]).
 
+pub mod identity;
 pub mod logs;
 pub mod process;
+pub mod reaper;
 pub mod record;
 pub mod runtime;
 pub mod spawn;
+pub mod tree;
 
 #[cfg(test)]
 mod recovery_tests;
@@ -33,6 +36,9 @@ use crate::runtime::{InstanceEvent, InstanceOptions, OnExit, Supervisor};
 /// a few small signals, so a stuck bus is the only reason to hit it.
 const EVENT_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// `nobody`: never an instance's uid, nor anything above it (65535 is the 16-bit -1).
+const NOBODY_UID: u32 = 65534;
+
 /// The `[container]` section of `agent.toml`.
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -47,6 +53,11 @@ pub struct ContainerConfig {
     /// Size at which an instance's `logs/stdout.log` or `logs/stderr.log` is truncated, once
     /// what it holds was logged.
     pub log_max_bytes: u64,
+    /// First uid of the range instances get a uid of their own from (gid = uid), when the
+    /// runtime can change uids.
+    pub instance_uid_min: u32,
+    /// Last uid of that range: at most this many instances minus one can run at once.
+    pub instance_uid_max: u32,
 }
 
 impl Default for ContainerConfig {
@@ -56,6 +67,8 @@ impl Default for ContainerConfig {
             stop_grace_ms: 10_000,
             stop_instances_on_exit: false,
             log_max_bytes: logs::DEFAULT_LOG_MAX_BYTES,
+            instance_uid_min: identity::DEFAULT_UID_MIN,
+            instance_uid_max: identity::DEFAULT_UID_MAX,
         }
     }
 }
@@ -66,6 +79,11 @@ pub enum ConfigError {
     /// `log_max_bytes = 0` would truncate every output file at every poll.
     #[error("[container] log_max_bytes must be at least 1")]
     ZeroLogMaxBytes,
+    /// A uid range that is empty, holds root, or reaches `nobody` (65534).
+    #[error(
+        "[container] instance_uid_min ({0}) and instance_uid_max ({1}) must satisfy 1 <= min <= max < 65534"
+    )]
+    UidRange(u32, u32),
 }
 
 impl ContainerConfig {
@@ -73,6 +91,10 @@ impl ContainerConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.log_max_bytes == 0 {
             return Err(ConfigError::ZeroLogMaxBytes);
+        }
+        let (min, max) = (self.instance_uid_min, self.instance_uid_max);
+        if min == 0 || min > max || max >= NOBODY_UID {
+            return Err(ConfigError::UidRange(min, max));
         }
         Ok(())
     }
@@ -132,12 +154,14 @@ impl ContainerRuntime {
         self.supervisor.unload_module(module_id)
     }
 
+    /// Answers the instance's process and the uid it runs as, for `SdkBroker1.BindInstance`.
+    #[zbus(out_args("pid", "uid"))]
     async fn start_instance(
         &self,
         instance: &str,
         module_id: &str,
         options: StartOptions,
-    ) -> Result<(), EvpError> {
+    ) -> Result<(u32, u32), EvpError> {
         let options = InstanceOptions::from_dbus(options)?;
         self.supervisor
             .start_instance(instance, module_id, options)
@@ -231,9 +255,14 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     section.validate()?;
-    let (supervisor, events) = Supervisor::new(
+    let identities =
+        identity::Identities::detect(section.instance_uid_min, section.instance_uid_max);
+    // Before any instance starts, so every orphan of a module is re-parented here.
+    reaper::start();
+    let (supervisor, events) = Supervisor::with_identities(
         instances_dir.clone(),
         vec![Arc::new(spawn::SpawnRuntime::new(section.log_policy())) as Arc<dyn runtime::Runtime>],
+        identities,
     );
     // Before the name is owned, so a StartInstance of a re-adopted instance is already the
     // no-op it is for any running one.

@@ -89,6 +89,10 @@ pub struct InstanceRecord {
     pub process: Option<ProcessHandle>,
     /// Set once the instance ended by itself (or failed to start); `None` while it runs.
     pub ended: Option<Ended>,
+    /// The uid of its own it runs as; absent when it runs as the runtime's user (and in
+    /// records of earlier builds). Re-adoption keeps it, so no other instance gets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
 }
 
 /// Writes `record` as `<instance_dir>/runtime.json`, atomically and durably.
@@ -186,6 +190,7 @@ mod tests {
                 start_time: 4242,
             }),
             ended: None,
+            uid: Some(61184),
         }
     }
 

@@ -81,6 +81,7 @@ impl Device {
                 module_location: "/bin/sleep".into(),
                 process: Some(process),
                 ended: None,
+                uid: None,
             },
         )
         .unwrap();

@@ -3,17 +3,27 @@
 //! stop policy, whatever the kind.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use evp_schemas::dbus::{EvpError, StartOptions};
+use evp_schemas::dbus::EvpError;
 use evp_schemas::deployment::validate_instance_name;
 use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-use crate::record::{self, Ended, InstanceRecord, ProcessHandle, RECORD_VERSION};
+use crate::identity::{self, Identities};
+use crate::record::{self, InstanceRecord, ProcessHandle, RECORD_VERSION};
+use crate::tree::{self, Scope};
+
+mod dirs;
+mod options;
+mod recover;
+
+pub use options::{InstanceOptions, Status};
+
+pub(crate) use dirs::own_uid;
 
 /// Environment variable naming the instance's SDK socket (EVP's name).
 pub const ENV_SDK_SOCKET: &str = "EVP_MODULE_SDK_SOCKET_PATH";
@@ -33,6 +43,8 @@ pub const KILL_REAP_TIMEOUT: Duration = Duration::from_secs(30);
 /// module that just got the SDK's exit event and closed its socket to return from `main`,
 /// short enough that stopping a module that ignores the SDK is not noticeably slower.
 pub const VOLUNTARY_EXIT_WINDOW: Duration = Duration::from_millis(200);
+/// How often a stop looks whether what an instance left behind has exited.
+const LEFTOVER_POLL: Duration = Duration::from_millis(20);
 /// Failure message of a recorded instance whose process was gone when the runtime started.
 pub const DIED_WHILE_AWAY: &str = "exited while runtimed-container was not running";
 /// Failure message of a re-adopted instance that exited: it is not this runtime's child, so its
@@ -72,6 +84,8 @@ pub struct AdoptSpec {
     pub instance_dir: PathBuf,
     /// The process as recorded when it started.
     pub process: ProcessHandle,
+    /// The uid of its own it runs as, if any.
+    pub uid: Option<u32>,
 }
 
 /// The outcome of [`Runtime::adopt`].
@@ -98,6 +112,11 @@ pub struct Started {
     pub exited: BoxFuture<'static, Exit>,
     /// The process to record for re-adoption; `None` when it cannot be identified.
     pub process: Option<ProcessHandle>,
+    /// The instance's process id, as `StartInstance` answers it.
+    pub pid: u32,
+    /// Every process of the instance (not only its group), for stops; `None` for kinds whose
+    /// workload is not a process tree.
+    pub scope: Option<Scope>,
 }
 
 /// How an instance ended.
@@ -130,123 +149,9 @@ pub struct StartSpec {
     pub env: BTreeMap<String, String>,
     /// The `entry_point` option, for kinds that use one.
     pub entry_point: Option<String>,
-}
-
-/// The `StartInstance` options this runtime understands.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct InstanceOptions {
-    /// `sdk_socket` (s): the SDK socket path; `<instance dir>/sdk.sock` when absent.
-    pub sdk_socket: Option<PathBuf>,
-    /// `env` (a{ss}): extra environment entries.
-    pub env: BTreeMap<String, String>,
-    /// `entry_point` (s).
-    pub entry_point: Option<String>,
-}
-
-impl InstanceOptions {
-    /// Reads the D-Bus options, refusing wrong types and malformed values; unknown options are
-    /// ignored so newer callers can pass limits this build does not apply yet.
-    pub fn from_dbus(mut options: StartOptions) -> Result<InstanceOptions, EvpError> {
-        let mut out = InstanceOptions::default();
-        if let Some(v) = options.remove("sdk_socket") {
-            let path = String::try_from(v).map_err(|_| {
-                EvpError::InvalidArgument("option sdk_socket must be a string (s)".into())
-            })?;
-            if !path.starts_with('/') || path.contains('\0') {
-                return Err(EvpError::InvalidArgument(format!(
-                    "option sdk_socket {path:?} must be an absolute path"
-                )));
-            }
-            out.sdk_socket = Some(path.into());
-        }
-        if let Some(v) = options.remove("entry_point") {
-            out.entry_point = Some(String::try_from(v).map_err(|_| {
-                EvpError::InvalidArgument("option entry_point must be a string (s)".into())
-            })?);
-        }
-        if let Some(v) = options.remove("env") {
-            let env = HashMap::<String, String>::try_from(v).map_err(|_| {
-                EvpError::InvalidArgument("option env must be a string map (a{ss})".into())
-            })?;
-            for (key, value) in &env {
-                if key.is_empty() || key.contains(['=', '\0']) {
-                    return Err(EvpError::InvalidArgument(format!(
-                        "option env: {key:?} is not a valid variable name (empty, or has '=' or NUL)"
-                    )));
-                }
-                if value.contains('\0') {
-                    return Err(EvpError::InvalidArgument(format!(
-                        "option env: the value of {key} contains a NUL byte"
-                    )));
-                }
-            }
-            out.env = env.into_iter().collect();
-        }
-        if !options.is_empty() {
-            let mut names: Vec<_> = options.keys().map(String::as_str).collect();
-            names.sort_unstable();
-            warn!("StartInstance: ignoring options this build does not apply: {names:?}");
-        }
-        Ok(out)
-    }
-}
-
-/// An instance's status as reported on the bus.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Status {
-    /// Being started.
-    Starting,
-    /// Running.
-    Ok,
-    /// Exited by itself with status 0.
-    SelfExiting,
-    /// Failed to start, or exited by itself with a failure; why.
-    Error(String),
-}
-
-impl Status {
-    /// The status word on the bus.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Status::Starting => "starting",
-            Status::Ok => "ok",
-            Status::SelfExiting => "self-exiting",
-            Status::Error(_) => "error",
-        }
-    }
-
-    /// The failure message on the bus, empty unless `error`.
-    pub fn message(&self) -> &str {
-        match self {
-            Status::Error(m) => m,
-            _ => "",
-        }
-    }
-
-    fn from_exit(exit: &Exit) -> Status {
-        match exit {
-            Exit::Code(0) => Status::SelfExiting,
-            Exit::Code(n) => Status::Error(format!("exited with status {n}")),
-            Exit::Signal(name) => Status::Error(format!("killed by signal {name}")),
-            Exit::Lost(why) => Status::Error(format!("lost track of the process: {why}")),
-            Exit::Unknown => Status::Error(EXIT_STATUS_UNKNOWN.to_owned()),
-        }
-    }
-
-    /// The status a record says an instance ended with.
-    fn from_ended(ended: &Ended) -> Status {
-        match ended.status.as_str() {
-            "self-exiting" => Status::SelfExiting,
-            _ => Status::Error(ended.failure_message.clone()),
-        }
-    }
-
-    fn to_ended(&self) -> Ended {
-        Ended {
-            status: self.as_str().to_owned(),
-            failure_message: self.message().to_owned(),
-        }
-    }
+    /// The uid (and gid) of its own to run it as, with no supplementary groups; `None` to run
+    /// it as the runtime's user.
+    pub uid: Option<u32>,
 }
 
 /// What the daemon does with its instances when it exits.
@@ -312,6 +217,11 @@ struct Instance {
     phase: watch::Sender<Phase>,
     /// What is on disk for it; `None` until its module was resolved.
     record: Option<InstanceRecord>,
+    /// Its process id once started, for the answer of a repeated `StartInstance`.
+    pid: Option<u32>,
+    /// Every process of it, once started: a stop ends them all, also those left behind by a
+    /// process that exited.
+    scope: Option<Scope>,
 }
 
 impl Instance {
@@ -363,20 +273,31 @@ impl State {
 /// `.await`, so a slow stop never holds up other calls.
 pub struct Supervisor {
     instances_dir: PathBuf,
+    identities: Identities,
     runtimes: BTreeMap<&'static str, Arc<dyn Runtime>>,
     state: Mutex<State>,
 }
 
 impl Supervisor {
     /// A supervisor with these runtimes, keeping instance directories in `instances_dir`, and
-    /// the stream of its instance changes.
+    /// the stream of its instance changes; instances run as the runtime's user.
     pub fn new(
         instances_dir: PathBuf,
         runtimes: Vec<Arc<dyn Runtime>>,
     ) -> (Arc<Supervisor>, mpsc::UnboundedReceiver<InstanceEvent>) {
+        Self::with_identities(instances_dir, runtimes, Identities::Shared)
+    }
+
+    /// As [`Supervisor::new`], with instances run as `identities` says.
+    pub fn with_identities(
+        instances_dir: PathBuf,
+        runtimes: Vec<Arc<dyn Runtime>>,
+        identities: Identities,
+    ) -> (Arc<Supervisor>, mpsc::UnboundedReceiver<InstanceEvent>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let supervisor = Supervisor {
             instances_dir,
+            identities,
             runtimes: runtimes.into_iter().map(|r| (r.kind(), r)).collect(),
             state: Mutex::new(State {
                 modules: HashMap::new(),
@@ -463,130 +384,6 @@ impl Supervisor {
         }
     }
 
-    /// Takes back what an earlier run of the daemon recorded, before the bus is served:
-    /// instances whose process still runs (same PID, same start time) are `ok` again and can
-    /// be stopped as before; those whose process is gone are `error`
-    /// ([`DIED_WHILE_AWAY`]); those that had ended keep the status they ended with. All stay in
-    /// `Instances` until stopped, and each is announced as a change.
-    pub async fn recover(self: &Arc<Self>) -> Recovery {
-        let mut out = Recovery::default();
-        let entries = match std::fs::read_dir(&self.instances_dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return out,
-            Err(e) => {
-                warn!(dir = %self.instances_dir.display(), "no instance can be re-adopted: {e}");
-                return out;
-            }
-        };
-        let mut names: Vec<String> = entries
-            .flatten()
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| validate_instance_name(n).is_ok())
-            .collect();
-        names.sort_unstable();
-        for name in names {
-            let rec = match record::load(&self.instance_dir(&name)) {
-                Ok(Some(rec)) => rec,
-                Ok(None) => continue,
-                Err(e) => {
-                    warn!(instance = %name, "not re-adopted: {e}");
-                    continue;
-                }
-            };
-            self.recover_one(&name, rec, &mut out);
-        }
-        info!(
-            adopted = ?out.adopted,
-            died = ?out.died,
-            ended = ?out.ended,
-            "instances recorded by the previous run recovered"
-        );
-        out
-    }
-
-    fn recover_one(self: &Arc<Self>, name: &str, mut rec: InstanceRecord, out: &mut Recovery) {
-        let runtime = self.runtimes.get(rec.kind.as_str()).cloned();
-        let adoption = match (&rec.ended, rec.process, &runtime) {
-            (Some(_), _, _) => None,
-            (None, Some(process), Some(runtime)) => Some(runtime.adopt(AdoptSpec {
-                instance: name.to_owned(),
-                instance_dir: self.instance_dir(name),
-                process,
-            })),
-            (None, None, _) => Some(Ok(Adoption::Gone("no process was recorded".into()))),
-            (None, Some(_), None) => Some(Err(format!(
-                "kind {:?} is not run by this build; its process was not re-adopted",
-                rec.kind
-            ))),
-        };
-        let (status, phase, exited) = match adoption {
-            None => {
-                out.ended.push(name.to_owned());
-                let ended = rec.ended.clone().unwrap_or_else(|| Status::Ok.to_ended());
-                (Status::from_ended(&ended), Phase::Gone, None)
-            }
-            Some(Ok(Adoption::Running(started))) => {
-                out.adopted.push(name.to_owned());
-                (
-                    Status::Ok,
-                    Phase::Running(started.workload),
-                    Some(started.exited),
-                )
-            }
-            Some(Ok(Adoption::Gone(why))) => {
-                info!(instance = name, "{DIED_WHILE_AWAY}: {why}");
-                out.died.push(name.to_owned());
-                (Status::Error(DIED_WHILE_AWAY.to_owned()), Phase::Gone, None)
-            }
-            Some(Err(why)) => {
-                warn!(instance = name, "not re-adopted: {why}");
-                out.died.push(name.to_owned());
-                (
-                    Status::Error(format!("not re-adopted after a restart: {why}")),
-                    Phase::Gone,
-                    None,
-                )
-            }
-        };
-        if exited.is_none() && rec.ended.is_none() {
-            rec.ended = Some(status.to_ended());
-            self.save_record(name, &rec);
-        }
-        let generation = {
-            let mut state = self.lock();
-            if exited.is_some() && runtime.is_some() {
-                // StartInstance of the same module must find it loaded to be the no-op it is
-                // for a running instance; reconcilerd's own LoadModule replaces this entry.
-                state
-                    .modules
-                    .entry(rec.module_id.clone())
-                    .or_insert_with(|| Module {
-                        kind: runtime.as_ref().map_or("", |r| r.kind()),
-                        location: rec.module_location.clone(),
-                    });
-            }
-            let generation = state.next_generation;
-            state.next_generation += 1;
-            state.instances.insert(
-                name.to_owned(),
-                Instance {
-                    module_id: rec.module_id.clone(),
-                    generation,
-                    status: status.clone(),
-                    stopping: false,
-                    phase: watch::Sender::new(phase),
-                    record: Some(rec),
-                },
-            );
-            state.emit(name, status.as_str(), status.message());
-            generation
-        };
-        if let Some(exited) = exited {
-            self.watch_exit(name, generation, exited);
-        }
-    }
-
     /// Waits for the instance's exit in the background and records it.
     fn watch_exit(
         self: &Arc<Self>,
@@ -656,15 +453,24 @@ impl Supervisor {
     }
 
     /// Starts an instance of a loaded module; a no-op when it already runs that module.
+    /// Answers the instance's `(pid, uid)`.
     pub async fn start_instance(
         self: &Arc<Self>,
         instance: &str,
         module_id: &str,
         options: InstanceOptions,
-    ) -> Result<(), EvpError> {
+    ) -> Result<(u32, u32), EvpError> {
         validate_instance_name(instance)
             .map_err(|m| EvpError::InvalidArgument(format!("instance {instance:?}: {m}")))?;
-        let (runtime, location, generation) = {
+        // Read before the lock: what holds uids outside this runtime's own bookkeeping.
+        let outside = match self.identities {
+            Identities::PerInstance { min, max } => {
+                Some(self.uids_in_use_outside(instance, min, max))
+            }
+            Identities::Shared => None,
+        };
+        let on_disk = identity::owner(&self.instance_dir(instance).join(DEFAULT_WORKSPACE_DIR));
+        let (runtime, location, generation, uid) = {
             let mut state = self.lock();
             if !state.accepting {
                 return Err(EvpError::Busy(format!(
@@ -683,14 +489,19 @@ impl Supervisor {
                 )));
             };
             let location = module.location.clone();
-            let base_record = InstanceRecord {
+            let mut base_record = InstanceRecord {
                 version: RECORD_VERSION,
                 module_id: module_id.to_owned(),
                 kind: module.kind.to_owned(),
                 module_location: location.clone(),
                 process: None,
                 ended: None,
+                uid: None,
             };
+            let previous_uid = state
+                .instances
+                .get(instance)
+                .and_then(|i| i.record.as_ref()?.uid);
             if let Some(existing) = state.instances.get(instance)
                 && existing.is_active()
             {
@@ -700,13 +511,38 @@ impl Supervisor {
                     )));
                 }
                 if existing.module_id == module_id {
-                    return Ok(());
+                    return match existing.pid {
+                        Some(pid) => Ok((pid, previous_uid.unwrap_or_else(own_uid))),
+                        None => Err(EvpError::Busy(format!(
+                            "instance {instance} is starting; ask again once it runs"
+                        ))),
+                    };
                 }
                 return Err(EvpError::Busy(format!(
                     "instance {instance} runs module {}; stop it before starting module {module_id}",
                     existing.module_id
                 )));
             }
+            if let (Identities::PerInstance { min, max }, Some(outside)) =
+                (self.identities, &outside)
+            {
+                let held: std::collections::HashSet<u32> = state
+                    .instances
+                    .iter()
+                    .filter(|(name, _)| name.as_str() != instance)
+                    .filter_map(|(_, i)| i.record.as_ref()?.uid)
+                    .collect();
+                let uid = identity::pick(min, max, previous_uid.or(on_disk), |u| {
+                    held.contains(&u) || outside.contains(&u) || identity::in_user_database(u)
+                })
+                .ok_or_else(|| {
+                    EvpError::Busy(format!(
+                        "no free uid left in [container] instance uids {min}-{max} for instance {instance}"
+                    ))
+                })?;
+                base_record.uid = Some(uid);
+            }
+            let uid = base_record.uid;
             let generation = state.next_generation;
             state.next_generation += 1;
             state.instances.insert(
@@ -718,13 +554,15 @@ impl Supervisor {
                     stopping: false,
                     phase: watch::Sender::new(Phase::Starting),
                     record: Some(base_record),
+                    pid: None,
+                    scope: None,
                 },
             );
             state.emit(instance, Status::Starting.as_str(), "");
-            (runtime, location, generation)
+            (runtime, location, generation, uid)
         };
 
-        let spec = match self.prepare(instance, location, options) {
+        let spec = match self.prepare(instance, location, options, uid) {
             Ok(spec) => spec,
             Err(message) => return Err(self.start_failed(instance, generation, message)),
         };
@@ -732,6 +570,7 @@ impl Supervisor {
             Ok(started) => started,
             Err(message) => return Err(self.start_failed(instance, generation, message)),
         };
+        let pid = started.pid;
 
         let mut state = self.lock();
         let stopping = match state.instances.get_mut(instance) {
@@ -743,6 +582,8 @@ impl Supervisor {
                     rec.ended = None;
                     self.save_record(instance, rec);
                 }
+                inst.pid = Some(pid);
+                inst.scope = started.scope.clone();
                 inst.phase
                     .send_replace(Phase::Running(started.workload.clone()));
                 Some(inst.stopping)
@@ -763,33 +604,7 @@ impl Supervisor {
         }
         drop(state);
         self.watch_exit(instance, generation, started.exited);
-        Ok(())
-    }
-
-    /// Creates the instance directory and workspace (0700) and resolves the start options.
-    fn prepare(
-        &self,
-        instance: &str,
-        module_location: String,
-        options: InstanceOptions,
-    ) -> Result<StartSpec, String> {
-        let instance_dir = self.instances_dir.join(instance);
-        let workspace = instance_dir.join(DEFAULT_WORKSPACE_DIR);
-        create_private_dir(&self.instances_dir)?;
-        create_private_dir(&instance_dir)?;
-        create_private_dir(&workspace)?;
-        let sdk_socket = options
-            .sdk_socket
-            .unwrap_or_else(|| instance_dir.join(SDK_SOCKET_FILE));
-        Ok(StartSpec {
-            instance: instance.to_owned(),
-            module_location,
-            instance_dir,
-            workspace,
-            sdk_socket,
-            env: options.env,
-            entry_point: options.entry_point,
-        })
+        Ok((pid, uid.unwrap_or_else(own_uid)))
     }
 
     /// Records a failed start as the instance's `error` status and turns it into the answer.
@@ -847,19 +662,23 @@ impl Supervisor {
     /// Stops an instance: SIGTERM, up to `grace` to exit, then SIGKILL; returns once it is
     /// reaped and has left `Instances`. Unknown or already exited instances are fine.
     pub async fn stop_instance(&self, instance: &str, grace: Duration) -> Result<(), EvpError> {
-        let (generation, mut phase) = {
+        let (generation, mut phase, scope) = {
             let mut state = self.lock();
             let Some(inst) = state.instances.get_mut(instance) else {
                 return Ok(());
             };
             if !inst.is_active() {
+                // Its process exited; what it started and left running goes with it now.
+                if let Some(scope) = &inst.scope {
+                    end_leftovers(instance, scope);
+                }
                 state.instances.remove(instance);
                 self.remove_record(instance);
                 state.emit(instance, STOPPED, "");
                 return Ok(());
             }
             inst.stopping = true;
-            (inst.generation, inst.phase.subscribe())
+            (inst.generation, inst.phase.subscribe(), inst.scope.clone())
         };
         info!(instance, grace_ms = grace.as_millis(), "stopping instance");
 
@@ -877,6 +696,25 @@ impl Supervisor {
                 .await
                 .is_ok()
             {
+                // What it started (a daemon that called setsid, say) is stopped as it would
+                // have been: SIGTERM, the grace, SIGKILL.
+                if let Some(scope) = scope.filter(tree::any_alive) {
+                    if let Err(e) = workload.terminate() {
+                        warn!(
+                            instance,
+                            "asking what the instance left to exit failed: {e}"
+                        );
+                    }
+                    let _ = tokio::time::timeout(grace, async {
+                        while tree::any_alive(&scope) {
+                            tokio::time::sleep(LEFTOVER_POLL).await;
+                        }
+                    })
+                    .await;
+                    if let Err(e) = workload.kill() {
+                        warn!(instance, "killing what the instance left failed: {e}");
+                    }
+                }
                 self.forget_stopped(instance, generation);
                 return Ok(());
             }
@@ -935,42 +773,16 @@ impl Supervisor {
         });
         futures_util::future::join_all(stops).await;
     }
+}
 
-    /// Removes `<instances dir>/<instance>`; refused while the instance runs, fine if absent.
-    pub async fn purge_instance(&self, instance: &str) -> Result<(), EvpError> {
-        validate_instance_name(instance)
-            .map_err(|m| EvpError::InvalidArgument(format!("instance {instance:?}: {m}")))?;
-        if self
-            .lock()
-            .instances
-            .get(instance)
-            .is_some_and(Instance::is_active)
-        {
-            return Err(EvpError::Busy(format!(
-                "instance {instance} is running; stop it before purging its directory"
-            )));
-        }
-        // The name is one path component (no '/', not '.' or '..'), so this stays inside.
-        let dir = self.instances_dir.join(instance);
-        let meta = match tokio::fs::symlink_metadata(&dir).await {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(io_error("inspecting", &dir, e)),
-        };
-        // A symlink or file in its place is removed itself; nothing it points to is touched.
-        let removed = if meta.is_dir() {
-            tokio::fs::remove_dir_all(&dir).await
-        } else {
-            tokio::fs::remove_file(&dir).await
-        };
-        match removed {
-            Ok(()) => {
-                info!(instance, dir = %dir.display(), "instance directory purged");
-                Ok(())
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_error("removing", &dir, e)),
-        }
+/// Kills what an exited instance left running.
+fn end_leftovers(instance: &str, scope: &Scope) {
+    let killed = tree::signal_all(scope, nix::sys::signal::Signal::SIGKILL, true);
+    if killed > 0 {
+        info!(
+            instance,
+            killed, "killed processes the instance left running"
+        );
     }
 }
 
@@ -979,43 +791,11 @@ async fn wait_gone(phase: &mut watch::Receiver<Phase>) {
     let _ = phase.wait_for(|p| matches!(p, Phase::Gone)).await;
 }
 
-fn io_error(doing: &str, path: &Path, e: std::io::Error) -> EvpError {
-    EvpError::Io(format!("{doing} {}: {e}", path.display()))
-}
-
-/// Creates `dir` if missing and makes it 0700, refusing a symlink in its place so an instance
-/// never writes outside the instances directory.
-fn create_private_dir(dir: &Path) -> Result<(), String> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    match std::fs::symlink_metadata(dir) {
-        Ok(m) if m.file_type().is_symlink() => {
-            return Err(format!(
-                "{} is a symbolic link; remove it and start again",
-                dir.display()
-            ));
-        }
-        Ok(m) if !m.is_dir() => {
-            return Err(format!("{} exists and is not a directory", dir.display()));
-        }
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        }
-        Err(e) => return Err(format!("inspecting {}: {e}", dir.display())),
-    }
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| format!("making {} private (0700): {e}", dir.display()))
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
 
-    use evp_schemas::dbus::start_options;
+    use evp_schemas::dbus::{StartOptions, start_options};
     use zbus::zvariant::OwnedVariant;
 
     use super::*;

@@ -23,14 +23,20 @@ use crate::logs::{self, LogPolicy};
 use crate::process::{self, PidFd};
 use crate::record::ProcessHandle;
 use crate::runtime::{
-    AdoptSpec, Adoption, ENV_DEFAULT_WORKSPACE, ENV_SDK_SOCKET, Exit, Runtime, StartSpec, Started,
-    Workload,
+    AdoptSpec, Adoption, DEFAULT_WORKSPACE_DIR, ENV_DEFAULT_WORKSPACE, ENV_SDK_SOCKET, Exit,
+    Runtime, StartSpec, Started, Workload,
 };
+use crate::tree::{self, Scope};
 
 /// The kind name, as EVP's `moduleImpl`.
 pub const KIND: &str = "spawn";
 /// Read size while hashing a module file: large enough for few syscalls, small enough to stream.
 const HASH_CHUNK: usize = 64 * 1024;
+/// The instance's own copy of its module file, run when the instance has a uid of its own: the
+/// module cache is readable by the runtimes' group only, which such an instance is not in.
+const MODULE_COPY: &str = "module";
+/// Mode of that copy: the instance (its owner) may read and run it, nobody else.
+const MODULE_COPY_MODE: u32 = 0o500;
 
 /// Runs `spawn` modules.
 #[derive(Debug, Default)]
@@ -139,7 +145,21 @@ fn hash_module_file(module_id: &str, path: &str) -> Result<String, EvpError> {
 /// going to the instance's output files.
 fn spawn(spec: StartSpec, logs: LogPolicy) -> Result<Started, String> {
     let files = logs::open_for_module(&spec.instance_dir).map_err(|e| e.to_string())?;
-    let mut command = Command::new(&spec.module_location);
+    let program = match spec.uid {
+        Some(uid) => copy_module(&spec, uid)?,
+        None => spec.module_location.clone().into(),
+    };
+    let mut command = Command::new(&program);
+    if let Some(uid) = spec.uid {
+        // gid = uid; setting the uid also makes std drop every supplementary group (it calls
+        // setgroups(0) before setuid), so nothing of the runtime's groups is inherited.
+        command.uid(uid).gid(uid);
+        // SAFETY: the closure runs in the child between fork and exec and only makes system
+        // calls (see `drop_all_capabilities`), which is async-signal-safe.
+        unsafe {
+            command.pre_exec(crate::identity::drop_all_capabilities);
+        }
+    }
     // EVP runs spawn modules with argc 0; Rust cannot, so argv[0] names the instance for `ps`.
     command
         .arg0(&spec.instance)
@@ -162,14 +182,20 @@ fn spawn(spec: StartSpec, logs: LogPolicy) -> Result<Started, String> {
     // none of an earlier run's is logged again.
     let (done_tx, done_rx) = watch::channel(false);
     logs::follow_instance(&spec.instance, &spec.instance_dir, logs, done_rx);
-    let mut child = command
-        .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", spec.module_location))?;
-    let pid = child
-        .id()
-        .and_then(|p| i32::try_from(p).ok())
-        .ok_or_else(|| format!("{} started without a process id", spec.module_location))?;
-    info!(instance = %spec.instance, pid, module = %spec.module_location, "instance spawned");
+    let (mut child, pid) = {
+        // Held until the pid is tracked, so the orphan reaper never reaps this child.
+        let mut tracked = crate::reaper::tracked();
+        let child = command
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", spec.module_location))?;
+        let pid = child
+            .id()
+            .and_then(|p| i32::try_from(p).ok())
+            .ok_or_else(|| format!("{} started without a process id", spec.module_location))?;
+        tracked.insert(pid);
+        (child, pid)
+    };
+    info!(instance = %spec.instance, pid, uid = ?spec.uid, module = %spec.module_location, "instance spawned");
     // The child is not reaped before `wait` below, so its /proc entry is there even if it
     // already exited.
     let handle = match process::stat(pid) {
@@ -192,18 +218,54 @@ fn spawn(spec: StartSpec, logs: LogPolicy) -> Result<Started, String> {
             },
             Err(e) => Exit::Lost(format!("waiting for it failed: {e}")),
         };
+        crate::reaper::untrack(pid);
         let _ = done_tx.send(true);
         exit
     }
     .boxed();
+    let scope = scope_of(pid, spec.uid, &spec.workspace);
     Ok(Started {
         workload: Arc::new(ProcessGroup {
             pgid: Pid::from_raw(pid),
             pidfd: None,
+            scope: scope.clone(),
         }),
         exited,
         process: handle,
+        pid: pid.unsigned_abs(),
+        scope: Some(scope),
     })
+}
+
+/// Every process of the instance: its uid's when it has one of its own, else its tree.
+fn scope_of(pid: i32, uid: Option<u32>, workspace: &std::path::Path) -> Scope {
+    match uid {
+        Some(uid) => Scope::Uid(uid),
+        None => Scope::Tree {
+            leader: pid,
+            marker: format!("{ENV_DEFAULT_WORKSPACE}={}", workspace.display()),
+        },
+    }
+}
+
+/// Copies the module file to `<instance dir>/module`, owned by `uid` with mode 0500 (written
+/// beside it and renamed, so a running copy is never rewritten in place).
+fn copy_module(spec: &StartSpec, uid: u32) -> Result<std::path::PathBuf, String> {
+    let target = spec.instance_dir.join(MODULE_COPY);
+    let temp = spec.instance_dir.join(format!("{MODULE_COPY}.tmp"));
+    let fail = |what: &str, e: std::io::Error| format!("{what} {}: {e}", temp.display());
+    match std::fs::remove_file(&temp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail("removing a stale", e)),
+    }
+    std::fs::copy(&spec.module_location, &temp)
+        .map_err(|e| format!("copying {} for uid {uid}: {e}", spec.module_location))?;
+    std::os::unix::fs::chown(&temp, Some(uid), Some(uid)).map_err(|e| fail("chown", e))?;
+    std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(MODULE_COPY_MODE))
+        .map_err(|e| fail("chmod", e))?;
+    std::fs::rename(&temp, &target).map_err(|e| fail("renaming", e))?;
+    Ok(target)
 }
 
 /// Finds a process started by an earlier run of the daemon: alive, and with the recorded start
@@ -213,6 +275,7 @@ fn adopt(spec: AdoptSpec, logs: LogPolicy) -> Result<Adoption, String> {
         instance,
         instance_dir,
         process: recorded,
+        uid,
     } = spec;
     let pid = recorded.pid;
     if let Some(gone) = gone_reason(recorded)? {
@@ -240,13 +303,17 @@ fn adopt(spec: AdoptSpec, logs: LogPolicy) -> Result<Adoption, String> {
         exit
     }
     .boxed();
+    let scope = scope_of(pid, uid, &instance_dir.join(DEFAULT_WORKSPACE_DIR));
     Ok(Adoption::Running(Started {
         workload: Arc::new(ProcessGroup {
             pgid: Pid::from_raw(pid),
             pidfd: Some(pidfd),
+            scope: scope.clone(),
         }),
         exited,
         process: Some(recorded),
+        pid: pid.unsigned_abs(),
+        scope: Some(scope),
     }))
 }
 
@@ -271,16 +338,25 @@ fn signal_name(sig: i32) -> String {
         .unwrap_or_else(|_| format!("{sig}"))
 }
 
-/// A spawned instance: its process group, led by the module process.
+/// A spawned instance: its process group, led by the module process, and every other process
+/// of it (descendants that left the group).
 struct ProcessGroup {
     pgid: Pid,
     /// For a re-adopted instance, the leader itself, signalled through its pidfd as well in
     /// case it left its group.
     pidfd: Option<Arc<PidFd>>,
+    scope: Scope,
 }
 
 impl ProcessGroup {
     fn signal(&self, signal: Signal) -> Result<(), String> {
+        // SIGKILL is repeated until nothing of the instance is left (a fork meanwhile).
+        tree::signal_all(&self.scope, signal, signal == Signal::SIGKILL);
+        if matches!(self.scope, Scope::Uid(_)) {
+            // Every process of the uid, the group included, was signalled; the runtime, of
+            // another uid and without CAP_KILL, could not signal the group itself.
+            return Ok(());
+        }
         if let Some(fd) = &self.pidfd
             && let Err(e) = fd.signal(signal)
         {
@@ -370,6 +446,7 @@ mod tests {
             self.sup
                 .start_instance(instance, module, InstanceOptions::default())
                 .await
+                .map(|_| ())
         }
 
         fn status(&self, instance: &str) -> Option<(String, String)> {
@@ -507,6 +584,47 @@ mod tests {
         );
         assert!(f.sup.instances().is_empty());
         assert_eq!(f.drain("i").last(), Some(&ev("stopped", "")));
+    }
+
+    /// Without a uid of its own (here the runtime's), an instance's descendant that left its
+    /// process group with setsid and lost its parent is still found (by the workspace variable
+    /// in its environment) and stopped with it.
+    #[tokio::test]
+    async fn stop_ends_a_grandchild_that_called_setsid() {
+        let f = fixture();
+        f.load(
+            "m",
+            "( setsid /bin/sh -c 'echo $$ > \"$EVP_MODULE_SDK_DEFAULT_WORKSPACE_PATH/gc.tmp\"; \
+             mv \"$EVP_MODULE_SDK_DEFAULT_WORKSPACE_PATH/gc.tmp\" \"$EVP_MODULE_SDK_DEFAULT_WORKSPACE_PATH/gc\"; \
+             exec sleep 300' & )\nexec sleep 300",
+        )
+        .await;
+        f.start("i", "m").await.unwrap();
+        let gc_file = f.instance_dir("i").join("default_workspace/gc");
+        wait_file(&gc_file).await;
+        let gc: i32 = std::fs::read_to_string(&gc_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let running = |pid: i32| {
+            crate::process::stat(pid)
+                .unwrap()
+                .is_some_and(|s| !s.exited)
+        };
+        assert!(running(gc));
+        f.sup
+            .stop_instance("i", Duration::from_millis(300))
+            .await
+            .unwrap();
+        let start = Instant::now();
+        while running(gc) {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "the setsid grandchild {gc} survived the stop"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     #[tokio::test]

@@ -47,12 +47,13 @@ impl WasmRuntime {
         Ok(())
     }
 
+    #[zbus(out_args("pid", "uid"))]
     async fn start_instance(
         &self,
         instance: &str,
         module_id: &str,
         options: StartOptions,
-    ) -> Result<(), EvpError> {
+    ) -> Result<(u32, u32), EvpError> {
         let _ = options;
         Err(EvpError::NotSupported(format!(
             "{NOT_SUPPORTED} (instance {instance} of module {module_id})"

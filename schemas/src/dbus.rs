@@ -156,13 +156,14 @@ pub trait Runtime1 {
     ) -> zbus::Result<()>;
     /// Forgets a module; refused with `Busy` while an instance uses it.
     fn unload_module(&self, module_id: &str) -> zbus::Result<()>;
-    /// Starts an instance of a loaded module.
+    /// Starts an instance of a loaded module; answers the started process's `(pid, uid)` (of
+    /// the running one when it already runs), for [`SdkBroker1Proxy::bind_instance`].
     fn start_instance(
         &self,
         instance: &str,
         module_id: &str,
         options: HashMap<String, OwnedVariant>,
-    ) -> zbus::Result<()>;
+    ) -> zbus::Result<(u32, u32)>;
     /// Stops an instance: asks it to exit, then forces it after `grace_ms`.
     fn stop_instance(&self, instance: &str, grace_ms: u32) -> zbus::Result<()>;
     /// Removes the instance's directory once it has left the deployment.
@@ -189,6 +190,9 @@ pub trait Runtime1 {
 pub trait SdkBroker1 {
     /// Creates the instance's socket before it starts.
     fn open_instance(&self, instance: &str) -> zbus::Result<String>;
+    /// Serves the instance's socket only to process `pid` (or a descendant) running as `uid`,
+    /// replacing an earlier binding; connections made before it are held until it comes.
+    fn bind_instance(&self, instance: &str, pid: u32, uid: u32) -> zbus::Result<()>;
     /// Delivers the exit event, then removes the socket.
     fn close_instance(&self, instance: &str) -> zbus::Result<()>;
     /// Publish aliases and subscriptions of every instance.

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use evp_schemas::routing::Routing;
@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::limits;
+use crate::peer::Binding;
 use crate::settings::Settings;
 use crate::store::ConfigStore;
 
@@ -167,6 +168,8 @@ struct Inst {
     notify: Arc<Notify>,
     exiting: bool,
     stop: watch::Sender<bool>,
+    /// The process the socket is served to, once `BindInstance` said.
+    binding: watch::Sender<Option<Binding>>,
     pending_states: BTreeMap<String, PendingState>,
     /// The last value reported per topic, to suppress identical ones.
     reported: HashMap<String, Vec<u8>>,
@@ -287,7 +290,6 @@ pub struct Broker {
     sdk_dir: PathBuf,
     store: ConfigStore,
     sink: Arc<dyn Sink>,
-    allowed_uids: RwLock<HashSet<u32>>,
     state: Mutex<State>,
     ids: AtomicU64,
     /// Wakes the flusher when a state or telemetry is pending.
@@ -320,15 +322,17 @@ impl Broker {
     ) -> anyhow::Result<Arc<Broker>> {
         let store = ConfigStore::open(data_dir.join("sdk"))?;
         let configs = store.load_all();
-        let own_uid = nix::unistd::geteuid().as_raw();
-        let mut uids: HashSet<u32> = settings.allowed_uids.iter().flatten().copied().collect();
-        uids.insert(own_uid);
+        if settings.allowed_uids.is_some() || settings.instance_group.is_some() {
+            warn!(
+                "[sdk_broker] allowed_uids and instance_group are ignored: each socket is \
+                 served to the process BindInstance names (its uid and pid) only"
+            );
+        }
         Ok(Arc::new(Broker {
             settings,
             sdk_dir: run_dir.join("sdk"),
             store,
             sink,
-            allowed_uids: RwLock::new(uids),
             state: Mutex::new(State {
                 configs,
                 ..State::default()
@@ -351,22 +355,6 @@ impl Broker {
     /// The settings in force.
     pub fn settings(&self) -> &Settings {
         &self.settings
-    }
-
-    /// Allows peers of `uid` from now on (the runtime's user, once known on the bus).
-    pub fn allow_uid(&self, uid: u32) {
-        let mut set = self.allowed_uids.write().unwrap_or_else(|e| e.into_inner());
-        if set.insert(uid) {
-            info!(uid, "SDK peers of this uid are allowed");
-        }
-    }
-
-    /// Whether a peer of `uid` may use the SDK sockets.
-    pub fn uid_allowed(&self, uid: u32) -> bool {
-        self.allowed_uids
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&uid)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -412,6 +400,7 @@ impl Broker {
                     notify: Arc::new(Notify::new()),
                     exiting: false,
                     stop,
+                    binding: watch::Sender::new(None),
                     pending_states: BTreeMap::new(),
                     reported: HashMap::new(),
                     reported_bytes: 0,
@@ -426,6 +415,36 @@ impl Broker {
         tokio::spawn(async move { crate::conn::serve(me, name, id, listener, stop_rx).await });
         info!(instance, socket = %path.display(), "instance opened");
         Ok(path)
+    }
+
+    /// `BindInstance`: the socket is served only to process `pid` (or a descendant) running as
+    /// `uid`, from now on; an earlier binding (a previous start) is replaced.
+    pub fn bind_instance(&self, instance: &str, pid: u32, uid: u32) -> Result<(), BrokerError> {
+        if pid <= 1 {
+            return Err(BrokerError::InvalidArgument(format!(
+                "instance {instance}: pid {pid} cannot be an instance's process"
+            )));
+        }
+        let st = self.lock();
+        let inst = st.instances.get(instance).ok_or_else(|| {
+            BrokerError::InvalidArgument(format!(
+                "instance {instance} is not open; call OpenInstance first"
+            ))
+        })?;
+        let was = inst.binding.send_replace(Some(Binding { pid, uid }));
+        info!(instance, pid, uid, ?was, "instance bound to its process");
+        Ok(())
+    }
+
+    /// The instance's binding as it changes; `None` when the instance is gone.
+    pub(crate) fn binding(
+        &self,
+        instance: &str,
+        inst_id: u64,
+    ) -> Option<watch::Receiver<Option<Binding>>> {
+        let st = self.lock();
+        let inst = st.instances.get(instance)?;
+        (inst.id == inst_id).then(|| inst.binding.subscribe())
     }
 
     /// `CloseInstance`: the exit protocol. Pending requests get their EXIT callbacks, the

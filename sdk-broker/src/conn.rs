@@ -1,5 +1,6 @@
-//! The per-instance sockets: creating them with the right mode, checking each peer's uid, and
-//! serving one connection at a time, one request at a time (read, process, answer), as the EVP
+//! The per-instance sockets: creating them with the right mode, checking each peer against the
+//! instance's binding (its process and uid, see [`crate::peer`]), and serving one connection at
+//! a time, one request at a time (read, process, answer), as the EVP
 //! agent does. Framing errors get the answer SDK.md §4.2 documents and never take the broker
 //! down: an oversized record is drained and answered `EVP_TOOBIG`; a bad header is answered
 //! `EVP_INVAL` and closes; a payload that fails verification closes at once.
@@ -15,17 +16,26 @@ use evp_schemas::sdk::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::broker::{Broker, BrokerError, Popped};
+use crate::peer::{self, Refusal};
 
-/// Socket mode when only sdk-broker's own user may connect.
-const MODE_OWNER_ONLY: u32 = 0o600;
-/// Socket mode when the instance group may connect.
-const MODE_GROUP: u32 = 0o660;
-/// Mode of `<run_dir>/sdk`: the instance group must traverse it, nobody else.
-const DIR_MODE: u32 = 0o750;
+/// Socket mode: anyone who can reach it may connect, since who may use it is decided from the
+/// peer's credentials (its uid and pid against `BindInstance`), not by the file mode: instances
+/// run under uids of their own that no group could list in advance.
+const SOCKET_MODE: u32 = 0o666;
+/// Mode of `<run_dir>/sdk`: instances may reach a socket whose name they know, but not list the
+/// directory.
+const DIR_MODE: u32 = 0o711;
+/// How long a connection is held waiting for `BindInstance` before it is refused: the bind
+/// follows `StartInstance` at once, so only a connection to a socket whose instance is not
+/// being started waits this long.
+const BIND_WAIT: Duration = Duration::from_secs(15);
+/// Connections held (waiting for the binding, or checked and waiting for the one slot) per
+/// instance; beyond that a new one is refused at once, so a flood cannot pile up.
+const MAX_HELD_PEERS: usize = 8;
 /// Longest wait of one getEvent before the deadline is looked at again (a deadline far in the
 /// future must not overflow the timer).
 const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
@@ -45,32 +55,18 @@ enum ConnEnd {
     Gone,
 }
 
-/// Creates `<run_dir>/sdk/<instance>.sock` and its directory with the configured modes.
+/// Creates `<run_dir>/sdk/<instance>.sock` and its directory with their modes.
 pub(crate) fn bind(
     broker: &Broker,
     instance: &str,
 ) -> Result<(UnixListener, PathBuf), BrokerError> {
     let io = |what: String| move |e: std::io::Error| BrokerError::Io(format!("{what}: {e}"));
     let dir = broker.sdk_dir();
-    let group = match &broker.settings().instance_group {
-        Some(name) => Some(
-            nix::unistd::Group::from_name(name)
-                .map_err(|e| BrokerError::Io(format!("looking up group {name}: {e}")))?
-                .ok_or_else(|| BrokerError::Io(format!("group {name} does not exist")))?
-                .gid
-                .as_raw(),
-        ),
-        None => None,
-    };
     if !dir.exists() {
         std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(DIR_MODE))
-            .map_err(io(format!("chmod {}", dir.display())))?;
-        if let Some(gid) = group {
-            std::os::unix::fs::chown(dir, None, Some(gid))
-                .map_err(io(format!("chgrp {}", dir.display())))?;
-        }
     }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(DIR_MODE))
+        .map_err(io(format!("chmod {}", dir.display())))?;
     let path = dir.join(format!("{instance}.sock"));
     match std::fs::remove_file(&path) {
         Ok(()) => debug!("removed a stale {}", path.display()),
@@ -79,23 +75,7 @@ pub(crate) fn bind(
     }
     let listener = std::os::unix::net::UnixListener::bind(&path)
         .map_err(io(format!("binding {}", path.display())))?;
-    let mode = match group {
-        Some(gid) => {
-            use std::os::unix::fs::MetadataExt;
-            // In a set-group-id directory of that group the socket already has it, and no
-            // chown is needed (the systemd unit's syscall filter forbids chown).
-            let has = std::fs::metadata(&path)
-                .map(|m| m.gid() == gid)
-                .unwrap_or(false);
-            if !has {
-                std::os::unix::fs::chown(&path, None, Some(gid))
-                    .map_err(io(format!("chgrp {}", path.display())))?;
-            }
-            MODE_GROUP
-        }
-        None => MODE_OWNER_ONLY,
-    };
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(SOCKET_MODE))
         .map_err(io(format!("chmod {}", path.display())))?;
     listener
         .set_nonblocking(true)
@@ -105,7 +85,9 @@ pub(crate) fn bind(
     Ok((listener, path))
 }
 
-/// Accepts connections until the instance is removed; serves one at a time.
+/// Accepts connections until the instance is removed and serves those of the instance's own
+/// process, one at a time. Each new connection is checked apart (held until the instance is
+/// bound), so a connection that waits or is refused never takes the slot from the module.
 pub(crate) async fn serve(
     broker: Arc<Broker>,
     instance: String,
@@ -113,99 +95,179 @@ pub(crate) async fn serve(
     listener: UnixListener,
     mut stop: watch::Receiver<bool>,
 ) {
+    let (checked_tx, mut checked) = mpsc::channel(MAX_HELD_PEERS);
+    let acceptor = tokio::spawn(accept_and_check(
+        Arc::clone(&broker),
+        instance.clone(),
+        inst_id,
+        listener,
+        checked_tx,
+    ));
     loop {
-        let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    warn!(instance, "accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
+        let (stream, pid, uid) = tokio::select! {
+            c = checked.recv() => match c {
+                Some(c) => c,
+                None => break,
             },
-            _ = stopped(&mut stop) => return,
+            _ = stopped(&mut stop) => break,
         };
-        let uid = match stream.peer_cred() {
-            Ok(c) => c.uid(),
+        // Checked again against the binding in force now: a restart may have replaced it
+        // while this connection waited for the slot.
+        let current = broker.binding(&instance, inst_id).and_then(|b| *b.borrow());
+        match current.map(|b| peer::check(b, pid, uid, peer::parent_of)) {
+            Some(Ok(())) => {}
+            Some(Err(why)) => {
+                warn!(instance, pid, uid, "refused an SDK peer: {why}");
+                continue;
+            }
+            None => break,
+        }
+        serve_connection(&broker, &instance, inst_id, stream, uid, &stop).await;
+    }
+    acceptor.abort();
+}
+
+/// Accepts every connection and checks each in a task of its own; those of the instance's
+/// process go to `checked`.
+async fn accept_and_check(
+    broker: Arc<Broker>,
+    instance: String,
+    inst_id: u64,
+    listener: UnixListener,
+    checked: mpsc::Sender<(UnixStream, u32, u32)>,
+) {
+    let held = Arc::new(Semaphore::new(MAX_HELD_PEERS));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                warn!(instance, "accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (pid, uid) = match stream.peer_cred() {
+            Ok(c) => (c.pid().and_then(|p| u32::try_from(p).ok()), c.uid()),
             Err(e) => {
                 warn!(instance, "SO_PEERCRED failed, refusing the peer: {e}");
                 continue;
             }
         };
-        if !broker.uid_allowed(uid) {
+        let Some(pid) = pid else {
+            warn!(instance, uid, "refused an SDK peer whose pid is unknown");
+            continue;
+        };
+        let Ok(permit) = Arc::clone(&held).try_acquire_owned() else {
             warn!(
                 instance,
-                uid, "refused an SDK peer whose uid is not allowed"
+                pid, uid, "refused an SDK peer: {MAX_HELD_PEERS} connections are already waiting"
             );
-            drop(stream);
-            continue;
-        }
-        let Some((conn, notify)) = broker.attach(&instance, inst_id) else {
-            debug!(instance, "refused a peer: the instance is closing");
             continue;
         };
-        info!(instance, uid, "module connected");
-        // Each connection gets a thread of its own with a single-threaded runtime: a module
-        // makes one request at a time and waits for the answer, so the round trip is the
-        // cost of every SDK call, and a thread woken straight by its socket halves it
-        // compared with a task of the shared multi-threaded runtime.
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        let thread = {
-            let (broker, instance, mut stop) = (broker.clone(), instance.clone(), stop.clone());
-            let stream = stream.into_std();
-            std::thread::Builder::new()
-                .name(format!("sdk-{instance}"))
-                .spawn(move || {
-                    let runtime = match tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                    {
-                        Ok(r) => r,
-                        Err(e) => {
-                            warn!(instance, "cannot serve the module: {e}");
-                            return;
+        let Some(mut binding) = broker.binding(&instance, inst_id) else {
+            return;
+        };
+        let (instance, checked) = (instance.clone(), checked.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let bound = tokio::time::timeout(BIND_WAIT, async {
+                binding
+                    .wait_for(Option::is_some)
+                    .await
+                    .ok()
+                    .and_then(|b| *b)
+            })
+            .await;
+            let verdict = match bound {
+                Ok(Some(b)) => peer::check(b, pid, uid, peer::parent_of),
+                // The instance is gone.
+                Ok(None) => return,
+                Err(_) => Err(Refusal::Unbound(BIND_WAIT.as_millis())),
+            };
+            match verdict {
+                Ok(()) => {
+                    let _ = checked.send((stream, pid, uid)).await;
+                }
+                Err(why) => warn!(instance, pid, uid, "refused an SDK peer: {why}"),
+            }
+        });
+    }
+}
+
+/// Serves one accepted connection until it ends.
+async fn serve_connection(
+    broker: &Arc<Broker>,
+    instance: &str,
+    inst_id: u64,
+    stream: UnixStream,
+    uid: u32,
+    stop: &watch::Receiver<bool>,
+) {
+    let Some((conn, notify)) = broker.attach(instance, inst_id) else {
+        debug!(instance, "refused a peer: the instance is closing");
+        return;
+    };
+    info!(instance, uid, "module connected");
+    // Each connection gets a thread of its own with a single-threaded runtime: a module
+    // makes one request at a time and waits for the answer, so the round trip is the
+    // cost of every SDK call, and a thread woken straight by its socket halves it
+    // compared with a task of the shared multi-threaded runtime.
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let thread = {
+        let (broker, instance, mut stop) = (broker.clone(), instance.to_owned(), stop.clone());
+        let stream = stream.into_std();
+        std::thread::Builder::new()
+            .name(format!("sdk-{instance}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        warn!(instance, "cannot serve the module: {e}");
+                        return;
+                    }
+                };
+                runtime.block_on(async {
+                    let end = match stream.and_then(UnixStream::from_std) {
+                        Ok(stream) => {
+                            let mut c = Conn {
+                                broker: &broker,
+                                instance: &instance,
+                                inst_id,
+                                conn,
+                                notify,
+                                stream,
+                            };
+                            let end = tokio::select! {
+                                e = c.run() => e,
+                                _ = stopped(&mut stop) => ConnEnd::Gone,
+                            };
+                            drop(c);
+                            end
                         }
+                        Err(e) => ConnEnd::Io(e),
                     };
-                    runtime.block_on(async {
-                        let end = match stream.and_then(UnixStream::from_std) {
-                            Ok(stream) => {
-                                let mut c = Conn {
-                                    broker: &broker,
-                                    instance: &instance,
-                                    inst_id,
-                                    conn,
-                                    notify,
-                                    stream,
-                                };
-                                let end = tokio::select! {
-                                    e = c.run() => e,
-                                    _ = stopped(&mut stop) => ConnEnd::Gone,
-                                };
-                                drop(c);
-                                end
-                            }
-                            Err(e) => ConnEnd::Io(e),
-                        };
-                        match end {
-                            ConnEnd::Closed | ConnEnd::Gone => {
-                                info!(instance, "module disconnected: {end}")
-                            }
-                            other => warn!(instance, "closing the module's connection: {other}"),
+                    match end {
+                        ConnEnd::Closed | ConnEnd::Gone => {
+                            info!(instance, "module disconnected: {end}")
                         }
-                        broker.detach(&instance, inst_id, conn).await;
-                    });
-                    let _ = done_tx.send(());
-                })
-        };
-        match thread {
-            // One connection at a time, as the EVP agent serves them.
-            Ok(_) => {
-                let _ = done_rx.await;
-            }
-            Err(e) => {
-                warn!(instance, "cannot start a thread for the module: {e}");
-                broker.detach(&instance, inst_id, conn).await;
-            }
+                        other => warn!(instance, "closing the module's connection: {other}"),
+                    }
+                    broker.detach(&instance, inst_id, conn).await;
+                });
+                let _ = done_tx.send(());
+            })
+    };
+    match thread {
+        // One connection at a time, as the EVP agent serves them.
+        Ok(_) => {
+            let _ = done_rx.await;
+        }
+        Err(e) => {
+            warn!(instance, "cannot start a thread for the module: {e}");
+            broker.detach(instance, inst_id, conn).await;
         }
     }
 }

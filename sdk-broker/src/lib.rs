@@ -4,17 +4,19 @@
 //!
 //! - [`broker`]: the rules (event queues, configuration, states, telemetry, messages, direct
 //!   commands, back-pressure, the exit protocol), independent of D-Bus and sockets.
-//! - `conn`: the sockets, the framing and the peer check.
+//! - `conn`: the sockets and the framing; [`peer`]: who may use a socket.
 //! - [`settings`]: the `[sdk_broker]` table of `agent.toml`.
 //! - [`store`]: persisted configuration under `<data_dir>/sdk/config/`.
 //!
 //! The contract with reconcilerd: `OpenInstance(instance)` before starting an instance (pass
-//! the returned path as the runtime's `sdk_socket` option), `SetRouting(Routing JSON)` whenever
+//! the returned path as the runtime's `sdk_socket` option), `BindInstance(instance, pid, uid)`
+//! with what `StartInstance` answered, `SetRouting(Routing JSON)` whenever
 //! the deployment changes, `CloseInstance(instance)` before `Runtime1.StopInstance`.
 
 pub mod broker;
 mod conn;
 pub mod limits;
+pub mod peer;
 pub mod settings;
 pub mod store;
 
@@ -22,10 +24,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use evp_daemon::{AgentConfig, DaemonArgs};
-use evp_schemas::dbus::{EvpError, RUNTIME_CONTAINER_NAME, SDK_BROKER_NAME, SDK_BROKER_PATH};
-use futures_util::StreamExt;
+use evp_schemas::dbus::{EvpError, SDK_BROKER_NAME, SDK_BROKER_PATH};
 use futures_util::future::BoxFuture;
-use tracing::{info, warn};
+use tracing::info;
 use zbus::interface;
 use zbus::object_server::SignalEmitter;
 
@@ -67,6 +68,11 @@ impl SdkBroker {
         path.into_os_string()
             .into_string()
             .map_err(|p| EvpError::Io(format!("socket path {p:?} is not UTF-8")))
+    }
+
+    /// Serves the instance's socket only to process `pid` (or a descendant) running as `uid`.
+    async fn bind_instance(&self, instance: &str, pid: u32, uid: u32) -> Result<(), EvpError> {
+        Ok(self.broker.bind_instance(instance, pid, uid)?)
     }
 
     /// Delivers the exit event, then removes the socket once the module left (or after the
@@ -162,48 +168,10 @@ impl Sink for BusSink {
     }
 }
 
-/// Allows the uid that owns `org.evp.Runtime1.Container`, now and whenever the name changes
-/// owner (the runtime may start after sdk-broker).
-async fn follow_runtime_uid(conn: zbus::Connection, broker: Arc<Broker>) {
-    let dbus = match zbus::fdo::DBusProxy::new(&conn).await {
-        Ok(p) => p,
-        Err(e) => {
-            warn!("cannot watch {RUNTIME_CONTAINER_NAME}: {e}");
-            return;
-        }
-    };
-    let mut changes = match dbus
-        .receive_name_owner_changed_with_args(&[(0, RUNTIME_CONTAINER_NAME)])
-        .await
-    {
-        Ok(s) => Some(s),
-        Err(e) => {
-            warn!("cannot watch owner changes of {RUNTIME_CONTAINER_NAME}: {e}");
-            None
-        }
-    };
-    loop {
-        if let Ok(name) = zbus::names::BusName::try_from(RUNTIME_CONTAINER_NAME)
-            && let Ok(uid) = dbus.get_connection_unix_user(name).await
-        {
-            broker.allow_uid(uid);
-        }
-        match changes.as_mut() {
-            Some(s) => {
-                if s.next().await.is_none() {
-                    return;
-                }
-            }
-            None => return,
-        }
-    }
-}
-
 /// Runs sdk-broker until SIGTERM.
 pub async fn run(args: DaemonArgs) -> Result<()> {
     let config = AgentConfig::load(&args)?;
     let settings: Settings = config.section(SECTION)?;
-    let follow_runtime = settings.allowed_uids.is_none();
     let conn = evp_daemon::bus_builder(&args)?
         .build()
         .await
@@ -222,9 +190,6 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     conn.request_name(SDK_BROKER_NAME)
         .await
         .context("owning org.evp.SdkBroker1")?;
-    if follow_runtime {
-        tokio::spawn(follow_runtime_uid(conn.clone(), Arc::clone(&broker)));
-    }
     info!(sockets = %broker.sdk_dir().display(), "serving {SDK_BROKER_NAME}");
     evp_daemon::notify_ready();
     evp_daemon::wait_for_shutdown().await

@@ -6,12 +6,11 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
-    /// Group that may connect to the sockets (mode 0660, this group). Unset: mode 0600, so
-    /// only sdk-broker's own user can connect (development and tests, where the runtime runs
-    /// as the same user). sdk-broker's user must be a member of this group to set it.
+    /// Ignored, kept so that existing files still parse: the sockets are mode 0666 in a 0711
+    /// directory, and each is served only to the process `BindInstance` names.
     pub instance_group: Option<String>,
-    /// Peer uids allowed to connect (checked with SO_PEERCRED); sdk-broker's own uid is always
-    /// allowed. Unset: the uid that owns `org.evp.Runtime1.Container` on the bus.
+    /// Ignored (logged when set), kept so that existing files still parse: a socket's peer
+    /// must have the uid and be the process (or a descendant) `BindInstance` names.
     pub allowed_uids: Option<Vec<u32>>,
     /// How long an exiting module may stay connected after `CloseInstance` before its socket is
     /// closed: EVP's `CONFIG_EVP_MODULE_INSTANCE_STOP_TIMEOUT` for spawned modules.

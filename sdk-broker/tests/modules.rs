@@ -112,8 +112,20 @@ async fn test_modules_behave_as_documented() {
     }});
     broker.set_routing(&routing.to_string()).unwrap();
 
+    /// Opens an instance bound to this test, whose children the modules are.
+    fn open(broker: &Arc<Broker>, instance: &str) -> std::path::PathBuf {
+        let path = broker.open_instance(instance).unwrap();
+        let uid = std::fs::metadata("/proc/self")
+            .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+            .unwrap();
+        broker
+            .bind_instance(instance, std::process::id(), uid)
+            .unwrap();
+        path
+    }
+
     // config -> state
-    let sock = broker.open_instance("echo").unwrap();
+    let sock = open(&broker, "echo");
     broker
         .deliver_configuration("echo", "greeting", b"hello")
         .unwrap();
@@ -122,7 +134,7 @@ async fn test_modules_behave_as_documented() {
     exits_cleanly(&broker, "echo", m).await;
 
     // config -> telemetry
-    let sock = broker.open_instance("tel").unwrap();
+    let sock = open(&broker, "tel");
     let m = spawn(&module_bin("evp-test-config-telemetry"), &sock);
     broker
         .deliver_configuration("tel", "room", b"{\"t\":21}")
@@ -136,7 +148,7 @@ async fn test_modules_behave_as_documented() {
     exits_cleanly(&broker, "tel", m).await;
 
     // a direct command answered
-    let sock = broker.open_instance("rpc").unwrap();
+    let sock = open(&broker, "rpc");
     let m = spawn(&module_bin("evp-test-rpc-echo"), &sock);
     // Queued until the module connects; it registers its handler before processing events.
     broker
@@ -160,8 +172,8 @@ async fn test_modules_behave_as_documented() {
     exits_cleanly(&broker, "rpc", m).await;
 
     // 1000 messages from one instance to another, counted
-    let rx_sock = broker.open_instance("receiver").unwrap();
-    let tx_sock = broker.open_instance("sender").unwrap();
+    let rx_sock = open(&broker, "receiver");
+    let tx_sock = open(&broker, "sender");
     let receiver = spawn(&module_bin("evp-test-msg-receiver"), &rx_sock);
     let sender = spawn(&module_bin("evp-test-msg-sender"), &tx_sock);
     broker
@@ -189,7 +201,7 @@ async fn test_modules_behave_as_documented() {
     exits_cleanly(&broker, "receiver", receiver).await;
 
     // a telemetry flood meets back-pressure
-    let sock = broker.open_instance("flood").unwrap();
+    let sock = open(&broker, "flood");
     let m = spawn(&module_bin("evp-test-telemetry-flood"), &sock);
     broker
         .deliver_configuration("flood", "flood", b"5000")

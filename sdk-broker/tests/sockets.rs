@@ -58,8 +58,18 @@ fn harness_in(settings: Settings, dirs: tempfile::TempDir) -> Harness {
 }
 
 impl Harness {
+    /// Opens `instance` and binds it to this test process, which (with its children) plays
+    /// the module.
     fn open(&self, instance: &str) -> PathBuf {
-        self.broker.open_instance(instance).unwrap()
+        let path = self.broker.open_instance(instance).unwrap();
+        self.broker
+            .bind_instance(
+                instance,
+                std::process::id(),
+                nix::unistd::geteuid().as_raw(),
+            )
+            .unwrap();
+        path
     }
 
     async fn signal(&mut self) -> Signal {
@@ -162,7 +172,8 @@ async fn every_request_over_a_real_socket() {
     assert_eq!(path, h.dirs.path().join("run/sdk/inst-a.sock"));
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600, "the socket is for sdk-broker's own user only");
+    // Anyone may connect; the peer check against the binding decides who is served.
+    assert_eq!(mode, 0o666);
 
     let log = Log::default();
     let (l, p) = (log.clone(), path.clone());
@@ -841,7 +852,7 @@ async fn a_flood_gets_again_and_memory_stays_bounded_without_dropping_anything()
     .await;
 }
 
-/// The child half of [`a_peer_whose_uid_is_not_allowed_is_refused`]: when run with
+/// The child half of [`a_peer_with_another_uid_than_the_bound_one_is_refused`]: when run with
 /// `EVP_PEER_PROBE_SOCKET` set (as another user), connects, polls once and prints what
 /// happened. Does nothing in a normal test run.
 #[test]
@@ -896,44 +907,82 @@ fn probe_as_nobody(socket: &Path) -> String {
     rest[..rest.find(":END").unwrap()].to_owned()
 }
 
-/// "A client that connects to another instance's socket is refused": the identity is the
-/// socket path, so what can be refused is a peer that is not the runtime's user. The socket is
-/// made group-connectable (mode 0660, group nogroup) so that the refusal comes from the
-/// SO_PEERCRED check, not from the file mode; the same probe with uid 65534 allowed is
-/// answered, which shows it. Needs root (to run the probe as another user); skipped otherwise.
+/// "A client that connects to another instance's socket is refused": a socket is served only
+/// to the process `BindInstance` names (or a descendant) with the uid it names. The socket is
+/// mode 0666 in a 0711 directory, so the refusal comes from the SO_PEERCRED check, not from
+/// the file mode: the same probe (a child of this test, as uid 65534) is answered once the
+/// instance is bound to that uid. Needs root (to run the probe as another user); skipped
+/// otherwise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_whose_uid_is_not_allowed_is_refused() {
+async fn a_peer_with_another_uid_than_the_bound_one_is_refused() {
     use std::os::unix::fs::PermissionsExt;
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipped: needs root to run a client as another uid");
         return;
     }
-    for (allowed, expect) in [(vec![], "refused"), (vec![65534], "answered")] {
+    for (uid, expect) in [
+        (nix::unistd::geteuid().as_raw(), "refused"),
+        (65534, "answered"),
+    ] {
         let dirs = tempfile::tempdir().unwrap();
         std::fs::set_permissions(dirs.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let h = harness_in(
-            Settings {
-                instance_group: Some("nogroup".into()),
-                allowed_uids: Some(allowed),
-                ..quick_settings()
-            },
-            dirs,
-        );
-        let path = h.open("victim");
-        let meta = std::fs::metadata(&path).unwrap();
-        assert_eq!(meta.permissions().mode() & 0o777, 0o660);
-        use std::os::unix::fs::MetadataExt;
-        assert_eq!(meta.gid(), 65534);
+        let h = harness_in(quick_settings(), dirs);
+        let path = h.broker.open_instance("victim").unwrap();
+        h.broker
+            .bind_instance("victim", std::process::id(), uid)
+            .unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o666);
+        assert_eq!(mode(path.parent().unwrap()), 0o711);
         let p = path.clone();
         let outcome = client(move || probe_as_nobody(&p)).await;
-        assert_eq!(outcome, expect);
-        // The broker's own uid is always allowed.
-        let p = path.clone();
-        client(move || {
-            let mut s = UnixStream::connect(&p).unwrap();
-            raw_send(&mut s, 1, &poll_request());
-            assert!(raw_read(&mut s).is_some());
-        })
-        .await;
+        assert_eq!(outcome, expect, "bound to uid {uid}");
     }
+}
+
+/// A peer with the bound uid that is neither the bound process nor its descendant is
+/// refused (here: this test, while the binding names a `sleep` it started); a connection made
+/// before the binding is held, and answered once the binding names its process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_bound_process_tree_is_served_and_early_peers_wait_for_the_binding() {
+    let h = harness(quick_settings());
+    let path = h.broker.open_instance("i").unwrap();
+    let me = nix::unistd::geteuid().as_raw();
+    let mut sibling = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    h.broker.bind_instance("i", sibling.id(), me).unwrap();
+    let p = path.clone();
+    let refused = client(move || {
+        let mut s = UnixStream::connect(&p).unwrap();
+        let _ = s.write_all(&Header::new(poll_request().len() as u32, 1).to_bytes());
+        let _ = s.write_all(&poll_request());
+        raw_read(&mut s).is_none()
+    })
+    .await;
+    assert!(refused, "a process outside the bound tree was served");
+    let _ = sibling.kill();
+    let _ = sibling.wait();
+
+    let h = harness(quick_settings());
+    let path = h.broker.open_instance("i").unwrap();
+    let early = client(move || {
+        let mut s = UnixStream::connect(&path).unwrap();
+        raw_send(&mut s, 1, &poll_request());
+        s
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    h.broker.bind_instance("i", std::process::id(), me).unwrap();
+    let answered = client(move || {
+        let mut s = early;
+        raw_read(&mut s).is_some()
+    })
+    .await;
+    assert!(
+        answered,
+        "the connection made before the binding was not served"
+    );
+    assert!(h.broker.bind_instance("nobody", 1234, me).is_err());
 }

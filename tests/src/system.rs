@@ -43,6 +43,8 @@ pub struct System {
     pub conn: zbus::Connection,
     /// The test PKI, with [`Options::tls`].
     pub pki: Option<Pki>,
+    /// The uids this device's instances get, held for its lifetime.
+    pub uids: UidBlock,
 }
 
 /// Client id of the device, and CN of its certificate.
@@ -57,6 +59,10 @@ impl System {
     /// A device set up as `options` says.
     pub async fn start_with(options: Options) -> Result<System> {
         let dir = tempfile::Builder::new().prefix("evp-system-").tempdir()?;
+        // Instances run under uids of their own when the test runs as root: they must get
+        // through to their workspace and SDK socket inside (without listing anything), as
+        // through /var/lib and /run on a device.
+        traversable(dir.path())?;
         let bus = PrivateBus::start(&dir.path().join("bus")).context("starting dbus-daemon")?;
         let pki = if options.tls {
             Some(certs::make(dir.path(), DEVICE)?)
@@ -80,6 +86,8 @@ impl System {
             device_port,
         )?;
         config.bin_dir = crate::bin_dir();
+        let uids = UidBlock::take()?;
+        config.instance_uids = Some((uids.min, uids.max));
         config.output = DaemonOutput::LogFiles;
         // Reports as fast as the agent allows, so tests wait on conditions, not on clocks.
         config.report_status_interval_min_ms = 0;
@@ -126,6 +134,7 @@ impl System {
             hub,
             conn,
             pki,
+            uids,
         })
     }
 
@@ -249,6 +258,58 @@ impl Drop for System {
             eprintln!("kept {}", path.keep().display());
         }
     }
+}
+
+/// A block of uids of the runtime's default range (61184–65519) for one device's instances,
+/// held with a lock file for the device's lifetime: devices of tests running at once (in one
+/// test binary, or in several) never share a uid, since stopping an instance signals every
+/// process of its uid. The lock goes with the process, so a crashed test frees its block.
+#[derive(Debug)]
+pub struct UidBlock {
+    _lock: std::fs::File,
+    /// First uid.
+    pub min: u32,
+    /// Last uid.
+    pub max: u32,
+}
+
+/// Uids per [`UidBlock`]: more instances than any test deploys at once.
+const UID_BLOCK: u32 = 64;
+
+impl UidBlock {
+    /// The first block no other test holds.
+    pub fn take() -> Result<UidBlock> {
+        use std::os::fd::AsRawFd;
+        let (first, last) = (61184u32, 65519u32);
+        for min in (first..=last - UID_BLOCK + 1).step_by(UID_BLOCK as usize) {
+            let path = std::env::temp_dir().join(format!("evp-test-uids-{min}.lock"));
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            // SAFETY: flock on a descriptor we own, with integer flags only.
+            if unsafe {
+                nix::libc::flock(file.as_raw_fd(), nix::libc::LOCK_EX | nix::libc::LOCK_NB)
+            } == 0
+            {
+                return Ok(UidBlock {
+                    _lock: file,
+                    min,
+                    max: min + UID_BLOCK - 1,
+                });
+            }
+        }
+        anyhow::bail!("every block of test uids is held by a running test")
+    }
+}
+
+/// Lets every user through `dir` (mode 0711) without letting them list it.
+pub fn traversable(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+        .with_context(|| format!("chmod 0711 {}", dir.display()))
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {

@@ -94,6 +94,7 @@ async fn runtimed_container_serves_runtime1_and_stops_instances_on_sigterm() {
         .prefix("evp-runtime-")
         .tempdir()
         .unwrap();
+    evp_system_tests::system::traversable(dir.path()).unwrap();
     let bus = PrivateBus::start(&dir.path().join("bus")).unwrap();
     let data = dir.path().join("data");
     let mut daemon = Daemon::start(
@@ -154,10 +155,24 @@ async fn runtimed_container_serves_runtime1_and_stops_instances_on_sigterm() {
     assert_eq!(error_name(&e), Some("org.evp.Error.NotFound"), "{e}");
 
     proxy.load_module("m", "spawn", path, &sha).await.unwrap();
-    proxy
+    let (started_pid, uid) = proxy
         .start_instance("i", "m", no_options.clone())
         .await
         .unwrap();
+    // Root may give instances uids of their own, an ordinary user runs them as itself.
+    if nix::unistd::geteuid().is_root() {
+        assert!((61184..=65519).contains(&uid), "uid {uid}");
+    } else {
+        assert_eq!(uid, nix::unistd::geteuid().as_raw());
+    }
+    // Repeated, the start is a no-op answering the same process.
+    assert_eq!(
+        proxy
+            .start_instance("i", "m", no_options.clone())
+            .await
+            .unwrap(),
+        (started_pid, uid)
+    );
     for expected in ["starting", "ok"] {
         let signal = tokio::time::timeout(DEADLINE, changes.next())
             .await
@@ -193,6 +208,7 @@ async fn runtimed_container_serves_runtime1_and_stops_instances_on_sigterm() {
     })
     .await
     .unwrap();
+    assert_eq!(module_pid.unsigned_abs(), started_pid);
     kill(daemon.pid(), Signal::SIGTERM).unwrap();
     let signal = tokio::time::timeout(DEADLINE, changes.next())
         .await
@@ -218,6 +234,7 @@ async fn runtimed_wasm_serves_runtime1_without_an_engine() {
         .prefix("evp-runtime-")
         .tempdir()
         .unwrap();
+    evp_system_tests::system::traversable(dir.path()).unwrap();
     let bus = PrivateBus::start(&dir.path().join("bus")).unwrap();
     let _daemon = Daemon::start(
         "evp-runtimed-wasm",

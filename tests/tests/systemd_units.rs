@@ -8,6 +8,11 @@ use std::process::Command;
 /// scale. The units score 1.0–1.7 today; the margin is for systemd versions that weigh
 /// settings differently, not for loosening the sandbox.
 const MAX_EXPOSURE_X10: u32 = 20;
+/// runtimed-container's own limit, 2.1: it must give each instance a uid of its own
+/// (CAP_SETUID, CAP_SETGID, CAP_CHOWN and the @setuid/@chown system calls). What would bring it
+/// back to 2.0 (ProcSubset=pid, MemoryDenyWriteExecute=yes) is inherited by the modules and
+/// would change what an unchanged EVP module sees (/proc/meminfo, a JIT), so it is not set.
+const MAX_EXPOSURE_X10_RUNTIME_CONTAINER: u32 = 21;
 
 const DAEMONS: [&str; 5] = [
     "evp-hubd",
@@ -63,7 +68,14 @@ fn every_unit_verifies_and_keeps_a_low_exposure() {
         );
         let security = systemd_analyze()
             .args(["security", "--offline=true"])
-            .arg(format!("--threshold={MAX_EXPOSURE_X10}"))
+            .arg(format!(
+                "--threshold={}",
+                if daemon == "evp-runtimed-container" {
+                    MAX_EXPOSURE_X10_RUNTIME_CONTAINER
+                } else {
+                    MAX_EXPOSURE_X10
+                }
+            ))
             .arg(&unit)
             .output()
             .unwrap();

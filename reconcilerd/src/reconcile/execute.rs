@@ -179,8 +179,10 @@ impl Reconciler {
     }
 }
 
-/// Opens the instance's SDK socket in sdk-broker, then starts it with that socket. Opening is
-/// idempotent, so a restart or a reconcilerd restart reuses the socket that is there.
+/// Opens the instance's SDK socket in sdk-broker, starts it with that socket, then binds the
+/// socket to the process the runtime answered (only it, or a descendant, may use the socket;
+/// a connection it made meanwhile is held until then). Opening is idempotent, so a restart or
+/// a reconcilerd restart reuses the socket that is there.
 pub(super) async fn start(
     sdk: &SdkBroker1Proxy<'static>,
     proxy: &Runtime1Proxy<'static>,
@@ -199,10 +201,16 @@ pub(super) async fn start(
         &Default::default(),
     )
     .map_err(|e| e.to_string())?;
-    proxy
+    let (pid, uid) = proxy
         .start_instance(name, &want.module_id, options)
         .await
-        .map_err(|e| format!("Failed to start: {}", dbus::error_message(&e)))
+        .map_err(|e| format!("Failed to start: {}", dbus::error_message(&e)))?;
+    sdk.bind_instance(name, pid, uid).await.map_err(|e| {
+        format!(
+            "Failed to bind the SDK socket to process {pid} (uid {uid}): {}",
+            dbus::error_message(&e)
+        )
+    })
 }
 
 /// Stops one instance: the SDK exit protocol first (sdk-broker answers once the module let go,
