@@ -10,6 +10,7 @@
 pub mod logs;
 pub mod process;
 pub mod record;
+pub mod relay;
 pub mod runtime;
 pub mod spawn;
 
@@ -46,9 +47,13 @@ pub struct ContainerConfig {
     /// and its next start re-adopts them, so updating or restarting the runtime does not
     /// restart the workloads (as Azure IoT Edge and Ankaios treat theirs).
     pub stop_instances_on_exit: bool,
-    /// Size at which an instance's `logs/stdout.log` or `logs/stderr.log` is truncated, once
-    /// what it holds was logged.
+    /// The most each output stream of an instance takes on disk: `logs/stdout.log` and its
+    /// rotated `stdout.log.1` together (likewise stderr), each file at most half of it.
     pub log_max_bytes: u64,
+    /// Who reads instance output: not a setting (a relay process of this binary, always, on a
+    /// device); the crate's tests, whose executable is not the daemon, read it in threads.
+    #[serde(skip)]
+    pub log_relay: logs::Relay,
 }
 
 impl Default for ContainerConfig {
@@ -58,6 +63,7 @@ impl Default for ContainerConfig {
             stop_grace_ms: 10_000,
             stop_instances_on_exit: false,
             log_max_bytes: logs::DEFAULT_LOG_MAX_BYTES,
+            log_relay: LogPolicy::default().relay,
         }
     }
 }
@@ -65,16 +71,16 @@ impl Default for ContainerConfig {
 /// Errors in the `[container]` section.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// `log_max_bytes = 0` would truncate every output file at every poll.
-    #[error("[container] log_max_bytes must be at least 1")]
-    ZeroLogMaxBytes,
+    /// Below 2, a stream's two files could not hold a byte each.
+    #[error("[container] log_max_bytes must be at least 2")]
+    LogMaxBytesTooSmall,
 }
 
 impl ContainerConfig {
     /// Refuses values that cannot work.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.log_max_bytes == 0 {
-            return Err(ConfigError::ZeroLogMaxBytes);
+        if self.log_max_bytes < 2 {
+            return Err(ConfigError::LogMaxBytesTooSmall);
         }
         Ok(())
     }
@@ -94,6 +100,7 @@ impl ContainerConfig {
     pub fn log_policy(&self) -> LogPolicy {
         LogPolicy {
             max_bytes: self.log_max_bytes,
+            relay: self.log_relay.clone(),
         }
     }
 }
@@ -337,7 +344,11 @@ mod tests {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let bus = zbus::connection::Builder::address(address);
         let task = tokio::spawn(async move {
-            serve(&ContainerConfig::default(), instances, bus, async {
+            let config = ContainerConfig {
+                log_relay: logs::Relay::InProcess,
+                ..ContainerConfig::default()
+            };
+            serve(&config, instances, bus, async {
                 let _ = stopped.await;
             })
             .await
@@ -452,8 +463,8 @@ mod tests {
         );
         assert_eq!(set.log_policy().max_bytes, 4096);
         assert!(matches!(
-            parse("[container]\nlog_max_bytes = 0\n").validate(),
-            Err(ConfigError::ZeroLogMaxBytes)
+            parse("[container]\nlog_max_bytes = 1\n").validate(),
+            Err(ConfigError::LogMaxBytesTooSmall)
         ));
     }
 }
