@@ -116,10 +116,10 @@ async fn a_flooding_module_stays_within_its_log_bound_across_a_runtime_restart()
     let [module] = sys.instance_pids("flood")[..] else {
         panic!("flood should run as one process");
     };
+    flood_until(&logs, FLOOD_BEFORE_RESTART, started).await;
     let [relay] = relays(&logs)[..] else {
         panic!("flood should have one log relay: {:?}", relays(&logs));
     };
-    flood_until(&logs, FLOOD_BEFORE_RESTART, started).await;
 
     // The runtime's log: a bounded share of the lines, and the count of the others.
     let runtime_log = sys
