@@ -43,11 +43,13 @@ fn main() -> anyhow::Result<()> {
             instance,
             dir,
             max_bytes,
-        }) => evp_runtimed_container::relay::run_process(&evp_runtimed_container::relay::RelayConfig {
-            instance,
-            dir,
-            max_bytes,
-        }),
+        }) => evp_runtimed_container::relay::run_process(
+            &evp_runtimed_container::relay::RelayConfig {
+                instance,
+                dir,
+                max_bytes,
+            },
+        ),
         None => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()

@@ -11,9 +11,9 @@ use tempfile::TempDir;
 use tokio::sync::mpsc;
 
 use crate::logs::{self, LogPolicy};
-use crate::relay;
 use crate::process;
 use crate::record::{self, InstanceRecord, ProcessHandle, RECORD_VERSION};
+use crate::relay;
 use crate::runtime::{
     DIED_WHILE_AWAY, EXIT_STATUS_UNKNOWN, InstanceEvent, InstanceOptions, OnExit, Runtime,
     Supervisor,
@@ -210,7 +210,8 @@ fn a_live_instance_is_readopted_after_a_restart_and_stops_as_before() {
     assert!(alive(pid), "the module died with the runtime");
 
     current_thread_runtime().block_on(async {
-        let (sup, mut events) = device.supervisor(LogPolicy::in_process(logs::DEFAULT_LOG_MAX_BYTES));
+        let (sup, mut events) =
+            device.supervisor(LogPolicy::in_process(logs::DEFAULT_LOG_MAX_BYTES));
         let recovery = sup.recover().await;
         assert_eq!(recovery.adopted, ["i"]);
         assert_eq!(
@@ -439,7 +440,10 @@ fn output_is_relayed_bounded_and_logged_once_across_a_restart() {
             std::fs::read(&stdout_log).unwrap(),
         ]
         .concat();
-        assert!(kept.ends_with(b"line-298\nline-299\n"), "the latest output is kept");
+        assert!(
+            kept.ends_with(b"line-298\nline-299\n"),
+            "the latest output is kept"
+        );
         wait_until("the module to be ready", || {
             device
                 .instance_dir("printer")

@@ -159,9 +159,10 @@ impl RotatingFile {
         let take = usize::try_from(self.segment - self.len)
             .unwrap_or(usize::MAX)
             .min(bytes.len());
-        let file = self.file.as_mut().ok_or_else(|| {
-            std::io::Error::other("the output file is not open")
-        })?;
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("the output file is not open"))?;
         file.write_all(&bytes[..take])?;
         self.len += take as u64;
         Ok(take)
@@ -247,8 +248,10 @@ pub fn serve(config: &RelayConfig, stdout: File, stderr: File) {
     let dispatch = tracing::dispatcher::get_default(|d| d.clone());
     let (done_tx, done) = mpsc::channel::<()>();
     let mut readers = Vec::new();
-    for (source, stream, file) in [(stdout, "stdout", STDOUT_FILE), (stderr, "stderr", STDERR_FILE)]
-    {
+    for (source, stream, file) in [
+        (stdout, "stdout", STDOUT_FILE),
+        (stderr, "stderr", STDERR_FILE),
+    ] {
         let out = RotatingFile::new(config.dir.join(file), config.max_bytes);
         let relog = Arc::clone(&relog);
         let dispatch = dispatch.clone();

@@ -139,8 +139,8 @@ fn hash_module_file(module_id: &str, path: &str) -> Result<String, EvpError> {
 fn spawn(spec: StartSpec, logs: &LogPolicy) -> Result<Started, String> {
     // Started before the module, so none of its output is missed; if the module cannot
     // start, the relay sees the pipes close and ends.
-    let output = logs::start_relay(&spec.instance, &spec.instance_dir, logs)
-        .map_err(|e| e.to_string())?;
+    let output =
+        logs::start_relay(&spec.instance, &spec.instance_dir, logs).map_err(|e| e.to_string())?;
     let mut command = Command::new(&spec.module_location);
     // EVP runs spawn modules with argc 0; Rust cannot, so argv[0] names the instance for `ps`.
     command

@@ -155,8 +155,8 @@ struct BusSink {
 impl Sink for BusSink {
     fn emit(&self, signal: Signal) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
-            let to = zbus::names::BusName::try_from(destination(&signal))
-                .map_err(|e| e.to_string())?;
+            let to =
+                zbus::names::BusName::try_from(destination(&signal)).map_err(|e| e.to_string())?;
             let emitter = SignalEmitter::new(&self.conn, SDK_BROKER_PATH)
                 .map_err(|e| e.to_string())?
                 .set_destination(to);

@@ -6,7 +6,9 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use evp_system_tests::system::{System, deploy_and_wait, deployment_of, instance_status, wait_gone};
+use evp_system_tests::system::{
+    System, deploy_and_wait, deployment_of, instance_status, wait_gone,
+};
 use evp_system_tests::{DEADLINE, wait_for};
 use nix::sys::signal::Signal;
 

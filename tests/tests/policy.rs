@@ -156,9 +156,11 @@ impl Eavesdropper {
     }
 
     async fn wait_line(&self, what: &str, check: impl Fn(&str) -> bool) -> String {
-        let found = wait_for(&format!("the eavesdropper to print {what}"), DEADLINE, async || {
-            self.lines().into_iter().find(|l| check(l))
-        })
+        let found = wait_for(
+            &format!("the eavesdropper to print {what}"),
+            DEADLINE,
+            async || self.lines().into_iter().find(|l| check(l)),
+        )
         .await;
         found.unwrap_or_else(|e| panic!("{e}; it printed {:#?}", self.lines()))
     }
@@ -177,7 +179,9 @@ async fn module_data_reaches_hubd_and_no_outsider() {
         return;
     };
     let spy = Eavesdropper::start(NOBODY, sys.bus.address()).await;
-    let monitor = spy.wait_line("its BecomeMonitor outcome", |l| l.starts_with("monitor: ")).await;
+    let monitor = spy
+        .wait_line("its BecomeMonitor outcome", |l| l.starts_with("monitor: "))
+        .await;
     assert!(
         monitor.contains("refused") && monitor.contains("ccess"),
         "an outsider became a monitor: {monitor}"
@@ -210,14 +214,16 @@ async fn module_data_reaches_hubd_and_no_outsider() {
     })
     .await
     .unwrap();
-    wait_for("the hub to see tele's telemetry", DEADLINE, async || {
-        match telemetry.try_recv() {
+    wait_for(
+        "the hub to see tele's telemetry",
+        DEADLINE,
+        async || match telemetry.try_recv() {
             Ok(evp_devhub::DeviceReport::Telemetry(v)) => {
                 (v.get("tele/room/temp") == Some(&json!(21.5))).then_some(())
             }
             _ => None,
-        }
-    })
+        },
+    )
     .await
     .unwrap();
     let answer = sys

@@ -3,9 +3,7 @@
 
 use std::time::Duration;
 
-use evp_system_tests::system::{
-    Options, System, deploy_and_wait, deployment_of, instance_status,
-};
+use evp_system_tests::system::{Options, System, deploy_and_wait, deployment_of, instance_status};
 use evp_system_tests::{DEADLINE, wait_for};
 use serde_json::{Value, json};
 

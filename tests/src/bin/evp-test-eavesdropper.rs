@@ -42,7 +42,11 @@ async fn main() -> Result<()> {
         .await?
         .become_monitor(&[], 0)
         .await;
-    writeln!(out, "monitor: {}", outcome(&became.map_err(zbus::Error::from)))?;
+    writeln!(
+        out,
+        "monitor: {}",
+        outcome(&became.map_err(zbus::Error::from))
+    )?;
 
     let conn = zbus::connection::Builder::address(address.as_str())
         .build()
