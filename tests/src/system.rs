@@ -349,6 +349,38 @@ pub async fn deploy_and_wait(sys: &System, d: &Value) {
     .expect("the deployment to be ok");
 }
 
+/// Waits until the hub holds the instance state `key` (`state/<instance>/<topic>`) with a
+/// value that satisfies `check`, and returns it.
+pub async fn wait_state(sys: &System, key: &str, check: impl Fn(&Value) -> bool) -> Value {
+    crate::wait_for(&format!("the hub to see {key}"), DEADLINE, async || {
+        sys.hub
+            .instance_states()
+            .get(key)
+            .filter(|v| check(v))
+            .cloned()
+    })
+    .await
+    .unwrap()
+}
+
+/// Waits for a telemetry message with `key` (`<instance>/<key>`) among the reports of
+/// `reports` (from `HubSide::subscribe`), and returns the message.
+pub async fn wait_telemetry(
+    reports: &mut tokio::sync::broadcast::Receiver<evp_devhub::DeviceReport>,
+    key: &str,
+) -> Value {
+    crate::wait_for(
+        &format!("telemetry {key}"),
+        DEADLINE,
+        async || match reports.try_recv() {
+            Ok(evp_devhub::DeviceReport::Telemetry(v)) if v.get(key).is_some() => Some(v),
+            _ => None,
+        },
+    )
+    .await
+    .unwrap()
+}
+
 /// The status of one instance in a `deploymentStatus`, or `""`.
 pub fn instance_status<'a>(status: &'a Value, instance: &str) -> &'a str {
     status["instances"][instance]["status"]

@@ -14,7 +14,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 
 use evp_system_tests::system::{
-    DAEMON_INTERFACES, System, deploy_and_wait, deployment_of, schema_xml,
+    DAEMON_INTERFACES, System, deploy_and_wait, deployment_of, schema_xml, wait_state,
+    wait_telemetry,
 };
 use evp_system_tests::{DEADLINE, wait_for};
 use serde_json::json;
@@ -209,23 +210,9 @@ async fn module_data_reaches_hubd_and_no_outsider() {
         .set_configuration("tele", "room/temp", "21.5")
         .await
         .unwrap();
-    wait_for("the hub to see echo's state", DEADLINE, async || {
-        (sys.hub.instance_states().get("state/echo/secret")? == "state-value").then_some(())
-    })
-    .await
-    .unwrap();
-    wait_for(
-        "the hub to see tele's telemetry",
-        DEADLINE,
-        async || match telemetry.try_recv() {
-            Ok(evp_devhub::DeviceReport::Telemetry(v)) => {
-                (v.get("tele/room/temp") == Some(&json!(21.5))).then_some(())
-            }
-            _ => None,
-        },
-    )
-    .await
-    .unwrap();
+    wait_state(&sys, "state/echo/secret", |v| v == "state-value").await;
+    let seen = wait_telemetry(&mut telemetry, "tele/room/temp").await;
+    assert_eq!(seen["tele/room/temp"], json!(21.5), "{seen}");
     let answer = sys
         .hub
         .call("rpc", "echo", r#"{"text":"secret answer"}"#, 7001, DEADLINE)
