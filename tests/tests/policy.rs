@@ -2,8 +2,9 @@
 //! not name may read the public properties but gets `AccessDenied` from the bus for every
 //! `org.evp.*` method; the users it names get through to the daemon.
 //!
-//! Module data (sdk-broker's `StateReported`, `Telemetry` and `RpcResponse`) reaches hubd and
-//! nobody else, however an outsider asks for it.
+//! Module data (sdk-broker's `StateReported`, `Telemetry` and `RpcResponse`, and the
+//! configurations and commands hubd sends it) reaches its one consumer and nobody else, however
+//! an outsider asks for it.
 //!
 //! The unprivileged caller is uid/gid 65534 (nobody), reached with `setpriv`, so the test
 //! needs root, as CI runs; without root it says so and checks nothing.
@@ -235,7 +236,7 @@ async fn module_data_reaches_hubd_and_no_outsider() {
         .collect();
     assert!(
         leaked.is_empty(),
-        "an outsider received sdk-broker's signals: {leaked:#?}"
+        "an outsider received module data: {leaked:#?}"
     );
     drop(spy);
     sys.stop().await;

@@ -1,22 +1,25 @@
 //! An outsider on the bus, for the policy test: run as an unprivileged user, it tries every
-//! way an ordinary client has to read other connections' signals, and prints what it gets.
+//! way an ordinary client has to read other connections' messages, and prints what it gets.
 //!
 //! Usage: `evp-test-eavesdropper <bus address>`. Prints `monitor: <outcome>` for its
 //! `BecomeMonitor` attempt, `match <rule>: <outcome>` for each match rule, then `ready`, then
-//! one `signal <sender> <interface>.<member>` line per signal it receives, until killed.
+//! one `<type> <sender> <interface>.<member>` line per signal or method call it receives
+//! (`signal`, `call`), until killed.
 
 use std::io::Write;
 
 use anyhow::{Context, Result};
 use futures_util::StreamExt;
 
-/// What an outsider asks for: sdk-broker's signals by a plain match rule and by eavesdropping
-/// (which would also catch signals sent to someone else), and the test's marker, which it may
+/// What an outsider asks for: sdk-broker's signals by plain match rules, and by eavesdropping
+/// everything of its interface (which would also catch signals sent to hubd alone, and the
+/// configurations and commands hubd sends sdk-broker); and the test's marker, which it may
 /// receive, so the test knows when everything sent before the marker has been delivered.
-const MATCH_RULES: [&str; 4] = [
+const MATCH_RULES: [&str; 5] = [
     "type='signal',sender='org.evp.SdkBroker1'",
     "type='signal',interface='org.evp.SdkBroker1'",
-    "eavesdrop='true',type='signal',interface='org.evp.SdkBroker1'",
+    "eavesdrop='true',interface='org.evp.SdkBroker1'",
+    "eavesdrop='true',sender='org.evp.SdkBroker1'",
     "type='signal',interface='org.evp.Test'",
 ];
 
@@ -77,13 +80,15 @@ async fn main() -> Result<()> {
         };
         let Some(Ok(msg)) = msg else { continue };
         let header = msg.header();
-        if header.message_type() != zbus::message::Type::Signal {
-            continue;
-        }
+        let kind = match header.message_type() {
+            zbus::message::Type::Signal => "signal",
+            zbus::message::Type::MethodCall => "call",
+            _ => continue,
+        };
         let name = |n: Option<String>| n.unwrap_or_else(|| "-".to_owned());
         writeln!(
             out,
-            "signal {} {}.{}",
+            "{kind} {} {}.{}",
             name(header.sender().map(|s| s.to_string())),
             name(header.interface().map(|s| s.to_string())),
             name(header.member().map(|s| s.to_string())),
