@@ -176,6 +176,13 @@ impl RotatingFile {
             .mode(0o600)
             .open(&self.path)?;
         self.len = file.metadata()?.len();
+        if self.len > self.segment {
+            // Left by a version that kept output differently (or a smaller bound now): the
+            // bound holds from the start, so it goes.
+            file.set_len(0)?;
+            info!(path = %self.path.display(), bytes = self.len, "instance output file over its bound; emptied");
+            self.len = 0;
+        }
         self.file = Some(file);
         Ok(())
     }
@@ -354,6 +361,17 @@ mod tests {
         .concat();
         assert!(both.ends_with(b"line 048\nline 049\n"), "{both:?}");
         assert_eq!(both.len() as u64, (8 + 50 * 9) % 10 + 10);
+    }
+
+    #[test]
+    fn a_file_over_the_bound_from_an_earlier_run_is_emptied_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stdout.log");
+        std::fs::write(&path, vec![b'o'; 100]).unwrap();
+        let mut f = RotatingFile::new(path.clone(), 20);
+        f.write(b"new\n");
+        assert_eq!(std::fs::read(&path).unwrap(), b"new\n");
+        assert!(!previous_path(&path).exists());
     }
 
     #[test]
