@@ -516,7 +516,8 @@ impl TelemetryBatch for SignalBatch {
 }
 
 /// Follows sdk-broker's `Telemetry` signals into `batches`. Give it a bus connection of its
-/// own: when MQTT is slow this task waits, and only that connection's reading waits with it.
+/// own, named `org.evp.Hub1.Telemetry` (sdk-broker sends telemetry to that name only): when
+/// MQTT is slow this task waits, and only that connection's reading waits with it.
 pub async fn follow_telemetry(
     conn: zbus::Connection,
     batches: mpsc::Sender<Box<dyn TelemetryBatch>>,

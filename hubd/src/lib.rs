@@ -25,7 +25,7 @@ pub mod tls;
 use anyhow::{Context, Result};
 use evp_daemon::{AgentConfig, DaemonArgs};
 use evp_schemas::HubCodec;
-use evp_schemas::dbus::{HUB_NAME, HUB_PATH};
+use evp_schemas::dbus::{HUB_NAME, HUB_PATH, HUB_TELEMETRY_NAME};
 use evp_schemas::evp2::Evp2Codec;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
@@ -107,11 +107,13 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     tokio::spawn(bus::deliver_configurations(conn.clone(), config_rx));
     tokio::spawn(bus::watch_status(conn.clone(), status_tx));
     // Telemetry has a connection of its own, so a slow MQTT link that makes it wait never
-    // holds up the signals and calls on the main one.
+    // holds up the signals and calls on the main one; it has a name of its own so that
+    // sdk-broker can send telemetry to it alone.
     let telemetry_conn = evp_daemon::bus_builder(&args)?
+        .name(HUB_TELEMETRY_NAME)
         .build()
         .await
-        .context("connecting to D-Bus for telemetry")?;
+        .context("connecting to D-Bus for telemetry as org.evp.Hub1.Telemetry")?;
     let sdk = bus::link_sdk_broker(&conn, telemetry_conn);
     let follower = conn.clone();
     tokio::spawn(async move {

@@ -10,6 +10,7 @@ pub mod logs;
 pub mod process;
 pub mod reaper;
 pub mod record;
+pub mod relay;
 pub mod runtime;
 pub mod spawn;
 pub mod tree;
@@ -50,14 +51,18 @@ pub struct ContainerConfig {
     /// and its next start re-adopts them, so updating or restarting the runtime does not
     /// restart the workloads (as Azure IoT Edge and Ankaios treat theirs).
     pub stop_instances_on_exit: bool,
-    /// Size at which an instance's `logs/stdout.log` or `logs/stderr.log` is truncated, once
-    /// what it holds was logged.
+    /// The most each output stream of an instance takes on disk: `logs/stdout.log` and its
+    /// rotated `stdout.log.1` together (likewise stderr), each file at most half of it.
     pub log_max_bytes: u64,
     /// First uid of the range instances get a uid of their own from (gid = uid), when the
     /// runtime can change uids.
     pub instance_uid_min: u32,
     /// Last uid of that range: at most this many instances minus one can run at once.
     pub instance_uid_max: u32,
+    /// Who reads instance output: not a setting (a relay process of this binary, always, on a
+    /// device); the crate's tests, whose executable is not the daemon, read it in threads.
+    #[serde(skip)]
+    pub log_relay: logs::Relay,
 }
 
 impl Default for ContainerConfig {
@@ -69,6 +74,7 @@ impl Default for ContainerConfig {
             log_max_bytes: logs::DEFAULT_LOG_MAX_BYTES,
             instance_uid_min: identity::DEFAULT_UID_MIN,
             instance_uid_max: identity::DEFAULT_UID_MAX,
+            log_relay: LogPolicy::default().relay,
         }
     }
 }
@@ -76,9 +82,9 @@ impl Default for ContainerConfig {
 /// Errors in the `[container]` section.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// `log_max_bytes = 0` would truncate every output file at every poll.
-    #[error("[container] log_max_bytes must be at least 1")]
-    ZeroLogMaxBytes,
+    /// Below 2, a stream's two files could not hold a byte each.
+    #[error("[container] log_max_bytes must be at least 2")]
+    LogMaxBytesTooSmall,
     /// A uid range that is empty, holds root, or reaches `nobody` (65534).
     #[error(
         "[container] instance_uid_min ({0}) and instance_uid_max ({1}) must satisfy 1 <= min <= max < 65534"
@@ -89,8 +95,8 @@ pub enum ConfigError {
 impl ContainerConfig {
     /// Refuses values that cannot work.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.log_max_bytes == 0 {
-            return Err(ConfigError::ZeroLogMaxBytes);
+        if self.log_max_bytes < 2 {
+            return Err(ConfigError::LogMaxBytesTooSmall);
         }
         let (min, max) = (self.instance_uid_min, self.instance_uid_max);
         if min == 0 || min > max || max >= NOBODY_UID {
@@ -114,6 +120,7 @@ impl ContainerConfig {
     pub fn log_policy(&self) -> LogPolicy {
         LogPolicy {
             max_bytes: self.log_max_bytes,
+            relay: self.log_relay.clone(),
         }
     }
 }
@@ -364,7 +371,11 @@ mod tests {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let bus = zbus::connection::Builder::address(address);
         let task = tokio::spawn(async move {
-            serve(&ContainerConfig::default(), instances, bus, async {
+            let config = ContainerConfig {
+                log_relay: logs::Relay::InProcess,
+                ..ContainerConfig::default()
+            };
+            serve(&config, instances, bus, async {
                 let _ = stopped.await;
             })
             .await
@@ -479,8 +490,8 @@ mod tests {
         );
         assert_eq!(set.log_policy().max_bytes, 4096);
         assert!(matches!(
-            parse("[container]\nlog_max_bytes = 0\n").validate(),
-            Err(ConfigError::ZeroLogMaxBytes)
+            parse("[container]\nlog_max_bytes = 1\n").validate(),
+            Err(ConfigError::LogMaxBytesTooSmall)
         ));
     }
 }

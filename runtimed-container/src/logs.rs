@@ -1,17 +1,15 @@
-//! Instance output through files: a module's stdout and stderr are `<instance dir>/logs/
-//! stdout.log` and `stderr.log`, opened `O_APPEND` by the runtime and handed to the module as
-//! its descriptors, so a module keeps printing (no SIGPIPE, no EPIPE) while the runtime is
-//! away. The runtime follows each file from its end at the time it starts following, logs every
-//! new line with the instance name, and truncates a file once it passes a size; the module's
-//! `O_APPEND` writes then continue at the new end.
+//! Instance output through pipes to a log relay ([`crate::relay`]): a module's stdout and
+//! stderr are pipes whose read ends a small per-instance relay process holds, started by the
+//! runtime but not tied to it, so a module keeps printing while the runtime is away. The relay
+//! writes `<instance dir>/logs/stdout.log` and `stderr.log` (with one rotated `.1` each) within
+//! `log_max_bytes` per stream, and re-logs the lines with the instance name at a bounded rate.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::process::Stdio;
 
-use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::warn;
+
+use crate::relay::{self, RelayConfig};
 
 /// Folder of the output files inside the instance directory.
 pub const LOG_DIR: &str = "logs";
@@ -19,52 +17,85 @@ pub const LOG_DIR: &str = "logs";
 pub const STDOUT_FILE: &str = "stdout.log";
 /// The module's stderr.
 pub const STDERR_FILE: &str = "stderr.log";
-/// How often a followed file is checked for new output: a line reaches the journal within
-/// this, and an idle instance costs five `fstat`s a second per stream.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
-/// Default for `[container] log_max_bytes`: enough to hold a burst of output between two
-/// polls, small enough that a chatty module cannot fill a gateway's storage.
+/// Default for `[container] log_max_bytes`: the most one stream of one instance keeps on disk;
+/// enough for the recent output of a chatty module, small enough that a flooding one cannot
+/// fill a gateway's storage.
 pub const DEFAULT_LOG_MAX_BYTES: u64 = 1024 * 1024;
-/// Longest output line logged as one record; a module printing without newlines is logged in
-/// pieces of this size instead of growing memory without bound.
+/// Longest output line handled as one; a module printing without newlines is cut into pieces
+/// of this size instead of growing memory without bound.
 pub const MAX_LINE: usize = 16 * 1024;
-/// Read size while following: a few syscalls per poll even for a busy module.
-const READ_CHUNK: usize = 64 * 1024;
+/// The subcommand of the runtime's binary that runs a relay.
+pub const RELAY_SUBCOMMAND: &str = "log-relay";
+/// The runtime's own executable, for starting relays: still the right file after the package
+/// replaced the binary on disk, which the path the daemon started from may not be.
+const SELF_EXE: &str = "/proc/self/exe";
 
-/// Errors setting up the output files.
+/// Errors setting up an instance's output.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
-    /// The `logs` folder or an output file could not be created or opened.
-    #[error("opening {path}: {source}")]
-    Open {
-        /// The folder or file.
+    /// The `logs` folder could not be created.
+    #[error("creating {path}: {source}")]
+    Dir {
+        /// The folder.
         path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The pipes or the relay could not be made.
+    #[error("starting the log relay of {instance}: {source}")]
+    Relay {
+        /// The instance.
+        instance: String,
         /// Why.
         source: std::io::Error,
     },
 }
 
-/// How output files are kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Who reads a module's output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Relay {
+    /// A process of its own, this program run with [`RELAY_SUBCOMMAND`]: it outlives the
+    /// runtime, as the module does.
+    Process(PathBuf),
+    /// Threads of this process, which end with it: for tests, whose executable is not the
+    /// runtime's.
+    InProcess,
+}
+
+/// How instance output is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogPolicy {
-    /// A file is truncated once it holds at least this many bytes, after they were logged.
+    /// The most each stream of an instance takes on disk, its two files together.
     pub max_bytes: u64,
+    /// Who reads the output.
+    pub relay: Relay,
 }
 
 impl Default for LogPolicy {
     fn default() -> Self {
         LogPolicy {
             max_bytes: DEFAULT_LOG_MAX_BYTES,
+            relay: Relay::Process(PathBuf::from(SELF_EXE)),
         }
     }
 }
 
-/// The module's two output files, opened for appending.
-pub struct OutputFiles {
+impl LogPolicy {
+    /// `max_bytes` per stream, the relay in threads of this process (tests).
+    pub fn in_process(max_bytes: u64) -> LogPolicy {
+        LogPolicy {
+            max_bytes,
+            relay: Relay::InProcess,
+        }
+    }
+}
+
+/// The write ends of a module's output pipes, for its stdout and stderr.
+pub struct ModuleOutput {
     /// For the module's stdout.
-    pub stdout: File,
+    pub stdout: Stdio,
     /// For the module's stderr.
-    pub stderr: File,
+    pub stderr: Stdio,
 }
 
 /// `<instance_dir>/logs/<file>`.
@@ -72,166 +103,98 @@ pub fn log_path(instance_dir: &Path, file: &str) -> PathBuf {
     instance_dir.join(LOG_DIR).join(file)
 }
 
-/// Creates `<instance_dir>/logs` (0700) and opens both files `O_APPEND|O_CREAT` (0600) for the
-/// module; earlier content stays.
-pub fn open_for_module(instance_dir: &Path) -> Result<OutputFiles, LogError> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+/// Creates `<instance_dir>/logs` (0700) if missing and returns it.
+pub fn create_dir(instance_dir: &Path) -> Result<PathBuf, LogError> {
+    use std::os::unix::fs::DirBuilderExt;
     let dir = instance_dir.join(LOG_DIR);
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(&dir)
-        .map_err(|source| LogError::Open {
+        .map_err(|source| LogError::Dir {
             path: dir.clone(),
             source,
         })?;
-    let open = |name: &str| {
-        let path = dir.join(name);
-        std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|source| LogError::Open { path, source })
-    };
-    Ok(OutputFiles {
-        stdout: open(STDOUT_FILE)?,
-        stderr: open(STDERR_FILE)?,
-    })
+    Ok(dir)
 }
 
-/// Follows both output files of an instance until `done` turns true (or its sender goes),
-/// then logs what is left and ends. Must be called inside a tokio runtime.
-pub fn follow_instance(
+/// Starts the relay of `instance` and returns the pipe ends to give the module. The relay
+/// ends by itself once every holder of those ends (the module and its descendants) is gone.
+/// Call it inside a tokio runtime (the relay process is reaped by a task).
+pub fn start_relay(
     instance: &str,
     instance_dir: &Path,
-    policy: LogPolicy,
-    done: watch::Receiver<bool>,
-) {
-    for (file, stream) in [(STDOUT_FILE, "stdout"), (STDERR_FILE, "stderr")] {
-        let path = log_path(instance_dir, file);
-        match Follower::open(&path, instance, stream, policy) {
-            Ok(follower) => {
-                tokio::spawn(follower.run(done.clone()));
-            }
-            Err(e) => {
-                warn!(
-                    instance,
-                    stream, "the instance's {stream} will not be logged: {e}"
-                );
-            }
+    policy: &LogPolicy,
+) -> Result<ModuleOutput, LogError> {
+    let config = RelayConfig {
+        instance: instance.to_owned(),
+        dir: create_dir(instance_dir)?,
+        max_bytes: policy.max_bytes,
+    };
+    let relay_err = |source| LogError::Relay {
+        instance: instance.to_owned(),
+        source,
+    };
+    // Both ends are close-on-exec: neither the module nor any other child inherits a copy
+    // it should not hold (a stray write end would keep the relay from ever ending).
+    let (out_r, out_w) = std::io::pipe().map_err(relay_err)?;
+    let (err_r, err_w) = std::io::pipe().map_err(relay_err)?;
+    match &policy.relay {
+        Relay::Process(program) => {
+            // Tracked like an instance process, so the orphan reaper leaves its exit status to
+            // the wait below.
+            let mut tracked = crate::reaper::tracked();
+            let mut child = tokio::process::Command::new(program)
+                .arg(RELAY_SUBCOMMAND)
+                .arg("--instance")
+                .arg(instance)
+                .arg("--dir")
+                .arg(&config.dir)
+                .arg("--max-bytes")
+                .arg(config.max_bytes.to_string())
+                .stdin(Stdio::from(out_r))
+                .stdout(Stdio::from(err_r))
+                // Its own group: signals to the module's group or the daemon's never reach it
+                // before it has written what the module printed last.
+                .process_group(0)
+                .kill_on_drop(false)
+                .spawn()
+                .map_err(relay_err)?;
+            let pid = child.id().and_then(|p| i32::try_from(p).ok());
+            tracked.extend(pid);
+            drop(tracked);
+            let instance = instance.to_owned();
+            tokio::spawn(async move {
+                match child.wait().await {
+                    Ok(s) if s.success() => {}
+                    Ok(s) => warn!(instance, "the log relay ended with {s}"),
+                    Err(e) => warn!(instance, "waiting for the log relay: {e}"),
+                }
+                if let Some(pid) = pid {
+                    crate::reaper::untrack(pid);
+                }
+            });
+        }
+        Relay::InProcess => {
+            let dispatch = tracing::dispatcher::get_default(|d| d.clone());
+            std::thread::Builder::new()
+                .name(format!("relay-{instance}"))
+                .spawn(move || {
+                    tracing::dispatcher::with_default(&dispatch, || {
+                        relay::serve(
+                            &config,
+                            std::fs::File::from(std::os::fd::OwnedFd::from(out_r)),
+                            std::fs::File::from(std::os::fd::OwnedFd::from(err_r)),
+                        );
+                    });
+                })
+                .map_err(relay_err)?;
         }
     }
-}
-
-/// One output file being followed.
-pub struct Follower {
-    file: File,
-    path: PathBuf,
-    instance: String,
-    stream: &'static str,
-    policy: LogPolicy,
-    /// Where the next unread byte is.
-    offset: u64,
-    lines: LineSplitter,
-}
-
-impl Follower {
-    /// Opens `path` (read and write, for truncation) and starts at its current end: what is
-    /// there already was logged by an earlier run, or is not ours to replay.
-    pub fn open(
-        path: &Path,
-        instance: &str,
-        stream: &'static str,
-        policy: LogPolicy,
-    ) -> Result<Follower, LogError> {
-        let open_err = |source| LogError::Open {
-            path: path.to_owned(),
-            source,
-        };
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(open_err)?;
-        let offset = file.metadata().map_err(open_err)?.len();
-        Ok(Follower {
-            file,
-            path: path.to_owned(),
-            instance: instance.to_owned(),
-            stream,
-            policy,
-            offset,
-            lines: LineSplitter::default(),
-        })
-    }
-
-    /// Polls the file every [`POLL_INTERVAL`] until `done`, then reads it one last time.
-    pub async fn run(mut self, mut done: watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(POLL_INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let last = tokio::select! {
-                _ = tick.tick() => false,
-                r = done.wait_for(|d| *d) => { let _ = r; true }
-            };
-            if let Err(e) = self.poll() {
-                warn!(instance = %self.instance, stream = self.stream, path = %self.path.display(), "following the instance output failed: {e}");
-                return;
-            }
-            if last {
-                let (instance, stream) = (&self.instance, self.stream);
-                self.lines.flush(|l| emit(instance, stream, l));
-                return;
-            }
-        }
-    }
-
-    /// Logs every complete line written since the last poll, then truncates the file if it
-    /// reached the size limit.
-    pub fn poll(&mut self) -> std::io::Result<()> {
-        self.read_new()?;
-        if self.offset >= self.policy.max_bytes {
-            // Read once more right before truncating, so only what the module writes in
-            // between these two calls can be lost.
-            self.read_new()?;
-            self.file.set_len(0)?;
-            info!(
-                instance = %self.instance,
-                stream = self.stream,
-                bytes = self.offset,
-                "instance output file reached its size limit; truncated"
-            );
-            self.offset = 0;
-        }
-        Ok(())
-    }
-
-    fn read_new(&mut self) -> std::io::Result<()> {
-        let len = self.file.metadata()?.len();
-        if len < self.offset {
-            // Truncated by someone else: start again from the top.
-            self.offset = 0;
-        }
-        let mut buf = vec![0u8; READ_CHUNK];
-        let (instance, stream) = (&self.instance, self.stream);
-        loop {
-            let n = match self.file.read_at(&mut buf, self.offset) {
-                Ok(0) => return Ok(()),
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            self.lines.push(&buf[..n], |l| emit(instance, stream, l));
-            self.offset += n as u64;
-        }
-    }
-}
-
-fn emit(instance: &str, stream: &str, line: &[u8]) {
-    let line = String::from_utf8_lossy(line);
-    let line = line.trim_end_matches('\r');
-    info!(instance = %instance, stream, "{line}");
+    Ok(ModuleOutput {
+        stdout: Stdio::from(out_w),
+        stderr: Stdio::from(err_w),
+    })
 }
 
 /// Cuts a byte stream into lines of at most [`MAX_LINE`] bytes.
@@ -299,25 +262,5 @@ mod tests {
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].len(), MAX_LINE);
         assert_eq!(out[1], b"xxxxx");
-    }
-
-    #[test]
-    fn follower_starts_at_the_end_and_truncates_at_the_limit() {
-        let dir = tempfile::tempdir().unwrap();
-        let files = open_for_module(dir.path()).unwrap();
-        let mut out = files.stdout;
-        std::io::Write::write_all(&mut out, b"old line\n").unwrap();
-        let path = log_path(dir.path(), STDOUT_FILE);
-        let mut f = Follower::open(&path, "i", "stdout", LogPolicy { max_bytes: 20 }).unwrap();
-        assert_eq!(f.offset, 9, "an existing line is not replayed");
-        std::io::Write::write_all(&mut out, b"0123456789\n").unwrap();
-        f.poll().unwrap();
-        assert_eq!(f.offset, 0);
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
-        // The module's O_APPEND descriptor now writes at the start of the file.
-        std::io::Write::write_all(&mut out, b"next\n").unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), b"next\n");
-        f.poll().unwrap();
-        assert_eq!(f.offset, 5);
     }
 }

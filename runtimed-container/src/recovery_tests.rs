@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use crate::logs::{self, LogPolicy};
 use crate::process;
 use crate::record::{self, InstanceRecord, ProcessHandle, RECORD_VERSION};
+use crate::relay;
 use crate::runtime::{
     DIED_WHILE_AWAY, EXIT_STATUS_UNKNOWN, InstanceEvent, InstanceOptions, OnExit, Runtime,
     Supervisor,
@@ -71,7 +72,7 @@ impl Device {
     fn record(&self, name: &str, process: ProcessHandle) {
         let dir = self.instance_dir(name);
         std::fs::create_dir_all(&dir).unwrap();
-        logs::open_for_module(&dir).unwrap();
+        logs::create_dir(&dir).unwrap();
         record::save(
             &dir,
             &InstanceRecord {
@@ -195,7 +196,7 @@ fn a_live_instance_is_readopted_after_a_restart_and_stops_as_before() {
     let (module, sha) = device.module_file("m", RUNS);
     let first = current_thread_runtime();
     let pid = first.block_on(async {
-        let (sup, _events) = device.supervisor(LogPolicy::default());
+        let (sup, _events) = device.supervisor(LogPolicy::in_process(logs::DEFAULT_LOG_MAX_BYTES));
         sup.load_module("m", "spawn", &module, &sha).await.unwrap();
         sup.start_instance("i", "m", InstanceOptions::default())
             .await
@@ -210,7 +211,8 @@ fn a_live_instance_is_readopted_after_a_restart_and_stops_as_before() {
     assert!(alive(pid), "the module died with the runtime");
 
     current_thread_runtime().block_on(async {
-        let (sup, mut events) = device.supervisor(LogPolicy::default());
+        let (sup, mut events) =
+            device.supervisor(LogPolicy::in_process(logs::DEFAULT_LOG_MAX_BYTES));
         let recovery = sup.recover().await;
         assert_eq!(recovery.adopted, ["i"]);
         assert_eq!(
@@ -243,7 +245,7 @@ async fn a_readopted_process_that_exits_is_an_error_with_unknown_status() {
     let pid = orphan_sleep();
     let _guard = KillOnDrop(pid);
     device.record("ext", handle_of(pid));
-    let (sup, mut events) = device.supervisor(LogPolicy::default());
+    let (sup, mut events) = device.supervisor(LogPolicy::in_process(logs::DEFAULT_LOG_MAX_BYTES));
     assert_eq!(sup.recover().await.adopted, ["ext"]);
     assert_eq!(wait_status(&sup, "ext", "ok").await, "");
 
@@ -264,7 +266,7 @@ async fn a_readopted_process_that_exits_is_an_error_with_unknown_status() {
     );
 
     // The next run reports the same, not "exited while ... not running".
-    let (next, _) = device.supervisor(LogPolicy::default());
+    let (next, _) = device.supervisor(LogPolicy::in_process(logs::DEFAULT_LOG_MAX_BYTES));
     assert_eq!(next.recover().await.ended, ["ext"]);
     assert_eq!(
         status(&next, "ext"),
@@ -280,7 +282,7 @@ async fn a_readopted_process_that_is_not_a_child_can_be_stopped() {
     let pid = orphan_sleep();
     let _guard = KillOnDrop(pid);
     device.record("ext", handle_of(pid));
-    let (sup, mut events) = device.supervisor(LogPolicy::default());
+    let (sup, mut events) = device.supervisor(LogPolicy::in_process(logs::DEFAULT_LOG_MAX_BYTES));
     sup.recover().await;
     let t = Instant::now();
     sup.stop_instance("ext", DEADLINE).await.unwrap();
@@ -313,7 +315,7 @@ async fn a_recorded_process_that_is_gone_is_an_error() {
     child.wait().unwrap();
     device.record("gone", handle);
 
-    let (sup, mut events) = device.supervisor(LogPolicy::default());
+    let (sup, mut events) = device.supervisor(LogPolicy::in_process(logs::DEFAULT_LOG_MAX_BYTES));
     let recovery = sup.recover().await;
     assert_eq!(recovery.died, ["gone"]);
     assert_eq!(
@@ -324,7 +326,7 @@ async fn a_recorded_process_that_is_gone_is_an_error() {
     // Nothing runs, so nothing holds the module.
     sup.unload_module("m").unwrap();
 
-    let (next, _) = device.supervisor(LogPolicy::default());
+    let (next, _) = device.supervisor(LogPolicy::in_process(logs::DEFAULT_LOG_MAX_BYTES));
     next.recover().await;
     assert_eq!(
         status(&next, "gone"),
@@ -346,7 +348,7 @@ async fn a_reused_pid_is_not_taken_for_the_recorded_process() {
     handle.start_time += 1;
     device.record("reused", handle);
 
-    let (sup, _) = device.supervisor(LogPolicy::default());
+    let (sup, _) = device.supervisor(LogPolicy::in_process(logs::DEFAULT_LOG_MAX_BYTES));
     assert_eq!(sup.recover().await.died, ["reused"]);
     assert_eq!(
         status(&sup, "reused"),
@@ -395,16 +397,16 @@ fn logged_lines(text: &str, instance: &str, stream: &str, prefix: &str) -> Vec<S
         .collect()
 }
 
-/// Output goes to `logs/stdout.log` and `logs/stderr.log`; every line is logged once with the
-/// instance name, the files are truncated past `log_max_bytes`, and a restarted runtime goes
-/// on from the end without logging old lines again.
+/// Output goes to `logs/stdout.log` and `logs/stderr.log`, rotated so that neither passes half
+/// of `log_max_bytes`; every line is logged once with the instance name, also after the
+/// runtime restarted and re-adopted the instance.
 #[test]
-fn output_files_are_followed_truncated_and_not_replayed_after_a_restart() {
+fn output_is_relayed_bounded_and_logged_once_across_a_restart() {
     let capture = Capture::default();
     // Both runs use current-thread runtimes on this thread, so their tasks log here.
     let _guard = capture.install();
     let device = Device::new();
-    let small = LogPolicy { max_bytes: 256 };
+    let small = LogPolicy::in_process(256);
     // 300 lines (~3 KB) in bursts, so the file passes the limit many times; then it waits for
     // `more` to print one line to stdout and one to stderr.
     let script = "i=0\nwhile [ $i -lt 300 ]; do echo line-$i; i=$((i+1)); [ $((i % 20)) = 0 ] && sleep 0.05; done\n\
@@ -417,7 +419,7 @@ fn output_files_are_followed_truncated_and_not_replayed_after_a_restart() {
 
     let first = current_thread_runtime();
     let pid = first.block_on(async {
-        let (sup, _events) = device.supervisor(small);
+        let (sup, _events) = device.supervisor(small.clone());
         sup.load_module("m", "spawn", &module, &sha).await.unwrap();
         sup.start_instance("printer", "m", InstanceOptions::default())
             .await
@@ -431,11 +433,18 @@ fn output_files_are_followed_truncated_and_not_replayed_after_a_restart() {
             logged_lines(&capture.text(), "printer", "stderr", "err-") == ["err-early"]
         })
         .await;
-        wait_until("stdout.log to be truncated below the limit", || {
-            std::fs::metadata(&stdout_log).is_ok_and(|m| m.len() < small.max_bytes)
-        })
-        .await;
-        assert!(capture.text().contains("truncated"));
+        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        assert!(size(&stdout_log) <= small.max_bytes / 2);
+        assert!(size(&relay::previous_path(&stdout_log)) <= small.max_bytes / 2);
+        let kept = [
+            std::fs::read(relay::previous_path(&stdout_log)).unwrap(),
+            std::fs::read(&stdout_log).unwrap(),
+        ]
+        .concat();
+        assert!(
+            kept.ends_with(b"line-298\nline-299\n"),
+            "the latest output is kept"
+        );
         wait_until("the module to be ready", || {
             device
                 .instance_dir("printer")
@@ -453,12 +462,6 @@ fn output_files_are_followed_truncated_and_not_replayed_after_a_restart() {
     let _kill = KillOnDrop(pid);
     drop(first);
 
-    // Lines written while no runtime ran are in the file but are not logged by the next one.
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(&stdout_log)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, b"line-while-away\n"))
-        .unwrap();
     current_thread_runtime().block_on(async {
         let (sup, _events) = device.supervisor(small);
         assert_eq!(sup.recover().await.adopted, ["printer"]);
@@ -479,10 +482,6 @@ fn output_files_are_followed_truncated_and_not_replayed_after_a_restart() {
     });
     let text = capture.text();
     assert_eq!(logged_lines(&text, "printer", "stdout", "line-").len(), 301);
-    assert!(
-        !text.contains("line-while-away"),
-        "an old line was replayed"
-    );
     assert_eq!(
         logged_lines(&text, "printer", "stderr", "err-early").len(),
         1
@@ -495,7 +494,7 @@ fn output_files_are_followed_truncated_and_not_replayed_after_a_restart() {
 async fn leaving_instances_running_on_exit_and_readopting_them() {
     let device = Device::new();
     let (module, sha) = device.module_file("m", RUNS);
-    let (sup, mut events) = device.supervisor(LogPolicy::default());
+    let (sup, mut events) = device.supervisor(LogPolicy::in_process(logs::DEFAULT_LOG_MAX_BYTES));
     sup.load_module("m", "spawn", &module, &sha).await.unwrap();
     sup.start_instance("i", "m", InstanceOptions::default())
         .await
@@ -510,7 +509,7 @@ async fn leaving_instances_running_on_exit_and_readopting_them() {
     );
     assert!(device.load_record("i").is_some_and(|r| r.ended.is_none()));
 
-    let (next, _) = device.supervisor(LogPolicy::default());
+    let (next, _) = device.supervisor(LogPolicy::in_process(logs::DEFAULT_LOG_MAX_BYTES));
     assert_eq!(next.recover().await.adopted, ["i"]);
     next.shutdown(OnExit::Stop { grace: DEADLINE }).await;
     assert!(!alive(pid), "stop_instances_on_exit did not stop it");

@@ -1,7 +1,7 @@
 //! The `spawn` kind: the module file is an executable, run as a process in its own process group
-//! with a minimal environment, its output written to files in its instance directory and logged
-//! line by line; after a restart of the daemon, still running processes are re-adopted through
-//! a pidfd.
+//! with a minimal environment, its output piped to its log relay (which keeps it in files of its
+//! instance directory and logs it line by line); after a restart of the daemon, still running
+//! processes are re-adopted through a pidfd.
 
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
@@ -16,7 +16,6 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use sha2::{Digest, Sha256};
 use tokio::process::Command;
-use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::logs::{self, LogPolicy};
@@ -91,11 +90,11 @@ impl Runtime for SpawnRuntime {
     }
 
     fn start(&self, spec: StartSpec) -> BoxFuture<'_, Result<Started, String>> {
-        async move { spawn(spec, self.logs) }.boxed()
+        async move { spawn(spec, &self.logs) }.boxed()
     }
 
     fn adopt(&self, spec: AdoptSpec) -> Result<Adoption, String> {
-        adopt(spec, self.logs)
+        adopt(spec)
     }
 }
 
@@ -142,9 +141,12 @@ fn hash_module_file(module_id: &str, path: &str) -> Result<String, EvpError> {
 }
 
 /// Starts the module file as a process leading its own process group, its stdout and stderr
-/// going to the instance's output files.
-fn spawn(spec: StartSpec, logs: LogPolicy) -> Result<Started, String> {
-    let files = logs::open_for_module(&spec.instance_dir).map_err(|e| e.to_string())?;
+/// going to its log relay.
+fn spawn(spec: StartSpec, logs: &LogPolicy) -> Result<Started, String> {
+    // Started before the module, so none of its output is missed; if the module cannot
+    // start, the relay sees the pipes close and ends.
+    let output =
+        logs::start_relay(&spec.instance, &spec.instance_dir, logs).map_err(|e| e.to_string())?;
     let program = match spec.uid {
         Some(uid) => copy_module(&spec, uid)?,
         None => spec.module_location.clone().into(),
@@ -168,8 +170,8 @@ fn spawn(spec: StartSpec, logs: LogPolicy) -> Result<Started, String> {
         .env(ENV_SDK_SOCKET, &spec.sdk_socket)
         .env(ENV_DEFAULT_WORKSPACE, &spec.workspace)
         .stdin(Stdio::null())
-        .stdout(Stdio::from(files.stdout))
-        .stderr(Stdio::from(files.stderr))
+        .stdout(output.stdout)
+        .stderr(output.stderr)
         .process_group(0)
         .kill_on_drop(false);
     if spec.env.contains_key(ENV_SDK_SOCKET) || spec.env.contains_key(ENV_DEFAULT_WORKSPACE) {
@@ -178,16 +180,13 @@ fn spawn(spec: StartSpec, logs: LogPolicy) -> Result<Started, String> {
             "the env option names an SDK variable; the runtime's own value wins"
         );
     }
-    // Followed from their end before the module runs, so none of its output is missed and
-    // none of an earlier run's is logged again.
-    let (done_tx, done_rx) = watch::channel(false);
-    logs::follow_instance(&spec.instance, &spec.instance_dir, logs, done_rx);
     let (mut child, pid) = {
         // Held until the pid is tracked, so the orphan reaper never reaps this child.
         let mut tracked = crate::reaper::tracked();
-        let child = command
-            .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", spec.module_location))?;
+        let spawned = command.spawn();
+        // The runtime keeps no write end of the module's pipes (the relay ends when they close).
+        drop(command);
+        let child = spawned.map_err(|e| format!("cannot run {}: {e}", spec.module_location))?;
         let pid = child
             .id()
             .and_then(|p| i32::try_from(p).ok())
@@ -219,7 +218,6 @@ fn spawn(spec: StartSpec, logs: LogPolicy) -> Result<Started, String> {
             Err(e) => Exit::Lost(format!("waiting for it failed: {e}")),
         };
         crate::reaper::untrack(pid);
-        let _ = done_tx.send(true);
         exit
     }
     .boxed();
@@ -269,8 +267,9 @@ fn copy_module(spec: &StartSpec, uid: u32) -> Result<std::path::PathBuf, String>
 }
 
 /// Finds a process started by an earlier run of the daemon: alive, and with the recorded start
-/// time (a PID the kernel gave to another process since is not it).
-fn adopt(spec: AdoptSpec, logs: LogPolicy) -> Result<Adoption, String> {
+/// time (a PID the kernel gave to another process since is not it). Its output still goes to
+/// the relay started with it, which did not depend on the daemon.
+fn adopt(spec: AdoptSpec) -> Result<Adoption, String> {
     let AdoptSpec {
         instance,
         instance_dir,
@@ -291,16 +290,12 @@ fn adopt(spec: AdoptSpec, logs: LogPolicy) -> Result<Adoption, String> {
         return Ok(Adoption::Gone(gone));
     }
     info!(instance, pid, "instance re-adopted");
-    let (done_tx, done_rx) = watch::channel(false);
-    logs::follow_instance(&instance, &instance_dir, logs, done_rx);
     let watched = pidfd.clone();
     let exited = async move {
-        let exit = match watched.exited().await {
+        match watched.exited().await {
             Ok(()) => Exit::Unknown,
             Err(e) => Exit::Lost(format!("watching its pidfd failed: {e}")),
-        };
-        let _ = done_tx.send(true);
-        exit
+        }
     }
     .boxed();
     let scope = scope_of(pid, uid, &instance_dir.join(DEFAULT_WORKSPACE_DIR));
@@ -401,6 +396,7 @@ mod tests {
     use tempfile::TempDir;
     use tokio::sync::mpsc;
 
+    use crate::logs::LogPolicy;
     use crate::runtime::{InstanceEvent, InstanceOptions, OnExit, Runtime, Supervisor};
 
     use super::SpawnRuntime;
@@ -418,7 +414,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (sup, events) = Supervisor::new(
             dir.path().join("instances"),
-            vec![Arc::new(SpawnRuntime::default()) as Arc<dyn Runtime>],
+            vec![Arc::new(SpawnRuntime::new(LogPolicy::in_process(
+                crate::logs::DEFAULT_LOG_MAX_BYTES,
+            ))) as Arc<dyn Runtime>],
         );
         Fixture { dir, sup, events }
     }

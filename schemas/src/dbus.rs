@@ -12,6 +12,10 @@ use zbus::{OwnedVariant, Variant};
 pub const HUB_NAME: &str = "org.evp.Hub1";
 /// Object path of hubd's interfaces.
 pub const HUB_PATH: &str = "/org/evp/Hub1";
+/// Bus name of hubd's telemetry connection: telemetry has a connection of its own (so a flood
+/// never delays states, answers or calls on the main one), and sdk-broker sends its
+/// `Telemetry` signals to this name only.
+pub const HUB_TELEMETRY_NAME: &str = "org.evp.Hub1.Telemetry";
 /// Bus name of reconcilerd.
 pub const RECONCILER_NAME: &str = "org.evp.Reconciler1";
 /// Object path of reconcilerd's interface.

@@ -24,7 +24,10 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use evp_daemon::{AgentConfig, DaemonArgs};
-use evp_schemas::dbus::{EvpError, SDK_BROKER_NAME, SDK_BROKER_PATH};
+use evp_schemas::dbus::{
+    EvpError, HUB_NAME, HUB_TELEMETRY_NAME, SDK_BROKER_NAME,
+    SDK_BROKER_PATH,
+};
 use futures_util::future::BoxFuture;
 use tracing::info;
 use zbus::interface;
@@ -138,7 +141,17 @@ impl SdkBroker {
     ) -> zbus::Result<()>;
 }
 
-/// Emits the broker's signals on the bus.
+/// The one consumer of a signal: its module data (states, telemetry, command answers) is for
+/// hubd alone, so it is sent to hubd's name (unicast), never broadcast; the policy also denies
+/// everyone else the receiving.
+fn destination(signal: &Signal) -> &'static str {
+    match signal {
+        Signal::Telemetry(_) => HUB_TELEMETRY_NAME,
+        Signal::State { .. } | Signal::RpcResponse { .. } => HUB_NAME,
+    }
+}
+
+/// Emits the broker's signals on the bus, each to its one consumer.
 #[derive(Debug)]
 struct BusSink {
     conn: zbus::Connection,
@@ -147,8 +160,11 @@ struct BusSink {
 impl Sink for BusSink {
     fn emit(&self, signal: Signal) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
-            let emitter =
-                SignalEmitter::new(&self.conn, SDK_BROKER_PATH).map_err(|e| e.to_string())?;
+            let to =
+                zbus::names::BusName::try_from(destination(&signal)).map_err(|e| e.to_string())?;
+            let emitter = SignalEmitter::new(&self.conn, SDK_BROKER_PATH)
+                .map_err(|e| e.to_string())?
+                .set_destination(to);
             let r = match signal {
                 Signal::State {
                     instance,

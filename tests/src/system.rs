@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 
 use crate::certs::{self, Pki};
 use crate::mosquitto::{Mosquitto, TlsFiles};
-use crate::{DEADLINE, bin_dir, wait_for};
+use crate::DEADLINE;
 
 /// How a [`System`] is set up.
 #[derive(Debug, Clone, Default)]
@@ -365,6 +365,83 @@ pub fn deployment(id: &str, instances: &[(&str, &str)], modules: &[(&str, &str, 
     })
 }
 
+/// A test module of the workspace as a deployment's module: its file URL and hash.
+pub fn workspace_module(binary: &str) -> Value {
+    let path = crate::bin_dir().join(binary);
+    let bytes = std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("{} ({e}): run `cargo build --workspace`", path.display()));
+    json!({
+        "moduleImpl": "spawn",
+        "entryPoint": "main",
+        "downloadUrl": format!("file://{}", path.display()),
+        "hash": hex::encode(Sha256::digest(&bytes)),
+    })
+}
+
+/// One instance per `(instance, binary)`, no messaging routes.
+pub fn deployment_of(id: &str, instances: &[(&str, &str)]) -> Value {
+    let mut d = json!({
+        "deploymentId": id, "instanceSpecs": {}, "modules": {},
+        "publishTopics": {}, "subscribeTopics": {}
+    });
+    for (instance, binary) in instances {
+        d["modules"][*binary] = workspace_module(binary);
+        d["instanceSpecs"][*instance] = json!({"moduleId": binary, "publish": {}, "subscribe": {}});
+    }
+    d
+}
+
+/// Deploys `d` and waits until it is `ok` with every instance of it `ok`.
+pub async fn deploy_and_wait(sys: &System, d: &Value) {
+    sys.deploy(d).await.unwrap();
+    let id = d["deploymentId"].as_str().unwrap().to_owned();
+    let names: Vec<String> = d["instanceSpecs"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    sys.wait_status(|s| {
+        s["deploymentId"] == id.as_str()
+            && s["reconcileStatus"] == "ok"
+            && names.iter().all(|n| instance_status(s, n) == "ok")
+    })
+    .await
+    .expect("the deployment to be ok");
+}
+
+/// Waits until the hub holds the instance state `key` (`state/<instance>/<topic>`) with a
+/// value that satisfies `check`, and returns it.
+pub async fn wait_state(sys: &System, key: &str, check: impl Fn(&Value) -> bool) -> Value {
+    crate::wait_for(&format!("the hub to see {key}"), DEADLINE, async || {
+        sys.hub
+            .instance_states()
+            .get(key)
+            .filter(|v| check(v))
+            .cloned()
+    })
+    .await
+    .unwrap()
+}
+
+/// Waits for a telemetry message with `key` (`<instance>/<key>`) among the reports of
+/// `reports` (from `HubSide::subscribe`), and returns the message.
+pub async fn wait_telemetry(
+    reports: &mut tokio::sync::broadcast::Receiver<evp_devhub::DeviceReport>,
+    key: &str,
+) -> Value {
+    crate::wait_for(
+        &format!("telemetry {key}"),
+        DEADLINE,
+        async || match reports.try_recv() {
+            Ok(evp_devhub::DeviceReport::Telemetry(v)) if v.get(key).is_some() => Some(v),
+            _ => None,
+        },
+    )
+    .await
+    .unwrap()
+}
+
 /// The status of one instance in a `deploymentStatus`, or `""`.
 pub fn instance_status<'a>(status: &'a Value, instance: &str) -> &'a str {
     status["instances"][instance]["status"]
@@ -406,62 +483,3 @@ pub fn schema_xml(interface: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// A test module of the workspace (`target/<profile>/<binary>`) as a deployment's module: its
-/// file URL and hash. Panics when it is not built.
-pub fn workspace_module(binary: &str) -> Value {
-    let path = bin_dir().join(binary);
-    let bytes = std::fs::read(&path)
-        .unwrap_or_else(|e| panic!("{} ({e}): run `cargo build --workspace`", path.display()));
-    json!({
-        "moduleImpl": "spawn",
-        "entryPoint": "main",
-        "downloadUrl": format!("file://{}", path.display()),
-        "hash": hex::encode(Sha256::digest(&bytes)),
-    })
-}
-
-/// One instance per `(instance, binary)` of the workspace's test modules, no messaging routes.
-pub fn deployment_of(id: &str, instances: &[(&str, &str)]) -> Value {
-    let mut d = json!({
-        "deploymentId": id, "instanceSpecs": {}, "modules": {},
-        "publishTopics": {}, "subscribeTopics": {}
-    });
-    for (instance, binary) in instances {
-        d["modules"][*binary] = workspace_module(binary);
-        d["instanceSpecs"][*instance] = json!({"moduleId": binary, "publish": {}, "subscribe": {}});
-    }
-    d
-}
-
-/// Deploys `d` and waits until it is `ok` with every instance `ok`; panics otherwise.
-pub async fn deploy_and_wait(sys: &System, d: &Value) {
-    sys.deploy(d).await.unwrap();
-    let id = d["deploymentId"].as_str().unwrap().to_owned();
-    let names: Vec<String> = d["instanceSpecs"]
-        .as_object()
-        .unwrap()
-        .keys()
-        .cloned()
-        .collect();
-    sys.wait_status(|s| {
-        s["deploymentId"] == id.as_str()
-            && s["reconcileStatus"] == "ok"
-            && names.iter().all(|n| instance_status(s, n) == "ok")
-    })
-    .await
-    .unwrap();
-}
-
-/// Waits until the hub's latest value of the instance-state `key` satisfies `check`, and
-/// returns it; panics after the deadline.
-pub async fn wait_state(sys: &System, key: &str, check: impl Fn(&Value) -> bool) -> Value {
-    wait_for(&format!("the hub to see {key}"), DEADLINE, async || {
-        sys.hub
-            .instance_states()
-            .get(key)
-            .filter(|v| check(v))
-            .cloned()
-    })
-    .await
-    .unwrap()
-}

@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use evp_system_tests::system::{
-    Options, System, deploy_and_wait, deployment_of, instance_status, wait_state,
+    Options, System, deploy_and_wait, deployment_of, instance_status, wait_state, wait_telemetry,
 };
-use evp_system_tests::{DEADLINE, wait_for};
+use evp_system_tests::DEADLINE;
 use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -33,16 +33,7 @@ async fn configuration_comes_back_as_state_and_as_telemetry() {
         .await
         .unwrap();
     wait_state(&sys, "state/echo/greeting", |v| v == "hello").await;
-    let seen = wait_for("telemetry from tele", DEADLINE, async || {
-        match telemetry.try_recv() {
-            Ok(evp_devhub::DeviceReport::Telemetry(v)) if v.get("tele/room/temp").is_some() => {
-                Some(v)
-            }
-            _ => None,
-        }
-    })
-    .await
-    .unwrap();
+    let seen = wait_telemetry(&mut telemetry, "tele/room/temp").await;
     assert_eq!(seen["tele/room/temp"], json!(21.5), "{seen}");
     sys.stop().await;
 }

@@ -12,6 +12,7 @@
 //! | `evp-test-rpc-echo` | direct command `echo` is answered OK with its params as the response; any other method gets `METHOD_NOT_FOUND` with `{"error":"unknown method <m>"}` |
 //! | `evp-test-msg-sender` | configuration `count` = N (decimal text) sends N messages `"0"`..`"N-1"` on the publish alias `out` (retrying on `EVP_AGAIN`), then reports the state `sent` = `{"sent":S,"errors":E}` where S and E count the SENT and ERROR callbacks of that run |
 //! | `evp-test-msg-receiver` | counts the messages received on any subscribe alias and reports the state `received` = the count (a JSON number), at most every 100 ms and only when it changed |
+//! | `evp-test-output-flood` | writes 1000-byte lines `flood <offset> xxx…` to stdout as fast as it can, 64 at a time, where `offset` (12 digits) counts the bytes written to stdout before the line, and one line to stderr every 16 writes, until the agent asks it to exit |
 //! | `evp-test-telemetry-flood` | configuration `flood` = N sends N telemetry calls, each one entry `v` with a 100-byte JSON string, as fast as it can without processing events until the agent answers `EVP_AGAIN` (then it processes events and retries); when every callback came back it reports the state `flood` = `{"accepted":N,"again":A,"sent":S,"denied":D}` |
 //!
 //! With sdk-broker's default limits (`event_queue_bytes` 1 MiB, that is 16384 callbacks
