@@ -292,12 +292,11 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         desired_tx,
         status: status.clone(),
     };
-    let conn = evp_daemon::bus_builder(&args)?
-        .name(RECONCILER_NAME)
-        .serve_at(RECONCILER_PATH, service)
-        .build()
-        .await
-        .context("connecting to D-Bus as org.evp.Reconciler1")?;
+    let conn = evp_daemon::connect_named(
+        evp_daemon::bus_builder(&args)?.serve_at(RECONCILER_PATH, service),
+        RECONCILER_NAME,
+    )
+    .await?;
     let iface = conn
         .object_server()
         .interface::<_, ReconcilerService>(RECONCILER_PATH)
@@ -335,7 +334,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     );
     tokio::spawn(reconciler.run(desired_rx));
     info!("serving {RECONCILER_NAME}");
-    evp_daemon::notify_ready();
+    evp_daemon::notify_ready(&conn, RECONCILER_NAME);
     evp_daemon::wait_for_shutdown().await
 }
 

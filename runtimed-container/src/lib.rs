@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use evp_daemon::{AgentConfig, DaemonArgs};
 use evp_schemas::dbus::{EvpError, RUNTIME_CONTAINER_NAME, RUNTIME_CONTAINER_PATH, StartOptions};
 use tokio::sync::mpsc;
@@ -240,22 +240,21 @@ pub async fn serve(
     // Before the name is owned, so a StartInstance of a re-adopted instance is already the
     // no-op it is for any running one.
     supervisor.recover().await;
-    let conn = bus
-        .name(RUNTIME_CONTAINER_NAME)
-        .serve_at(
+    let conn = evp_daemon::connect_named(
+        bus.serve_at(
             RUNTIME_CONTAINER_PATH,
             ContainerRuntime::new(supervisor.clone()),
-        )
-        .build()
-        .await
-        .with_context(|| format!("connecting to D-Bus as {RUNTIME_CONTAINER_NAME}"))?;
+        ),
+        RUNTIME_CONTAINER_NAME,
+    )
+    .await?;
     let publisher = tokio::spawn(publish_events(conn.clone(), events));
     info!(
         kinds = ?supervisor.kinds(),
         instances_dir = %instances_dir.display(),
         "serving {RUNTIME_CONTAINER_NAME}"
     );
-    evp_daemon::notify_ready();
+    evp_daemon::notify_ready(&conn, RUNTIME_CONTAINER_NAME);
     shutdown.await;
 
     let on_exit = section.on_exit();

@@ -5,7 +5,7 @@
 #![deny(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use evp_daemon::{AgentConfig, DaemonArgs};
 use evp_schemas::dbus::{EvpError, RUNTIME_WASM_NAME, RUNTIME_WASM_PATH, StartOptions};
 use evp_schemas::deployment::validate_instance_name;
@@ -92,13 +92,12 @@ impl WasmRuntime {
 /// Runs runtimed-wasm until SIGTERM.
 pub async fn run(args: DaemonArgs) -> Result<()> {
     let _config = AgentConfig::load(&args)?;
-    let _conn = evp_daemon::bus_builder(&args)?
-        .name(RUNTIME_WASM_NAME)
-        .serve_at(RUNTIME_WASM_PATH, WasmRuntime)
-        .build()
-        .await
-        .with_context(|| format!("connecting to D-Bus as {RUNTIME_WASM_NAME}"))?;
+    let conn = evp_daemon::connect_named(
+        evp_daemon::bus_builder(&args)?.serve_at(RUNTIME_WASM_PATH, WasmRuntime),
+        RUNTIME_WASM_NAME,
+    )
+    .await?;
     info!("serving {RUNTIME_WASM_NAME} (no WASM engine in this build)");
-    evp_daemon::notify_ready();
+    evp_daemon::notify_ready(&conn, RUNTIME_WASM_NAME);
     evp_daemon::wait_for_shutdown().await
 }

@@ -209,6 +209,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         .build()
         .await
         .context("connecting to D-Bus")?;
+    evp_daemon::exit_when_closed(&conn, SDK_BROKER_NAME);
     let broker = Broker::new(
         settings,
         config.common.run_dir.clone(),
@@ -220,13 +221,11 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         .at(SDK_BROKER_PATH, SdkBroker::new(Arc::clone(&broker)))
         .await
         .context("serving /org/evp/SdkBroker1")?;
-    conn.request_name(SDK_BROKER_NAME)
-        .await
-        .context("owning org.evp.SdkBroker1")?;
+    evp_daemon::own_name(&conn, SDK_BROKER_NAME).await?;
     if follow_runtime {
         tokio::spawn(follow_runtime_uid(conn.clone(), Arc::clone(&broker)));
     }
     info!(sockets = %broker.sdk_dir().display(), "serving {SDK_BROKER_NAME}");
-    evp_daemon::notify_ready();
+    evp_daemon::notify_ready(&conn, SDK_BROKER_NAME);
     evp_daemon::wait_for_shutdown().await
 }
