@@ -148,11 +148,13 @@ pub struct ValidationError {
 }
 
 impl ValidationError {
-    /// A validation error at `path`.
+    /// A validation error at `path`. A NUL quoted from the manifest is written `\\0`: the
+    /// error travels over D-Bus, which cannot carry one.
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        let (path, message) = (path.into(), message.into());
         ValidationError {
-            path: path.into(),
-            message: message.into(),
+            path: crate::dbus::escape_nul(&path).into_owned(),
+            message: crate::dbus::escape_nul(&message).into_owned(),
         }
     }
 }
@@ -217,6 +219,7 @@ impl Deployment {
     /// run for other reasons (a runtime missing, a download failing) is not invalid: it gets an
     /// error status and the rest of the deployment goes on.
     pub fn validate(&self) -> Result<(), ValidationError> {
+        self.validate_strings()?;
         for (id, module) in &self.modules {
             let at = |field: &str| format!("deployment.modules.{id}.{field}");
             if id.is_empty() {
@@ -292,6 +295,53 @@ impl Deployment {
     }
 }
 
+impl Deployment {
+    /// Every string of the manifest can cross D-Bus: module ids, instance names and entry
+    /// points become arguments of the runtimes' and sdk-broker's methods, and dbus-daemon
+    /// disconnects a daemon that sends a NUL.
+    fn validate_strings(&self) -> Result<(), ValidationError> {
+        let check = |path: String, what: &str, value: &str| {
+            crate::dbus::check_bus_string(what, value).map_err(|e| ValidationError::new(path, e.to_string()))
+        };
+        if let Some(id) = &self.deployment_id {
+            check("deployment.deploymentId".into(), "the deployment id", id)?;
+        }
+        for (id, module) in &self.modules {
+            check("deployment.modules".into(), &format!("module id {id:?}"), id)?;
+            let at = |field: &str| format!("deployment.modules.{id}.{field}");
+            check(at("entryPoint"), "entryPoint", &module.entry_point)?;
+            if let Some(url) = &module.download_url {
+                check(at("downloadUrl"), "downloadUrl", url)?;
+            }
+            if let Some(hash) = &module.hash {
+                check(at("hash"), "hash", hash)?;
+            }
+        }
+        for (name, spec) in &self.instance_specs {
+            let base = format!("deployment.instanceSpecs.{name}");
+            check("deployment.instanceSpecs".into(), &format!("instance name {name:?}"), name)?;
+            check(format!("{base}.moduleId"), "moduleId", &spec.module_id)?;
+            for (kind, aliases) in [("publish", &spec.publish), ("subscribe", &spec.subscribe)] {
+                for (alias, topic) in aliases {
+                    check(format!("{base}.{kind}"), &format!("alias {alias:?}"), alias)?;
+                    check(format!("{base}.{kind}.{alias}"), "topic name", topic)?;
+                }
+            }
+        }
+        for (kind, topics) in [
+            ("publishTopics", &self.publish_topics),
+            ("subscribeTopics", &self.subscribe_topics),
+        ] {
+            for (name, topic) in topics {
+                check(format!("deployment.{kind}"), &format!("topic name {name:?}"), name)?;
+                check(format!("deployment.{kind}.{name}.type"), "type", &topic.kind)?;
+                check(format!("deployment.{kind}.{name}.topic"), "topic", &topic.topic)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,5 +406,42 @@ mod tests {
         let e =
             Deployment::from_json(r#"{"instanceSpecs":{},"modules":{},"extra":1}"#).unwrap_err();
         assert!(e.message.contains("extra"), "{e}");
+    }
+
+    #[test]
+    fn a_nul_in_any_string_is_refused_and_the_error_carries_none() {
+        type Poison = fn(&mut Deployment);
+        let cases: [(&str, Poison); 6] = [
+            ("deployment.modules.m.entryPoint", |d| {
+                d.modules.get_mut("m").unwrap().entry_point = "ma\0in".into()
+            }),
+            ("deployment.instanceSpecs.i.moduleId", |d| {
+                d.instance_specs.get_mut("i").unwrap().module_id = "m\0".into()
+            }),
+            ("deployment.modules", |d| {
+                let m = d.modules.remove("m").unwrap();
+                d.modules.insert("m\0x".into(), m);
+            }),
+            ("deployment.instanceSpecs", |d| {
+                let i = d.instance_specs.remove("i").unwrap();
+                d.instance_specs.insert("i\0".into(), i);
+            }),
+            ("deployment.deploymentId", |d| d.deployment_id = Some("\0".into())),
+            ("deployment.instanceSpecs.i.publish.out", |d| {
+                d.instance_specs
+                    .get_mut("i")
+                    .unwrap()
+                    .publish
+                    .insert("out".into(), "t\0".into());
+            }),
+        ];
+        for (path, poison) in cases {
+            let mut d = one_instance();
+            poison(&mut d);
+            let e = d.validate().unwrap_err();
+            assert_eq!(e.path, path, "{e}");
+            assert!(e.message.contains("NUL"), "{e}");
+            assert!(!e.to_string().contains('\0'), "{e:?}");
+        }
     }
 }
