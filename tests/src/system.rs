@@ -344,3 +344,61 @@ pub fn schema_xml(interface: &str) -> String {
         .join(format!("{interface}.xml"));
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
+
+/// A test module of the workspace as a deployment's module: its file URL and hash.
+pub fn workspace_module(binary: &str) -> Value {
+    let path = crate::bin_dir().join(binary);
+    let bytes = std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("{} ({e}): run `cargo build --workspace`", path.display()));
+    json!({
+        "moduleImpl": "spawn",
+        "entryPoint": "main",
+        "downloadUrl": format!("file://{}", path.display()),
+        "hash": hex::encode(Sha256::digest(&bytes)),
+    })
+}
+
+/// A deployment of workspace test modules: one instance per `(instance, binary)`, no messaging routes.
+pub fn deployment_of(id: &str, instances: &[(&str, &str)]) -> Value {
+    let mut d = json!({
+        "deploymentId": id, "instanceSpecs": {}, "modules": {},
+        "publishTopics": {}, "subscribeTopics": {}
+    });
+    for (instance, binary) in instances {
+        d["modules"][*binary] = workspace_module(binary);
+        d["instanceSpecs"][*instance] = json!({"moduleId": binary, "publish": {}, "subscribe": {}});
+    }
+    d
+}
+
+/// Deploys `d` and waits until it is `ok` with every instance `ok`; panics otherwise.
+pub async fn deploy_and_wait(sys: &System, d: &Value) {
+    sys.deploy(d).await.unwrap();
+    let id = d["deploymentId"].as_str().unwrap().to_owned();
+    let names: Vec<String> = d["instanceSpecs"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    sys.wait_status(|s| {
+        s["deploymentId"] == id.as_str()
+            && s["reconcileStatus"] == "ok"
+            && names.iter().all(|n| instance_status(s, n) == "ok")
+    })
+    .await
+    .unwrap();
+}
+
+/// Waits for the hub to hold the instance state `key` satisfying `check`; panics otherwise.
+pub async fn wait_state(sys: &System, key: &str, check: impl Fn(&Value) -> bool) -> Value {
+    crate::wait_for(&format!("the hub to see {key}"), DEADLINE, async || {
+        sys.hub
+            .instance_states()
+            .get(key)
+            .filter(|v| check(v))
+            .cloned()
+    })
+    .await
+    .unwrap()
+}

@@ -3,66 +3,11 @@
 
 use std::time::Duration;
 
-use evp_system_tests::system::{Options, System, instance_status};
-use evp_system_tests::{DEADLINE, bin_dir, wait_for};
+use evp_system_tests::system::{
+    Options, System, deploy_and_wait, deployment_of, instance_status, wait_state,
+};
+use evp_system_tests::{DEADLINE, wait_for};
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
-
-/// A test module of the workspace as a deployment's module: its file URL and hash.
-fn workspace_module(binary: &str) -> Value {
-    let path = bin_dir().join(binary);
-    let bytes = std::fs::read(&path)
-        .unwrap_or_else(|e| panic!("{} ({e}): run `cargo build --workspace`", path.display()));
-    json!({
-        "moduleImpl": "spawn",
-        "entryPoint": "main",
-        "downloadUrl": format!("file://{}", path.display()),
-        "hash": hex::encode(Sha256::digest(&bytes)),
-    })
-}
-
-/// One instance per `(instance, binary)`, no messaging routes.
-fn deployment_of(id: &str, instances: &[(&str, &str)]) -> Value {
-    let mut d = json!({
-        "deploymentId": id, "instanceSpecs": {}, "modules": {},
-        "publishTopics": {}, "subscribeTopics": {}
-    });
-    for (instance, binary) in instances {
-        d["modules"][*binary] = workspace_module(binary);
-        d["instanceSpecs"][*instance] = json!({"moduleId": binary, "publish": {}, "subscribe": {}});
-    }
-    d
-}
-
-async fn deploy_and_wait(sys: &System, d: &Value) {
-    sys.deploy(d).await.unwrap();
-    let id = d["deploymentId"].as_str().unwrap().to_owned();
-    let names: Vec<String> = d["instanceSpecs"]
-        .as_object()
-        .unwrap()
-        .keys()
-        .cloned()
-        .collect();
-    sys.wait_status(|s| {
-        s["deploymentId"] == id.as_str()
-            && s["reconcileStatus"] == "ok"
-            && names.iter().all(|n| instance_status(s, n) == "ok")
-    })
-    .await
-    .unwrap();
-}
-
-async fn wait_state(sys: &System, key: &str, check: impl Fn(&Value) -> bool) -> Value {
-    wait_for(&format!("the hub to see {key}"), DEADLINE, async || {
-        sys.hub
-            .instance_states()
-            .get(key)
-            .filter(|v| check(v))
-            .cloned()
-    })
-    .await
-    .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn configuration_comes_back_as_state_and_as_telemetry() {

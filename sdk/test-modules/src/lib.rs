@@ -11,6 +11,7 @@
 //! | `evp-test-rpc-echo` | direct command `echo` is answered OK with its params as the response; any other method gets `METHOD_NOT_FOUND` with `{"error":"unknown method <m>"}` |
 //! | `evp-test-msg-sender` | configuration `count` = N (decimal text) sends N messages `"0"`..`"N-1"` on the publish alias `out` (retrying on `EVP_AGAIN`), then reports the state `sent` = `{"sent":S,"errors":E}` where S and E count the SENT and ERROR callbacks of that run |
 //! | `evp-test-msg-receiver` | counts the messages received on any subscribe alias and reports the state `received` = the count (a JSON number), at most every 100 ms and only when it changed |
+//! | `evp-test-nul` | direct command `probe` makes it call `send_state`, `send_telemetry` (in the key), `send_message` (in the alias) and `send_rpc_response` (for the probe itself) with a string holding a NUL byte, then answer the probe OK with `{"state":R,"telemetryKey":R,"message":R,"rpcResponse":R}`, each R the call's result (`"EVP_INVAL"`) |
 //! | `evp-test-telemetry-flood` | configuration `flood` = N sends N telemetry calls, each one entry `v` with a 100-byte JSON string, as fast as it can without processing events until the agent answers `EVP_AGAIN` (then it processes events and retries); when every callback came back it reports the state `flood` = `{"accepted":N,"again":A,"sent":S,"denied":D}` |
 //!
 //! With sdk-broker's default limits (`event_queue_bytes` 1 MiB, that is 16384 callbacks
