@@ -590,10 +590,9 @@ impl Stack {
                 let slot = &self.inner.slots[index];
                 let name = zbus::names::BusName::try_from(slot.spec.bus_name)
                     .map_err(|e| StackError::Bus(e.to_string()))?;
-                let owned = dbus
-                    .name_has_owner(name)
-                    .await
-                    .map_err(|e| StackError::Bus(e.to_string()))?;
+                // Owned by this daemon's process, not by whoever else may hold the name.
+                let owner_pid = dbus.get_connection_unix_process_id(name).await.ok();
+                let owned = owner_pid.is_some() && owner_pid == lock(&slot.state).pid;
                 if !owned {
                     still.push(index);
                 }
