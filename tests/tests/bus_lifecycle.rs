@@ -114,7 +114,6 @@ async fn a_daemon_whose_name_is_held_waits_for_it_and_then_serves() {
     let name = "runtimed-container";
     sys.stack.stop(name).await.unwrap();
     let squatter = zbus::connection::Builder::address(sys.bus.address())
-        .unwrap()
         .build()
         .await
         .unwrap();
@@ -122,26 +121,29 @@ async fn a_daemon_whose_name_is_held_waits_for_it_and_then_serves() {
     let log = sys.stack.config().log_dir().join("evp-runtimed-container.log");
     let logged_before = std::fs::read_to_string(&log).unwrap_or_default().len();
     let me = format!("pid {}", std::process::id());
-    let start = sys.stack.start(name);
-    tokio::pin!(start);
-    let waiting = async {
-        wait_for("runtimed-container to say who holds its name", DEADLINE, async || {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            let new = text.get(logged_before..).unwrap_or_default();
-            new.lines()
-                .find(|l| l.contains(RUNTIME_CONTAINER_NAME) && l.contains(&me))
-                .map(str::to_owned)
-        })
-        .await
+    let pid = {
+        let start = sys.stack.start(name);
+        tokio::pin!(start);
+        let waiting = async {
+            wait_for("runtimed-container to say who holds its name", DEADLINE, async || {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let new = text.get(logged_before..).unwrap_or_default();
+                new.lines()
+                    .find(|l| l.contains(RUNTIME_CONTAINER_NAME) && l.contains(&me))
+                    .map(str::to_owned)
+            })
+            .await
+        };
+        let line = tokio::select! {
+            line = waiting => line.unwrap(),
+            r = &mut start => panic!("ready while the name is held: {r:?}"),
+        };
+        assert!(line.contains("cannot own"), "{line}");
+        let pid = sys.stack.pid(name).unwrap();
+        squatter.release_name(RUNTIME_CONTAINER_NAME).await.unwrap();
+        start.await.unwrap();
+        pid
     };
-    let line = tokio::select! {
-        line = waiting => line.unwrap(),
-        r = &mut start => panic!("ready while the name is held: {r:?}"),
-    };
-    assert!(line.contains("cannot own"), "{line}");
-    let pid = sys.stack.pid(name).unwrap();
-    squatter.release_name(RUNTIME_CONTAINER_NAME).await.unwrap();
-    start.await.unwrap();
     // The same process took the name: it waited rather than exiting in a loop.
     assert_eq!(sys.stack.pid(name), Some(pid));
     assert_eq!(sys.stack.exits(name).unwrap(), 1, "only the stop");
