@@ -25,6 +25,8 @@ pub struct Options {
     pub extra_toml: String,
     /// More environment for every daemon.
     pub env: Vec<(String, String)>,
+    /// Restart a daemon that fails, as systemd's `Restart=on-failure` does.
+    pub supervise: bool,
 }
 
 /// A device under test.
@@ -85,6 +87,7 @@ impl System {
         config.report_status_interval_min_ms = 0;
         config.env.push(("EVP_MQTT_CLIENTID".into(), DEVICE.into()));
         config.env.extend(options.env.iter().cloned());
+        config.supervise = options.supervise;
         if !options.extra_toml.is_empty() {
             config.agent_toml = Some(format!(
                 "{}\n{}\n",

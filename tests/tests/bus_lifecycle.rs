@@ -6,7 +6,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use evp_schemas::dbus::RUNTIME_CONTAINER_NAME;
-use evp_system_tests::system::System;
+use evp_system_tests::system::{Options, System};
 use evp_system_tests::{DEADLINE, wait_for};
 
 /// The path of the bus socket in a `unix:path=...` address.
@@ -82,7 +82,12 @@ fn peer_path(fd: &OwnedFd) -> Option<PathBuf> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_daemon_cut_off_the_bus_exits_non_zero_and_comes_back() {
-    let sys = System::start().await.unwrap();
+    let sys = System::start_with(Options {
+        supervise: true,
+        ..Options::default()
+    })
+    .await
+    .unwrap();
     let bus = socket_path(sys.bus.address());
     for name in sys.stack.names() {
         let pid = sys.stack.pid(name).unwrap();
@@ -117,7 +122,14 @@ async fn a_daemon_whose_name_is_held_waits_for_it_and_then_serves() {
         .build()
         .await
         .unwrap();
-    squatter.request_name(RUNTIME_CONTAINER_NAME).await.unwrap();
+    // As a squatter would: not letting anyone replace it.
+    squatter
+        .request_name_with_flags(
+            RUNTIME_CONTAINER_NAME,
+            zbus::fdo::RequestNameFlags::DO_NOT_QUEUE,
+        )
+        .await
+        .unwrap();
     let log = sys.stack.config().log_dir().join("evp-runtimed-container.log");
     let logged_before = std::fs::read_to_string(&log).unwrap_or_default().len();
     let me = format!("pid {}", std::process::id());
@@ -153,7 +165,14 @@ async fn a_daemon_whose_name_is_held_waits_for_it_and_then_serves() {
         .await
         .unwrap();
     assert_eq!(owner, pid);
-    // And it serves: a deployment runs on it.
-    sys.run_instances("dep-1", &["i"]).await.unwrap();
+    // And it serves its interface.
+    let runtime = evp_schemas::dbus::Runtime1Proxy::builder(&sys.conn)
+        .destination(RUNTIME_CONTAINER_NAME)
+        .path(evp_schemas::dbus::RUNTIME_CONTAINER_PATH)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(runtime.kinds().await.unwrap(), vec!["spawn".to_owned()]);
     sys.stop().await;
 }
