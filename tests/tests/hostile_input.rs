@@ -86,8 +86,17 @@ async fn a_nul_in_a_configuration_or_a_direct_command_leaves_hubd_on_the_bus() {
     }
     // hubd still reaches sdk-broker over the bus: the answer comes from sdk-broker.
     let answer = sys.hub.call("ghost", "echo", "{}", 4, wait).await.unwrap();
-    let message = answer["errorMessage"].as_str().unwrap_or_default();
-    assert!(message.contains("not running on this device"), "{answer}");
+    let response = answer["response"].as_str().unwrap_or_default();
+    assert!(response.contains("not running on this device"), "{answer}");
+    // The refused configurations are logged with the field at fault.
+    let log = sys.stack.config().log_dir().join("evp-hubd.log");
+    let text = std::fs::read_to_string(log).unwrap();
+    for field in ["instance", "topic"] {
+        assert!(
+            text.contains(&format!("the configuration's {field} contains a NUL byte")),
+            "{text}"
+        );
+    }
     none_exited(&sys);
     sys.stop().await;
 }
