@@ -227,8 +227,10 @@ impl ReconcilerService {
             instances = deployment.instance_specs.len(),
             "deployment accepted"
         );
-        self.desired_tx
-            .send_modify(|d| d.deployment = Some(deployment));
+        self.desired_tx.send_modify(|d| {
+            d.deployment = Some(deployment);
+            d.unusable = None;
+        });
         Ok(())
     }
 
@@ -275,7 +277,10 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     });
     let downloads = Downloads::new(downloader, &download_config, sink);
 
-    let initial = store.load();
+    let (initial, unusable) = match store.load() {
+        Ok(d) => (d, None),
+        Err(u) => (None, Some(u)),
+    };
     if let Some(d) = &initial {
         info!(
             deployment = d.deployment_id.as_deref().unwrap_or("-"),
@@ -285,6 +290,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     let (desired_tx, desired_rx) = watch::channel(Desired {
         deployment: initial,
         paused: false,
+        unusable,
     });
     let status: SharedStatus = Arc::new(Mutex::new(DeploymentStatus::default()));
     let service = ReconcilerService {

@@ -156,7 +156,17 @@ async fn a_persisted_deployment_with_a_nul_does_not_wedge_a_restart() {
     let dir = sys.data_dir().join("deployment");
     std::fs::write(dir.join("desired.json"), poisoned.to_string()).unwrap();
     sys.stack.start("reconcilerd").await.unwrap();
-    // It is on the bus and takes the hub's next deployment.
+    // It says so to the hub...
+    let status = sys
+        .wait_status(|s| s["deploymentId"] == "dep-old" && s["reconcileStatus"] == "error")
+        .await
+        .unwrap();
+    let message = status["failureMessage"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("cannot be applied") && message.contains("NUL"),
+        "{status}"
+    );
+    // ...stays on the bus, and takes the hub's next deployment.
     sys.run_instances("dep-new", &["i"]).await.unwrap();
     assert!(
         dir.join("desired.json.invalid").exists(),
