@@ -696,7 +696,13 @@ fn spawn_slot(inner: &Arc<Inner>, index: usize) -> Result<bool, StackError> {
         .env("EVP_MQTT_PORT", config.mqtt_port.to_string())
         .env("DBUS_SYSTEM_BUS_ADDRESS", &config.bus_address)
         .env("EVP_DATA_DIR", config.data_dir())
-        .env(STACK_MARKER_ENV, &inner.marker)
+        .env(STACK_MARKER_ENV, &inner.marker);
+    // Before the configured environment, so a test may still give a daemon its own
+    // NOTIFY_SOCKET (to watch its READY and WATCHDOG messages).
+    for name in SYSTEMD_ENV {
+        command.env_remove(name);
+    }
+    command
         .envs(config.env.iter().map(|(k, v)| (k, v)))
         .envs(state.extra_env.iter().map(|(k, v)| (k, v)))
         .current_dir(&config.dir)
@@ -705,9 +711,6 @@ fn spawn_slot(inner: &Arc<Inner>, index: usize) -> Result<bool, StackError> {
         // the daemons in order; and what a daemon spawns is found by its group at stop.
         .process_group(0)
         .kill_on_drop(true);
-    for name in SYSTEMD_ENV {
-        command.env_remove(name);
-    }
     match config.output {
         DaemonOutput::Forward => {
             command.stdout(Stdio::piped()).stderr(Stdio::piped());

@@ -4,6 +4,7 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use evp_schemas::dbus::RUNTIME_CONTAINER_NAME;
 use evp_system_tests::system::{Options, System};
@@ -174,5 +175,63 @@ async fn a_daemon_whose_name_is_held_waits_for_it_and_then_serves() {
         .await
         .unwrap();
     assert_eq!(runtime.kinds().await.unwrap(), vec!["spawn".to_owned()]);
+    sys.stop().await;
+}
+
+/// The sd_notify messages a daemon sends to `socket` within `window`.
+async fn notifications(socket: &tokio::net::UnixDatagram, window: Duration) -> Vec<String> {
+    let mut out = Vec::new();
+    let end = tokio::time::Instant::now() + window;
+    let mut buf = vec![0u8; 4096];
+    while let Ok(Ok(n)) = tokio::time::timeout_at(end, socket.recv(&mut buf)).await {
+        out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    out
+}
+
+fn pings(messages: &[String]) -> usize {
+    messages
+        .iter()
+        .filter(|m| m.lines().any(|l| l == "WATCHDOG=1"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_watchdog_is_pinged_only_while_the_bus_answers() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let sys = System::start().await.unwrap();
+    let name = "runtimed-wasm";
+    let path = sys.dir.path().join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&path).unwrap();
+    sys.stack.stop(name).await.unwrap();
+    // A ping every PERIOD / 2 = 100 ms.
+    const PERIOD: Duration = Duration::from_millis(200);
+    sys.stack
+        .set_env(
+            name,
+            vec![
+                ("NOTIFY_SOCKET".into(), path.display().to_string()),
+                ("WATCHDOG_USEC".into(), PERIOD.as_micros().to_string()),
+            ],
+        )
+        .unwrap();
+    sys.stack.start(name).await.unwrap();
+    let first = notifications(&socket, PERIOD * 5).await;
+    assert!(first.iter().any(|m| m.contains("READY=1")), "{first:?}");
+    assert!(pings(&first) >= 2, "pings while the bus answers: {first:?}");
+
+    // The bus stops answering (its process is stopped): the daemon may not vouch for itself.
+    let bus = Pid::from_raw(sys.bus.pid().unwrap() as i32);
+    kill(bus, Signal::SIGSTOP).unwrap();
+    // A round trip already answered before the stop may still ping once or twice.
+    let _settling = notifications(&socket, PERIOD * 2).await;
+    let stopped = notifications(&socket, PERIOD * 5).await;
+    kill(bus, Signal::SIGCONT).unwrap();
+    assert_eq!(pings(&stopped), 0, "pings while the bus is stopped: {stopped:?}");
+
+    // Once the bus answers again, so does the watchdog.
+    let again = notifications(&socket, PERIOD * 5).await;
+    assert!(pings(&again) >= 1, "pings once the bus is back: {again:?}");
     sys.stop().await;
 }
