@@ -134,7 +134,8 @@ pub async fn own_name(conn: &Connection, name: &'static str) -> Result<()> {
                 return Ok(());
             }
             // Never with DoNotQueue; treated as taken all the same.
-            Ok(RequestNameReply::InQueue | RequestNameReply::Exists) | Err(zbus::Error::NameTaken) => {}
+            Ok(RequestNameReply::InQueue | RequestNameReply::Exists)
+            | Err(zbus::Error::NameTaken) => {}
             Err(e) => return Err(e).with_context(|| format!("requesting the bus name {name}")),
         }
         waited = true;
@@ -259,7 +260,13 @@ mod tests {
         assert!(!w.refused(&held_by(":1.1"), t + Duration::from_secs(1)).1);
         assert!(w.refused(&held_by(":1.2"), t + Duration::from_secs(2)).1);
         assert!(!w.refused(&held_by(":1.2"), t + Duration::from_secs(3)).1);
-        assert!(w.refused(&held_by(":1.2"), t + Duration::from_secs(2) + NAME_WAIT_REMINDER).1);
+        assert!(
+            w.refused(
+                &held_by(":1.2"),
+                t + Duration::from_secs(2) + NAME_WAIT_REMINDER
+            )
+            .1
+        );
     }
 
     #[test]

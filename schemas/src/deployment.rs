@@ -301,13 +301,18 @@ impl Deployment {
     /// disconnects a daemon that sends a NUL.
     fn validate_strings(&self) -> Result<(), ValidationError> {
         let check = |path: String, what: &str, value: &str| {
-            crate::dbus::check_bus_string(what, value).map_err(|e| ValidationError::new(path, e.to_string()))
+            crate::dbus::check_bus_string(what, value)
+                .map_err(|e| ValidationError::new(path, e.to_string()))
         };
         if let Some(id) = &self.deployment_id {
             check("deployment.deploymentId".into(), "the deployment id", id)?;
         }
         for (id, module) in &self.modules {
-            check("deployment.modules".into(), &format!("module id {id:?}"), id)?;
+            check(
+                "deployment.modules".into(),
+                &format!("module id {id:?}"),
+                id,
+            )?;
             let at = |field: &str| format!("deployment.modules.{id}.{field}");
             check(at("entryPoint"), "entryPoint", &module.entry_point)?;
             if let Some(url) = &module.download_url {
@@ -319,7 +324,11 @@ impl Deployment {
         }
         for (name, spec) in &self.instance_specs {
             let base = format!("deployment.instanceSpecs.{name}");
-            check("deployment.instanceSpecs".into(), &format!("instance name {name:?}"), name)?;
+            check(
+                "deployment.instanceSpecs".into(),
+                &format!("instance name {name:?}"),
+                name,
+            )?;
             check(format!("{base}.moduleId"), "moduleId", &spec.module_id)?;
             for (kind, aliases) in [("publish", &spec.publish), ("subscribe", &spec.subscribe)] {
                 for (alias, topic) in aliases {
@@ -333,9 +342,21 @@ impl Deployment {
             ("subscribeTopics", &self.subscribe_topics),
         ] {
             for (name, topic) in topics {
-                check(format!("deployment.{kind}"), &format!("topic name {name:?}"), name)?;
-                check(format!("deployment.{kind}.{name}.type"), "type", &topic.kind)?;
-                check(format!("deployment.{kind}.{name}.topic"), "topic", &topic.topic)?;
+                check(
+                    format!("deployment.{kind}"),
+                    &format!("topic name {name:?}"),
+                    name,
+                )?;
+                check(
+                    format!("deployment.{kind}.{name}.type"),
+                    "type",
+                    &topic.kind,
+                )?;
+                check(
+                    format!("deployment.{kind}.{name}.topic"),
+                    "topic",
+                    &topic.topic,
+                )?;
             }
         }
         Ok(())
@@ -426,7 +447,9 @@ mod tests {
                 let i = d.instance_specs.remove("i").unwrap();
                 d.instance_specs.insert("i\0".into(), i);
             }),
-            ("deployment.deploymentId", |d| d.deployment_id = Some("\0".into())),
+            ("deployment.deploymentId", |d| {
+                d.deployment_id = Some("\0".into())
+            }),
             ("deployment.instanceSpecs.i.publish.out", |d| {
                 d.instance_specs
                     .get_mut("i")

@@ -1116,7 +1116,10 @@ mod tests {
             blob: vec![0],
             cb,
         };
-        assert_eq!(state.check_bus_strings().unwrap_err().field, "the state topic");
+        assert_eq!(
+            state.check_bus_strings().unwrap_err().field,
+            "the state topic"
+        );
         let tel = Request::SendTelemetry {
             entries: vec![TelemetryEntry {
                 key: "k".into(),
@@ -1124,14 +1127,20 @@ mod tests {
             }],
             cb,
         };
-        assert_eq!(tel.check_bus_strings().unwrap_err().field, "a telemetry value");
+        assert_eq!(
+            tel.check_bus_strings().unwrap_err().field,
+            "a telemetry value"
+        );
         let rpc = Request::SendRpcResponse {
             id: 1,
             response: Some("\0".into()),
             status: 0,
             cb,
         };
-        assert_eq!(rpc.check_bus_strings().unwrap_err().field, "the RPC response");
+        assert_eq!(
+            rpc.check_bus_strings().unwrap_err().field,
+            "the RPC response"
+        );
         // A NUL in a state value is fine: it is bytes (`ay`) on the bus.
         let ok = Request::SendState {
             topic: "t".into(),

@@ -690,7 +690,10 @@ impl Broker {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert((instance.to_owned(), e.field.clone()));
             if first {
-                warn!(instance, "request refused with EVP_INVAL: {e} (logged once per field)");
+                warn!(
+                    instance,
+                    "request refused with EVP_INVAL: {e} (logged once per field)"
+                );
             }
             return Simple(EvpResult::Inval);
         }

@@ -12,7 +12,9 @@ use evp_system_tests::{DEADLINE, wait_for};
 
 /// The path of the bus socket in a `unix:path=...` address.
 fn socket_path(address: &str) -> PathBuf {
-    let rest = address.strip_prefix("unix:path=").expect("a unix:path address");
+    let rest = address
+        .strip_prefix("unix:path=")
+        .expect("a unix:path address");
     PathBuf::from(rest.split(',').next().unwrap_or(rest))
 }
 
@@ -22,7 +24,11 @@ fn socket_path(address: &str) -> PathBuf {
 fn cut_bus_connections(pid: u32, bus: &Path) -> usize {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    assert!(pidfd >= 0, "pidfd_open({pid}): {}", std::io::Error::last_os_error());
+    assert!(
+        pidfd >= 0,
+        "pidfd_open({pid}): {}",
+        std::io::Error::last_os_error()
+    );
     // SAFETY: pidfd_open returned a descriptor that nothing else owns.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
     let mut cut = 0;
@@ -31,7 +37,11 @@ fn cut_bus_connections(pid: u32, bus: &Path) -> usize {
         let is_socket = std::fs::read_link(entry.path())
             .map(|t| t.to_string_lossy().starts_with("socket:"))
             .unwrap_or(false);
-        let Some(target) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+        let Some(target) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
             continue;
         };
         if !is_socket {
@@ -92,7 +102,10 @@ async fn a_daemon_cut_off_the_bus_exits_non_zero_and_comes_back() {
     let bus = socket_path(sys.bus.address());
     for name in sys.stack.names() {
         let pid = sys.stack.pid(name).unwrap();
-        assert!(cut_bus_connections(pid, &bus) >= 1, "{name} has no bus connection");
+        assert!(
+            cut_bus_connections(pid, &bus) >= 1,
+            "{name} has no bus connection"
+        );
         let exited = wait_for(&format!("{name} to exit"), DEADLINE, async || {
             (sys.stack.exits(name).unwrap() == 1).then_some(())
         })
@@ -131,20 +144,28 @@ async fn a_daemon_whose_name_is_held_waits_for_it_and_then_serves() {
         )
         .await
         .unwrap();
-    let log = sys.stack.config().log_dir().join("evp-runtimed-container.log");
+    let log = sys
+        .stack
+        .config()
+        .log_dir()
+        .join("evp-runtimed-container.log");
     let logged_before = std::fs::read_to_string(&log).unwrap_or_default().len();
     let me = format!("pid {}", std::process::id());
     let pid = {
         let start = sys.stack.start(name);
         tokio::pin!(start);
         let waiting = async {
-            wait_for("runtimed-container to say who holds its name", DEADLINE, async || {
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                let new = text.get(logged_before..).unwrap_or_default();
-                new.lines()
-                    .find(|l| l.contains(RUNTIME_CONTAINER_NAME) && l.contains(&me))
-                    .map(str::to_owned)
-            })
+            wait_for(
+                "runtimed-container to say who holds its name",
+                DEADLINE,
+                async || {
+                    let text = std::fs::read_to_string(&log).unwrap_or_default();
+                    let new = text.get(logged_before..).unwrap_or_default();
+                    new.lines()
+                        .find(|l| l.contains(RUNTIME_CONTAINER_NAME) && l.contains(&me))
+                        .map(str::to_owned)
+                },
+            )
             .await
         };
         let line = tokio::select! {
@@ -228,7 +249,11 @@ async fn the_watchdog_is_pinged_only_while_the_bus_answers() {
     let _settling = notifications(&socket, PERIOD * 2).await;
     let stopped = notifications(&socket, PERIOD * 5).await;
     kill(bus, Signal::SIGCONT).unwrap();
-    assert_eq!(pings(&stopped), 0, "pings while the bus is stopped: {stopped:?}");
+    assert_eq!(
+        pings(&stopped),
+        0,
+        "pings while the bus is stopped: {stopped:?}"
+    );
 
     // Once the bus answers again, so does the watchdog.
     let again = notifications(&socket, PERIOD * 5).await;

@@ -9,7 +9,8 @@ const NAME: &str = "nul";
 
 /// What a call returned, as the C SDK names it.
 fn code(r: Result<(), evp_sdk::Error>) -> String {
-    r.map_or_else(|e| e.result(), |()| EvpResult::Ok).to_string()
+    r.map_or_else(|e| e.result(), |()| EvpResult::Ok)
+        .to_string()
 }
 
 fn probe(c: &mut Client, id: u64) -> serde_json::Value {
