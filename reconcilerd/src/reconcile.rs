@@ -10,10 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use evp_schemas::dbus::{self, Runtime1Proxy, SdkBroker1Proxy};
-use evp_schemas::routing::Routing;
 use evp_schemas::{
-    Deployment, DeploymentStatus, InstanceState, InstanceStatus, Module, ModuleImpl, ModuleState,
-    ModuleStatus, ReconcileStatus, RestartPolicy,
+    Deployment, DeploymentStatus, InstanceState, Module, ReconcileStatus, RestartPolicy,
 };
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
@@ -21,8 +19,14 @@ use tracing::{debug, info, warn};
 use zbus::Connection;
 
 use crate::backoff::{self, Backoff};
-use crate::download::{DownloadEvent, Downloads, Progress};
+use crate::download::{DownloadEvent, Downloads};
+pub use crate::plan::Runtime;
+use crate::plan::{self, Observed, Placement, cached_hash, placement};
 use crate::restart::{self, Decision, Exit, RestartConfig, RestartState};
+use crate::status::{self, DownloadView, InstanceView, StatusInputs};
+
+mod execute;
+use execute::start;
 
 /// What the loop is asked to do: the latest desired deployment and whether changes are held.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -58,44 +62,6 @@ pub struct Settings {
 /// so there is nothing to wait for.
 const FORGET_GRACE_MS: u32 = 0;
 
-/// The two runtime daemons.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Runtime {
-    /// runtimed-wasm.
-    Wasm,
-    /// runtimed-container.
-    Container,
-}
-
-impl Runtime {
-    /// Both runtimes.
-    pub const ALL: [Runtime; 2] = [Runtime::Wasm, Runtime::Container];
-
-    /// Its bus name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Runtime::Wasm => dbus::RUNTIME_WASM_NAME,
-            Runtime::Container => dbus::RUNTIME_CONTAINER_NAME,
-        }
-    }
-
-    fn path(self) -> &'static str {
-        match self {
-            Runtime::Wasm => dbus::RUNTIME_WASM_PATH,
-            Runtime::Container => dbus::RUNTIME_CONTAINER_PATH,
-        }
-    }
-
-    /// Which runtime runs a module kind; `None` for kinds this agent cannot run.
-    pub fn of(kind: ModuleImpl) -> Option<Runtime> {
-        match kind {
-            ModuleImpl::Wasm => Some(Runtime::Wasm),
-            ModuleImpl::Spawn | ModuleImpl::Python | ModuleImpl::Docker => Some(Runtime::Container),
-            ModuleImpl::Dlfcn => None,
-        }
-    }
-}
-
 /// A proxy to one runtime; properties are not cached because the loop reads them rarely.
 async fn runtime_proxy(conn: &Connection, rt: Runtime) -> zbus::Result<Runtime1Proxy<'static>> {
     Runtime1Proxy::builder(conn)
@@ -106,39 +72,6 @@ async fn runtime_proxy(conn: &Connection, rt: Runtime) -> zbus::Result<Runtime1P
         .await
 }
 
-/// What an instance was started from: when any of it changes, the instance is restarted.
-/// Messaging routes and the restart policy are left out on purpose: changing them must not
-/// restart anything.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Placement {
-    module_id: String,
-    module: Module,
-}
-
-impl Placement {
-    fn runtime(&self) -> Option<Runtime> {
-        Runtime::of(self.module.module_impl)
-    }
-}
-
-fn placement(deployment: &Deployment, instance: &str) -> Option<Placement> {
-    let spec = deployment.instance_specs.get(instance)?;
-    let module = deployment.modules.get(&spec.module_id)?;
-    Some(Placement {
-        module_id: spec.module_id.clone(),
-        module: module.clone(),
-    })
-}
-
-/// The hash a module is cached under, when it is fetched into the cache at all (not docker).
-fn cached_hash(module: &Module) -> Option<String> {
-    match (module.module_impl, &module.download_url, &module.hash) {
-        (ModuleImpl::Docker, ..) => None,
-        (_, Some(_), Some(h)) => Some(h.to_ascii_lowercase()),
-        _ => None,
-    }
-}
-
 /// An instance this loop placed (or adopted) and tracks.
 #[derive(Debug, Clone)]
 struct Running {
@@ -146,13 +79,6 @@ struct Running {
     state: InstanceState,
     failure: Option<String>,
     restart: RestartState,
-}
-
-/// What the loop knows about one download task.
-#[derive(Debug, Clone, Default)]
-struct DownloadView {
-    progress: Option<Progress>,
-    failed: Option<String>,
 }
 
 /// One input of the loop besides the desired deployment and its timers.
@@ -181,16 +107,6 @@ pub enum Event {
     /// sdk-broker got a new owner on the bus: it restarted, and every SDK socket it served is
     /// gone with its old process.
     SdkBrokerBack,
-}
-
-/// How a module stands, as the status shows it.
-enum ModuleView {
-    Ok,
-    Downloading(Option<Progress>),
-    Failed(String),
-    /// Fetched, waiting for its runtime to be on the bus: shown as `error` with the reason,
-    /// while the deployment stays `applying`.
-    Waiting(String),
 }
 
 /// The loop's own view of the device.
@@ -676,19 +592,19 @@ impl Reconciler {
         }
     }
 
-    /// One pass towards `target`. Returns `true` when a newer desired state preempted it.
+    /// One pass towards `target`: learn what the runtimes host, plan, execute. Returns `true`
+    /// when a newer desired state preempted it.
     async fn pass(&mut self, rx: &watch::Receiver<Desired>) -> bool {
         let Some(desired) = self.target.clone() else {
             return false;
         };
-        let preempted = || rx.has_changed().unwrap_or(false);
         self.applied = false;
         self.module_errors.clear();
         self.instance_errors.clear();
         let mut failures = false;
 
-        // 0. Learn what runtimes host before placing anything on them (and before the status
-        //    says anything about them).
+        // Learn what runtimes host before placing anything on them (and before the status
+        // says anything about them).
         for rt in Runtime::ALL {
             if !self.synced.contains(&rt) && !self.sync_runtime(rt).await && needs(&desired, rt) {
                 debug!(
@@ -700,196 +616,33 @@ impl Reconciler {
         }
         self.publish();
 
-        // 1. Stop what runtimes host that the deployment does not want.
-        while let Some((rt, name)) = self.foreign.pop() {
-            if preempted() {
-                self.foreign.push((rt, name));
-                return true;
-            }
-            if let Ok(proxy) = self.runtime(rt).await {
-                let purge = !desired.instance_specs.contains_key(&name);
-                stop_one(&self.sdk, &proxy, &name, self.settings.stop_grace_ms, purge).await;
-            }
-        }
-
-        // 2. Stop what is not wanted any more, or wanted from something else.
-        let placed: Vec<(String, Placement)> = self
+        let placed: BTreeMap<String, Placement> = self
             .running
             .iter()
             .map(|(k, v)| (k.clone(), v.placement.clone()))
             .collect();
-        if preempted() {
-            return true;
-        }
-        // In parallel: each stop may wait out an exit grace, and they do not depend on
-        // each other.
-        let mut stops = Vec::new();
-        for (name, was) in placed {
-            let want = placement(&desired, &name);
-            if want.as_ref() == Some(&was) {
-                continue;
-            }
-            let proxy = match was.runtime() {
-                Some(rt) => self.runtime(rt).await.ok(),
-                None => None,
-            };
-            stops.push((name, proxy, want.is_none()));
-        }
-        let grace = self.settings.stop_grace_ms;
-        let sdk = &self.sdk;
-        futures_util::future::join_all(stops.iter().map(|(name, proxy, purge)| async move {
-            match proxy {
-                Some(proxy) => stop_one(sdk, proxy, name, grace, *purge).await,
-                None => warn!(instance = %name, "cannot stop: its runtime is not reachable"),
-            }
-        }))
-        .await;
-        for (name, _, _) in &stops {
-            self.running.remove(name);
-        }
-
-        // 3. Unload modules whose definition is gone or changed.
-        let loaded: Vec<(String, Module)> = self
-            .loaded
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+        let cached: BTreeSet<String> = desired
+            .modules
+            .values()
+            .filter_map(cached_hash)
+            .filter(|h| self.downloads.cache().contains(h))
             .collect();
-        for (id, module) in loaded {
-            if desired.modules.get(&id) == Some(&module) {
-                continue;
-            }
-            if let Some(rt) = Runtime::of(module.module_impl)
-                && let Ok(proxy) = self.runtime(rt).await
-                && let Err(e) = proxy.unload_module(&id).await
-            {
-                warn!(module = %id, "unload failed: {}", dbus::error_message(&e));
-            }
-            self.loaded.remove(&id);
-        }
-
-        // 4. Cancel downloads nothing wants any more; the others carry on untouched.
-        let wanted: BTreeSet<String> = desired.modules.values().filter_map(cached_hash).collect();
-        for hash in self.downloads.retain(|h| wanted.contains(h)) {
-            self.downloading.remove(&hash);
-        }
-
-        // 5. Fetch (in the background) and load every module of the deployment.
-        for (id, module) in &desired.modules {
-            if self.loaded.get(id) == Some(module) {
-                continue;
-            }
-            let Some(rt) = Runtime::of(module.module_impl) else {
-                self.module_errors.insert(
-                    id.clone(),
-                    format!(
-                        "{} modules are not supported on this device",
-                        module.module_impl
-                    ),
-                );
-                continue;
-            };
-            let (location, hash) = match (&module.download_url, module.module_impl) {
-                (None, _) => {
-                    self.module_errors.insert(
-                        id.clone(),
-                        format!(
-                            "module {id} has no downloadUrl; embedded modules are not supported"
-                        ),
-                    );
-                    continue;
-                }
-                (Some(url), ModuleImpl::Docker) => {
-                    (url.clone(), module.hash.clone().unwrap_or_default())
-                }
-                (Some(url), _) => {
-                    let hash = module.hash.clone().unwrap_or_default().to_ascii_lowercase();
-                    if !self.downloads.cache().contains(&hash) {
-                        self.downloads.ensure(&hash, url);
-                        self.downloading.entry(hash).or_default();
-                        continue;
-                    }
-                    let path = self.downloads.cache().path_of(&hash);
-                    (path.to_string_lossy().into_owned(), hash)
-                }
-            };
-            if !self.synced.contains(&rt) {
-                continue;
-            }
-            if preempted() {
-                return true;
-            }
-            let result = match self.runtime(rt).await {
-                Ok(proxy) => proxy
-                    .load_module(id, module.module_impl.as_str(), &location, &hash)
-                    .await
-                    .map_err(|e| format!("Failed to load: {}", dbus::error_message(&e))),
-                Err(e) => Err(e),
-            };
-            match result {
-                Ok(()) => {
-                    self.loaded.insert(id.clone(), module.clone());
-                }
-                Err(msg) => {
-                    warn!(module = %id, "{msg}");
-                    failures = true;
-                    self.module_errors.insert(id.clone(), msg);
-                }
-            }
-        }
-
-        // 6. Messaging routes for sdk-broker, before any instance starts sending.
-        let routing = Routing::from_deployment(&desired).to_json();
-        if let Err(e) = self.sdk.set_routing(&routing).await {
-            warn!("setting the messaging routes: {}", dbus::error_message(&e));
-            failures = true;
-        }
-
-        // 7. Start the instances that do not run yet.
-        let mut started_on = BTreeSet::new();
-        for name in desired.instance_specs.keys() {
-            if self.running.contains_key(name) {
-                continue;
-            }
-            let Some(want) = placement(&desired, name) else {
-                continue;
-            };
-            if self.loaded.get(&want.module_id) != Some(&want.module) {
-                continue;
-            }
-            let Some(rt) = want.runtime().filter(|rt| self.synced.contains(rt)) else {
-                continue;
-            };
-            if preempted() {
-                return true;
-            }
-            let result = match self.runtime(rt).await {
-                Ok(proxy) => start(&self.sdk, &proxy, name, &want).await,
-                Err(e) => Err(e),
-            };
-            match result {
-                Ok(()) => {
-                    started_on.insert(rt);
-                    self.running.insert(
-                        name.clone(),
-                        Running {
-                            placement: want,
-                            state: InstanceState::Starting,
-                            failure: None,
-                            restart: RestartState::new(Instant::now()),
-                        },
-                    );
-                }
-                Err(msg) => {
-                    warn!(instance = %name, "{msg}");
-                    failures = true;
-                    self.instance_errors.insert(name.clone(), msg);
-                }
-            }
-        }
-        // A start of an instance that already runs changes nothing and so emits no signal:
-        // take the state of what was just started from the runtime itself.
-        for rt in started_on {
-            self.refresh_started(rt).await;
+        let downloading: BTreeSet<String> = self.downloads.hashes().map(str::to_owned).collect();
+        let plan = plan::plan(
+            &desired,
+            Observed {
+                placed: &placed,
+                foreign: &self.foreign,
+                loaded: &self.loaded,
+                cached: &cached,
+                downloading: &downloading,
+                synced: &self.synced,
+            },
+        );
+        self.module_errors.extend(plan.module_errors);
+        match self.execute(plan.steps, rx).await {
+            Some(step_failures) => failures |= step_failures,
+            None => return true,
         }
 
         if failures {
@@ -930,126 +683,42 @@ impl Reconciler {
         }
     }
 
-    fn module_view(&self, id: &str, module: &Module) -> ModuleView {
-        if self.loaded.get(id) == Some(module) {
-            return ModuleView::Ok;
-        }
-        if let Some(e) = self.module_errors.get(id) {
-            return ModuleView::Failed(e.clone());
-        }
-        if let Some(hash) = cached_hash(module)
-            && let Some(d) = self.downloading.get(&hash)
-        {
-            return match &d.failed {
-                Some(e) => ModuleView::Failed(e.clone()),
-                None => ModuleView::Downloading(d.progress),
-            };
-        }
-        match Runtime::of(module.module_impl) {
-            Some(rt) if !self.synced.contains(&rt) => ModuleView::Waiting(format!(
-                "waiting for runtime {} to be on the bus",
-                rt.name()
-            )),
-            _ => ModuleView::Downloading(None),
-        }
-    }
-
     /// The status of `target` as things stand.
     fn render(&self) -> DeploymentStatus {
-        let Some(d) = &self.target else {
-            if let Some(u) = &self.unusable {
-                return DeploymentStatus {
-                    deployment_id: u.deployment_id.clone(),
-                    reconcile_status: Some(ReconcileStatus::Error),
-                    failure_message: Some(u.message.clone()),
-                    ..Default::default()
-                };
-            }
+        if self.target.is_none()
+            && let Some(u) = &self.unusable
+        {
             return DeploymentStatus {
-                reconcile_status: self.paused.then_some(ReconcileStatus::Paused),
+                deployment_id: u.deployment_id.clone(),
+                reconcile_status: Some(ReconcileStatus::Error),
+                failure_message: Some(u.message.clone()),
                 ..Default::default()
             };
-        };
-        let mut pending = !self.applied;
-        let mut failed = false;
-        let mut modules = BTreeMap::new();
-        let mut module_ok = BTreeMap::new();
-        for (id, m) in &d.modules {
-            let view = self.module_view(id, m);
-            let status = match view {
-                ModuleView::Ok => ModuleStatus {
-                    status: ModuleState::Ok,
-                    failure_message: None,
-                    bytes_done: None,
-                    bytes_total: None,
-                },
-                ModuleView::Downloading(p) => {
-                    pending = true;
-                    ModuleStatus {
-                        status: ModuleState::Downloading,
-                        failure_message: None,
-                        bytes_done: p.map(|p| p.done),
-                        bytes_total: p.and_then(|p| p.total),
-                    }
-                }
-                ModuleView::Failed(msg) => {
-                    failed = true;
-                    module_error(msg)
-                }
-                ModuleView::Waiting(msg) => {
-                    pending = true;
-                    module_error(msg)
-                }
-            };
-            module_ok.insert(id.clone(), status.status);
-            modules.insert(id.clone(), status);
         }
-        let mut instances = BTreeMap::new();
-        for (name, spec) in &d.instance_specs {
-            let running = self
+        status::render(&StatusInputs {
+            target: self.target.as_ref(),
+            paused: self.paused,
+            applied: self.applied,
+            running: self
                 .running
-                .get(name)
-                .filter(|r| Some(&r.placement) == placement(d, name).as_ref());
-            let (state, failure) = if let Some(r) = running {
-                (r.state, r.failure.clone())
-            } else if let Some(e) = self.instance_errors.get(name) {
-                failed = true;
-                (InstanceState::Error, Some(e.clone()))
-            } else {
-                pending = true;
-                match module_ok.get(&spec.module_id) {
-                    Some(ModuleState::Error) => (
-                        InstanceState::Error,
-                        Some(format!("Module {} is not ready", spec.module_id)),
-                    ),
-                    _ => (InstanceState::Starting, None),
-                }
-            };
-            instances.insert(
-                name.clone(),
-                InstanceStatus {
-                    status: state,
-                    module_id: spec.module_id.clone(),
-                    failure_message: failure,
-                },
-            );
-        }
-        let reconcile_status = if self.paused {
-            ReconcileStatus::Paused
-        } else if failed && self.applied {
-            ReconcileStatus::Error
-        } else if pending {
-            ReconcileStatus::Applying
-        } else {
-            ReconcileStatus::Ok
-        };
-        DeploymentStatus {
-            deployment_id: d.deployment_id.clone(),
-            reconcile_status: Some(reconcile_status),
-            failure_message: None,
-            instances,
-            modules,
-        }
+                .iter()
+                .map(|(name, r)| {
+                    (
+                        name.as_str(),
+                        InstanceView {
+                            placement: &r.placement,
+                            state: r.state,
+                            failure: r.failure.as_deref(),
+                        },
+                    )
+                })
+                .collect(),
+            loaded: &self.loaded,
+            downloading: &self.downloading,
+            module_errors: &self.module_errors,
+            instance_errors: &self.instance_errors,
+            synced: &self.synced,
+        })
     }
 
     /// Renders the status and publishes it when it changed.
@@ -1067,67 +736,11 @@ impl Reconciler {
     }
 }
 
-fn module_error(msg: String) -> ModuleStatus {
-    ModuleStatus {
-        status: ModuleState::Error,
-        failure_message: Some(msg),
-        bytes_done: None,
-        bytes_total: None,
-    }
-}
-
 /// Whether the deployment has modules that `rt` runs.
 fn needs(d: &Deployment, rt: Runtime) -> bool {
     d.modules
         .values()
         .any(|m| Runtime::of(m.module_impl) == Some(rt))
-}
-
-/// Opens the instance's SDK socket in sdk-broker, then starts it with that socket. Opening is
-/// idempotent, so a restart or a reconcilerd restart reuses the socket that is there.
-async fn start(
-    sdk: &SdkBroker1Proxy<'static>,
-    proxy: &Runtime1Proxy<'static>,
-    name: &str,
-    want: &Placement,
-) -> Result<(), String> {
-    let socket = sdk
-        .open_instance(name)
-        .await
-        .map_err(|e| format!("Failed to create SDK socket: {}", dbus::error_message(&e)))?;
-    let options = dbus::start_options(
-        &[
-            ("entry_point", &want.module.entry_point),
-            ("sdk_socket", &socket),
-        ],
-        &Default::default(),
-    )
-    .map_err(|e| e.to_string())?;
-    proxy
-        .start_instance(name, &want.module_id, options)
-        .await
-        .map_err(|e| format!("Failed to start: {}", dbus::error_message(&e)))
-}
-
-/// Stops one instance: the SDK exit protocol first (sdk-broker answers once the module let go,
-/// or after its grace), then the runtime's stop, then its directory when it left the
-/// deployment.
-async fn stop_one(
-    sdk: &SdkBroker1Proxy<'static>,
-    proxy: &Runtime1Proxy<'static>,
-    name: &str,
-    grace_ms: u32,
-    purge: bool,
-) {
-    if let Err(e) = sdk.close_instance(name).await {
-        debug!(instance = %name, "closing its SDK socket: {}", dbus::error_message(&e));
-    }
-    if let Err(e) = proxy.stop_instance(name, grace_ms).await {
-        warn!(instance = %name, "stop failed: {}", dbus::error_message(&e));
-    }
-    if purge && let Err(e) = proxy.purge_instance(name).await {
-        warn!(instance = %name, "removing its directory failed: {}", dbus::error_message(&e));
-    }
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

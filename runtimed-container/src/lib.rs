@@ -4,8 +4,6 @@
 //! delegates to. The daemon's own exit or crash does not disturb its instances: their output
 //! goes to files ([`logs`]), what it started is recorded ([`record`]), and its next start
 //! re-adopts what still runs ([`process`]).
-#![deny(missing_docs)]
-#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod logs;
 pub mod process;

@@ -2,8 +2,6 @@
 //! kind. This build has no WASM engine yet: it hosts no instance, refuses to load or start with
 //! `org.evp.Error.NotSupported`, and answers the calls that undo something it does not host
 //! with success, so reconcilerd's cleanup paths work against it.
-#![deny(missing_docs)]
-#![warn(clippy::undocumented_unsafe_blocks)]
 
 use anyhow::Result;
 use evp_daemon::{AgentConfig, DaemonArgs};

@@ -5,17 +5,23 @@
 //! - [`codec`] and [`evp2`]: the hub's wire dialects, behind one trait.
 //! - [`dbus`]: names, errors and proxies of the D-Bus interfaces; their
 //!   introspection XML lives in `schemas/dbus/` and is the source of truth.
-#![deny(missing_docs)]
-#![warn(clippy::undocumented_unsafe_blocks)]
+//! - [`sdk`]: the SDK wire format between a module and sdk-broker.
+//!
+//! Cargo features: `dbus` (the D-Bus part, with zbus) and `hub` (the codecs), both default;
+//! a module's SDK (`evp-sdk`) takes neither, so it builds without zbus or an async runtime.
 
+#[cfg(feature = "hub")]
 pub mod codec;
+#[cfg(feature = "dbus")]
 pub mod dbus;
 pub mod deployment;
+#[cfg(feature = "hub")]
 pub mod evp2;
 pub mod routing;
 pub mod sdk;
 pub mod status;
 
+#[cfg(feature = "hub")]
 pub use codec::{
     DesiredChange, DirectCommand, DirectCommandResponse, HubCodec, RpcStatus, StatusReport,
     TelemetryEntry,

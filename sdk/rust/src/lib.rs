@@ -32,8 +32,6 @@
 //!     }
 //! }
 //! ```
-#![deny(missing_docs)]
-#![warn(clippy::undocumented_unsafe_blocks)]
 
 use std::collections::HashMap;
 use std::io::Write;

@@ -20,7 +20,6 @@
 //!
 //! Every module also answers no direct command except `evp-test-rpc-echo`; evp-sdk answers
 //! those with status ERROR.
-#![deny(missing_docs)]
 
 use std::time::Duration;
 

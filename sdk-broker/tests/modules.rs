@@ -1,5 +1,6 @@
-//! The test modules as processes against an in-process sdk-broker: what the system tests will
-//! see through hubd, checked here at the broker's signals.
+//! The test modules (`sdk/test-modules`) as processes against an in-process sdk-broker: what
+//! the system tests will see through hubd, checked here at the broker's signals. The modules
+//! know only the wire format: they are separate binaries, built by `cargo build --workspace`.
 
 use std::path::Path;
 use std::process::{Child, Command};
@@ -12,6 +13,23 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 /// How long a step may take: generous, because the machine's two cores may be busy with other
 /// tests; the wait ends as soon as the signal comes.
 const PATIENCE: Duration = Duration::from_secs(30);
+
+/// A test module's binary, beside this test's own executable (`target/<profile>/`).
+fn module_bin(name: &str) -> String {
+    let exe = std::env::current_exe().expect("the test's own path");
+    let deps = exe.parent().expect("the test's folder");
+    let dir = match deps.file_name() {
+        Some(n) if n == "deps" => deps.parent().unwrap_or(deps),
+        _ => deps,
+    };
+    let bin = dir.join(name);
+    assert!(
+        bin.is_file(),
+        "{} is missing: build the workspace first (cargo build --workspace)",
+        bin.display()
+    );
+    bin.to_string_lossy().into_owned()
+}
 
 struct Module(Child);
 
@@ -99,13 +117,13 @@ async fn test_modules_behave_as_documented() {
     broker
         .deliver_configuration("echo", "greeting", b"hello")
         .unwrap();
-    let m = spawn(env!("CARGO_BIN_EXE_evp-test-config-echo"), &sock);
+    let m = spawn(&module_bin("evp-test-config-echo"), &sock);
     assert_eq!(state(&mut rx, "echo", "greeting").await, "hello");
     exits_cleanly(&broker, "echo", m).await;
 
     // config -> telemetry
     let sock = broker.open_instance("tel").unwrap();
-    let m = spawn(env!("CARGO_BIN_EXE_evp-test-config-telemetry"), &sock);
+    let m = spawn(&module_bin("evp-test-config-telemetry"), &sock);
     broker
         .deliver_configuration("tel", "room", b"{\"t\":21}")
         .unwrap();
@@ -119,7 +137,7 @@ async fn test_modules_behave_as_documented() {
 
     // a direct command answered
     let sock = broker.open_instance("rpc").unwrap();
-    let m = spawn(env!("CARGO_BIN_EXE_evp-test-rpc-echo"), &sock);
+    let m = spawn(&module_bin("evp-test-rpc-echo"), &sock);
     // Queued until the module connects; it registers its handler before processing events.
     broker
         .call_method("rpc", 10042, "echo", "{\"text\":\"hi\"}")
@@ -144,8 +162,8 @@ async fn test_modules_behave_as_documented() {
     // 1000 messages from one instance to another, counted
     let rx_sock = broker.open_instance("receiver").unwrap();
     let tx_sock = broker.open_instance("sender").unwrap();
-    let receiver = spawn(env!("CARGO_BIN_EXE_evp-test-msg-receiver"), &rx_sock);
-    let sender = spawn(env!("CARGO_BIN_EXE_evp-test-msg-sender"), &tx_sock);
+    let receiver = spawn(&module_bin("evp-test-msg-receiver"), &rx_sock);
+    let sender = spawn(&module_bin("evp-test-msg-sender"), &tx_sock);
     broker
         .deliver_configuration("sender", "count", b"1000")
         .unwrap();
@@ -172,7 +190,7 @@ async fn test_modules_behave_as_documented() {
 
     // a telemetry flood meets back-pressure
     let sock = broker.open_instance("flood").unwrap();
-    let m = spawn(env!("CARGO_BIN_EXE_evp-test-telemetry-flood"), &sock);
+    let m = spawn(&module_bin("evp-test-telemetry-flood"), &sock);
     broker
         .deliver_configuration("flood", "flood", b"5000")
         .unwrap();

@@ -1,0 +1,227 @@
+//! The acting half of a reconcile pass: runs the steps `plan.rs` decided, against the
+//! runtimes and sdk-broker on the bus, and records what each did in the loop's state.
+
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use evp_schemas::InstanceState;
+use evp_schemas::dbus::{self, Runtime1Proxy, SdkBroker1Proxy};
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use super::{Desired, Reconciler, Running};
+use crate::plan::{ModuleSource, Placement, Runtime, Step};
+use crate::restart::RestartState;
+
+impl Reconciler {
+    /// Runs a plan's steps in order, checking before each one that talks to the bus whether a
+    /// newer desired state arrived. Consecutive stops run in parallel: each may wait out an
+    /// exit grace, and they do not depend on each other. Returns whether a step failed, or
+    /// `None` when preempted (what was done so far is recorded; the next pass plans from it).
+    pub(super) async fn execute(
+        &mut self,
+        steps: Vec<Step>,
+        rx: &watch::Receiver<Desired>,
+    ) -> Option<bool> {
+        let preempted = || rx.has_changed().unwrap_or(false);
+        let mut failures = false;
+        let mut failed_loads = BTreeSet::new();
+        let mut started_on = BTreeSet::new();
+        let mut steps = steps.into_iter().peekable();
+        while let Some(step) = steps.next() {
+            if preempted() {
+                return None;
+            }
+            match step {
+                Step::Stop {
+                    runtime,
+                    instance,
+                    purge,
+                } => {
+                    let mut batch = vec![(runtime, instance, purge)];
+                    while let Some(Step::Stop { .. }) = steps.peek() {
+                        if let Some(Step::Stop {
+                            runtime,
+                            instance,
+                            purge,
+                        }) = steps.next()
+                        {
+                            batch.push((runtime, instance, purge));
+                        }
+                    }
+                    self.stop_all(&batch).await;
+                }
+                Step::Unload { runtime, module_id } => {
+                    if let Some(rt) = runtime
+                        && let Ok(proxy) = self.runtime(rt).await
+                        && let Err(e) = proxy.unload_module(&module_id).await
+                    {
+                        warn!(module = %module_id, "unload failed: {}", dbus::error_message(&e));
+                    }
+                    self.loaded.remove(&module_id);
+                }
+                Step::CancelDownload { hash } => {
+                    self.downloads.retain(|h| h != hash);
+                    self.downloading.remove(&hash);
+                }
+                Step::Fetch { hash, url } => {
+                    self.downloads.ensure(&hash, &url);
+                    self.downloading.entry(hash).or_default();
+                }
+                Step::Load {
+                    runtime,
+                    module_id,
+                    module,
+                    source,
+                    hash,
+                } => {
+                    let location = match source {
+                        ModuleSource::Cached => self
+                            .downloads
+                            .cache()
+                            .path_of(&hash)
+                            .to_string_lossy()
+                            .into_owned(),
+                        ModuleSource::Image(image) => image,
+                    };
+                    let result = match self.runtime(runtime).await {
+                        Ok(proxy) => proxy
+                            .load_module(&module_id, module.module_impl.as_str(), &location, &hash)
+                            .await
+                            .map_err(|e| format!("Failed to load: {}", dbus::error_message(&e))),
+                        Err(e) => Err(e),
+                    };
+                    match result {
+                        Ok(()) => {
+                            self.loaded.insert(module_id, module);
+                        }
+                        Err(msg) => {
+                            warn!(module = %module_id, "{msg}");
+                            failures = true;
+                            self.module_errors.insert(module_id.clone(), msg);
+                            failed_loads.insert(module_id);
+                        }
+                    }
+                }
+                Step::SetRouting { routing } => {
+                    if let Err(e) = self.sdk.set_routing(&routing).await {
+                        warn!("setting the messaging routes: {}", dbus::error_message(&e));
+                        failures = true;
+                    }
+                }
+                Step::Start {
+                    instance,
+                    placement,
+                } => {
+                    let Some(rt) = placement.runtime() else {
+                        continue;
+                    };
+                    if failed_loads.contains(&placement.module_id) {
+                        continue;
+                    }
+                    let result = match self.runtime(rt).await {
+                        Ok(proxy) => start(&self.sdk, &proxy, &instance, &placement).await,
+                        Err(e) => Err(e),
+                    };
+                    match result {
+                        Ok(()) => {
+                            started_on.insert(rt);
+                            self.running.insert(
+                                instance,
+                                Running {
+                                    placement,
+                                    state: InstanceState::Starting,
+                                    failure: None,
+                                    restart: RestartState::new(Instant::now()),
+                                },
+                            );
+                        }
+                        Err(msg) => {
+                            warn!(%instance, "{msg}");
+                            failures = true;
+                            self.instance_errors.insert(instance, msg);
+                        }
+                    }
+                }
+            }
+        }
+        // A start of an instance that already runs changes nothing and so emits no signal:
+        // take the state of what was just started from the runtime itself.
+        for rt in started_on {
+            self.refresh_started(rt).await;
+        }
+        Some(failures)
+    }
+
+    /// Stops a batch of instances in parallel and forgets them.
+    async fn stop_all(&mut self, batch: &[(Option<Runtime>, String, bool)]) {
+        let mut stops = Vec::new();
+        for (rt, name, purge) in batch {
+            let proxy = match rt {
+                Some(rt) => self.runtime(*rt).await.ok(),
+                None => None,
+            };
+            stops.push((name, proxy, *purge));
+        }
+        let grace = self.settings.stop_grace_ms;
+        let sdk = &self.sdk;
+        futures_util::future::join_all(stops.iter().map(|(name, proxy, purge)| async move {
+            match proxy {
+                Some(proxy) => stop_one(sdk, proxy, name, grace, *purge).await,
+                None => warn!(instance = %name, "cannot stop: its runtime is not reachable"),
+            }
+        }))
+        .await;
+        for (_, name, _) in batch {
+            self.running.remove(name);
+            self.foreign.retain(|(_, f)| f != name);
+        }
+    }
+}
+
+/// Opens the instance's SDK socket in sdk-broker, then starts it with that socket. Opening is
+/// idempotent, so a restart or a reconcilerd restart reuses the socket that is there.
+pub(super) async fn start(
+    sdk: &SdkBroker1Proxy<'static>,
+    proxy: &Runtime1Proxy<'static>,
+    name: &str,
+    want: &Placement,
+) -> Result<(), String> {
+    let socket = sdk
+        .open_instance(name)
+        .await
+        .map_err(|e| format!("Failed to create SDK socket: {}", dbus::error_message(&e)))?;
+    let options = dbus::start_options(
+        &[
+            ("entry_point", &want.module.entry_point),
+            ("sdk_socket", &socket),
+        ],
+        &Default::default(),
+    )
+    .map_err(|e| e.to_string())?;
+    proxy
+        .start_instance(name, &want.module_id, options)
+        .await
+        .map_err(|e| format!("Failed to start: {}", dbus::error_message(&e)))
+}
+
+/// Stops one instance: the SDK exit protocol first (sdk-broker answers once the module let go,
+/// or after its grace), then the runtime's stop, then its directory when it left the
+/// deployment.
+async fn stop_one(
+    sdk: &SdkBroker1Proxy<'static>,
+    proxy: &Runtime1Proxy<'static>,
+    name: &str,
+    grace_ms: u32,
+    purge: bool,
+) {
+    if let Err(e) = sdk.close_instance(name).await {
+        debug!(instance = %name, "closing its SDK socket: {}", dbus::error_message(&e));
+    }
+    if let Err(e) = proxy.stop_instance(name, grace_ms).await {
+        warn!(instance = %name, "stop failed: {}", dbus::error_message(&e));
+    }
+    if purge && let Err(e) = proxy.purge_instance(name).await {
+        warn!(instance = %name, "removing its directory failed: {}", dbus::error_message(&e));
+    }
+}

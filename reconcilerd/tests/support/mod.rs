@@ -1,0 +1,3 @@
+//! What the download tests share.
+
+pub mod http;
