@@ -106,6 +106,30 @@ pub fn serve_count_runs(
     }
 }
 
+/// The main loop of a module that only answers direct commands: connects, answers each one
+/// with what `answer` returns for it (logging a refused answer), and returns when the agent
+/// asks it to exit.
+pub fn serve_rpc(
+    name: &'static str,
+    mut answer: impl FnMut(&mut Client, &evp_sdk::RpcRequest) -> (evp_sdk::RpcStatus, String)
+    + Send
+    + 'static,
+) {
+    let mut client = connect(name);
+    let registered = client.set_rpc_callback(move |c, req| {
+        let (status, response) = answer(c, &req);
+        eprintln!("{name}: command {} {}: {status:?}", req.id, req.method);
+        if let Err(e) = c.send_rpc_response(req.id, &response, status, |_| {}) {
+            eprintln!("{name}: answer to {} refused: {e}", req.id);
+        }
+    });
+    if let Err(e) = registered {
+        eprintln!("{name}: {e}");
+        std::process::exit(1);
+    }
+    finish(name, client.run_until_exit(TICK, |_| {}));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,7 @@
 //! the crate's table).
 
 use evp_sdk::{Client, EvpResult, RpcStatus};
-use evp_sdk_test_modules::{TICK, connect, finish};
+use evp_sdk_test_modules::serve_rpc;
 
 const NAME: &str = "nul";
 
@@ -24,21 +24,11 @@ fn probe(c: &mut Client, id: u64) -> serde_json::Value {
 }
 
 fn main() {
-    let mut client = connect(NAME);
-    let registered = client.set_rpc_callback(|c, req| {
-        let (status, response) = if req.method == "probe" {
+    serve_rpc(NAME, |c, req| {
+        if req.method == "probe" {
             (RpcStatus::Ok, probe(c, req.id).to_string())
         } else {
             (RpcStatus::MethodNotFound, "{}".to_owned())
-        };
-        eprintln!("{NAME}: command {} {}: {response}", req.id, req.method);
-        if let Err(e) = c.send_rpc_response(req.id, &response, status, |_| {}) {
-            eprintln!("{NAME}: answer to {} refused: {e}", req.id);
         }
     });
-    if let Err(e) = registered {
-        eprintln!("{NAME}: {e}");
-        std::process::exit(1);
-    }
-    finish(NAME, client.run_until_exit(TICK, |_| {}));
 }
