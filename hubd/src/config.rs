@@ -209,7 +209,8 @@ pub fn resolve(
     // Either one is Hub1.DeviceId on the bus, which cannot carry a NUL (TOML can: "\u0000").
     for (key, value) in [("device_id", &device_id), ("client_id", &client_id)] {
         if let Some(v) = value {
-            evp_schemas::dbus::check_bus_string(key, v).map_err(|e| invalid(key, e.to_string()))?;
+            evp_schemas::bus_string::check_bus_string(key, v)
+                .map_err(|e| invalid(key, e.to_string()))?;
         }
     }
 

@@ -91,7 +91,7 @@ impl DesiredStore {
                 let deployment_id = serde_json::from_str::<serde_json::Value>(&text)
                     .ok()
                     .and_then(|v| v.get("deploymentId")?.as_str().map(str::to_owned))
-                    .map(|id| evp_schemas::dbus::escape_nul(&id).into_owned());
+                    .map(|id| evp_schemas::bus_string::escape_nul(&id).into_owned());
                 Err(Unusable {
                     deployment_id,
                     message: format!(

@@ -153,8 +153,8 @@ impl ValidationError {
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
         let (path, message) = (path.into(), message.into());
         ValidationError {
-            path: crate::dbus::escape_nul(&path).into_owned(),
-            message: crate::dbus::escape_nul(&message).into_owned(),
+            path: crate::bus_string::escape_nul(&path).into_owned(),
+            message: crate::bus_string::escape_nul(&message).into_owned(),
         }
     }
 }
@@ -301,7 +301,7 @@ impl Deployment {
     /// disconnects a daemon that sends a NUL.
     fn validate_strings(&self) -> Result<(), ValidationError> {
         let check = |path: String, what: &str, value: &str| {
-            crate::dbus::check_bus_string(what, value)
+            crate::bus_string::check_bus_string(what, value)
                 .map_err(|e| ValidationError::new(path, e.to_string()))
         };
         if let Some(id) = &self.deployment_id {

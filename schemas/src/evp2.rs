@@ -262,7 +262,7 @@ fn decode_direct_command(payload: &[u8]) -> Result<Option<DirectCommand>, Direct
     let field = |key: &str| -> Result<String, DirectCommandError> {
         let path = format!("{DIRECT_COMMAND_PATH}.{key}");
         match request.get(key) {
-            Some(Value::String(s)) => match crate::dbus::check_bus_string(key, s) {
+            Some(Value::String(s)) => match crate::bus_string::check_bus_string(key, s) {
                 Ok(()) => Ok(s.clone()),
                 Err(e) => Err(direct_command_error(Some(reqid), path, e.to_string())),
             },
@@ -455,8 +455,8 @@ fn decode_attributes(map: &Map<String, Value>) -> Vec<DesiredChange> {
 
 /// A configuration's instance and topic become D-Bus strings (`DeliverConfiguration`).
 fn bus_safe(instance: &str, topic: &str) -> Result<(), String> {
-    crate::dbus::check_bus_string("the configuration's instance", instance)
-        .and_then(|()| crate::dbus::check_bus_string("the configuration's topic", topic))
+    crate::bus_string::check_bus_string("the configuration's instance", instance)
+        .and_then(|()| crate::bus_string::check_bus_string("the configuration's topic", topic))
         .map_err(|e| e.to_string())
 }
 

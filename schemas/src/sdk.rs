@@ -545,8 +545,8 @@ impl Request {
     /// topic, telemetry keys and values, an RPC response) or matches against the deployment
     /// (a message topic): a NUL in one would make dbus-daemon disconnect sdk-broker, so the
     /// request is refused (`EVP_INVAL`) before anything is done with it.
-    pub fn check_bus_strings(&self) -> Result<(), crate::dbus::BusStringError> {
-        use crate::dbus::check_bus_string;
+    pub fn check_bus_strings(&self) -> Result<(), crate::bus_string::BusStringError> {
+        use crate::bus_string::check_bus_string;
         match self {
             Request::SendState { topic, .. } => check_bus_string("the state topic", topic),
             Request::SendMessage { topic, .. } => check_bus_string("the message topic", topic),
