@@ -94,17 +94,21 @@ impl NameWait {
 }
 
 /// Connects with `builder` (objects already registered with `serve_at`, no `name`), exits the
-/// process if the bus ever closes the connection, and owns `name`, waiting while another
+/// process if the bus ever closes the connection (when `exit_on_close`; a library caller that
+/// must not exit watches `Connection::closed` itself), and owns `name`, waiting while another
 /// connection holds it.
 pub async fn connect_named(
     builder: zbus::connection::Builder<'static>,
     name: &'static str,
+    exit_on_close: bool,
 ) -> Result<Connection> {
     let conn = builder
         .build()
         .await
         .with_context(|| format!("connecting to D-Bus to serve {name}"))?;
-    exit_when_closed(&conn, name);
+    if exit_on_close {
+        exit_when_closed(&conn, name);
+    }
     own_name(&conn, name).await?;
     Ok(conn)
 }
@@ -200,6 +204,24 @@ async fn holder(dbus: &DBusProxy<'_>, name: &'static str) -> Holder {
     }
 }
 
+/// The bus closed a daemon's connection (dbus-daemon disconnected it, or went away); the
+/// daemon must exit with [`EXIT_BUS_LOST`]. Names the connection.
+#[derive(Debug)]
+pub struct BusLost(pub &'static str);
+
+impl std::fmt::Display for BusLost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the D-Bus connection for {} was closed (dbus-daemon disconnected this daemon or \
+             went away)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for BusLost {}
+
 /// Exits the process with [`EXIT_BUS_LOST`] when the bus closes `conn` (dbus-daemon
 /// disconnected us, or went away): off the bus, a daemon serves nobody, and a restart is the
 /// only way back. `what` names the connection in the log.
@@ -208,8 +230,8 @@ pub fn exit_when_closed(conn: &Connection, what: &'static str) {
     tokio::spawn(async move {
         conn.closed().await;
         error!(
-            "the D-Bus connection for {what} was closed (dbus-daemon disconnected this daemon \
-             or went away); exiting with status {EXIT_BUS_LOST} to be restarted"
+            "{}; exiting with status {EXIT_BUS_LOST} to be restarted",
+            BusLost(what)
         );
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(
             "the D-Bus connection was closed; exiting",

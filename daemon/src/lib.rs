@@ -3,7 +3,7 @@
 
 pub mod bus;
 
-pub use bus::{EXIT_BUS_LOST, connect_named, exit_when_closed, own_name};
+pub use bus::{BusLost, EXIT_BUS_LOST, connect_named, exit_when_closed, own_name};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -200,11 +200,7 @@ pub fn notify_ready(conn: &zbus::Connection, name: &'static str) {
             }
         }
     }
-    let status = format!("serving {name}");
-    if let Err(e) = sd_notify::notify(&[
-        sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status(&status),
-    ]) {
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         warn!("sd_notify READY failed: {e}");
     }
     if let Some(period) = sd_notify::watchdog_enabled() {

@@ -88,6 +88,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         evp_daemon::bus_builder(&args)?
             .serve_at(HUB_PATH, bus::Hub1::new(codec.protocol_name(), device_id)),
         HUB_NAME,
+        true,
     )
     .await?;
     info!("serving {HUB_NAME}");

@@ -301,6 +301,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     let conn = evp_daemon::connect_named(
         evp_daemon::bus_builder(&args)?.serve_at(RECONCILER_PATH, service),
         RECONCILER_NAME,
+        true,
     )
     .await?;
     let iface = conn

@@ -93,6 +93,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     let conn = evp_daemon::connect_named(
         evp_daemon::bus_builder(&args)?.serve_at(RUNTIME_WASM_PATH, WasmRuntime),
         RUNTIME_WASM_NAME,
+        true,
     )
     .await?;
     info!("serving {RUNTIME_WASM_NAME} (no WASM engine in this build)");
