@@ -1,6 +1,10 @@
 //! Plumbing every evp-agent daemon shares, and nothing of their domain: the command line, the
 //! configuration file, logging to journald or stderr, sd_notify, SIGTERM, the bus connection.
 
+pub mod bus;
+
+pub use bus::{BusLost, EXIT_BUS_LOST, connect_named, exit_when_closed, own_name};
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -183,8 +187,10 @@ fn shutdown_signals() -> Result<ShutdownSignals> {
 }
 
 /// Tells systemd the daemon serves (`READY=1`) and starts the watchdog pings when
-/// `WATCHDOG_USEC` asks for them. Call it once the bus name is owned, from the runtime.
-pub fn notify_ready() {
+/// `WATCHDOG_USEC` asks for them. Call it once `name` is owned on `conn`, from the runtime.
+/// Each ping follows a round trip to the bus that shows `conn` still owns `name`, so a daemon
+/// cut off from the bus (or whose event loop is stuck) stops pinging and systemd restarts it.
+pub fn notify_ready(conn: &zbus::Connection, name: &'static str) {
     {
         let mut slot = SHUTDOWN_SIGNALS.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
@@ -198,14 +204,37 @@ pub fn notify_ready() {
         warn!("sd_notify READY failed: {e}");
     }
     if let Some(period) = sd_notify::watchdog_enabled() {
-        // Ping at half the period, as systemd recommends, so one late tick is not fatal.
+        // Ping at half the period, as systemd recommends, so one late tick is not fatal; the
+        // round trip gets the other half at most.
         let every = (period / 2).max(Duration::from_millis(100));
         info!(?every, "systemd watchdog enabled");
+        let conn = conn.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
+            let mut failing = false;
             loop {
                 tick.tick().await;
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                let check = tokio::time::timeout(every, bus::still_owns(&conn, name)).await;
+                let problem = match check {
+                    Ok(Ok(true)) => None,
+                    Ok(Ok(false)) => Some(format!("{name} is no longer ours")),
+                    Ok(Err(e)) => Some(format!("{e:#}")),
+                    Err(_) => Some(format!("no answer from the bus within {every:?}")),
+                };
+                match problem {
+                    None => {
+                        if failing {
+                            info!("the bus answers again; watchdog pings resume");
+                        }
+                        failing = false;
+                        let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                    }
+                    Some(p) if !failing => {
+                        failing = true;
+                        warn!("not pinging the watchdog: {p}");
+                    }
+                    Some(_) => {}
+                }
             }
         });
     }

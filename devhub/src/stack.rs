@@ -599,10 +599,9 @@ impl Stack {
                 let slot = &self.inner.slots[index];
                 let name = zbus::names::BusName::try_from(slot.spec.bus_name)
                     .map_err(|e| StackError::Bus(e.to_string()))?;
-                let owned = dbus
-                    .name_has_owner(name)
-                    .await
-                    .map_err(|e| StackError::Bus(e.to_string()))?;
+                // Owned by this daemon's process, not by whoever else may hold the name.
+                let owner_pid = dbus.get_connection_unix_process_id(name).await.ok();
+                let owned = owner_pid.is_some() && owner_pid == lock(&slot.state).pid;
                 if !owned {
                     still.push(index);
                 }
@@ -706,7 +705,13 @@ fn spawn_slot(inner: &Arc<Inner>, index: usize) -> Result<bool, StackError> {
         .env("EVP_MQTT_PORT", config.mqtt_port.to_string())
         .env("DBUS_SYSTEM_BUS_ADDRESS", &config.bus_address)
         .env("EVP_DATA_DIR", config.data_dir())
-        .env(STACK_MARKER_ENV, &inner.marker)
+        .env(STACK_MARKER_ENV, &inner.marker);
+    // Before the configured environment, so a test may still give a daemon its own
+    // NOTIFY_SOCKET (to watch its READY and WATCHDOG messages).
+    for name in SYSTEMD_ENV {
+        command.env_remove(name);
+    }
+    command
         .envs(config.env.iter().map(|(k, v)| (k, v)))
         .envs(state.extra_env.iter().map(|(k, v)| (k, v)))
         .current_dir(&config.dir)
@@ -715,9 +720,6 @@ fn spawn_slot(inner: &Arc<Inner>, index: usize) -> Result<bool, StackError> {
         // the daemons in order; and what a daemon spawns is found by its group at stop.
         .process_group(0)
         .kill_on_drop(true);
-    for name in SYSTEMD_ENV {
-        command.env_remove(name);
-    }
     match config.output {
         DaemonOutput::Forward => {
             command.stdout(Stdio::piped()).stderr(Stdio::piped());

@@ -206,6 +206,13 @@ pub fn resolve(
     let username = env("EVP_MQTT_USERNAME").or(section.username);
     let password = env("EVP_MQTT_PASSWORD").or(section.password);
     let device_id = env("EVP_MQTT_DEVICE_ID").or(section.device_id);
+    // Either one is Hub1.DeviceId on the bus, which cannot carry a NUL (TOML can: "\u0000").
+    for (key, value) in [("device_id", &device_id), ("client_id", &client_id)] {
+        if let Some(v) = value {
+            evp_schemas::bus_string::check_bus_string(key, v)
+                .map_err(|e| invalid(key, e.to_string()))?;
+        }
+    }
 
     // EVP_TLS_CA_CERT serves MQTT and HTTPS and takes precedence over the MQTT-only one.
     let ca = env("EVP_TLS_CA_CERT")
@@ -416,6 +423,17 @@ mod tests {
             )
             .contains("secret")
         );
+    }
+
+    #[test]
+    fn a_device_id_with_a_nul_is_refused_by_name() {
+        let e = resolve(
+            section("[hub]\nmqtt_host = \"h\"\nmqtt_port = 1883\ndevice_id = \"d\\u0000\"\n"),
+            env_of(&[]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().starts_with("device_id: "), "{e}");
+        assert!(e.to_string().contains("NUL"), "{e}");
     }
 
     #[test]

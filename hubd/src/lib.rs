@@ -85,14 +85,15 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     };
 
     let codec = Evp2Codec;
-    let conn = evp_daemon::bus_builder(&args)?
-        .name(HUB_NAME)
-        .serve_at(HUB_PATH, bus::Hub1::new(codec.protocol_name(), device_id))
-        .build()
-        .await
-        .context("connecting to D-Bus as org.evp.Hub1")?;
+    let conn = evp_daemon::connect_named(
+        evp_daemon::bus_builder(&args)?
+            .serve_at(HUB_PATH, bus::Hub1::new(codec.protocol_name(), device_id)),
+        HUB_NAME,
+        true,
+    )
+    .await?;
     info!("serving {HUB_NAME}");
-    evp_daemon::notify_ready();
+    evp_daemon::notify_ready(&conn, HUB_NAME);
 
     let (deployments_tx, deployments_rx) = watch::channel(None);
     let (outcomes_tx, outcomes_rx) = mpsc::channel(OUTCOME_QUEUE);
@@ -114,6 +115,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         .build()
         .await
         .context("connecting to D-Bus for telemetry as org.evp.Hub1.Telemetry")?;
+    evp_daemon::exit_when_closed(&telemetry_conn, "hubd's telemetry");
     let sdk = bus::link_sdk_broker(&conn, telemetry_conn);
     let follower = conn.clone();
     tokio::spawn(async move {

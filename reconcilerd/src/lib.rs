@@ -227,8 +227,10 @@ impl ReconcilerService {
             instances = deployment.instance_specs.len(),
             "deployment accepted"
         );
-        self.desired_tx
-            .send_modify(|d| d.deployment = Some(deployment));
+        self.desired_tx.send_modify(|d| {
+            d.deployment = Some(deployment);
+            d.unusable = None;
+        });
         Ok(())
     }
 
@@ -275,7 +277,10 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     });
     let downloads = Downloads::new(downloader, &download_config, sink);
 
-    let initial = store.load();
+    let (initial, unusable) = match store.load() {
+        Ok(d) => (d, None),
+        Err(u) => (None, Some(u)),
+    };
     if let Some(d) = &initial {
         info!(
             deployment = d.deployment_id.as_deref().unwrap_or("-"),
@@ -285,6 +290,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     let (desired_tx, desired_rx) = watch::channel(Desired {
         deployment: initial,
         paused: false,
+        unusable,
     });
     let status: SharedStatus = Arc::new(Mutex::new(DeploymentStatus::default()));
     let service = ReconcilerService {
@@ -292,12 +298,12 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         desired_tx,
         status: status.clone(),
     };
-    let conn = evp_daemon::bus_builder(&args)?
-        .name(RECONCILER_NAME)
-        .serve_at(RECONCILER_PATH, service)
-        .build()
-        .await
-        .context("connecting to D-Bus as org.evp.Reconciler1")?;
+    let conn = evp_daemon::connect_named(
+        evp_daemon::bus_builder(&args)?.serve_at(RECONCILER_PATH, service),
+        RECONCILER_NAME,
+        true,
+    )
+    .await?;
     let iface = conn
         .object_server()
         .interface::<_, ReconcilerService>(RECONCILER_PATH)
@@ -335,7 +341,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     );
     tokio::spawn(reconciler.run(desired_rx));
     info!("serving {RECONCILER_NAME}");
-    evp_daemon::notify_ready();
+    evp_daemon::notify_ready(&conn, RECONCILER_NAME);
     evp_daemon::wait_for_shutdown().await
 }
 

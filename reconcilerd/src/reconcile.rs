@@ -35,6 +35,8 @@ pub struct Desired {
     pub deployment: Option<Deployment>,
     /// An operator paused deployment changes.
     pub paused: bool,
+    /// The deployment on disk could not be used; reported while no deployment is wanted.
+    pub unusable: Option<crate::store::Unusable>,
 }
 
 /// The status shared between the loop and the D-Bus object.
@@ -121,6 +123,8 @@ pub struct Reconciler {
     /// The deployment being applied, which the status describes.
     target: Option<Deployment>,
     paused: bool,
+    /// Why the deployment on disk was not resumed, until the hub sends one.
+    unusable: Option<crate::store::Unusable>,
     /// A pass over `target` ran to its end.
     applied: bool,
     /// A pass is due.
@@ -165,6 +169,7 @@ impl Reconciler {
             events,
             target: None,
             paused: false,
+            unusable: None,
             applied: false,
             dirty: false,
             running: BTreeMap::new(),
@@ -194,6 +199,7 @@ impl Reconciler {
             if std::mem::take(&mut desired_changed) || desired_rx.has_changed().unwrap_or(false) {
                 let desired = desired_rx.borrow_and_update().clone();
                 self.paused = desired.paused;
+                self.unusable = desired.unusable;
                 if !self.paused && desired.deployment != self.target {
                     self.target = desired.deployment;
                     self.applied = false;
@@ -679,6 +685,16 @@ impl Reconciler {
 
     /// The status of `target` as things stand.
     fn render(&self) -> DeploymentStatus {
+        if self.target.is_none()
+            && let Some(u) = &self.unusable
+        {
+            return DeploymentStatus {
+                deployment_id: u.deployment_id.clone(),
+                reconcile_status: Some(ReconcileStatus::Error),
+                failure_message: Some(u.message.clone()),
+                ..Default::default()
+            };
+        }
         status::render(&StatusInputs {
             target: self.target.as_ref(),
             paused: self.paused,

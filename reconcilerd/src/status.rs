@@ -404,14 +404,15 @@ mod tests {
     #[test]
     fn failure_messages_are_bounded_with_their_middle_cut() {
         let long = format!("start {} end", "x".repeat(10_000));
-        let got = one()
-            .running(InstanceState::Error, Some(&long))
-            .render();
+        let got = one().running(InstanceState::Error, Some(&long)).render();
         let msg = got["instances"]["a"]["failureMessage"]
             .as_str()
             .expect("a failure message");
         assert!(msg.len() <= MAX_FAILURE_MESSAGE, "{} bytes", msg.len());
-        assert!(msg.starts_with("start x") && msg.ends_with("x end"), "{msg}");
+        assert!(
+            msg.starts_with("start x") && msg.ends_with("x end"),
+            "{msg}"
+        );
     }
 
     #[test]

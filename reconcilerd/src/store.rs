@@ -22,6 +22,16 @@ pub enum StoreError {
     },
 }
 
+/// A desired deployment on disk that cannot be used (written by an older build that accepted
+/// what this one refuses, or damaged), reported in the status until the hub sends a new one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unusable {
+    /// Its `deploymentId`, when it can be read.
+    pub deployment_id: Option<String>,
+    /// Why it cannot be used, and where it was set aside.
+    pub message: String,
+}
+
 /// The desired deployment on disk, `<dir>/desired.json`.
 #[derive(Debug, Clone)]
 pub struct DesiredStore {
@@ -46,12 +56,13 @@ impl DesiredStore {
         self.dir.join(DESIRED_FILE)
     }
 
-    /// Reads the last desired deployment. A missing file is `None`; an unreadable or invalid
-    /// one is logged, moved aside for inspection, and also `None` (the device then waits for
-    /// the hub rather than running something it cannot trust). A leftover temporary file (a
+    /// Reads the last desired deployment. A missing file is `None`; an invalid one is logged,
+    /// moved aside for inspection, and returned as [`Unusable`] (the device then waits for the
+    /// hub rather than running something it cannot trust, and says so in its status); an
+    /// unreadable one is logged and `None`. A leftover temporary file (a
     /// crash before its rename) is removed unread: the rename is what makes a deployment
     /// current.
-    pub fn load(&self) -> Option<Deployment> {
+    pub fn load(&self) -> Result<Option<Deployment>, Unusable> {
         let tmp = self.dir.join(DESIRED_TMP_FILE);
         match std::fs::remove_file(&tmp) {
             Ok(()) => info!("removed {} left by an interrupted write", tmp.display()),
@@ -61,14 +72,14 @@ impl DesiredStore {
         let path = self.path();
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => {
                 warn!("cannot read {}: {e}", path.display());
-                return None;
+                return Ok(None);
             }
         };
         match Deployment::from_json(&text) {
-            Ok(d) => Some(d),
+            Ok(d) => Ok(Some(d)),
             Err(e) => {
                 let aside = self.dir.join(DESIRED_INVALID_FILE);
                 warn!(
@@ -76,8 +87,19 @@ impl DesiredStore {
                     path.display(),
                     aside.display()
                 );
-                let _ = std::fs::rename(&path, aside);
-                None
+                let _ = std::fs::rename(&path, &aside);
+                let deployment_id = serde_json::from_str::<serde_json::Value>(&text)
+                    .ok()
+                    .and_then(|v| v.get("deploymentId")?.as_str().map(str::to_owned))
+                    .map(|id| evp_schemas::bus_string::escape_nul(&id).into_owned());
+                Err(Unusable {
+                    deployment_id,
+                    message: format!(
+                        "the deployment kept on disk cannot be applied ({e}); it was moved to \
+                         {}; waiting for a new deployment",
+                        aside.display()
+                    ),
+                })
             }
         }
     }
@@ -163,17 +185,30 @@ mod tests {
     fn desired_store_round_trips_and_sets_aside_garbage() {
         let dir = tempfile::tempdir().unwrap();
         let store = DesiredStore::new(dir.path().to_owned());
-        assert!(store.load().is_none());
+        assert_eq!(store.load(), Ok(None));
         let d = Deployment {
             deployment_id: Some("d1".into()),
             ..Default::default()
         };
         store.save(&d).unwrap();
-        assert_eq!(store.load(), Some(d));
+        assert_eq!(store.load(), Ok(Some(d)));
         assert!(!dir.path().join(DESIRED_TMP_FILE).exists());
         std::fs::write(store.path(), b"{not json").unwrap();
-        assert!(store.load().is_none());
+        assert!(store.load().is_err());
         assert!(dir.path().join("desired.json.invalid").exists());
+        assert_eq!(store.load(), Ok(None), "set aside once");
+    }
+
+    #[test]
+    fn a_deployment_that_no_longer_validates_is_reported_with_its_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DesiredStore::new(dir.path().to_owned());
+        let old = r#"{"deploymentId":"d\u0000","instanceSpecs":{},"modules":{"m\u0000":{"moduleImpl":"spawn","entryPoint":"main"}}}"#;
+        std::fs::write(store.path(), old).unwrap();
+        let e = store.load().unwrap_err();
+        assert_eq!(e.deployment_id.as_deref(), Some("d\\0"));
+        assert!(e.message.contains("NUL"), "{}", e.message);
+        assert!(!e.message.contains('\0'));
     }
 
     #[test]
@@ -191,7 +226,7 @@ mod tests {
             b"{\"deploymentId\": \"ne",
         )
         .unwrap();
-        assert_eq!(store.load(), Some(old));
+        assert_eq!(store.load(), Ok(Some(old)));
         assert!(!dir.path().join("desired.json.tmp").exists());
     }
 }

@@ -22,11 +22,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use evp_daemon::{AgentConfig, DaemonArgs};
 use evp_schemas::dbus::{EvpError, RUNTIME_CONTAINER_NAME, RUNTIME_CONTAINER_PATH, StartOptions};
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use zbus::interface;
 use zbus::object_server::SignalEmitter;
 
@@ -242,7 +242,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     let config = AgentConfig::load(&args)?;
     let section: ContainerConfig = config.section("container")?;
     let bus = evp_daemon::bus_builder(&args)?;
-    serve(
+    let served = serve(
         &section,
         config.common.data_dir.join("instances"),
         bus,
@@ -250,7 +250,13 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
             let _ = evp_daemon::wait_for_shutdown().await;
         },
     )
-    .await
+    .await;
+    if let Err(e) = &served
+        && e.is::<evp_daemon::BusLost>()
+    {
+        std::process::exit(evp_daemon::EXIT_BUS_LOST);
+    }
+    served
 }
 
 /// Re-adopts what the previous run left, serves the bus until `shutdown` resolves, then does
@@ -274,23 +280,30 @@ pub async fn serve(
     // Before the name is owned, so a StartInstance of a re-adopted instance is already the
     // no-op it is for any running one.
     supervisor.recover().await;
-    let conn = bus
-        .name(RUNTIME_CONTAINER_NAME)
-        .serve_at(
+    let conn = evp_daemon::connect_named(
+        bus.serve_at(
             RUNTIME_CONTAINER_PATH,
             ContainerRuntime::new(supervisor.clone()),
-        )
-        .build()
-        .await
-        .with_context(|| format!("connecting to D-Bus as {RUNTIME_CONTAINER_NAME}"))?;
+        ),
+        RUNTIME_CONTAINER_NAME,
+        // A library: `serve` returns BusLost rather than exiting the process (tests embed it).
+        false,
+    )
+    .await?;
     let publisher = tokio::spawn(publish_events(conn.clone(), events));
     info!(
         kinds = ?supervisor.kinds(),
         instances_dir = %instances_dir.display(),
         "serving {RUNTIME_CONTAINER_NAME}"
     );
-    evp_daemon::notify_ready();
-    shutdown.await;
+    evp_daemon::notify_ready(&conn, RUNTIME_CONTAINER_NAME);
+    let lost = tokio::select! {
+        () = shutdown => false,
+        () = conn.closed() => true,
+    };
+    if lost {
+        error!("{}; stopping", evp_daemon::BusLost(RUNTIME_CONTAINER_NAME));
+    }
 
     let on_exit = section.on_exit();
     supervisor.shutdown(on_exit).await;
@@ -303,6 +316,9 @@ pub async fn serve(
     match on_exit {
         OnExit::Stop { .. } => info!("all instances stopped"),
         OnExit::LeaveRunning => info!("exiting; instances left running"),
+    }
+    if lost {
+        return Err(evp_daemon::BusLost(RUNTIME_CONTAINER_NAME).into());
     }
     Ok(())
 }

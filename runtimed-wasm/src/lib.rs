@@ -3,7 +3,7 @@
 //! `org.evp.Error.NotSupported`, and answers the calls that undo something it does not host
 //! with success, so reconcilerd's cleanup paths work against it.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use evp_daemon::{AgentConfig, DaemonArgs};
 use evp_schemas::dbus::{EvpError, RUNTIME_WASM_NAME, RUNTIME_WASM_PATH, StartOptions};
 use evp_schemas::deployment::validate_instance_name;
@@ -91,13 +91,13 @@ impl WasmRuntime {
 /// Runs runtimed-wasm until SIGTERM.
 pub async fn run(args: DaemonArgs) -> Result<()> {
     let _config = AgentConfig::load(&args)?;
-    let _conn = evp_daemon::bus_builder(&args)?
-        .name(RUNTIME_WASM_NAME)
-        .serve_at(RUNTIME_WASM_PATH, WasmRuntime)
-        .build()
-        .await
-        .with_context(|| format!("connecting to D-Bus as {RUNTIME_WASM_NAME}"))?;
+    let conn = evp_daemon::connect_named(
+        evp_daemon::bus_builder(&args)?.serve_at(RUNTIME_WASM_PATH, WasmRuntime),
+        RUNTIME_WASM_NAME,
+        true,
+    )
+    .await?;
     info!("serving {RUNTIME_WASM_NAME} (no WASM engine in this build)");
-    evp_daemon::notify_ready();
+    evp_daemon::notify_ready(&conn, RUNTIME_WASM_NAME);
     evp_daemon::wait_for_shutdown().await
 }

@@ -154,13 +154,16 @@ pub struct ValidationError {
 }
 
 impl ValidationError {
-    /// A validation error at `path`. Both are bounded ([`MAX_ERROR_PATH`],
-    /// [`MAX_ERROR_MESSAGE`]): they quote the hub's names and values, which may be of any size.
+    /// A validation error at `path`. Both quote the hub's names and values, so a NUL in them is
+    /// written `\\0` (the error travels over D-Bus, which cannot carry one) and both are bounded
+    /// ([`MAX_ERROR_PATH`], [`MAX_ERROR_MESSAGE`]), since those may be of any size.
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        use crate::bus_string::escape_nul;
         use crate::text::shorten_owned;
+        let (path, message) = (path.into(), message.into());
         ValidationError {
-            path: shorten_owned(path.into(), MAX_ERROR_PATH),
-            message: shorten_owned(message.into(), MAX_ERROR_MESSAGE),
+            path: shorten_owned(escape_nul(&path).into_owned(), MAX_ERROR_PATH),
+            message: shorten_owned(escape_nul(&message).into_owned(), MAX_ERROR_MESSAGE),
         }
     }
 }
@@ -225,6 +228,7 @@ impl Deployment {
     /// run for other reasons (a runtime missing, a download failing) is not invalid: it gets an
     /// error status and the rest of the deployment goes on.
     pub fn validate(&self) -> Result<(), ValidationError> {
+        self.validate_strings()?;
         for (id, module) in &self.modules {
             let at = |field: &str| format!("deployment.modules.{id}.{field}");
             if id.is_empty() {
@@ -294,6 +298,74 @@ impl Deployment {
                         "is empty",
                     ));
                 }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Deployment {
+    /// Every string of the manifest can cross D-Bus: module ids, instance names and entry
+    /// points become arguments of the runtimes' and sdk-broker's methods, and dbus-daemon
+    /// disconnects a daemon that sends a NUL.
+    fn validate_strings(&self) -> Result<(), ValidationError> {
+        let check = |path: String, what: &str, value: &str| {
+            crate::bus_string::check_bus_string(what, value)
+                .map_err(|e| ValidationError::new(path, e.to_string()))
+        };
+        if let Some(id) = &self.deployment_id {
+            check("deployment.deploymentId".into(), "the deployment id", id)?;
+        }
+        for (id, module) in &self.modules {
+            check(
+                "deployment.modules".into(),
+                &format!("module id {id:?}"),
+                id,
+            )?;
+            let at = |field: &str| format!("deployment.modules.{id}.{field}");
+            check(at("entryPoint"), "entryPoint", &module.entry_point)?;
+            if let Some(url) = &module.download_url {
+                check(at("downloadUrl"), "downloadUrl", url)?;
+            }
+            if let Some(hash) = &module.hash {
+                check(at("hash"), "hash", hash)?;
+            }
+        }
+        for (name, spec) in &self.instance_specs {
+            let base = format!("deployment.instanceSpecs.{name}");
+            check(
+                "deployment.instanceSpecs".into(),
+                &format!("instance name {name:?}"),
+                name,
+            )?;
+            check(format!("{base}.moduleId"), "moduleId", &spec.module_id)?;
+            for (kind, aliases) in [("publish", &spec.publish), ("subscribe", &spec.subscribe)] {
+                for (alias, topic) in aliases {
+                    check(format!("{base}.{kind}"), &format!("alias {alias:?}"), alias)?;
+                    check(format!("{base}.{kind}.{alias}"), "topic name", topic)?;
+                }
+            }
+        }
+        for (kind, topics) in [
+            ("publishTopics", &self.publish_topics),
+            ("subscribeTopics", &self.subscribe_topics),
+        ] {
+            for (name, topic) in topics {
+                check(
+                    format!("deployment.{kind}"),
+                    &format!("topic name {name:?}"),
+                    name,
+                )?;
+                check(
+                    format!("deployment.{kind}.{name}.type"),
+                    "type",
+                    &topic.kind,
+                )?;
+                check(
+                    format!("deployment.{kind}.{name}.topic"),
+                    "topic",
+                    &topic.topic,
+                )?;
             }
         }
         Ok(())
@@ -392,5 +464,44 @@ mod tests {
         let e =
             Deployment::from_json(r#"{"instanceSpecs":{},"modules":{},"extra":1}"#).unwrap_err();
         assert!(e.message.contains("extra"), "{e}");
+    }
+
+    #[test]
+    fn a_nul_in_any_string_is_refused_and_the_error_carries_none() {
+        type Poison = fn(&mut Deployment);
+        let cases: [(&str, Poison); 6] = [
+            ("deployment.modules.m.entryPoint", |d| {
+                d.modules.get_mut("m").unwrap().entry_point = "ma\0in".into()
+            }),
+            ("deployment.instanceSpecs.i.moduleId", |d| {
+                d.instance_specs.get_mut("i").unwrap().module_id = "m\0".into()
+            }),
+            ("deployment.modules", |d| {
+                let m = d.modules.remove("m").unwrap();
+                d.modules.insert("m\0x".into(), m);
+            }),
+            ("deployment.instanceSpecs", |d| {
+                let i = d.instance_specs.remove("i").unwrap();
+                d.instance_specs.insert("i\0".into(), i);
+            }),
+            ("deployment.deploymentId", |d| {
+                d.deployment_id = Some("\0".into())
+            }),
+            ("deployment.instanceSpecs.i.publish.out", |d| {
+                d.instance_specs
+                    .get_mut("i")
+                    .unwrap()
+                    .publish
+                    .insert("out".into(), "t\0".into());
+            }),
+        ];
+        for (path, poison) in cases {
+            let mut d = one_instance();
+            poison(&mut d);
+            let e = d.validate().unwrap_err();
+            assert_eq!(e.path, path, "{e}");
+            assert!(e.message.contains("NUL"), "{e}");
+            assert!(!e.to_string().contains('\0'), "{e:?}");
+        }
     }
 }

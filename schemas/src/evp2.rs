@@ -264,7 +264,10 @@ fn decode_direct_command(payload: &[u8]) -> Result<Option<DirectCommand>, Direct
     let field = |key: &str| -> Result<String, DirectCommandError> {
         let path = format!("{DIRECT_COMMAND_PATH}.{key}");
         match request.get(key) {
-            Some(Value::String(s)) => Ok(s.clone()),
+            Some(Value::String(s)) => match crate::bus_string::check_bus_string(key, s) {
+                Ok(()) => Ok(s.clone()),
+                Err(e) => Err(direct_command_error(Some(reqid), path, e.to_string())),
+            },
             Some(other) => Err(direct_command_error(
                 Some(reqid),
                 path,
@@ -390,6 +393,9 @@ fn decode_attributes(map: &Map<String, Value>) -> Vec<DesiredChange> {
             });
         } else if let Some(rest) = key.strip_prefix("configuration/") {
             match (split_instance_topic(rest), value) {
+                (Some((instance, topic)), _) if let Err(e) = bus_safe(&instance, &topic) => {
+                    changes.push(DesiredChange::Invalid(ValidationError::new(key.clone(), e)));
+                }
                 (Some((instance, topic)), Value::String(s)) => {
                     configs.push(DesiredChange::Configuration {
                         instance,
@@ -423,7 +429,13 @@ fn decode_attributes(map: &Map<String, Value>) -> Vec<DesiredChange> {
                             .and_then(|s| s.strip_prefix("configuration/"))
                             .and_then(split_instance_topic)
                         {
-                            changes.push(DesiredChange::ConfigurationDeleted { instance, topic });
+                            match bus_safe(&instance, &topic) {
+                                Ok(()) => changes
+                                    .push(DesiredChange::ConfigurationDeleted { instance, topic }),
+                                Err(e) => changes.push(DesiredChange::Invalid(
+                                    ValidationError::new("deleted", e),
+                                )),
+                            }
                         }
                     }
                 }
@@ -441,6 +453,13 @@ fn decode_attributes(map: &Map<String, Value>) -> Vec<DesiredChange> {
         None => changes.extend(configs),
     }
     changes
+}
+
+/// A configuration's instance and topic become D-Bus strings (`DeliverConfiguration`).
+fn bus_safe(instance: &str, topic: &str) -> Result<(), String> {
+    crate::bus_string::check_bus_string("the configuration's instance", instance)
+        .and_then(|()| crate::bus_string::check_bus_string("the configuration's topic", topic))
+        .map_err(|e| e.to_string())
 }
 
 fn split_instance_topic(rest: &str) -> Option<(String, String)> {
@@ -888,6 +907,39 @@ mod tests {
             e.to_string().contains("must be a string, found an object"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_nul_in_a_direct_command_is_refused_with_its_reqid_and_field() {
+        let e = Evp2Codec
+            .decode_direct_command(&command("8", json!("a\0b")))
+            .unwrap_err();
+        assert_eq!(e.reqid, Some(8));
+        assert_eq!(e.error.path, "params.direct-command-request.params");
+        assert!(e.to_string().contains("NUL"), "{e}");
+        let p = br#"{"method":"evp-c2d","params":{"direct-command-request":{"reqid":"9","method":"e\u0000","instance":"i","params":"{}"}}}"#;
+        let e = Evp2Codec.decode_direct_command(p).unwrap_err();
+        assert_eq!(e.error.path, "params.direct-command-request.method");
+    }
+
+    #[test]
+    fn a_nul_in_a_configuration_key_refuses_that_key_only() {
+        let p = br#"{"configuration/rx/a\u0000":"v","configuration/r\u0000x/b":"v","configuration/rx/c":"w","deleted":["configuration/rx/\u0000"]}"#;
+        let changes = Evp2Codec.decode_attribute_update(p);
+        let invalid: Vec<&ValidationError> = changes
+            .iter()
+            .filter_map(|c| match c {
+                DesiredChange::Invalid(e) => Some(e),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(invalid.len(), 3, "{changes:?}");
+        assert!(invalid.iter().all(|e| !e.to_string().contains('\0')));
+        assert!(changes.contains(&DesiredChange::Configuration {
+            instance: "rx".into(),
+            topic: "c".into(),
+            value: b"w".to_vec()
+        }));
     }
 
     #[test]

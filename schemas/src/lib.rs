@@ -7,10 +7,12 @@
 //! - [`dbus`]: names, errors and proxies of the D-Bus interfaces; their
 //!   introspection XML lives in `schemas/dbus/` and is the source of truth.
 //! - [`sdk`]: the SDK wire format between a module and sdk-broker.
+//! - [`bus_string`]: the check every outside string passes before it may cross D-Bus.
 //!
 //! Cargo features: `dbus` (the D-Bus part, with zbus) and `hub` (the codecs), both default;
 //! a module's SDK (`evp-sdk`) takes neither, so it builds without zbus or an async runtime.
 
+pub mod bus_string;
 #[cfg(feature = "hub")]
 pub mod codec;
 #[cfg(feature = "dbus")]

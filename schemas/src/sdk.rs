@@ -541,6 +541,28 @@ pub enum Response {
 const BUILDER_START: usize = 256;
 
 impl Request {
+    /// Checks every string of the request that sdk-broker passes on over D-Bus (a state
+    /// topic, telemetry keys and values, an RPC response) or matches against the deployment
+    /// (a message topic): a NUL in one would make dbus-daemon disconnect sdk-broker, so the
+    /// request is refused (`EVP_INVAL`) before anything is done with it.
+    pub fn check_bus_strings(&self) -> Result<(), crate::bus_string::BusStringError> {
+        use crate::bus_string::check_bus_string;
+        match self {
+            Request::SendState { topic, .. } => check_bus_string("the state topic", topic),
+            Request::SendMessage { topic, .. } => check_bus_string("the message topic", topic),
+            Request::SendTelemetry { entries, .. } => entries.iter().try_for_each(|e| {
+                check_bus_string("a telemetry key", &e.key)
+                    .and_then(|()| check_bus_string("a telemetry value", &e.value))
+            }),
+            Request::SendRpcResponse {
+                response: Some(r), ..
+            } => check_bus_string("the RPC response", r),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Request {
     /// The payload of this request (a root `Request` table).
     pub fn encode(&self) -> Vec<u8> {
         let mut b = FlatBufferBuilder::with_capacity(BUILDER_START);
@@ -1085,6 +1107,48 @@ impl Response {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn strings_that_cannot_cross_dbus_are_named() {
+        let cb = Callback { cb: 0, userdata: 0 };
+        let state = Request::SendState {
+            topic: "a\0".into(),
+            blob: vec![0],
+            cb,
+        };
+        assert_eq!(
+            state.check_bus_strings().unwrap_err().field,
+            "the state topic"
+        );
+        let tel = Request::SendTelemetry {
+            entries: vec![TelemetryEntry {
+                key: "k".into(),
+                value: "\"\0\"".into(),
+            }],
+            cb,
+        };
+        assert_eq!(
+            tel.check_bus_strings().unwrap_err().field,
+            "a telemetry value"
+        );
+        let rpc = Request::SendRpcResponse {
+            id: 1,
+            response: Some("\0".into()),
+            status: 0,
+            cb,
+        };
+        assert_eq!(
+            rpc.check_bus_strings().unwrap_err().field,
+            "the RPC response"
+        );
+        // A NUL in a state value is fine: it is bytes (`ay`) on the bus.
+        let ok = Request::SendState {
+            topic: "t".into(),
+            blob: vec![0, 0],
+            cb,
+        };
+        assert!(ok.check_bus_strings().is_ok());
+    }
     use super::*;
 
     fn cb(n: u64) -> Callback {

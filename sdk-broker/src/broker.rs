@@ -296,6 +296,9 @@ pub struct Broker {
     flush_wake: Notify,
     /// Wakes the flusher at once when a telemetry batch is full.
     flush_full: Notify,
+    /// (instance, field) pairs already logged as holding a NUL: one warning each, so a module
+    /// that loops on a refused call cannot flood the journal.
+    nul_logged: Mutex<HashSet<(String, String)>>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -340,6 +343,7 @@ impl Broker {
             ids: AtomicU64::new(1),
             flush_wake: Notify::new(),
             flush_full: Notify::new(),
+            nul_logged: Mutex::default(),
         }))
     }
 
@@ -727,6 +731,20 @@ impl Broker {
         request: Request,
     ) -> Response {
         use Response::Simple;
+        if let Err(e) = request.check_bus_strings() {
+            let first = self
+                .nul_logged
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert((instance.to_owned(), e.field.clone()));
+            if first {
+                warn!(
+                    instance,
+                    "request refused with EVP_INVAL: {e} (logged once per field)"
+                );
+            }
+            return Simple(EvpResult::Inval);
+        }
         match request {
             Request::GetEvent { .. } => Simple(EvpResult::AgentProtocolError),
             Request::RequestResendConfig => {

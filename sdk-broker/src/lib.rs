@@ -24,10 +24,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use evp_daemon::{AgentConfig, DaemonArgs};
-use evp_schemas::dbus::{
-    EvpError, HUB_NAME, HUB_TELEMETRY_NAME, SDK_BROKER_NAME,
-    SDK_BROKER_PATH,
-};
+use evp_schemas::dbus::{EvpError, HUB_NAME, HUB_TELEMETRY_NAME, SDK_BROKER_NAME, SDK_BROKER_PATH};
 use futures_util::future::BoxFuture;
 use tracing::info;
 use zbus::interface;
@@ -192,6 +189,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         .build()
         .await
         .context("connecting to D-Bus")?;
+    evp_daemon::exit_when_closed(&conn, SDK_BROKER_NAME);
     let broker = Broker::new(
         settings,
         config.common.run_dir.clone(),
@@ -203,10 +201,8 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         .at(SDK_BROKER_PATH, SdkBroker::new(Arc::clone(&broker)))
         .await
         .context("serving /org/evp/SdkBroker1")?;
-    conn.request_name(SDK_BROKER_NAME)
-        .await
-        .context("owning org.evp.SdkBroker1")?;
+    evp_daemon::own_name(&conn, SDK_BROKER_NAME).await?;
     info!(sockets = %broker.sdk_dir().display(), "serving {SDK_BROKER_NAME}");
-    evp_daemon::notify_ready();
+    evp_daemon::notify_ready(&conn, SDK_BROKER_NAME);
     evp_daemon::wait_for_shutdown().await
 }

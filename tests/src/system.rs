@@ -9,9 +9,9 @@ use evp_devhub::{HubSide, PrivateBus, Stack, StackConfig};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use crate::DEADLINE;
 use crate::certs::{self, Pki};
 use crate::mosquitto::{Mosquitto, TlsFiles};
-use crate::DEADLINE;
 
 /// How a [`System`] is set up.
 #[derive(Debug, Clone, Default)]
@@ -25,6 +25,8 @@ pub struct Options {
     pub extra_toml: String,
     /// More environment for every daemon.
     pub env: Vec<(String, String)>,
+    /// Restart a daemon that fails, as systemd's `Restart=on-failure` does.
+    pub supervise: bool,
 }
 
 /// A device under test.
@@ -93,6 +95,7 @@ impl System {
         config.report_status_interval_min_ms = 0;
         config.env.push(("EVP_MQTT_CLIENTID".into(), DEVICE.into()));
         config.env.extend(options.env.iter().cloned());
+        config.supervise = options.supervise;
         if !options.extra_toml.is_empty() {
             config.agent_toml = Some(format!(
                 "{}\n{}\n",
@@ -482,4 +485,3 @@ pub fn schema_xml(interface: &str) -> String {
         .join(format!("{interface}.xml"));
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
-

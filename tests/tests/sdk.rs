@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
+use evp_system_tests::DEADLINE;
 use evp_system_tests::system::{
     Options, System, deploy_and_wait, deployment_of, instance_status, wait_state, wait_telemetry,
 };
-use evp_system_tests::DEADLINE;
 use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread")]

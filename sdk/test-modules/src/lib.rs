@@ -12,6 +12,7 @@
 //! | `evp-test-rpc-echo` | direct command `echo` is answered OK with its params as the response; any other method gets `METHOD_NOT_FOUND` with `{"error":"unknown method <m>"}` |
 //! | `evp-test-msg-sender` | configuration `count` = N (decimal text) sends N messages `"0"`..`"N-1"` on the publish alias `out` (retrying on `EVP_AGAIN`), then reports the state `sent` = `{"sent":S,"errors":E}` where S and E count the SENT and ERROR callbacks of that run |
 //! | `evp-test-msg-receiver` | counts the messages received on any subscribe alias and reports the state `received` = the count (a JSON number), at most every 100 ms and only when it changed |
+//! | `evp-test-nul` | direct command `probe` makes it call `send_state`, `send_telemetry` (in the key), `send_message` (in the alias) and `send_rpc_response` (for the probe itself) with a string holding a NUL byte, then answer the probe OK with `{"state":R,"telemetryKey":R,"message":R,"rpcResponse":R}`, each R the call's result (`"EVP_INVAL"`) |
 //! | `evp-test-output-flood` | writes 1000-byte lines `flood <offset> xxx…` to stdout as fast as it can, 64 at a time, where `offset` (12 digits) counts the bytes written to stdout before the line, and one line to stderr every 16 writes, until the agent asks it to exit |
 //! | `evp-test-telemetry-flood` | configuration `flood` = N sends N telemetry calls, each one entry `v` with a 100-byte JSON string, as fast as it can without processing events until the agent answers `EVP_AGAIN` (then it processes events and retries); when every callback came back it reports the state `flood` = `{"accepted":N,"again":A,"sent":S,"denied":D}` |
 //!
@@ -105,6 +106,30 @@ pub fn serve_count_runs(
             return finish(name, end);
         }
     }
+}
+
+/// The main loop of a module that only answers direct commands: connects, answers each one
+/// with what `answer` returns for it (logging a refused answer), and returns when the agent
+/// asks it to exit.
+pub fn serve_rpc(
+    name: &'static str,
+    mut answer: impl FnMut(&mut Client, &evp_sdk::RpcRequest) -> (evp_sdk::RpcStatus, String)
+    + Send
+    + 'static,
+) {
+    let mut client = connect(name);
+    let registered = client.set_rpc_callback(move |c, req| {
+        let (status, response) = answer(c, &req);
+        eprintln!("{name}: command {} {}: {status:?}", req.id, req.method);
+        if let Err(e) = c.send_rpc_response(req.id, &response, status, |_| {}) {
+            eprintln!("{name}: answer to {} refused: {e}", req.id);
+        }
+    });
+    if let Err(e) = registered {
+        eprintln!("{name}: {e}");
+        std::process::exit(1);
+    }
+    finish(name, client.run_until_exit(TICK, |_| {}));
 }
 
 #[cfg(test)]
