@@ -6,7 +6,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// The largest MQTT packet the broker accepts. The agent's own buffers are 128 KiB
-/// (HUB-PROTOCOL.md §2.1); the double leaves room for a hub's answer carrying every shared
+/// (docs/hub-protocol.md §15); the double leaves room for a hub's answer carrying every shared
 /// attribute at once.
 pub const MAX_PACKET_BYTES: usize = 256 * 1024;
 /// Unacknowledged QoS 1 messages per connection; a status burst never comes near it.

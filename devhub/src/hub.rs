@@ -1,5 +1,5 @@
 //! The hub's side of EVP2-TB over MQTT: shared attributes, answers to the device's attribute
-//! requests, PATCHes, and the reports the device sends (HUB-PROTOCOL.md §2.2-2.11).
+//! requests, PATCHes, and the reports the device sends (docs/hub-protocol.md §3-§13).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -143,7 +143,7 @@ pub fn classify_attributes(object: &Map<String, Value>) -> AttributesKind {
     }
 }
 
-/// Whether `key` is a shared attribute the agent understands (HUB-PROTOCOL.md §2.4).
+/// Whether `key` is a shared attribute the agent understands (docs/hub-protocol.md §5).
 pub fn is_agent_shared_key(key: &str) -> bool {
     key == "deployment" || key == "desiredDeviceConfig" || key.starts_with("configuration/")
 }
@@ -500,7 +500,7 @@ impl HubSide {
         self.publish(ATTRIBUTES, payload.into_bytes(), false).await
     }
 
-    /// Deploys `deployment` (the manifest itself, HUB-PROTOCOL.md §2.5): PATCH
+    /// Deploys `deployment` (the manifest itself, docs/hub-protocol.md §6): PATCH
     /// `{"deployment": <deployment>}`. `Value::Null` removes the deployment.
     pub async fn deploy(&self, deployment: &Value) -> Result<(), HubError> {
         self.patch(Map::from_iter([("deployment".into(), deployment.clone())]))
@@ -534,7 +534,7 @@ impl HubSide {
 
     /// Sets the agent's settings. `config` is the inner object (the four
     /// `configuration/$agent/...` keys); it is sent double-wrapped, as EVP2 expects
-    /// (HUB-PROTOCOL.md §2.10).
+    /// (docs/hub-protocol.md §12).
     pub async fn set_device_config(&self, config: &Value) -> Result<(), HubError> {
         self.patch(Map::from_iter([(
             "desiredDeviceConfig".into(),

@@ -137,7 +137,7 @@ pub struct DirectCommandError {
     pub error: ValidationError,
 }
 
-/// `EVP_RPC_RESPONSE_STATUS` (SDK.md §3.1).
+/// `EVP_RPC_RESPONSE_STATUS` (docs/sdk-wire.md §6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RpcStatus {
     /// `EVP_RPC_RESPONSE_STATUS_OK` (0).

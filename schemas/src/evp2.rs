@@ -1,5 +1,5 @@
 //! EVP2 over ThingsBoard MQTT ("EVP2-TB"): the JSON a hub sends and expects, per
-//! HUB-PROTOCOL.md §2. The decoder walks the JSON by hand so that every refusal names the
+//! docs/hub-protocol.md §3-§13. The decoder walks the JSON by hand so that every refusal names the
 //! path of the field at fault.
 
 use std::collections::BTreeMap;
@@ -617,7 +617,7 @@ pub fn decode_deployment(v: &Value) -> Result<Deployment, ValidationError> {
     Ok(deployment)
 }
 
-/// Decodes the double-wrapped `desiredDeviceConfig` (HUB-PROTOCOL.md §2.10).
+/// Decodes the double-wrapped `desiredDeviceConfig` (docs/hub-protocol.md §12).
 pub fn decode_device_config(v: &Value) -> Result<DeviceConfig, ValidationError> {
     let outer = object(v, "desiredDeviceConfig")?;
     let path = "desiredDeviceConfig.desiredDeviceConfig";

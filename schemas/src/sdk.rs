@@ -1,4 +1,4 @@
-//! The EVP remote SDK wire protocol (SDK.md §4): the 16-byte record framing, the EVP result
+//! The EVP remote SDK wire protocol (docs/sdk-wire.md §3-§6): the 16-byte record framing, the EVP result
 //! and callback-reason codes, the FlatBuffers tables generated from `schemas/sdk.fbs`, and an
 //! owned form of every request, response and event with its encoder and verifying decoder.
 //!

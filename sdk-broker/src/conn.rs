@@ -1,7 +1,7 @@
 //! The per-instance sockets: creating them with the right mode, checking each peer against the
 //! instance's binding (its process and uid, see [`crate::peer`]), and serving one connection at
 //! a time, one request at a time (read, process, answer), as the EVP
-//! agent does. Framing errors get the answer SDK.md §4.2 documents and never take the broker
+//! agent does. Framing errors get the answer docs/sdk-wire.md §4 documents and never take the broker
 //! down: an oversized record is drained and answered `EVP_TOOBIG`; a bad header is answered
 //! `EVP_INVAL` and closes; a payload that fails verification closes at once.
 

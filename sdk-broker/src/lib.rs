@@ -1,4 +1,4 @@
-//! sdk-broker: owns `org.evp.SdkBroker1` and serves the EVP remote SDK (SDK.md §4) on one
+//! sdk-broker: owns `org.evp.SdkBroker1` and serves the EVP remote SDK (docs/sdk-wire.md) on one
 //! UNIX socket per instance, `<run_dir>/sdk/<instance>.sock`, so that modules built against
 //! the EVP agent run unchanged.
 //!

@@ -1,7 +1,7 @@
 //! What can never reach the hub is refused at the SDK call (`EVP_TOOBIG`), before anything is
 //! accepted, as EVP checks against its MQTT send buffer: sizes are those of the EVP2 message,
 //! escaping included (a control character is six bytes once in JSON). And telemetry values
-//! that are not JSON are carried as JSON strings, as EVP accepts them (HUB-PROTOCOL.md, quirks).
+//! that are not JSON are carried as JSON strings, as EVP accepts them (docs/hub-protocol.md §17).
 
 use evp_schemas::evp2::sizes::{self, MAX_ATTRIBUTES_PAYLOAD, MAX_RPC_RESPONSE_PAYLOAD};
 

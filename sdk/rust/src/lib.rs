@@ -1,6 +1,6 @@
 //! The EVP module SDK in Rust: the API of the EVP C SDK (`EVP_initialize`, `EVP_sendState`,
 //! `EVP_processEvent`, ...) in idiomatic Rust, over the remote SDK socket that sdk-broker (or
-//! the EVP agent) serves. It speaks exactly the protocol of SDK.md §4, with the framing and
+//! the EVP agent) serves. It speaks exactly the protocol of docs/sdk-wire.md, with the framing and
 //! tables of `evp_schemas::sdk`, over a blocking `UnixStream`: one request at a time, request
 //! ids counting from 1000, like the C client.
 //!
@@ -12,7 +12,7 @@
 //! - **Events**: call [`Client::next_event`] and match on [`Event`].
 //!
 //! Every `send_*` call takes a completion closure that runs inside a later
-//! `process_event`/`next_event`, with the reason SDK.md gives (`SENT`, `OVERWRITTEN`, `EXIT`,
+//! `process_event`/`next_event`, with the reason docs/sdk-wire.md §6 gives (`SENT`, `OVERWRITTEN`, `EXIT`,
 //! ...). A refused call returns [`Error::Agent`] with the agent's code, for example
 //! [`EvpResult::Again`] when a queue is full: try again after processing events.
 //!
