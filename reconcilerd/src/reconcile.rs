@@ -685,18 +685,9 @@ impl Reconciler {
 
     /// The status of `target` as things stand.
     fn render(&self) -> DeploymentStatus {
-        if self.target.is_none()
-            && let Some(u) = &self.unusable
-        {
-            return DeploymentStatus {
-                deployment_id: u.deployment_id.clone(),
-                reconcile_status: Some(ReconcileStatus::Error),
-                failure_message: Some(u.message.clone()),
-                ..Default::default()
-            };
-        }
         status::render(&StatusInputs {
             target: self.target.as_ref(),
+            unusable: self.unusable.as_ref(),
             paused: self.paused,
             applied: self.applied,
             running: self

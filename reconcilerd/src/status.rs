@@ -16,6 +16,7 @@ use evp_schemas::{
 
 use crate::download::Progress;
 use crate::plan::{Placement, Runtime, cached_hash, placement};
+use crate::store::Unusable;
 
 /// What the loop knows about one download task.
 #[derive(Debug, Clone, Default)]
@@ -42,6 +43,8 @@ pub struct InstanceView<'a> {
 pub struct StatusInputs<'a> {
     /// The deployment being applied.
     pub target: Option<&'a Deployment>,
+    /// The persisted deployment that could not be used at start, while no other came.
+    pub unusable: Option<&'a Unusable>,
     /// Changes are held.
     pub paused: bool,
     /// A pass over `target` ran to its end.
@@ -114,6 +117,16 @@ fn module_error(msg: String) -> ModuleStatus {
 
 /// The status of `s.target` as things stand.
 pub fn render(s: &StatusInputs<'_>) -> DeploymentStatus {
+    if s.target.is_none()
+        && let Some(u) = s.unusable
+    {
+        return DeploymentStatus {
+            deployment_id: u.deployment_id.clone(),
+            reconcile_status: Some(ReconcileStatus::Error),
+            failure_message: Some(bounded(u.message.clone())),
+            ..Default::default()
+        };
+    }
     let Some(d) = s.target else {
         return DeploymentStatus {
             reconcile_status: s.paused.then_some(ReconcileStatus::Paused),
@@ -209,6 +222,7 @@ mod tests {
     /// The world a status is rendered from; fields are set by each test.
     struct World {
         target: Option<Deployment>,
+        unusable: Option<Unusable>,
         paused: bool,
         applied: bool,
         running: BTreeMap<String, (Placement, InstanceState, Option<String>)>,
@@ -222,6 +236,7 @@ mod tests {
     fn world(d: Value) -> World {
         World {
             target: Some(serde_json::from_value(d).expect("test deployment")),
+            unusable: None,
             paused: false,
             applied: true,
             running: BTreeMap::new(),
@@ -257,6 +272,7 @@ mod tests {
         fn render(&self) -> Value {
             let inputs = StatusInputs {
                 target: self.target.as_ref(),
+                unusable: self.unusable.as_ref(),
                 paused: self.paused,
                 applied: self.applied,
                 running: self
@@ -425,6 +441,22 @@ mod tests {
                    "instances": {"a": {"status": "ok", "moduleId": "m"}},
                    "modules": {"m": {"status": "ok"}}}),
         );
+    }
+
+    #[test]
+    fn unusable_persisted_deployment_is_an_error_with_its_id_until_another_comes() {
+        let mut w = one();
+        w.unusable = Some(Unusable {
+            deployment_id: Some("old".into()),
+            message: "deployment.modules.m\\0: NUL".into(),
+        });
+        let id_of = |w: &World| w.render()["deploymentId"].clone();
+        assert_eq!(id_of(&w), json!("d1"), "a deployment that came wins");
+        w.target = None;
+        let got = w.render();
+        assert_eq!(got["deploymentId"], "old");
+        assert_eq!(got["reconcileStatus"], "error");
+        assert_eq!(got["failureMessage"], "deployment.modules.m\\0: NUL");
     }
 
     #[test]
