@@ -237,7 +237,8 @@ pub fn plan(desired: &Deployment, observed: Observed<'_>) -> Plan {
 
     // Fetches and loads.
     let mut ready = BTreeSet::new();
-    let mut fetches = Vec::new();
+    // By hash: two module ids of one content download once.
+    let mut fetches: BTreeMap<String, String> = BTreeMap::new();
     let mut loads = Vec::new();
     for (id, module) in &desired.modules {
         if observed.loaded.get(id) == Some(module) {
@@ -269,15 +270,8 @@ pub fn plan(desired: &Deployment, observed: Observed<'_>) -> Plan {
             (Some(url), _) => {
                 let hash = module.hash.clone().unwrap_or_default().to_ascii_lowercase();
                 if !observed.cached.contains(&hash) {
-                    if !observed.downloading.contains(&hash)
-                        && !fetches
-                            .iter()
-                            .any(|s| matches!(s, Step::Fetch { hash: h, .. } if *h == hash))
-                    {
-                        fetches.push(Step::Fetch {
-                            hash,
-                            url: url.clone(),
-                        });
+                    if !observed.downloading.contains(&hash) {
+                        fetches.entry(hash).or_insert_with(|| url.clone());
                     }
                     continue;
                 }
@@ -296,7 +290,11 @@ pub fn plan(desired: &Deployment, observed: Observed<'_>) -> Plan {
             hash,
         });
     }
-    steps.extend(fetches);
+    steps.extend(
+        fetches
+            .into_iter()
+            .map(|(hash, url)| Step::Fetch { hash, url }),
+    );
     steps.extend(loads);
 
     steps.push(Step::SetRouting {

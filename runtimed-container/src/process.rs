@@ -48,6 +48,8 @@ pub enum ProcessError {
 /// What `/proc/<pid>/stat` says about a process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProcStat {
+    /// Field 4, the parent's process id.
+    pub ppid: i32,
     /// Field 22, `starttime`: clock ticks after boot at which the process started. With the PID
     /// it names one process for the whole uptime, since the kernel reuses PIDs but never goes
     /// back in time.
@@ -76,13 +78,15 @@ pub fn stat(pid: i32) -> Result<Option<ProcStat>, ProcessError> {
 
 /// Parses the text of `/proc/<pid>/stat`. The second field (the command) is in parentheses and
 /// may hold spaces and parentheses itself, so fields are counted after the last `)`.
-fn parse_stat(text: &str) -> Option<ProcStat> {
+pub(crate) fn parse_stat(text: &str) -> Option<ProcStat> {
     let after = text.get(text.rfind(')')? + 1..)?;
     let mut fields = after.split_whitespace();
-    // Field 3 is the state; `starttime` is field 22, i.e. 19 fields further.
+    // Field 3 is the state, field 4 the parent; `starttime` is field 22, 18 fields further.
     let state = fields.next()?;
-    let start_time = fields.nth(18)?.parse().ok()?;
+    let ppid = fields.next()?.parse().ok()?;
+    let start_time = fields.nth(17)?.parse().ok()?;
     Some(ProcStat {
+        ppid,
         start_time,
         exited: matches!(state, "Z" | "X" | "x"),
     })
@@ -183,6 +187,7 @@ mod tests {
         assert_eq!(
             parse_stat(text),
             Some(ProcStat {
+                ppid: 1,
                 start_time: 4242,
                 exited: false
             })

@@ -101,10 +101,7 @@ pub fn read(pid: i32) -> Option<ProcInfo> {
 }
 
 fn parse(pid: i32, stat: &str, status: &str) -> Option<ProcInfo> {
-    // The command (field 2) may hold spaces and parentheses: count after the last ')'.
-    let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
-    let state = fields.next()?;
-    let ppid = fields.next()?.parse().ok()?;
+    let stat = crate::process::parse_stat(stat)?;
     let uid = status
         .lines()
         .find_map(|l| l.strip_prefix("Uid:"))?
@@ -114,9 +111,9 @@ fn parse(pid: i32, stat: &str, status: &str) -> Option<ProcInfo> {
         .ok()?;
     Some(ProcInfo {
         pid,
-        ppid,
+        ppid: stat.ppid,
         uid,
-        zombie: matches!(state, "Z" | "X" | "x"),
+        zombie: stat.exited,
     })
 }
 
@@ -299,10 +296,10 @@ mod tests {
 
     #[test]
     fn proc_files_are_parsed() {
-        let stat = "77 (a) b) S 12 77 77 0 -1 4194560 100 0 0 0";
+        let stat = "77 (a) b) S 12 77 77 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 4242 1000 10";
         let status = "Name:\ta\nUid:\t61184\t61184\t61184\t61184\nGid:\t61184\n";
         assert_eq!(parse(77, stat, status), Some(p(77, 12, 61184)));
-        let zombie = "78 (z) Z 1 78 78";
+        let zombie = "78 (z) Z 1 78 78 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 99 0 0";
         assert!(parse(78, zombie, status).is_some_and(|p| p.zombie));
         assert_eq!(parse(79, "garbage", status), None);
         assert_eq!(parse(79, stat, "Name:\tx\n"), None);
