@@ -21,11 +21,18 @@ use crate::device_config::{AgentSettings, DeviceConfigStore};
 use crate::report::{self, Rejection};
 use crate::rpc::{self, PendingCommands};
 use crate::session::Session;
-use crate::telemetry::{self, TelemetryBatch};
+use crate::telemetry;
 use crate::timing::{BACKOFF_RESET_AFTER, Backoff, ReportTimer};
 use crate::tls::TlsMaterial;
 
+mod links;
 mod publishing;
+
+pub use links::{
+    ApplyOutcome, CONFIGURATION_CHANNEL, ConfigurationDelivery, ConnectionState, DeploymentRequest,
+    LinkEnds, Links, METHOD_CALL_CHANNEL, MethodCall, OUTCOME_CHANNEL, SDK_EVENT_CHANNEL, SdkEnds,
+    SdkEvent, SdkLinks, TELEMETRY_CHANNEL,
+};
 
 /// MQTT keep-alive (EVP: 400 s).
 const KEEP_ALIVE: Duration = Duration::from_secs(400);
@@ -45,191 +52,12 @@ pub const REQUEST_CHANNEL: usize = 64;
 /// How long a report or answer waits for room in a full request channel before it is dropped
 /// (and, for reports, tried again).
 const PUBLISH_WAIT: Duration = Duration::from_secs(10);
-/// sdk-broker's signals waiting for the session loop: states and answers, a few per module
-/// action.
-pub const SDK_EVENT_CHANNEL: usize = 1024;
-/// Direct commands waiting for `SdkBroker1.CallMethod`.
-pub const METHOD_CALL_CHANNEL: usize = 256;
-/// Telemetry batches (one per `Telemetry` signal) waiting for the publisher; bounded, so a
-/// stuck MQTT connection pushes back on the D-Bus side instead of growing hubd.
-pub const TELEMETRY_CHANNEL: usize = 64;
 /// MQTT events waiting for the session loop.
 const EVENT_CHANNEL: usize = 256;
 /// Retry delay of a report that could not be queued for sending.
 const REPORT_RETRY: Duration = Duration::from_secs(1);
 /// How long a clean shutdown waits for the DISCONNECT to go out.
 const DISCONNECT_GRACE: Duration = Duration::from_secs(3);
-
-/// The `Hub1.Connection` states.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConnectionState {
-    /// The MQTT session is up.
-    Connected,
-    /// A connection attempt is under way.
-    Connecting,
-    /// Not connected; waiting before the next attempt, or stopped.
-    Disconnected,
-}
-
-impl ConnectionState {
-    /// The property value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ConnectionState::Connected => "connected",
-            ConnectionState::Connecting => "connecting",
-            ConnectionState::Disconnected => "disconnected",
-        }
-    }
-}
-
-/// The latest deployment for reconcilerd; newer ones replace older ones not yet applied.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeploymentRequest {
-    /// Order among the hub's deployment changes.
-    pub seq: u64,
-    /// Its id, for logs.
-    pub deployment_id: Option<String>,
-    /// Canonical JSON for `Reconciler1.ApplyDeployment`.
-    pub json: String,
-}
-
-/// What reconcilerd answered to a [`DeploymentRequest`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ApplyOutcome {
-    /// Accepted (it will be reconciled).
-    Accepted {
-        /// The request's `seq`.
-        seq: u64,
-    },
-    /// Refused as invalid (`org.evp.Error.InvalidManifest`); nothing changed.
-    Refused {
-        /// The request's `seq`.
-        seq: u64,
-        /// Its id.
-        deployment_id: Option<String>,
-        /// reconcilerd's message.
-        message: String,
-    },
-}
-
-/// A configuration value for an instance.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigurationDelivery {
-    /// The instance.
-    pub instance: String,
-    /// The topic.
-    pub topic: String,
-    /// The value.
-    pub value: Vec<u8>,
-}
-
-/// The session's channels to the rest of the device.
-#[derive(Debug)]
-pub struct Links {
-    /// Deployments for reconcilerd.
-    pub deployments: watch::Sender<Option<DeploymentRequest>>,
-    /// reconcilerd's answers.
-    pub outcomes: mpsc::Receiver<ApplyOutcome>,
-    /// Configurations for sdk-broker.
-    pub configurations: mpsc::Sender<ConfigurationDelivery>,
-    /// reconcilerd's deployment status; `None` before it ever answered.
-    pub status: watch::Receiver<Option<DeploymentStatus>>,
-    /// The connection state, for `Hub1.Connection`.
-    pub connection: watch::Sender<ConnectionState>,
-}
-
-/// What sdk-broker tells the session, from its signals or from a failed call.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SdkEvent {
-    /// `StateReported`: the latest state of an instance's topic.
-    State {
-        /// The instance.
-        instance: String,
-        /// The topic.
-        topic: String,
-        /// The state.
-        value: Vec<u8>,
-    },
-    /// `RpcResponse`: the answer to a direct command.
-    RpcResponse {
-        /// The request id it answers.
-        reqid: u64,
-        /// The instance that answered (or was asked).
-        instance: String,
-        /// `EVP_RPC_RESPONSE_STATUS`.
-        status: u32,
-        /// The response text.
-        response: String,
-    },
-    /// `CallMethod` failed on D-Bus (sdk-broker absent, or its error).
-    CallFailed {
-        /// The request id of the command.
-        reqid: u64,
-        /// Why.
-        message: String,
-    },
-}
-
-/// A direct command for `SdkBroker1.CallMethod`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MethodCall {
-    /// The instance.
-    pub instance: String,
-    /// The EVP request id.
-    pub reqid: u64,
-    /// The method.
-    pub method: String,
-    /// Its parameters (JSON text).
-    pub params: String,
-}
-
-/// The session's channels to sdk-broker.
-pub struct SdkLinks {
-    /// States, answers and failed calls.
-    pub events: mpsc::Receiver<SdkEvent>,
-    /// Direct commands to deliver.
-    pub calls: mpsc::Sender<MethodCall>,
-    /// Telemetry batches to publish.
-    pub telemetry: mpsc::Receiver<Box<dyn TelemetryBatch>>,
-}
-
-impl std::fmt::Debug for SdkLinks {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SdkLinks").finish_non_exhaustive()
-    }
-}
-
-/// The other ends of [`SdkLinks`], for whoever plays sdk-broker.
-#[derive(Debug)]
-pub struct SdkEnds {
-    /// Where sdk-broker's events go.
-    pub events: mpsc::Sender<SdkEvent>,
-    /// The direct commands hubd wants delivered.
-    pub calls: mpsc::Receiver<MethodCall>,
-    /// Where telemetry batches go.
-    pub telemetry: mpsc::Sender<Box<dyn TelemetryBatch>>,
-}
-
-impl SdkLinks {
-    /// Links and their other ends.
-    pub fn new() -> (SdkLinks, SdkEnds) {
-        let (events_tx, events) = mpsc::channel(SDK_EVENT_CHANNEL);
-        let (calls, calls_rx) = mpsc::channel(METHOD_CALL_CHANNEL);
-        let (telemetry_tx, telemetry) = mpsc::channel(TELEMETRY_CHANNEL);
-        (
-            SdkLinks {
-                events,
-                calls,
-                telemetry,
-            },
-            SdkEnds {
-                events: events_tx,
-                calls: calls_rx,
-                telemetry: telemetry_tx,
-            },
-        )
-    }
-}
 
 /// The MQTT options of the configuration, and the client id they use.
 pub fn mqtt_options(cfg: &HubConfig, tls: Option<&TlsMaterial>) -> MqttOptions {
@@ -411,9 +239,10 @@ pub async fn run_with_sdk(
     let (client, eventloop) = AsyncClient::new(options, REQUEST_CHANNEL);
     let (events_tx, mut events) = mpsc::channel(EVENT_CHANNEL);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let mqtt_state = connection.subscribe();
     let telemetry_task = tokio::spawn(telemetry::publish(
         client.clone(),
-        connection.subscribe(),
+        move || *mqtt_state.borrow() == ConnectionState::Connected,
         telemetry_batches,
     ));
     let mut driver = tokio::spawn(drive(eventloop, events_tx, connection, stop_rx));

@@ -27,18 +27,11 @@ use evp_daemon::{AgentConfig, DaemonArgs};
 use evp_schemas::HubCodec;
 use evp_schemas::dbus::{HUB_NAME, HUB_PATH, HUB_TELEMETRY_NAME};
 use evp_schemas::evp2::Evp2Codec;
-use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::config::HubSection;
-use crate::core::{ConnectionState, Links};
+use crate::core::Links;
 use crate::device_config::DeviceConfigStore;
-
-/// Configurations waiting for sdk-broker; a hub sends a handful per update, so a full queue
-/// means sdk-broker is stuck and newer values are dropped with a warning.
-const CONFIGURATION_QUEUE: usize = 1024;
-/// Answers from reconcilerd waiting for the session loop (one per deployment applied).
-const OUTCOME_QUEUE: usize = 16;
 
 /// Runs hubd until SIGTERM.
 pub async fn run(args: DaemonArgs) -> Result<()> {
@@ -95,18 +88,17 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     info!("serving {HUB_NAME}");
     evp_daemon::notify_ready(&conn, HUB_NAME);
 
-    let (deployments_tx, deployments_rx) = watch::channel(None);
-    let (outcomes_tx, outcomes_rx) = mpsc::channel(OUTCOME_QUEUE);
-    let (config_tx, config_rx) = mpsc::channel(CONFIGURATION_QUEUE);
-    let (status_tx, status_rx) = watch::channel(None);
-    let (connection_tx, connection_rx) = watch::channel(ConnectionState::Disconnected);
+    let (links, ends) = Links::new();
     tokio::spawn(bus::apply_deployments(
         conn.clone(),
-        deployments_rx,
-        outcomes_tx,
+        ends.deployments,
+        ends.outcomes,
     ));
-    tokio::spawn(bus::deliver_configurations(conn.clone(), config_rx));
-    tokio::spawn(bus::watch_status(conn.clone(), status_tx));
+    tokio::spawn(bus::deliver_configurations(
+        conn.clone(),
+        ends.configurations,
+    ));
+    tokio::spawn(bus::watch_status(conn.clone(), ends.status));
     // Telemetry has a connection of its own, so a slow MQTT link that makes it wait never
     // holds up the signals and calls on the main one; it has a name of its own so that
     // sdk-broker can send telemetry to it alone.
@@ -119,18 +111,11 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     let sdk = bus::link_sdk_broker(&conn, telemetry_conn);
     let follower = conn.clone();
     tokio::spawn(async move {
-        if let Err(e) = bus::follow_connection(follower, connection_rx).await {
+        if let Err(e) = bus::follow_connection(follower, ends.connection).await {
             error!("Hub1.Connection no longer follows the MQTT session: {e}");
         }
     });
 
-    let links = Links {
-        deployments: deployments_tx,
-        outcomes: outcomes_rx,
-        configurations: config_tx,
-        status: status_rx,
-        connection: connection_tx,
-    };
     let shutdown = async {
         if let Err(e) = evp_daemon::wait_for_shutdown().await {
             error!("{e:#}; stopping");

@@ -1,21 +1,19 @@
 //! Telemetry: sdk-broker's batches merged into hub messages (one per SDK call, or consecutive
 //! entries together while no key repeats and the message fits the MQTT buffer), and the task
 //! that publishes them at QoS 0 without waiting for anything but room in the request channel.
+//! It knows nothing of the session loop ([`crate::core`] uses it, not the other way round): it
+//! is told whether MQTT is connected by a function.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use evp_schemas::evp2::sizes::MAX_TELEMETRY_PAYLOAD;
 use evp_schemas::evp2::{Evp2Codec, topics};
 use evp_schemas::{HubCodec, TelemetryEntry};
 use rumqttc::{AsyncClient, ClientError, QoS, Request};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tracing::{debug, error, warn};
 
-use crate::core::{ConnectionState, MAX_OUTGOING_PACKET, PUBLISH_OVERHEAD};
-
-/// Largest telemetry payload: what fits one MQTT packet of EVP's 128 KiB buffer.
-pub const MAX_TELEMETRY_PAYLOAD: usize =
-    MAX_OUTGOING_PACKET - topics::TELEMETRY.len() - PUBLISH_OVERHEAD;
 /// How long a message may wait for room in the MQTT request channel before it is dropped. The
 /// event loop drains the channel at network speed; a channel full this long means the
 /// connection is stuck, and its flush timeout is about to drop it anyway.
@@ -139,11 +137,11 @@ impl DropLog {
 }
 
 /// Publishes the batches from `batches` on the telemetry topic until the channel closes. While
-/// MQTT is not connected they are dropped and counted (EVP's LOW queue behaviour, without its
-/// queue: nothing grows while the hub is away).
+/// `connected()` says MQTT is not connected they are dropped and counted (EVP's LOW queue
+/// behaviour, without its queue: nothing grows while the hub is away).
 pub async fn publish(
     client: AsyncClient,
-    connection: watch::Receiver<ConnectionState>,
+    connected: impl Fn() -> bool,
     mut batches: mpsc::Receiver<Box<dyn TelemetryBatch>>,
 ) {
     let codec = Evp2Codec;
@@ -151,7 +149,7 @@ pub async fn publish(
     let mut drops = DropLog::default();
     let mut sent: u64 = 0;
     while let Some(batch) = batches.recv().await {
-        if *connection.borrow() != ConnectionState::Connected {
+        if !connected() {
             let n = batch.entries().map_or(0, |e| e.len());
             drops.dropped(n as u64, "MQTT is not connected");
             continue;
@@ -166,7 +164,7 @@ pub async fn publish(
             }
         }
         for payload in payloads.drain(..) {
-            if *connection.borrow() != ConnectionState::Connected {
+            if !connected() {
                 drops.dropped(1, "MQTT is not connected");
                 continue;
             }

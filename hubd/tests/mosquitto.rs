@@ -5,15 +5,19 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Ends, WAIT, local_config, wait_connection};
+use common::{WAIT, local_config, wait_connection};
 use evp_hubd::config::HubSection;
-use evp_hubd::core::{self, ApplyOutcome, ConnectionState};
+use evp_hubd::core::{self, ApplyOutcome, ConfigurationDelivery, ConnectionState, LinkEnds};
 use evp_hubd::device_config::DeviceConfigStore;
 use evp_schemas::{DeploymentStatus, ReconcileStatus};
 use evp_system_tests::mosquitto::Mosquitto;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
-use tokio::sync::{mpsc, oneshot};
+use tempfile::TempDir;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// The initial GET's topic.
+const INITIAL_GET: &str = "v1/devices/me/attributes/request/10000";
 
 /// The hub's side: every message the device publishes, as (topic, JSON).
 async fn hub_client(port: u16) -> (AsyncClient, mpsc::UnboundedReceiver<(String, Value)>) {
@@ -97,116 +101,235 @@ fn deployment(id: &str) -> Value {
     })
 }
 
-/// Publishes `attributes` as the hub's attribute PATCH to the device.
-async fn patch(hub: &AsyncClient, attributes: Value) {
-    hub.publish(
-        "v1/devices/me/attributes",
-        QoS::AtMostOnce,
-        false,
-        attributes.to_string(),
-    )
-    .await
-    .unwrap();
+/// One session against a mosquitto of its own, with the hub played by `hub` and reconcilerd
+/// by a task that accepts every deployment but `bad-late`, which it refuses.
+struct Rig {
+    hub: AsyncClient,
+    /// Every message the device publishes.
+    from_device: mpsc::UnboundedReceiver<(String, Value)>,
+    /// The ids of the deployments reconcilerd was asked to apply, in order.
+    applied: mpsc::UnboundedReceiver<String>,
+    configurations: mpsc::Receiver<ConfigurationDelivery>,
+    status: watch::Sender<Option<DeploymentStatus>>,
+    connection: watch::Receiver<ConnectionState>,
+    store: DeviceConfigStore,
+    session: common::Session,
+    _broker: Mosquitto,
+    /// Last: the broker's files live here.
+    _dir: TempDir,
+}
+
+impl Rig {
+    /// A session of `device-1` with the minimum report interval 0, connecting to a new broker
+    /// the hub's client already listens on.
+    async fn start() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = Mosquitto::start(dir.path(), None).unwrap();
+        let (hub, from_device) = hub_client(broker.port).await;
+        let cfg = local_config(
+            broker.port,
+            HubSection {
+                client_id: Some("device-1".into()),
+                report_status_interval_min_ms: Some(0),
+                ..Default::default()
+            },
+        );
+        let options = core::mqtt_options(&cfg, None);
+        let store = DeviceConfigStore::new(dir.path());
+        let (session, ends) = common::start(cfg, options, store.clone());
+        let LinkEnds {
+            mut deployments,
+            outcomes,
+            configurations,
+            status,
+            connection,
+        } = ends;
+        let (applied_tx, applied) = mpsc::unbounded_channel::<String>();
+        tokio::spawn(async move {
+            while deployments.changed().await.is_ok() {
+                let Some(req) = deployments.borrow_and_update().clone() else {
+                    continue;
+                };
+                let id = req.deployment_id.clone().unwrap_or_default();
+                let outcome = if id == "bad-late" {
+                    ApplyOutcome::Refused {
+                        seq: req.seq,
+                        deployment_id: req.deployment_id.clone(),
+                        message: "reconcilerd says no".into(),
+                    }
+                } else {
+                    ApplyOutcome::Accepted { seq: req.seq }
+                };
+                let _ = applied_tx.send(id);
+                let _ = outcomes.send(outcome).await;
+            }
+        });
+        Rig {
+            hub,
+            from_device,
+            applied,
+            configurations,
+            status,
+            connection,
+            store,
+            session,
+            _broker: broker,
+            _dir: dir,
+        }
+    }
+
+    /// [`Rig::start`], with the initial GET answered by the deployment `dep-get`, which
+    /// reconcilerd was asked to apply: PATCHes from now on are applied as they come.
+    async fn answered() -> Rig {
+        let mut rig = Rig::start().await;
+        rig.expect("the initial GET", |t, _| t == INITIAL_GET).await;
+        rig.answer_get().await;
+        rig.wait_applied("dep-get").await;
+        rig
+    }
+
+    /// The hub answers the initial GET: its deployment is `dep-get`.
+    async fn answer_get(&self) {
+        self.hub
+            .publish(
+                "v1/devices/me/attributes/response/10000",
+                QoS::AtMostOnce,
+                false,
+                json!({ "shared": { "deployment": deployment("dep-get") }, "client": {} })
+                    .to_string(),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Waits for a message from the device matching `pred`.
+    async fn expect(&mut self, what: &str, pred: impl Fn(&str, &Value) -> bool) -> Value {
+        expect(&mut self.from_device, what, pred).await
+    }
+
+    /// Waits until reconcilerd was asked to apply `id`; returns every id asked for until then.
+    async fn wait_applied(&mut self, id: &str) -> Vec<String> {
+        let mut seen = Vec::new();
+        tokio::time::timeout(WAIT, async {
+            while !seen.iter().any(|s| s == id) {
+                seen.push(self.applied.recv().await.unwrap());
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{id} was never applied"));
+        seen
+    }
+
+    /// Publishes `attributes` as the hub's attribute PATCH.
+    async fn patch(&self, attributes: Value) {
+        self.hub
+            .publish(
+                "v1/devices/me/attributes",
+                QoS::AtMostOnce,
+                false,
+                attributes.to_string(),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// reconcilerd reports deployment `id` as reconciled; returns the report that shows it.
+    async fn reconciled(&mut self, id: &str) -> Value {
+        self.status.send_replace(Some(DeploymentStatus {
+            deployment_id: Some(id.into()),
+            reconcile_status: Some(ReconcileStatus::Ok),
+            ..Default::default()
+        }));
+        self.expect(&format!("a report with {id} ok"), |t, v| {
+            is_report(t, v)
+                && v["deploymentStatus"]["deploymentId"] == id
+                && v["deploymentStatus"]["reconcileStatus"] == "ok"
+                && v["deploymentStatus"].get("failureMessage").is_none()
+        })
+        .await
+    }
+
+    /// The hub sends `bad-late`, which reconcilerd refuses; waits for the report that shows
+    /// the refusal with reconcilerd's message and the deployment's id.
+    async fn refused_by_reconcilerd(&mut self) {
+        self.patch(json!({ "deployment": deployment("bad-late") }))
+            .await;
+        self.expect("a report with reconcilerd's refusal", |t, v| {
+            is_report(t, v)
+                && v["deploymentStatus"]["failureMessage"] == "reconcilerd says no"
+                && v["deploymentStatus"]["deploymentId"] == "bad-late"
+        })
+        .await;
+    }
+
+    /// Sends the hub's device configuration `cfg-42` (report intervals 1 s..4 s, a registry
+    /// credential); returns the first report that echoes it.
+    async fn configure_device(&mut self) -> Value {
+        self.patch(json!({ "desiredDeviceConfig": { "desiredDeviceConfig": {
+            "configuration/$agent/report-status-interval-min": 1,
+            "configuration/$agent/report-status-interval-max": 4,
+            "configuration/$agent/configuration-id": "cfg-42",
+            "configuration/$agent/registry-auth": { "ghcr.io": "secret" } } } }))
+            .await;
+        self.expect("a report with the device config", |t, v| {
+            is_report(t, v) && v["state/$agent/configuration-id"] == "cfg-42"
+        })
+        .await
+    }
+
+    /// Stops the session, asserting that it ends cleanly and leaves `Hub1.Connection`
+    /// disconnected.
+    async fn stop(mut self) {
+        self.session.stop().await;
+        assert_eq!(
+            *self.connection.borrow_and_update(),
+            ConnectionState::Disconnected
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn session_against_mosquitto() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start(dir.path(), None).unwrap();
-    let (hub, mut from_device) = hub_client(broker.port).await;
-
-    let cfg = local_config(
-        broker.port,
-        HubSection {
-            client_id: Some("device-1".into()),
-            report_status_interval_min_ms: Some(0),
-            ..Default::default()
-        },
-    );
-    let options = core::mqtt_options(&cfg, None);
-    let store = DeviceConfigStore::new(dir.path());
-    let (session, ends) = common::start(cfg, options, store.clone());
-    let Ends {
-        deployments: mut deployments_rx,
-        outcomes: outcomes_tx,
-        configurations: mut configs,
-        status: status_tx,
-        mut connection,
-    } = ends;
-
-    // reconcilerd: accepts everything but the deployment "bad-late", which it refuses.
-    let (applied_tx, mut applied) = mpsc::unbounded_channel::<String>();
-    tokio::spawn(async move {
-        while deployments_rx.changed().await.is_ok() {
-            let Some(req) = deployments_rx.borrow_and_update().clone() else {
-                continue;
-            };
-            let id = req.deployment_id.clone().unwrap_or_default();
-            let outcome = if id == "bad-late" {
-                ApplyOutcome::Refused {
-                    seq: req.seq,
-                    deployment_id: req.deployment_id.clone(),
-                    message: "reconcilerd says no".into(),
-                }
-            } else {
-                ApplyOutcome::Accepted { seq: req.seq }
-            };
-            let _ = applied_tx.send(id);
-            let _ = outcomes_tx.send(outcome).await;
-        }
-    });
-
-    // The first report goes out at once, before the GET is answered.
-    let first = expect(&mut from_device, "the first report", is_report).await;
+async fn first_report_goes_out_at_once_then_the_initial_get() {
+    let mut rig = Rig::start().await;
+    let first = rig.expect("the first report", is_report).await;
     assert_eq!(first["systemInfo"]["protocolVersion"], "EVP2-TB");
     assert_eq!(first["state/$agent/report-status-interval-min"], 0);
-    expect(&mut from_device, "the initial GET", |t, v| {
-        t == "v1/devices/me/attributes/request/10000" && *v == json!({})
+    rig.expect("the initial GET", |t, v| {
+        t == INITIAL_GET && *v == json!({})
     })
     .await;
-    assert_eq!(*connection.borrow_and_update(), ConnectionState::Connected);
+    assert_eq!(
+        *rig.connection.borrow_and_update(),
+        ConnectionState::Connected
+    );
+    rig.stop().await;
+}
 
-    // A PATCH before the GET answer is held, then applied after it: dep-patch wins.
-    patch(
-        &hub,
-        json!({ "deployment": deployment("dep-patch"), "configuration/i/t": "hello" }),
-    )
-    .await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patch_before_the_get_answer_is_held_then_applied_after_it() {
+    let mut rig = Rig::start().await;
+    rig.expect("the initial GET", |t, _| t == INITIAL_GET).await;
+    rig.patch(json!({ "deployment": deployment("dep-patch"), "configuration/i/t": "hello" }))
+        .await;
     // The GET is resent every 5 s until answered; meanwhile the PATCH is only held.
-    expect(&mut from_device, "the resent GET", |t, _| {
-        t == "v1/devices/me/attributes/request/10000"
-    })
-    .await;
+    rig.expect("the resent GET", |t, _| t == INITIAL_GET).await;
     assert!(
-        applied.try_recv().is_err(),
+        rig.applied.try_recv().is_err(),
         "nothing applied before the GET answer"
     );
     assert!(
-        configs.try_recv().is_err(),
+        rig.configurations.try_recv().is_err(),
         "nothing delivered before the GET answer"
     );
-    hub.publish(
-        "v1/devices/me/attributes/response/10000",
-        QoS::AtMostOnce,
-        false,
-        json!({ "shared": { "deployment": deployment("dep-get") }, "client": {} }).to_string(),
-    )
-    .await
-    .unwrap();
-    let mut seen = Vec::new();
-    tokio::time::timeout(WAIT, async {
-        while !seen.contains(&"dep-patch".to_string()) {
-            seen.push(applied.recv().await.unwrap());
-        }
-    })
-    .await
-    .expect("dep-patch was never applied");
+    rig.answer_get().await;
+    // The held PATCH comes after the answer, so dep-patch wins.
+    let seen = rig.wait_applied("dep-patch").await;
     assert_eq!(
         seen.last().map(String::as_str),
         Some("dep-patch"),
         "{seen:?}"
     );
-    let delivered = tokio::time::timeout(WAIT, configs.recv())
+    let delivered = tokio::time::timeout(WAIT, rig.configurations.recv())
         .await
         .unwrap()
         .unwrap();
@@ -215,103 +338,87 @@ async fn session_against_mosquitto() {
         ("i", "t")
     );
     assert_eq!(delivered.value, b"hello");
+    rig.stop().await;
+}
 
-    // reconcilerd's status shows up in the next report at once (min interval 0).
-    let mut status = DeploymentStatus {
-        deployment_id: Some("dep-patch".into()),
-        reconcile_status: Some(ReconcileStatus::Ok),
-        ..Default::default()
-    };
-    status_tx.send_replace(Some(status.clone()));
-    expect(&mut from_device, "a report with dep-patch ok", |t, v| {
-        is_report(t, v)
-            && v["deploymentStatus"]["deploymentId"] == "dep-patch"
-            && v["deploymentStatus"]["reconcileStatus"] == "ok"
-    })
-    .await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcilerd_status_is_reported_at_once() {
+    let mut rig = Rig::answered().await;
+    // With the minimum interval 0 the change goes out in the next report, at once.
+    rig.reconciled("dep-get").await;
+    rig.stop().await;
+}
 
-    // An invalid manifest: error with its message and id; the running status stays.
-    patch(
-        &hub,
-        json!({ "deployment": { "deploymentId": "bad", "instanceSpecs": {} } }),
-    )
-    .await;
-    let v = expect(&mut from_device, "a report with the refusal", |t, v| {
-        is_report(t, v) && v["deploymentStatus"]["reconcileStatus"] == "error"
-    })
-    .await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_manifest_is_reported_as_an_error_with_its_id_and_message() {
+    let mut rig = Rig::answered().await;
+    rig.reconciled("dep-get").await;
+    rig.patch(json!({ "deployment": { "deploymentId": "bad", "instanceSpecs": {} } }))
+        .await;
+    let v = rig
+        .expect("a report with the refusal", |t, v| {
+            is_report(t, v) && v["deploymentStatus"]["reconcileStatus"] == "error"
+        })
+        .await;
     assert_eq!(v["deploymentStatus"]["deploymentId"], "bad");
     let msg = v["deploymentStatus"]["failureMessage"].as_str().unwrap();
     assert!(msg.contains("deployment.modules"), "{msg}");
+    rig.stop().await;
+}
 
-    // Refused by reconcilerd: same, with its message.
-    patch(&hub, json!({ "deployment": deployment("bad-late") })).await;
-    expect(
-        &mut from_device,
-        "a report with reconcilerd's refusal",
-        |t, v| {
-            is_report(t, v)
-                && v["deploymentStatus"]["failureMessage"] == "reconcilerd says no"
-                && v["deploymentStatus"]["deploymentId"] == "bad-late"
-        },
-    )
-    .await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployment_refused_by_reconcilerd_is_reported_with_its_message() {
+    let mut rig = Rig::answered().await;
+    rig.reconciled("dep-get").await;
+    rig.refused_by_reconcilerd().await;
+    rig.stop().await;
+}
 
-    // An accepted deployment clears the refusal.
-    patch(&hub, json!({ "deployment": deployment("dep-3") })).await;
-    status.deployment_id = Some("dep-3".into());
-    status_tx.send_replace(Some(status.clone()));
-    expect(&mut from_device, "a report with dep-3 ok", |t, v| {
-        is_report(t, v)
-            && v["deploymentStatus"]["deploymentId"] == "dep-3"
-            && v["deploymentStatus"]["reconcileStatus"] == "ok"
-            && v["deploymentStatus"].get("failureMessage").is_none()
-    })
-    .await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_deployment_clears_the_refusal() {
+    let mut rig = Rig::answered().await;
+    rig.reconciled("dep-get").await;
+    rig.refused_by_reconcilerd().await;
+    rig.patch(json!({ "deployment": deployment("dep-3") }))
+        .await;
+    // The report with dep-3 ok has no failure message any more.
+    rig.reconciled("dep-3").await;
+    rig.stop().await;
+}
 
-    // Device configuration: applied, echoed, stored single-wrapped.
-    patch(
-        &hub,
-        json!({ "desiredDeviceConfig": { "desiredDeviceConfig": {
-            "configuration/$agent/report-status-interval-min": 1,
-            "configuration/$agent/report-status-interval-max": 4,
-            "configuration/$agent/configuration-id": "cfg-42",
-            "configuration/$agent/registry-auth": { "ghcr.io": "secret" } } } }),
-    )
-    .await;
-    let v = expect(
-        &mut from_device,
-        "a report with the device config",
-        |t, v| is_report(t, v) && v["state/$agent/configuration-id"] == "cfg-42",
-    )
-    .await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_config_is_applied_echoed_without_credentials_and_stored() {
+    let mut rig = Rig::answered().await;
+    let v = rig.configure_device().await;
     assert_eq!(v["state/$agent/report-status-interval-min"], 1);
     assert_eq!(v["state/$agent/report-status-interval-max"], 4);
     assert!(
         !v.to_string().contains("secret"),
         "credentials never echoed"
     );
-    let stored = store.load().unwrap().unwrap();
+    // Stored single-wrapped: it reads back as the configuration itself.
+    let stored = rig.store.load().unwrap().unwrap();
     assert_eq!(stored.configuration_id.as_deref(), Some("cfg-42"));
+    rig.stop().await;
+}
 
-    // Unchanged reports are forced again at the max interval (4 s): one comes, identical,
-    // well after the last change. (A QoS 1 report may be delivered twice at once; the
-    // interval rules themselves are unit-tested in timing.rs.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_report_is_sent_again_at_the_max_interval() {
+    let mut rig = Rig::answered().await;
+    let v = rig.configure_device().await;
+    // The device config sets the max interval to 4 s: an identical report comes again well
+    // after the last change. (A QoS 1 report may be delivered twice at once; the interval
+    // rules themselves are unit-tested in timing.rs.)
     let changed_at = std::time::Instant::now();
-    let forced = expect(&mut from_device, "a forced report", |t, w| {
-        is_report(t, w)
-            && w["state/$agent/configuration-id"] == "cfg-42"
-            && changed_at.elapsed() >= Duration::from_secs(2)
-    })
-    .await;
+    let forced = rig
+        .expect("a forced report", |t, w| {
+            is_report(t, w)
+                && w["state/$agent/configuration-id"] == "cfg-42"
+                && changed_at.elapsed() >= Duration::from_secs(2)
+        })
+        .await;
     assert_eq!(forced, v, "the forced report is the unchanged one");
-
-    // A clean stop.
-    session.stop().await;
-    assert_eq!(
-        *connection.borrow_and_update(),
-        ConnectionState::Disconnected
-    );
+    rig.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -346,7 +453,7 @@ async fn reconnects_and_reports_again_after_broker_restart() {
     let (_hub, mut from_device) = hub_client(broker.port).await;
     // The session starts again: the GET is (re)sent on the new connection ...
     expect(&mut from_device, "the GET after the reconnect", |t, _| {
-        t == "v1/devices/me/attributes/request/10000"
+        t == INITIAL_GET
     })
     .await;
     // ... and reports flow again.

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use evp_devhub::PrivateBus;
 use evp_hubd::bus::link_sdk_broker;
 use evp_hubd::config::{HubSection, resolve};
-use evp_hubd::core::{self, ConnectionState, Links};
+use evp_hubd::core::{self, Links};
 use evp_hubd::device_config::DeviceConfigStore;
 use evp_schemas::dbus::{EvpError, SDK_BROKER_NAME, SDK_BROKER_PATH};
 use evp_schemas::{DeploymentStatus, InstanceState, InstanceStatus};
@@ -186,18 +186,10 @@ impl Rig {
             .build()
             .await?;
         let sdk = link_sdk_broker(&conn, telemetry_conn);
-        let (deployments_tx, deployments) = watch::channel(None);
-        let (outcomes, outcomes_rx) = mpsc::channel(16);
-        let (config_tx, configurations) = mpsc::channel(16);
-        let (status, status_rx) = watch::channel(Some(deployment_status(&["sensor-1", "rpc-1"])));
-        let (connection_tx, _connection) = watch::channel(ConnectionState::Disconnected);
-        let links = Links {
-            deployments: deployments_tx,
-            outcomes: outcomes_rx,
-            configurations: config_tx,
-            status: status_rx,
-            connection: connection_tx,
-        };
+        let (links, ends) = Links::new();
+        // reconcilerd's status is known before the session starts.
+        ends.status
+            .send_replace(Some(deployment_status(&["sensor-1", "rpc-1"])));
         let (stop, stop_rx) = oneshot::channel::<()>();
         let store = DeviceConfigStore::new(dir.path().join("hub"));
         let session = tokio::spawn(core::run_with_sdk(
@@ -219,14 +211,14 @@ impl Rig {
             calls,
             hub,
             inbox,
-            status,
+            status: ends.status,
             stop: Some(stop),
             session,
             _keep: vec![
                 Box::new(conn),
-                Box::new(deployments),
-                Box::new(outcomes),
-                Box::new(configurations),
+                Box::new(ends.deployments),
+                Box::new(ends.outcomes),
+                Box::new(ends.configurations),
             ],
         };
         if hub_topics.iter().any(|t| t.ends_with('#')) {

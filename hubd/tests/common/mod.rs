@@ -5,13 +5,10 @@
 use std::time::Duration;
 
 use evp_hubd::config::{HubConfig, HubSection, resolve};
-use evp_hubd::core::{
-    self, ApplyOutcome, ConfigurationDelivery, ConnectionState, DeploymentRequest, Links,
-};
+use evp_hubd::core::{self, ConnectionState, LinkEnds, Links};
 use evp_hubd::device_config::DeviceConfigStore;
-use evp_schemas::DeploymentStatus;
 use rumqttc::MqttOptions;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 /// Upper bound for an awaited condition of the session.
@@ -30,56 +27,25 @@ pub fn local_config(port: u16, section: HubSection) -> HubConfig {
     .unwrap()
 }
 
-/// The test's ends of the session's [`Links`]; dropping one would look like the daemon it
-/// stands for going away, so keep them until the session stopped.
-#[allow(
-    dead_code,
-    reason = "a test that only watches the connection holds the other ends unread"
-)]
-pub struct Ends {
-    /// What hubd asks reconcilerd to apply.
-    pub deployments: watch::Receiver<Option<DeploymentRequest>>,
-    /// reconcilerd's answers.
-    pub outcomes: mpsc::Sender<ApplyOutcome>,
-    /// Configurations hubd delivers to sdk-broker.
-    pub configurations: mpsc::Receiver<ConfigurationDelivery>,
-    /// reconcilerd's deployment status.
-    pub status: watch::Sender<Option<DeploymentStatus>>,
-    /// The connection state hubd publishes.
-    pub connection: watch::Receiver<ConnectionState>,
-}
-
 /// A running `core::run`.
 pub struct Session {
     stop: oneshot::Sender<()>,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
-/// Starts the MQTT session of `cfg` with `options` on a task.
-pub fn start(cfg: HubConfig, options: MqttOptions, store: DeviceConfigStore) -> (Session, Ends) {
-    let (deployments_tx, deployments) = watch::channel(None);
-    let (outcomes, outcomes_rx) = mpsc::channel(16);
-    let (config_tx, configurations) = mpsc::channel(16);
-    let (status, status_rx) = watch::channel(None);
-    let (connection_tx, connection) = watch::channel(ConnectionState::Disconnected);
-    let links = Links {
-        deployments: deployments_tx,
-        outcomes: outcomes_rx,
-        configurations: config_tx,
-        status: status_rx,
-        connection: connection_tx,
-    };
+/// Starts the MQTT session of `cfg` with `options` on a task. The test holds the other ends
+/// of its links (reconcilerd, the configuration delivery, `Hub1.Connection`); dropping one
+/// would look like what it stands for going away, so keep them until the session stopped.
+pub fn start(
+    cfg: HubConfig,
+    options: MqttOptions,
+    store: DeviceConfigStore,
+) -> (Session, LinkEnds) {
+    let (links, ends) = Links::new();
     let (stop, stop_rx) = oneshot::channel::<()>();
     let task = tokio::spawn(core::run(cfg, options, store, None, links, async {
         let _ = stop_rx.await;
     }));
-    let ends = Ends {
-        deployments,
-        outcomes,
-        configurations,
-        status,
-        connection,
-    };
     (Session { stop, task }, ends)
 }
 
