@@ -1,103 +1,107 @@
-//! runtimed-wasm: owns `org.evp.Runtime1.Wasm` and serves `org.evp.Runtime1` for the `wasm`
-//! kind. This build has no WASM engine yet: it hosts no instance, refuses to load or start with
-//! `org.evp.Error.NotSupported`, and answers the calls that undo something it does not host
-//! with success, so reconcilerd's cleanup paths work against it.
+//! runtimed-wasm: owns `org.evp.Runtime1.Wasm` and runs EVP WASM modules, unchanged, in
+//! wasmtime. Each instance is a host thread of this daemon ([`instance`]) whose SDK imports
+//! ([`host`], the ABI in [`abi`], guest memory in [`guest`]) speak to sdk-broker over the
+//! instance's socket ([`session`]), like a remote module; its output goes to the log
+//! ([`output`]), its memory is limited ([`limits`]) and a stop interrupts it through the
+//! engine's epochs ([`engine`]). [`supervisor`] keeps modules ([`module`]) and instances;
+//! [`service`] is the D-Bus object.
 
-use anyhow::Result;
+pub mod abi;
+pub mod config;
+pub mod engine;
+pub mod guest;
+pub mod host;
+pub mod instance;
+pub mod limits;
+pub mod module;
+pub mod output;
+pub mod service;
+pub mod session;
+pub mod supervisor;
+pub mod threads;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
 use evp_daemon::{AgentConfig, DaemonArgs};
-use evp_schemas::dbus::{EvpError, RUNTIME_WASM_NAME, RUNTIME_WASM_PATH, StartOptions};
-use evp_schemas::deployment::validate_instance_name;
-use tracing::info;
-use zbus::interface;
-use zbus::object_server::SignalEmitter;
+use evp_schemas::dbus::{RUNTIME_WASM_NAME, RUNTIME_WASM_PATH};
+use tracing::{error, info, warn};
 
-/// The one module kind this runtime will run.
-pub const KIND: &str = "wasm";
-/// What LoadModule and StartInstance answer until the engine lands.
-pub const NOT_SUPPORTED: &str = "WASM modules are not supported by this build yet";
+pub use config::WasmConfig;
+pub use supervisor::KIND;
 
-/// The `org.evp.Runtime1` object of runtimed-wasm.
-#[derive(Debug, Default)]
-pub struct WasmRuntime;
+/// How long a stopping daemon waits for its last instance changes to reach the bus.
+const EVENT_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
-#[interface(name = "org.evp.Runtime1")]
-impl WasmRuntime {
-    /// Module kinds this runtime runs.
-    #[zbus(property)]
-    async fn kinds(&self) -> Vec<String> {
-        vec![KIND.to_owned()]
+/// Runs runtimed-wasm until SIGTERM; its instances end with it.
+pub async fn run(args: DaemonArgs) -> Result<()> {
+    let config = AgentConfig::load(&args)?;
+    let section: WasmConfig = config.section("wasm")?;
+    let served = serve(
+        &section,
+        config.common.data_dir.join("instances"),
+        evp_daemon::bus_builder(&args)?,
+        async {
+            let _ = evp_daemon::wait_for_shutdown().await;
+        },
+    )
+    .await;
+    if let Err(e) = &served
+        && e.is::<evp_daemon::BusLost>()
+    {
+        std::process::exit(evp_daemon::EXIT_BUS_LOST);
     }
-
-    async fn load_module(
-        &self,
-        module_id: &str,
-        kind: &str,
-        path_or_image: &str,
-        sha256: &str,
-    ) -> Result<(), EvpError> {
-        let _ = (path_or_image, sha256);
-        Err(EvpError::NotSupported(format!(
-            "{NOT_SUPPORTED} (module {module_id}, kind {kind})"
-        )))
-    }
-
-    async fn unload_module(&self, module_id: &str) -> Result<(), EvpError> {
-        // Nothing is ever loaded, so the module is already unloaded.
-        let _ = module_id;
-        Ok(())
-    }
-
-    #[zbus(out_args("pid", "uid"))]
-    async fn start_instance(
-        &self,
-        instance: &str,
-        module_id: &str,
-        options: StartOptions,
-    ) -> Result<(u32, u32), EvpError> {
-        let _ = options;
-        Err(EvpError::NotSupported(format!(
-            "{NOT_SUPPORTED} (instance {instance} of module {module_id})"
-        )))
-    }
-
-    async fn stop_instance(&self, instance: &str, grace_ms: u32) -> Result<(), EvpError> {
-        // Nothing runs here, so the instance is already stopped.
-        let _ = (instance, grace_ms);
-        Ok(())
-    }
-
-    async fn purge_instance(&self, instance: &str) -> Result<(), EvpError> {
-        // No instance directory was ever made by this build; only the name is checked.
-        validate_instance_name(instance)
-            .map_err(|m| EvpError::InvalidArgument(format!("instance {instance:?}: {m}")))
-    }
-
-    /// `(instance, module_id, status, failure_message)`: always empty in this build.
-    #[zbus(property)]
-    async fn instances(&self) -> Vec<(String, String, String, String)> {
-        Vec::new()
-    }
-
-    /// An instance changed state; never emitted by this build.
-    #[zbus(signal)]
-    async fn instance_changed(
-        emitter: &SignalEmitter<'_>,
-        instance: &str,
-        status: &str,
-        failure_message: &str,
-    ) -> zbus::Result<()>;
+    served
 }
 
-/// Runs runtimed-wasm until SIGTERM.
-pub async fn run(args: DaemonArgs) -> Result<()> {
-    let _config = AgentConfig::load(&args)?;
+/// Serves the bus until `shutdown` resolves (or the bus is lost), then ends every instance.
+pub async fn serve(
+    section: &WasmConfig,
+    instances_dir: PathBuf,
+    bus: zbus::connection::Builder<'static>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    section.validate()?;
+    let engine = engine::WasmEngine::new(section)
+        .map_err(|e| anyhow::anyhow!("{e:#}"))
+        .context("creating the WASM engine")?;
+    let (supervisor, events) = supervisor::Supervisor::new(engine, section.clone(), instances_dir)
+        .map_err(|e| anyhow::anyhow!("{e:#}"))
+        .context("setting up the host functions")?;
     let conn = evp_daemon::connect_named(
-        evp_daemon::bus_builder(&args)?.serve_at(RUNTIME_WASM_PATH, WasmRuntime),
+        bus.serve_at(
+            RUNTIME_WASM_PATH,
+            service::WasmRuntime::new(supervisor.clone()),
+        ),
         RUNTIME_WASM_NAME,
-        true,
+        // A library: `serve` returns BusLost rather than exiting the process.
+        false,
     )
     .await?;
-    info!("serving {RUNTIME_WASM_NAME} (no WASM engine in this build)");
+    let publisher = tokio::spawn(service::publish(conn.clone(), events));
+    info!(
+        memory_limit_bytes = section.memory_limit_bytes,
+        stop_grace_ms = section.stop_grace_ms,
+        "serving {RUNTIME_WASM_NAME}"
+    );
     evp_daemon::notify_ready(&conn, RUNTIME_WASM_NAME);
-    evp_daemon::wait_for_shutdown().await
+    let lost = tokio::select! {
+        () = shutdown => false,
+        () = conn.closed() => true,
+    };
+    if lost {
+        error!("{}; stopping", evp_daemon::BusLost(RUNTIME_WASM_NAME));
+    }
+    supervisor.shutdown().await;
+    if tokio::time::timeout(EVENT_FLUSH_TIMEOUT, publisher)
+        .await
+        .is_err()
+    {
+        warn!("the last instance changes did not reach the bus in time");
+    }
+    if lost {
+        return Err(evp_daemon::BusLost(RUNTIME_WASM_NAME).into());
+    }
+    Ok(())
 }

@@ -161,10 +161,105 @@ type MessageHandler = Box<dyn FnMut(&mut Client, &str, &[u8]) + Send>;
 /// A direct-command handler.
 type RpcHandler = Box<dyn FnMut(&mut Client, RpcRequest) + Send>;
 
-/// A module's connection to the agent (`struct EVP_client`).
-pub struct Client {
+/// The SDK socket at the level of the wire: one request at a time, each answered by the
+/// response with its xid. [`Client`] builds the C SDK's API on it; runtimed-wasm serves the
+/// `env.EVP_*` imports of WASM modules with it.
+#[derive(Debug)]
+pub struct Connection {
     stream: UnixStream,
     next_xid: u64,
+}
+
+impl Connection {
+    /// Connects to the SDK socket at `socket`.
+    pub fn connect(socket: &Path) -> Result<Connection, Error> {
+        let stream = UnixStream::connect(socket).map_err(|source| Error::Connect {
+            path: socket.to_owned(),
+            source,
+        })?;
+        Ok(Connection {
+            stream,
+            next_xid: FIRST_XID,
+        })
+    }
+
+    /// The socket itself, for whoever must unblock a call from another thread (by shutting it
+    /// down) or poll it.
+    pub fn stream(&self) -> &UnixStream {
+        &self.stream
+    }
+
+    /// Sends one request and reads its answer, waiting at most `timeout` (`None`: forever).
+    pub fn call(
+        &mut self,
+        request: &Request,
+        timeout: Option<Duration>,
+    ) -> Result<Response, Error> {
+        let xid = self.next_xid;
+        self.next_xid += 1;
+        let payload = request.encode();
+        let record = wire::encode_frame(xid, &payload).map_err(|e| match e {
+            wire::FrameError::TooBig(_) => Error::Agent(EvpResult::TooBig),
+            other => other.into(),
+        })?;
+        self.stream.set_read_timeout(timeout)?;
+        self.stream.write_all(&record)?;
+        let (header, payload) = wire::read_frame(&mut self.stream)?;
+        if header.xid != xid {
+            return Err(Error::Protocol(format!(
+                "answer to request {} arrived for request {xid}",
+                header.xid
+            )));
+        }
+        Response::decode(&payload).map_err(|e| Error::Protocol(e.to_string()))
+    }
+
+    /// A call answered with `Simple`: `Ok` for `EVP_OK`, the agent's code otherwise.
+    pub fn simple(&mut self, request: &Request) -> Result<(), Error> {
+        match self.call(request, Some(CALL_TIMEOUT))? {
+            Response::Simple(EvpResult::Ok) => Ok(()),
+            Response::Simple(r) => Err(Error::Agent(r)),
+            other => Err(Error::Protocol(format!(
+                "{} answered with {other:?}",
+                request.name()
+            ))),
+        }
+    }
+
+    /// `getEvent`: waits for one event for at most `timeout` (`None`: until one arrives;
+    /// zero: poll). `Event::None` means nothing came in time.
+    pub fn get_event(&mut self, timeout: Option<Duration>) -> Result<wire::Event, Error> {
+        /// A deadline for "forever": far enough, and still a valid `time_t`.
+        const FOREVER_SECS: u64 = i64::MAX as u64;
+        let (sec, nsec, read_timeout) = match timeout {
+            Some(t) => {
+                let at = SystemTime::now()
+                    .checked_add(t)
+                    .and_then(|d| d.duration_since(SystemTime::UNIX_EPOCH).ok())
+                    .unwrap_or(Duration::from_secs(FOREVER_SECS));
+                (
+                    at.as_secs(),
+                    u64::from(at.subsec_nanos()),
+                    Some(t.saturating_add(CALL_TIMEOUT)),
+                )
+            }
+            None => (FOREVER_SECS, 0, None),
+        };
+        let request = Request::GetEvent {
+            deadline_sec: sec,
+            deadline_nsec: nsec,
+        };
+        match self.call(&request, read_timeout)? {
+            Response::GetEvent(e) => Ok(e),
+            Response::Simple(r) => Err(Error::Agent(r)),
+            other => Err(Error::Protocol(format!("getEvent answered with {other:?}"))),
+        }
+    }
+}
+
+/// A module's connection to the agent (`struct EVP_client`).
+pub struct Client {
+    conn: Connection,
     workspace: PathBuf,
     done: HashMap<u64, Done>,
     next_cb: u64,
@@ -178,7 +273,7 @@ impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
             .field("workspace", &self.workspace)
-            .field("next_xid", &self.next_xid)
+            .field("next_xid", &self.conn.next_xid)
             .field("pending_callbacks", &self.done.len())
             .finish_non_exhaustive()
     }
@@ -203,13 +298,8 @@ impl Client {
 
     /// Connects to the SDK socket at `socket`, with `workspace` as the workspace directory.
     pub fn connect(socket: &Path, workspace: PathBuf) -> Result<Client, Error> {
-        let stream = UnixStream::connect(socket).map_err(|source| Error::Connect {
-            path: socket.to_owned(),
-            source,
-        })?;
         Ok(Client {
-            stream,
-            next_xid: FIRST_XID,
+            conn: Connection::connect(socket)?,
             workspace,
             done: HashMap::new(),
             next_cb: 1,
@@ -225,39 +315,6 @@ impl Client {
         &self.workspace
     }
 
-    /// Sends one request and reads its answer.
-    fn call(&mut self, request: &Request, timeout: Option<Duration>) -> Result<Response, Error> {
-        let xid = self.next_xid;
-        self.next_xid += 1;
-        let payload = request.encode();
-        let record = wire::encode_frame(xid, &payload).map_err(|e| match e {
-            wire::FrameError::TooBig(_) => Error::Agent(EvpResult::TooBig),
-            other => other.into(),
-        })?;
-        self.stream.set_read_timeout(timeout)?;
-        self.stream.write_all(&record)?;
-        let (header, payload) = wire::read_frame(&mut self.stream)?;
-        if header.xid != xid {
-            return Err(Error::Protocol(format!(
-                "answer to request {} arrived for request {xid}",
-                header.xid
-            )));
-        }
-        Response::decode(&payload).map_err(|e| Error::Protocol(e.to_string()))
-    }
-
-    /// A call answered with `Simple`.
-    fn simple(&mut self, request: &Request) -> Result<(), Error> {
-        match self.call(request, Some(CALL_TIMEOUT))? {
-            Response::Simple(EvpResult::Ok) => Ok(()),
-            Response::Simple(r) => Err(Error::Agent(r)),
-            other => Err(Error::Protocol(format!(
-                "{} answered with {other:?}",
-                request.name()
-            ))),
-        }
-    }
-
     /// Sends a request carrying a completion; the closure is kept only if the agent took it.
     fn with_done(
         &mut self,
@@ -270,7 +327,7 @@ impl Client {
             cb: id,
             userdata: 0,
         });
-        self.simple(&request)?;
+        self.conn.simple(&request)?;
         self.done.insert(id, done);
         Ok(())
     }
@@ -284,7 +341,7 @@ impl Client {
         if self.config_set {
             return Err(Error::Agent(EvpResult::Error));
         }
-        self.simple(&Request::RequestResendConfig)?;
+        self.conn.simple(&Request::RequestResendConfig)?;
         self.on_config = Some(Box::new(handler));
         self.config_set = true;
         Ok(())
@@ -388,31 +445,7 @@ impl Client {
     /// Waits for one event for at most `timeout` (`None`: until one arrives; zero: poll).
     /// Completion closures run here and are reported as [`Event::Completed`].
     pub fn next_event(&mut self, timeout: Option<Duration>) -> Result<Event, Error> {
-        /// A deadline for "forever": far enough, and still a valid `time_t`.
-        const FOREVER_SECS: u64 = i64::MAX as u64;
-        let (sec, nsec, read_timeout) = match timeout {
-            Some(t) => {
-                let at = SystemTime::now()
-                    .checked_add(t)
-                    .and_then(|d| d.duration_since(SystemTime::UNIX_EPOCH).ok())
-                    .unwrap_or(Duration::from_secs(FOREVER_SECS));
-                (
-                    at.as_secs(),
-                    u64::from(at.subsec_nanos()),
-                    Some(t.saturating_add(CALL_TIMEOUT)),
-                )
-            }
-            None => (FOREVER_SECS, 0, None),
-        };
-        let request = Request::GetEvent {
-            deadline_sec: sec,
-            deadline_nsec: nsec,
-        };
-        let event = match self.call(&request, read_timeout)? {
-            Response::GetEvent(e) => e,
-            Response::Simple(r) => return Err(Error::Agent(r)),
-            other => return Err(Error::Protocol(format!("getEvent answered with {other:?}"))),
-        };
+        let event = self.conn.get_event(timeout)?;
         Ok(match event {
             wire::Event::None => Event::TimedOut,
             wire::Event::Exit => Event::Exit,

@@ -1,0 +1,170 @@
+//! `EVP_processEvent`: one event from sdk-broker, dispatched to the guest's callback inside the
+//! call (host → guest re-entry), with the data it needs copied in with the guest's `malloc`
+//! and freed with its `free` once the callback returned.
+
+use evp_schemas::sdk::{Event, EvpResult, Request, RpcStatus};
+use tracing::warn;
+use wasmtime::{Caller, Val};
+
+use super::{HostState, call_table, check_handle, code, hand_in, release};
+use crate::guest::nul_terminated;
+use crate::session::{Registered, guest_callback, wire_callback};
+
+/// What an RPC to a module without an RPC callback is answered (as the Rust SDK answers it).
+const NO_RPC_CALLBACK: &str = "{\"error\":\"this module has no RPC callback\"}";
+
+pub(super) fn process_event(
+    mut caller: Caller<'_, HostState>,
+    h: i32,
+    timeout_ms: i32,
+) -> wasmtime::Result<i32> {
+    check_handle!(h);
+    // The lock is held while waiting: the SDK is one request at a time per instance.
+    let event = match caller.data().sdk().get_event(timeout_ms) {
+        Ok(event) => event,
+        // A connection that failed (sdk-broker gone, or the instance is being stopped) is the
+        // end of the module's SDK, as for the C client: SHOULDEXIT.
+        Err(e) => return Ok(code(e.result())),
+    };
+    dispatch(&mut caller, event)
+}
+
+/// Runs the callback an event is for.
+fn dispatch(caller: &mut Caller<'_, HostState>, event: Event) -> wasmtime::Result<i32> {
+    let reason = |cb, reason: u32| (guest_callback(cb), reason);
+    let (target, reason) = match event {
+        Event::None => return Ok(code(EvpResult::TimedOut)),
+        Event::Exit => return Ok(code(EvpResult::ShouldExit)),
+        Event::Config { topic, blob } => {
+            let registered = caller.data().sdk().configuration;
+            return deliver(caller, registered, &topic, &blob);
+        }
+        Event::MessageReceived { topic, blob } => {
+            let registered = caller.data().sdk().message;
+            return deliver(caller, registered, &topic, &blob);
+        }
+        Event::RpcRequest { id, method, params } => {
+            return rpc_request(caller, id, &method, &params);
+        }
+        Event::State { cb, reason: r } => reason(&cb, r.code()),
+        Event::MessageSent { cb, reason: r } => reason(&cb, r.code()),
+        Event::Telemetry { cb, reason: r } => reason(&cb, r.code()),
+        Event::RpcResponse { cb, reason: r } => reason(&cb, r.code()),
+        // No blob operation is ever accepted (EVP_NOTSUP), so none completes.
+        Event::Blob { .. } => return Ok(code(EvpResult::Ok)),
+    };
+    if let Some(r) = target {
+        call_table(
+            caller,
+            r.index,
+            &[Val::I32(reason as i32), Val::I32(r.user)],
+        )?;
+    }
+    Ok(code(EvpResult::Ok))
+}
+
+/// Calls a `(topic, data, len, user)` callback (configuration, message received).
+fn deliver(
+    caller: &mut Caller<'_, HostState>,
+    registered: Option<Registered>,
+    topic: &str,
+    data: &[u8],
+) -> wasmtime::Result<i32> {
+    let Some(r) = registered.filter(|r| r.index != 0) else {
+        return Ok(code(EvpResult::Ok));
+    };
+    let Ok(len) = i32::try_from(data.len()) else {
+        return Ok(code(EvpResult::TooBig));
+    };
+    // The data gets a NUL after it too: modules often read configurations as strings.
+    let mut data_nul = Vec::with_capacity(data.len() + 1);
+    data_nul.extend_from_slice(data);
+    data_nul.push(0);
+    let Some(blocks) = hand_in_all(caller, &[&nul_terminated(topic), &data_nul])? else {
+        return Ok(code(EvpResult::NoMem));
+    };
+    let called = call_table(
+        caller,
+        r.index,
+        &[
+            Val::I32(blocks[0]),
+            Val::I32(blocks[1]),
+            Val::I32(len),
+            Val::I32(r.user),
+        ],
+    );
+    release_all(caller, &blocks, called)?;
+    Ok(code(EvpResult::Ok))
+}
+
+/// Calls the RPC callback with `(i64 id, method, params, user)`, or answers the command with
+/// an error when the module registered none.
+fn rpc_request(
+    caller: &mut Caller<'_, HostState>,
+    id: u64,
+    method: &str,
+    params: &str,
+) -> wasmtime::Result<i32> {
+    let Some(r) = caller.data().sdk().rpc else {
+        let answer = Request::SendRpcResponse {
+            id,
+            response: Some(NO_RPC_CALLBACK.to_owned()),
+            status: RpcStatus::Error.code(),
+            cb: wire_callback(0, 0),
+        };
+        let _ = caller.data().sdk().simple(&answer);
+        return Ok(code(EvpResult::Ok));
+    };
+    let Some(blocks) = hand_in_all(caller, &[&nul_terminated(method), &nul_terminated(params)])?
+    else {
+        return Ok(code(EvpResult::NoMem));
+    };
+    let called = call_table(
+        caller,
+        r.index,
+        &[
+            Val::I64(id as i64),
+            Val::I32(blocks[0]),
+            Val::I32(blocks[1]),
+            Val::I32(r.user),
+        ],
+    );
+    release_all(caller, &blocks, called)?;
+    Ok(code(EvpResult::Ok))
+}
+
+/// Copies each buffer into a block of its own; `None` (with what was allocated freed again)
+/// when the guest's `malloc` ran out.
+fn hand_in_all(
+    caller: &mut Caller<'_, HostState>,
+    buffers: &[&[u8]],
+) -> wasmtime::Result<Option<Vec<i32>>> {
+    let mut blocks = Vec::with_capacity(buffers.len());
+    for buffer in buffers {
+        match hand_in(caller, buffer)? {
+            Some(ptr) => blocks.push(ptr),
+            None => {
+                warn!(
+                    "the module's malloc returned NULL for {} bytes; an SDK event was dropped",
+                    buffer.len()
+                );
+                release_all(caller, &blocks, Ok(()))?;
+                return Ok(None);
+            }
+        }
+    }
+    Ok(Some(blocks))
+}
+
+/// Frees the blocks after a callback, unless it trapped (the instance is over then).
+fn release_all(
+    caller: &mut Caller<'_, HostState>,
+    blocks: &[i32],
+    called: wasmtime::Result<()>,
+) -> wasmtime::Result<()> {
+    called?;
+    for block in blocks {
+        release(caller, *block)?;
+    }
+    Ok(())
+}
