@@ -2,7 +2,7 @@
 //! calls it (on a private bus every daemon user is the current user, so the test may): its
 //! errors carry the `org.evp.Error.*` names, it emits its changes, runtimed-container's SIGTERM
 //! stops its instances before a clean exit (with `stop_instances_on_exit`), and runtimed-wasm
-//! answers `NotSupported`.
+//! refuses a module it cannot run with the reason. WASM instances run in `wasm.rs`.
 //! Introspection against `schemas/dbus` is `introspection.rs`'s.
 
 use std::os::unix::fs::PermissionsExt;
@@ -229,7 +229,7 @@ async fn runtimed_container_serves_runtime1_and_stops_instances_on_sigterm() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn runtimed_wasm_serves_runtime1_without_an_engine() {
+async fn runtimed_wasm_serves_runtime1_and_refuses_what_it_cannot_run() {
     let dir = tempfile::Builder::new()
         .prefix("evp-runtime-")
         .tempdir()
@@ -257,14 +257,20 @@ async fn runtimed_wasm_serves_runtime1_without_an_engine() {
         .load_module("m", "wasm", "/var/lib/evp/modules/m", &"0".repeat(64))
         .await
         .unwrap_err();
-    assert_eq!(error_name(&e), Some("org.evp.Error.NotSupported"), "{e}");
-    assert!(
-        error_message(&e).starts_with("WASM modules are not supported by this build yet"),
-        "{e}"
-    );
+    assert_eq!(error_name(&e), Some("org.evp.Error.InvalidArgument"), "{e}");
+    assert!(error_message(&e).contains("does not exist"), "{e}");
+    let not_wasm = dir.path().join("not-wasm");
+    std::fs::write(&not_wasm, b"#!/bin/sh\n").unwrap();
+    let sha = hex::encode(Sha256::digest(b"#!/bin/sh\n"));
+    let e = proxy
+        .load_module("m", "wasm", not_wasm.to_str().unwrap(), &sha)
+        .await
+        .unwrap_err();
+    assert_eq!(error_name(&e), Some("org.evp.Error.InvalidArgument"), "{e}");
+    assert!(error_message(&e).contains("not a valid WASM module"), "{e}");
     let options = start_options(&[], &Default::default()).unwrap();
     let e = proxy.start_instance("i", "m", options).await.unwrap_err();
-    assert_eq!(error_name(&e), Some("org.evp.Error.NotSupported"), "{e}");
+    assert_eq!(error_name(&e), Some("org.evp.Error.NotFound"), "{e}");
 
     proxy.stop_instance("i", 1000).await.unwrap();
     proxy.unload_module("m").await.unwrap();

@@ -1,0 +1,43 @@
+;; Echoes every configuration as a state of the same topic; ends on the SDK's exit. Also
+;; answers direct commands: "echo" with its params, anything else METHOD_NOT_FOUND.
+(module
+  (import "env" "EVP_initialize" (func $initialize (result i32)))
+  (import "env" "EVP_setConfigurationCallback" (func $set_config (param i32 i32 i32) (result i32)))
+  (import "env" "EVP_setRpcCallback" (func $set_rpc (param i32 i32 i32) (result i32)))
+  (import "env" "EVP_sendState" (func $send_state (param i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "EVP_sendRpcResponse" (func $send_rpc (param i32 i64 i32 i32 i32 i32) (result i32)))
+  (import "env" "EVP_processEvent" (func $process (param i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (data (i32.const 64) "echo\00")
+  (global $heap (mut i32) (i32.const 4096))
+  (global $h (mut i32) (i32.const 0))
+  (table (export "__indirect_function_table") 3 funcref)
+  (elem (i32.const 1) $on_config $on_rpc)
+  ;; A bump allocator: tests run briefly.
+  (func (export "malloc") (param $n i32) (result i32) (local $p i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.and (i32.add (i32.add (global.get $heap) (local.get $n)) (i32.const 7)) (i32.const -8)))
+    (local.get $p))
+  (func (export "free") (param i32))
+  (func $on_config (param $topic i32) (param $data i32) (param $len i32) (param $user i32)
+    (drop (call $send_state (global.get $h) (local.get $topic) (local.get $data) (local.get $len) (i32.const 0) (i32.const 0))))
+  (func $streq (param $a i32) (param $b i32) (result i32) (local $c i32)
+    (block $done
+      (loop $next
+        (local.set $c (i32.load8_u (local.get $a)))
+        (br_if $done (i32.ne (local.get $c) (i32.load8_u (local.get $b))))
+        (if (i32.eqz (local.get $c)) (then (return (i32.const 1))))
+        (local.set $a (i32.add (local.get $a) (i32.const 1)))
+        (local.set $b (i32.add (local.get $b) (i32.const 1)))
+        (br $next)))
+    (i32.const 0))
+  (func $on_rpc (param $id i64) (param $method i32) (param $params i32) (param $user i32)
+    (if (call $streq (local.get $method) (i32.const 64))
+      (then (drop (call $send_rpc (global.get $h) (local.get $id) (local.get $params) (i32.const 0) (i32.const 0) (i32.const 0))))
+      (else (drop (call $send_rpc (global.get $h) (local.get $id) (i32.const 0) (i32.const 1) (i32.const 0) (i32.const 0))))))
+  (func (export "_start")
+    (global.set $h (call $initialize))
+    (drop (call $set_config (global.get $h) (i32.const 1) (i32.const 0)))
+    (drop (call $set_rpc (global.get $h) (i32.const 2) (i32.const 0)))
+    (loop $events
+      (br_if $events (i32.ne (call $process (global.get $h) (i32.const -1)) (i32.const 1))))))

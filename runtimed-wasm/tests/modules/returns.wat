@@ -1,0 +1,4 @@
+;; Returns from main at once.
+(module
+  (memory (export "memory") 1)
+  (func (export "_start")))
