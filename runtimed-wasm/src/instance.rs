@@ -314,12 +314,12 @@ pub fn outcome(
     };
     match e.downcast_ref::<I32Exit>() {
         Some(I32Exit(status)) => exited(*status),
-        None => Outcome::Failed(trap_message(e)),
+        None => Outcome::Failed(trap_message(START_EXPORT, e)),
     }
 }
 
-/// `_start failed: <wasmtime's message>`, the trap and what led to it on one line.
-pub fn trap_message(e: &wasmtime::Error) -> String {
+/// `<entry> failed: <wasmtime's message>`, the trap and what led to it on one line.
+pub fn trap_message(entry: &str, e: &wasmtime::Error) -> String {
     let chain: Vec<String> = e
         .chain()
         .map(|c| {
@@ -332,7 +332,7 @@ pub fn trap_message(e: &wasmtime::Error) -> String {
         })
         .filter(|l| !l.is_empty() && !l.starts_with("error while executing at wasm backtrace"))
         .collect();
-    format!("{START_EXPORT} failed: {}", chain.join(": "))
+    format!("{entry} failed: {}", chain.join(": "))
 }
 
 #[cfg(test)]
@@ -389,7 +389,7 @@ mod tests {
         let e = wasmtime::Error::msg("wasm trap: wasm `unreachable` instruction executed")
             .context("in SDK callback 3");
         assert_eq!(
-            trap_message(&e),
+            trap_message(START_EXPORT, &e),
             "_start failed: in SDK callback 3: wasm trap: wasm `unreachable` instruction executed"
         );
     }

@@ -102,7 +102,10 @@ impl ThreadSpawner {
             Err(e) => {
                 control.interrupt(match e.downcast_ref::<I32Exit>() {
                     Some(I32Exit(status)) => Interruption::Exited(*status),
-                    None => Interruption::Failure(format!("thread {tid}: {}", trap_message(&e))),
+                    None => Interruption::Failure(format!(
+                        "thread {tid}: {}",
+                        trap_message(THREAD_START, &e)
+                    )),
                 });
             }
         }

@@ -263,8 +263,41 @@ async fn threads_on_a_shared_memory_run_and_join() {
     let broker = rig.broker("th");
     rig.start("th", "th", &broker).await;
     assert_eq!(broker.wait_state("threads"), b"60");
+    // Sent by a thread while the main thread waits in EVP_processEvent.
+    assert_eq!(broker.wait_state("late"), b"ok");
     broker.exit();
     rig.wait("th", InstanceState::SelfExiting).await;
+}
+
+/// A trap in any thread ends the instance, even while its main thread waits in the SDK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trap_in_a_thread_is_the_instance_failure() {
+    let mut rig = rig();
+    let module = wat::parse_str(
+        r#"(module
+          (import "env" "memory" (memory 1 1 shared))
+          (import "wasi" "thread-spawn" (func $spawn (param i32) (result i32)))
+          (import "env" "EVP_processEvent" (func $process (param i32 i32) (result i32)))
+          (func (export "wasi_thread_start") (param i32 i32) unreachable)
+          (func (export "_start")
+            (drop (call $spawn (i32.const 1)))
+            (loop $events (br_if $events (i32.ne (call $process (i32.const 0x1234) (i32.const -1)) (i32.const 1))))))"#,
+    )
+    .unwrap();
+    let (path, sha) = rig.module_file("tt", &module);
+    rig.supervisor
+        .load_module("tt", "wasm", &path, &sha)
+        .await
+        .unwrap();
+    rig.start("tt", "tt", &rig.broker("tt")).await;
+    let e = rig.wait("tt", InstanceState::Error).await;
+    assert!(
+        e.failure_message
+            .starts_with("thread 1: wasi_thread_start failed: ")
+            && e.failure_message.contains("unreachable"),
+        "{}",
+        e.failure_message
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

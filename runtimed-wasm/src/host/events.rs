@@ -2,6 +2,8 @@
 //! call (host → guest re-entry), with the data it needs copied in with the guest's `malloc`
 //! and freed with its `free` once the callback returned.
 
+use std::time::{Duration, Instant};
+
 use evp_schemas::sdk::{Event, EvpResult, Request, RpcStatus};
 use tracing::warn;
 use wasmtime::{Caller, Val};
@@ -9,6 +11,9 @@ use wasmtime::{Caller, Val};
 use super::{HostState, call_table, check_handle, code, hand_in, release};
 use crate::guest::nul_terminated;
 use crate::session::{Registered, guest_callback, wire_callback};
+
+/// How long one wait of a threaded module's `EVP_processEvent` holds the SDK session.
+const THREADED_WAIT_SLICE: Duration = Duration::from_millis(50);
 
 /// What an RPC to a module without an RPC callback is answered (as the Rust SDK answers it).
 const NO_RPC_CALLBACK: &str = "{\"error\":\"this module has no RPC callback\"}";
@@ -19,14 +24,38 @@ pub(super) fn process_event(
     timeout_ms: i32,
 ) -> wasmtime::Result<i32> {
     check_handle!(h);
-    // The lock is held while waiting: the SDK is one request at a time per instance.
-    let event = match caller.data().sdk().get_event(timeout_ms) {
-        Ok(event) => event,
+    let event = if caller.data().threads.is_some() {
+        wait_in_slices(&caller, timeout_ms)
+    } else {
+        // The session stays locked while waiting: the SDK is one request at a time.
+        caller.data().sdk().get_event(timeout_ms)
+    };
+    match event {
+        Ok(event) => dispatch(&mut caller, event),
         // A connection that failed (sdk-broker gone, or the instance is being stopped) is the
         // end of the module's SDK, as for the C client: SHOULDEXIT.
-        Err(e) => return Ok(code(e.result())),
-    };
-    dispatch(&mut caller, event)
+        Err(e) => Ok(code(e.result())),
+    }
+}
+
+/// Waits for an event in slices of [`THREADED_WAIT_SLICE`], unlocking the session between
+/// them, so the other threads of a threaded module get their SDK calls through while the main
+/// thread waits (the socket carries one request at a time).
+fn wait_in_slices(
+    caller: &Caller<'_, HostState>,
+    timeout_ms: i32,
+) -> Result<Event, evp_sdk::Error> {
+    let deadline = u64::try_from(timeout_ms)
+        .ok()
+        .map(|ms| Instant::now() + Duration::from_millis(ms));
+    loop {
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let slice = left.map_or(THREADED_WAIT_SLICE, |l| l.min(THREADED_WAIT_SLICE));
+        let event = caller.data().sdk().get_event(slice.as_millis() as i32)?;
+        if !matches!(event, Event::None) || left.is_some_and(|l| l <= slice) {
+            return Ok(event);
+        }
+    }
 }
 
 /// Runs the callback an event is for.
@@ -105,7 +134,9 @@ fn rpc_request(
     method: &str,
     params: &str,
 ) -> wasmtime::Result<i32> {
-    let Some(r) = caller.data().sdk().rpc else {
+    // Read first: the session must not be locked while the answer below is sent.
+    let registered = caller.data().sdk().rpc;
+    let Some(r) = registered else {
         let answer = Request::SendRpcResponse {
             id,
             response: Some(NO_RPC_CALLBACK.to_owned()),
