@@ -3,6 +3,9 @@
 //! `org.evp.Error.NotSupported`, and answers the calls that undo something it does not host
 //! with success, so reconcilerd's cleanup paths work against it.
 
+pub mod cache;
+pub mod loader;
+
 use anyhow::Result;
 use evp_daemon::{AgentConfig, DaemonArgs};
 use evp_schemas::dbus::{EvpError, RUNTIME_WASM_NAME, RUNTIME_WASM_PATH, StartOptions};
