@@ -1,71 +1,30 @@
-//! The `StartInstance` options and the statuses an instance reports, as plain values.
+//! The `StartInstance` options and the statuses an instance reports, as plain values; their
+//! wire forms are `evp_schemas`'.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
-
-use evp_schemas::dbus::{EvpError, StartOptions};
+use evp_schemas::InstanceState;
+use evp_schemas::dbus::EvpError;
+use evp_schemas::instance::StartOptionsDict;
 use tracing::warn;
 
 use super::{EXIT_STATUS_UNKNOWN, Exit};
 use crate::record::Ended;
 
 /// The `StartInstance` options this runtime understands.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct InstanceOptions {
-    /// `sdk_socket` (s): the SDK socket path; `<instance dir>/sdk.sock` when absent.
-    pub sdk_socket: Option<PathBuf>,
-    /// `env` (a{ss}): extra environment entries.
-    pub env: BTreeMap<String, String>,
-    /// `entry_point` (s).
-    pub entry_point: Option<String>,
-}
+pub use evp_schemas::instance::StartOptions as InstanceOptions;
 
-impl InstanceOptions {
-    /// Reads the D-Bus options, refusing wrong types and malformed values; unknown options are
-    /// ignored so newer callers can pass limits this build does not apply yet.
-    pub fn from_dbus(mut options: StartOptions) -> Result<InstanceOptions, EvpError> {
-        let mut out = InstanceOptions::default();
-        if let Some(v) = options.remove("sdk_socket") {
-            let path = String::try_from(v).map_err(|_| {
-                EvpError::InvalidArgument("option sdk_socket must be a string (s)".into())
-            })?;
-            if !path.starts_with('/') || path.contains('\0') {
-                return Err(EvpError::InvalidArgument(format!(
-                    "option sdk_socket {path:?} must be an absolute path"
-                )));
-            }
-            out.sdk_socket = Some(path.into());
-        }
-        if let Some(v) = options.remove("entry_point") {
-            out.entry_point = Some(String::try_from(v).map_err(|_| {
-                EvpError::InvalidArgument("option entry_point must be a string (s)".into())
-            })?);
-        }
-        if let Some(v) = options.remove("env") {
-            let env = HashMap::<String, String>::try_from(v).map_err(|_| {
-                EvpError::InvalidArgument("option env must be a string map (a{ss})".into())
-            })?;
-            for (key, value) in &env {
-                if key.is_empty() || key.contains(['=', '\0']) {
-                    return Err(EvpError::InvalidArgument(format!(
-                        "option env: {key:?} is not a valid variable name (empty, or has '=' or NUL)"
-                    )));
-                }
-                if value.contains('\0') {
-                    return Err(EvpError::InvalidArgument(format!(
-                        "option env: the value of {key} contains a NUL byte"
-                    )));
-                }
-            }
-            out.env = env.into_iter().collect();
-        }
-        if !options.is_empty() {
-            let mut names: Vec<_> = options.keys().map(String::as_str).collect();
-            names.sort_unstable();
-            warn!("StartInstance: ignoring options this build does not apply: {names:?}");
-        }
-        Ok(out)
+/// Reads `StartInstance` options off the bus, refusing wrong types and malformed values as
+/// `InvalidArgument`; options this build does not apply are logged and ignored, so newer
+/// callers can pass limits it does not know yet.
+pub fn read_start_options(options: StartOptionsDict) -> Result<InstanceOptions, EvpError> {
+    let ignored: Vec<String> = InstanceOptions::unknown_keys(&options)
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    let read = InstanceOptions::from_dbus(options)?;
+    if !ignored.is_empty() {
+        warn!("StartInstance: ignoring options this build does not apply: {ignored:?}");
     }
+    Ok(read)
 }
 
 /// An instance's status as reported on the bus.
@@ -82,13 +41,13 @@ pub enum Status {
 }
 
 impl Status {
-    /// The status word on the bus.
-    pub fn as_str(&self) -> &'static str {
+    /// The state it is reported as on the bus.
+    pub fn state(&self) -> InstanceState {
         match self {
-            Status::Starting => "starting",
-            Status::Ok => "ok",
-            Status::SelfExiting => "self-exiting",
-            Status::Error(_) => "error",
+            Status::Starting => InstanceState::Starting,
+            Status::Ok => InstanceState::Ok,
+            Status::SelfExiting => InstanceState::SelfExiting,
+            Status::Error(_) => InstanceState::Error,
         }
     }
 
@@ -112,15 +71,15 @@ impl Status {
 
     /// The status a record says an instance ended with.
     pub(crate) fn from_ended(ended: &Ended) -> Status {
-        match ended.status.as_str() {
-            "self-exiting" => Status::SelfExiting,
+        match InstanceState::parse(&ended.status) {
+            Ok(InstanceState::SelfExiting) => Status::SelfExiting,
             _ => Status::Error(ended.failure_message.clone()),
         }
     }
 
     pub(crate) fn to_ended(&self) -> Ended {
         Ended {
-            status: self.as_str().to_owned(),
+            status: self.state().as_str().to_owned(),
             failure_message: self.message().to_owned(),
         }
     }
