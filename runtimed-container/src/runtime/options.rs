@@ -84,3 +84,90 @@ impl Status {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use evp_schemas::instance::StartOptionsDict;
+    use zbus::zvariant::OwnedVariant;
+
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn refused(options: StartOptionsDict) -> String {
+        match read_start_options(options) {
+            Err(EvpError::InvalidArgument(m)) => m,
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn options_are_read_and_checked() {
+        let sent = InstanceOptions {
+            sdk_socket: Some(PathBuf::from("/run/s.sock")),
+            env: BTreeMap::from([("A".to_owned(), "1".to_owned())]),
+            entry_point: Some("main".into()),
+        };
+        let o = read_start_options(sent.to_dbus().unwrap()).unwrap();
+        assert_eq!(o.sdk_socket, Some(PathBuf::from("/run/s.sock")));
+        assert_eq!(o.entry_point.as_deref(), Some("main"));
+        assert_eq!(o.env, BTreeMap::from([("A".to_owned(), "1".to_owned())]));
+
+        let relative = InstanceOptions {
+            sdk_socket: Some("relative.sock".into()),
+            ..Default::default()
+        };
+        let m = refused(relative.to_dbus().unwrap());
+        assert!(m.contains("absolute"), "{m}");
+        let bad_env = InstanceOptions {
+            env: BTreeMap::from([("A=B".to_owned(), "1".to_owned())]),
+            ..Default::default()
+        };
+        let m = refused(bad_env.to_dbus().unwrap());
+        assert!(m.contains("A=B"), "{m}");
+        let mut wrong_type = StartOptionsDict::new();
+        wrong_type.insert("sdk_socket".into(), OwnedVariant::from(7u32));
+        assert!(refused(wrong_type).contains("string"));
+        let mut wrong_type = StartOptionsDict::new();
+        wrong_type.insert("env".into(), OwnedVariant::from(7u32));
+        assert!(refused(wrong_type).contains("a{ss}"));
+        // Unknown options (limits of later builds) are ignored.
+        let mut later = StartOptionsDict::new();
+        later.insert("memory_bytes".into(), OwnedVariant::from(1u64 << 20));
+        assert_eq!(
+            read_start_options(later).unwrap(),
+            InstanceOptions::default()
+        );
+    }
+
+    #[test]
+    fn exits_map_to_statuses() {
+        let s = |e: Exit| {
+            let st = Status::from_exit(&e);
+            (st.state().as_str(), st.message().to_owned())
+        };
+        assert_eq!(s(Exit::Code(0)), ("self-exiting", String::new()));
+        assert_eq!(s(Exit::Code(3)), ("error", "exited with status 3".into()));
+        assert_eq!(
+            s(Exit::Signal("SIGSEGV".into())),
+            ("error", "killed by signal SIGSEGV".into())
+        );
+    }
+
+    #[test]
+    fn a_record_ends_as_the_status_it_was_written_with() {
+        fn check(status: Status) {
+            assert_eq!(Status::from_ended(&status.to_ended()), status);
+        }
+        check(Status::SelfExiting);
+        check(Status::Error("exited with status 3".into()));
+        check(Status::Error(String::new()));
+        // A word this build does not know (a newer build's record) is taken as a failure.
+        let odd = Ended {
+            status: "paused".into(),
+            failure_message: "why".into(),
+        };
+        assert_eq!(Status::from_ended(&odd), Status::Error("why".into()));
+    }
+}
