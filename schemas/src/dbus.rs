@@ -106,6 +106,15 @@ impl Runtime {
         }
     }
 
+    /// How an operator calls it (`evpctl instances`): the part of its bus name after
+    /// `org.evp.Runtime1.`, lower case.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Runtime::Wasm => "wasm",
+            Runtime::Container => "container",
+        }
+    }
+
     /// Its object path.
     pub const fn path(self) -> &'static str {
         match self {
@@ -270,5 +279,21 @@ mod tests {
         check(ModuleImpl::Python, container);
         check(ModuleImpl::Docker, container);
         check(ModuleImpl::Dlfcn, None);
+    }
+
+    #[test]
+    fn a_runtime_label_is_its_bus_name_suffix() {
+        for runtime in Runtime::ALL {
+            let suffix = runtime
+                .name()
+                .strip_prefix("org.evp.Runtime1.")
+                .map(str::to_lowercase);
+            assert_eq!(
+                suffix.as_deref(),
+                Some(runtime.label()),
+                "{}",
+                runtime.name()
+            );
+        }
     }
 }
