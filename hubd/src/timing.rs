@@ -65,18 +65,21 @@ impl ReportTimer {
 
 /// First reconnect delay (EVP: 1 s).
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
-/// Doublings before the cap: 1 s · 2^6 = 64 s, EVP's longest wait.
-const BACKOFF_MAX_EXPONENT: u32 = 6;
+/// Longest reconnect delay: 1 s · 2^6, EVP's longest wait.
+const BACKOFF_MAX: Duration = Duration::from_secs(64);
 /// A connection that stayed up this long resets the backoff (EVP's "recovering grace period").
 pub const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(30);
-/// Up to this fraction of a delay is taken off at random, so that a fleet that lost its broker
-/// at once does not come back in lock-step; taking off (not adding) keeps the 64 s cap.
-const JITTER_FRACTION: f64 = 0.25;
 
-/// Exponential reconnect backoff with jitter: 1, 2, 4 ... 64 s, each shortened by up to 25 %.
-#[derive(Debug, Default)]
-pub struct Backoff {
-    attempt: u32,
+/// hubd's reconnect schedule on [`evp_daemon::Backoff`]: 1, 2, 4 ... 64 s, each shortened by
+/// up to a quarter at random, so a fleet that lost its broker at once does not come back in
+/// lock-step (taking off, not adding, keeps the 64 s cap).
+#[derive(Debug)]
+pub struct Backoff(evp_daemon::Backoff);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff(evp_daemon::Backoff::new(BACKOFF_BASE, BACKOFF_MAX))
+    }
 }
 
 impl Backoff {
@@ -87,14 +90,12 @@ impl Backoff {
 
     /// Back to the shortest delay.
     pub fn reset(&mut self) {
-        self.attempt = 0;
+        self.0.reset();
     }
 
     /// The next delay; `random` is uniform in `[0, 1)`.
     pub fn next_delay(&mut self, random: f64) -> Duration {
-        let base = BACKOFF_BASE * (1u32 << self.attempt.min(BACKOFF_MAX_EXPONENT));
-        self.attempt = self.attempt.saturating_add(1);
-        base.mul_f64(1.0 - JITTER_FRACTION * random.clamp(0.0, 1.0))
+        self.0.next_delay_with(random)
     }
 }
 

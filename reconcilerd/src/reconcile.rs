@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use evp_daemon::backoff::{self, Backoff};
 use evp_schemas::dbus::{self, Runtime1Proxy, SdkBroker1Proxy};
 use evp_schemas::{
     Deployment, DeploymentStatus, InstanceState, Module, ReconcileStatus, RestartPolicy,
@@ -18,7 +19,6 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 use zbus::Connection;
 
-use crate::backoff::{self, Backoff};
 use crate::download::{DownloadEvent, Downloads};
 pub use crate::plan::Runtime;
 use crate::plan::{self, Observed, Placement, cached_hash, placement};
