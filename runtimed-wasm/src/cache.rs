@@ -6,15 +6,14 @@
 //! is a digest of the wasmtime version and [`wasmtime::Engine::precompile_compatibility_hash`],
 //! which covers the target, the host CPU features the code uses and the engine's config, so
 //! code compiled by another engine is not looked up (and wasmtime refuses it anyway). Both
-//! files are written to a temporary name and renamed, `.meta` last; an entry whose digest does
-//! not match (torn write, disk corruption, a foreign file) is compiled again, never run.
+//! files are written with [`evp_daemon::write_atomic`], `.meta` last; an entry whose digest
+//! does not match (torn write, disk corruption, a foreign file) is compiled again, never run.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::hash::{Hash, Hasher};
-use std::io::{self, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
 use wasmtime::{Engine, Module};
@@ -28,8 +27,11 @@ const ENTRY_FORMAT: u32 = 1;
 const WASMTIME_VERSION: &str = "48.0.8";
 const CODE_SUFFIX: &str = "cwasm";
 const META_SUFFIX: &str = "meta";
-/// Marks files being written; leftovers from a crash are removed by [`ModuleCache::new`].
-const TEMP_MARK: &str = ".tmp.";
+/// How [`evp_daemon::fs::temp_path`] marks a file being written; leftovers from a crash are
+/// removed by [`ModuleCache::new`].
+const TEMP_SUFFIX: &str = ".tmp";
+/// Entries are readable and writable by the daemon's user only, like their directory.
+const FILE_MODE: u32 = 0o600;
 
 /// How [`ModuleCache::load`] got the module, for the runtime's log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,8 +74,8 @@ pub struct ModuleCache {
 }
 
 impl ModuleCache {
-    /// Opens the cache in `dir`, creating it mode 0700 and tightening an existing one to 0700;
-    /// refuses a directory owned by another user. Removes files left half-written by a crash.
+    /// Opens the cache in `dir`, created or set to mode 0700; refuses a symbolic link and a
+    /// directory owned by another user. Removes files left half-written by a crash.
     pub fn new(dir: impl Into<PathBuf>) -> Result<Self, LoadError> {
         let dir = dir.into();
         let shown = dir.display().to_string();
@@ -81,22 +83,20 @@ impl ModuleCache {
             dir: shown.clone(),
             message,
         };
-        evp_daemon::create_private_dir(&dir).map_err(|e| dir_error(format!("{e:#}")))?;
-        let meta = fs::metadata(&dir).map_err(|e| dir_error(e.to_string()))?;
+        // The owner is checked before the mode is set, so another user's directory is left
+        // as it was.
+        let existing =
+            evp_daemon::fs::refuse_non_dir(&dir).map_err(|e| dir_error(e.to_string()))?;
         let euid = nix::unistd::geteuid().as_raw();
-        if meta.uid() != euid {
+        if let Some(owner) = existing.map(|m| m.uid()).filter(|owner| *owner != euid) {
             return Err(dir_error(format!(
-                "owned by uid {}, not by this daemon's uid {euid}",
-                meta.uid()
+                "owned by uid {owner}, not by this daemon's uid {euid}"
             )));
         }
-        if meta.mode() & 0o077 != 0 {
-            fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
-                .map_err(|e| dir_error(format!("making it private: {e}")))?;
-        }
+        evp_daemon::create_private_dir(&dir, 0o700).map_err(|e| dir_error(e.to_string()))?;
         let cache = ModuleCache { dir };
         for path in cache.files().map_err(|e| dir_error(e.to_string()))? {
-            if file_name(&path).contains(TEMP_MARK) {
+            if file_name(&path).ends_with(TEMP_SUFFIX) {
                 let _ = fs::remove_file(&path);
             }
         }
@@ -149,20 +149,14 @@ impl ModuleCache {
         let code = engine
             .precompile_module(&prepared.wasm)
             .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
-        let module = match self.write_entry(&code_path, &meta_path, &code, &prepared.info) {
-            // SAFETY: `file` holds the bytes `precompile_module` just produced in this process
-            // for this engine, and its directory is writable by the daemon's user only.
-            Ok(file) => unsafe { Module::deserialize_open_file(engine, file) },
-            Err(e) => {
-                tracing::warn!(
-                    "compiled module {hash} is not cached ({}: {e}); using it from memory",
-                    self.dir.display()
-                );
-                // SAFETY: `code` is what `precompile_module` just produced for this engine.
-                unsafe { Module::deserialize(engine, &code) }
-            }
+        if let Err(e) = self.write_entry(&code_path, &meta_path, &code, &prepared.info) {
+            // The cache only saves time: the module still runs, compiled again next time.
+            tracing::warn!("compiled module {hash} is not cached: {e}");
         }
-        .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        // SAFETY: `code` is what `precompile_module` just produced in this process for this
+        // engine, used from memory (not from the file, which another load may be replacing).
+        let module = unsafe { Module::deserialize(engine, &code) }
+            .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
         Ok(CachedModule {
             module,
             info: prepared.info,
@@ -244,24 +238,23 @@ impl ModuleCache {
         Ok((module, meta.info))
     }
 
-    /// Writes the entry (code first, then `.meta`, each to a temporary name then renamed) and
-    /// returns the code file, open for mapping.
+    /// Writes the entry: code first, then `.meta` with the code's digest, so an entry is
+    /// complete once its `.meta` is there.
     fn write_entry(
         &self,
         code_path: &Path,
         meta_path: &Path,
         code: &[u8],
         info: &ModuleInfo,
-    ) -> io::Result<File> {
+    ) -> Result<(), String> {
         let meta = EntryMeta {
             format: ENTRY_FORMAT,
             code_sha256: hex::encode(Sha256::digest(code)),
             info: info.clone(),
         };
-        let meta = serde_json::to_vec(&meta).map_err(io::Error::other)?;
-        let code_file = write_atomically(code_path, code)?;
-        write_atomically(meta_path, &meta)?;
-        Ok(code_file)
+        let meta = serde_json::to_vec(&meta).map_err(|e| e.to_string())?;
+        evp_daemon::write_atomic(code_path, code, FILE_MODE, None).map_err(|e| e.to_string())?;
+        evp_daemon::write_atomic(meta_path, &meta, FILE_MODE, None).map_err(|e| e.to_string())
     }
 }
 
@@ -277,34 +270,6 @@ impl EntryProblem {
     fn unusable(what: &str, e: impl std::fmt::Display) -> Self {
         EntryProblem::Unusable(format!("{what}: {e}"))
     }
-}
-
-/// Writes `bytes` to a new file beside `path` and renames it over `path`, so a reader sees the
-/// old file or the whole new one. No fsync: a write lost to a power cut fails the digest check
-/// and is compiled again. Returns the file, open for reading.
-fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<File> {
-    static SEQUENCE: AtomicU64 = AtomicU64::new(0);
-    let temp = path.with_file_name(format!(
-        "{}{TEMP_MARK}{}.{}",
-        file_name(path),
-        std::process::id(),
-        SEQUENCE.fetch_add(1, Ordering::Relaxed)
-    ));
-    let result = (|| {
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&temp)?;
-        file.write_all(bytes)?;
-        fs::rename(&temp, path)?;
-        Ok(file)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&temp);
-    }
-    result
 }
 
 fn file_name(path: &Path) -> String {

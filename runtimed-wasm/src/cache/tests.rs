@@ -1,6 +1,7 @@
 use super::*;
 use crate::loader::TABLE_EXPORT;
 use crate::loader::tests::c_module;
+use std::os::unix::fs::PermissionsExt;
 
 /// A cache in a fresh directory, and a module file in another.
 struct Fixture {
@@ -190,13 +191,13 @@ fn a_module_that_is_not_what_was_asked_for_is_refused_and_not_cached() {
 fn an_invalid_or_missing_module_is_an_error_and_not_cached() {
     let engine = Engine::default();
     let garbage = Fixture::new(b"not wasm at all");
-    let error = garbage.load(&engine).err().expect("refused");
+    let error = garbage.load(&engine).expect_err("refused");
     assert!(matches!(error, LoadError::Invalid(_)), "{error}");
     assert!(garbage.entry().is_empty());
 
     let missing = Fixture::new(&c_module());
     fs::remove_file(&missing.wasm_path).expect("remove");
-    let error = missing.load(&engine).err().expect("refused");
+    let error = missing.load(&engine).expect_err("refused");
     assert!(matches!(error, LoadError::Read { .. }), "{error}");
     assert!(missing.entry().is_empty());
 }
@@ -230,7 +231,7 @@ fn the_directory_is_private_and_crash_leftovers_go() {
     assert_eq!(mode(&dir), 0o700);
 
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod");
-    let leftover = dir.join(format!("x.cwasm{TEMP_MARK}1.2"));
+    let leftover = evp_daemon::fs::temp_path(&dir.join("x.cwasm"));
     fs::write(&leftover, b"half").expect("write");
     let cache = ModuleCache::new(&dir).expect("reopen");
     assert_eq!(mode(&dir), 0o700);
@@ -252,4 +253,25 @@ fn the_key_names_the_wasmtime_in_cargo_lock() {
         WASMTIME_VERSION, locked,
         "update WASMTIME_VERSION in cache.rs"
     );
+}
+
+#[test]
+fn a_directory_that_is_not_the_daemons_own_is_refused() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let elsewhere = root.path().join("elsewhere");
+    fs::create_dir(&elsewhere).expect("mkdir");
+    let link = root.path().join("link");
+    std::os::unix::fs::symlink(&elsewhere, &link).expect("symlink");
+    let error = ModuleCache::new(&link).expect_err("refused");
+    assert!(error.to_string().contains("is a symbolic link"), "{error}");
+
+    // Only root can give a directory away; elsewhere the refusal cannot be set up.
+    if nix::unistd::geteuid().is_root() {
+        let theirs = nix::unistd::Uid::from_raw(4242);
+        nix::unistd::chown(&elsewhere, Some(theirs), None).expect("chown");
+        let error = ModuleCache::new(&elsewhere).expect_err("refused");
+        assert!(error.to_string().contains("owned by uid 4242"), "{error}");
+        let mode = fs::metadata(&elsewhere).expect("stat").mode() & 0o777;
+        assert_ne!(mode, 0o700, "their directory was changed");
+    }
 }
