@@ -5,14 +5,16 @@
 
 use anyhow::Result;
 use evp_daemon::{AgentConfig, DaemonArgs};
-use evp_schemas::dbus::{EvpError, RUNTIME_WASM_NAME, RUNTIME_WASM_PATH, StartOptions};
+use evp_schemas::ModuleImpl;
+use evp_schemas::dbus::{EvpError, RUNTIME_WASM_NAME, RUNTIME_WASM_PATH};
 use evp_schemas::deployment::validate_instance_name;
+use evp_schemas::instance::StartOptionsDict;
 use tracing::info;
 use zbus::interface;
 use zbus::object_server::SignalEmitter;
 
 /// The one module kind this runtime will run.
-pub const KIND: &str = "wasm";
+pub const KIND: &str = ModuleImpl::Wasm.as_str();
 /// What LoadModule and StartInstance answer until the engine lands.
 pub const NOT_SUPPORTED: &str = "WASM modules are not supported by this build yet";
 
@@ -52,7 +54,7 @@ impl WasmRuntime {
         &self,
         instance: &str,
         module_id: &str,
-        options: StartOptions,
+        options: StartOptionsDict,
     ) -> Result<(u32, u32), EvpError> {
         let _ = options;
         Err(EvpError::NotSupported(format!(
@@ -100,4 +102,19 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     info!("serving {RUNTIME_WASM_NAME} (no WASM engine in this build)");
     evp_daemon::notify_ready(&conn, RUNTIME_WASM_NAME);
     evp_daemon::wait_for_shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use evp_schemas::dbus::Runtime;
+
+    use super::*;
+
+    #[test]
+    fn its_kind_is_routed_to_it() {
+        let routed = ModuleImpl::parse(KIND).and_then(ModuleImpl::runtime);
+        assert_eq!(routed, Some(Runtime::Wasm));
+        assert_eq!(Runtime::Wasm.name(), RUNTIME_WASM_NAME);
+        assert_eq!(Runtime::Wasm.path(), RUNTIME_WASM_PATH);
+    }
 }
