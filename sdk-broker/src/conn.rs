@@ -1,26 +1,30 @@
 //! The per-instance sockets: creating them with the right mode, checking each peer against the
 //! instance's binding (its process and uid, see [`crate::peer`]), and serving one connection at
-//! a time, one request at a time (read, process, answer), as the EVP
-//! agent does. Framing errors get the answer docs/sdk-wire.md §4 documents and never take the broker
-//! down: an oversized record is drained and answered `EVP_TOOBIG`; a bad header is answered
-//! `EVP_INVAL` and closes; a payload that fails verification closes at once.
+//! a time, one request at a time (read, process, answer), as the EVP agent does. Framing errors
+//! get the answer docs/sdk-wire.md §4 documents and never take the broker down: an oversized
+//! record is drained and answered `EVP_TOOBIG`; a bad header is answered `EVP_INVAL` and
+//! closes; a payload that fails verification closes at once.
+//!
+//! What a request means is not decided here: a connection hands decoded requests to its
+//! [`Backend`] (the broker) and waits on it for events.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use evp_schemas::sdk::{
     EvpResult, HEADER_LEN, Header, HeaderError, MAX_PAYLOAD, Request, Response, encode_frame,
 };
+use futures_util::future::BoxFuture;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::broker::{Broker, BrokerError, Popped};
-use crate::peer::{self, Refusal};
+use crate::peer::{self, Binding, Refusal};
+use crate::rules::{InstanceRef, Peer, Popped};
 
 /// Socket mode: anyone who can reach it may connect, since who may use it is decided from the
 /// peer's credentials (its uid and pid against `BindInstance`), not by the file mode: instances
@@ -55,52 +59,138 @@ enum ConnEnd {
     Gone,
 }
 
-/// Creates `<run_dir>/sdk/<instance>.sock` and its directory with their modes.
-pub(crate) fn bind(
-    broker: &Broker,
-    instance: &str,
-) -> Result<(UnixListener, PathBuf), BrokerError> {
-    let io = |what: String| move |e: std::io::Error| BrokerError::Io(format!("{what}: {e}"));
-    let dir = broker.sdk_dir();
+/// Why creating an instance's socket failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {io}")]
+pub struct SocketError {
+    /// The step that failed, with its path.
+    what: String,
+    io: std::io::Error,
+}
+
+/// What serving a socket needs of the broker. This module knows the broker only through it
+/// (as Firecracker's vsock device knows only its backend), so the dependency goes one way:
+/// the broker opens sockets here and implements the trait.
+pub(crate) trait Backend: Send + Sync + 'static {
+    /// A checked peer connected: it becomes the instance's connection, given the notifier
+    /// that says an event was queued. `None` when the instance is gone, replaced or exiting.
+    fn attach(&self, instance: &InstanceRef) -> Option<(Peer, Arc<Notify>)>;
+    /// The next event for a getEvent of `peer`.
+    fn next_event(&self, peer: &Peer) -> Popped;
+    /// The answer to any request but getEvent.
+    fn handle<'a>(&'a self, peer: &'a Peer, request: Request) -> BoxFuture<'a, Response>;
+    /// The connection ended.
+    fn detach<'a>(&'a self, peer: &'a Peer) -> BoxFuture<'a, ()>;
+}
+
+/// An instance's socket, created and not served yet.
+#[derive(Debug)]
+pub(crate) struct Listening {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+/// Creates `<dir>/<instance>.sock` and `dir` with their modes.
+pub(crate) fn listen(dir: &Path, instance: &str) -> Result<Listening, SocketError> {
+    let failed = |what: String| move |io| SocketError { what, io };
     if !dir.exists() {
-        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(failed(format!("creating {}", dir.display())))?;
     }
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(DIR_MODE))
-        .map_err(io(format!("chmod {}", dir.display())))?;
+        .map_err(failed(format!("chmod {}", dir.display())))?;
     let path = dir.join(format!("{instance}.sock"));
     match std::fs::remove_file(&path) {
         Ok(()) => debug!("removed a stale {}", path.display()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(format!("removing stale {}", path.display()))(e)),
+        Err(e) => return Err(failed(format!("removing stale {}", path.display()))(e)),
     }
     let listener = std::os::unix::net::UnixListener::bind(&path)
-        .map_err(io(format!("binding {}", path.display())))?;
+        .map_err(failed(format!("binding {}", path.display())))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(SOCKET_MODE))
-        .map_err(io(format!("chmod {}", path.display())))?;
+        .map_err(failed(format!("chmod {}", path.display())))?;
     listener
         .set_nonblocking(true)
-        .map_err(io("making the listener non-blocking".into()))?;
+        .map_err(failed("making the listener non-blocking".into()))?;
     let listener =
-        UnixListener::from_std(listener).map_err(io("registering the listener".into()))?;
-    Ok((listener, path))
+        UnixListener::from_std(listener).map_err(failed("registering the listener".into()))?;
+    Ok(Listening { listener, path })
 }
 
-/// Accepts connections until the instance is removed and serves those of the instance's own
+impl Listening {
+    /// Starts serving the socket to `instance`'s process, once [`Socket::bind`] says which it
+    /// is. Call from a tokio runtime.
+    pub(crate) fn serve(self, backend: Arc<dyn Backend>, instance: InstanceRef) -> Socket {
+        let (stop, stop_rx) = watch::channel(false);
+        let binding = watch::Sender::new(None);
+        let binding_rx = binding.subscribe();
+        tokio::spawn(serve(backend, instance, self.listener, stop_rx, binding_rx));
+        Socket {
+            path: self.path,
+            stop,
+            binding,
+        }
+    }
+}
+
+/// A socket being served: dropping it stops the serving, [`Socket::close`] also removes the
+/// file.
+#[derive(Debug)]
+pub(crate) struct Socket {
+    path: PathBuf,
+    stop: watch::Sender<bool>,
+    /// The process the socket is served to, once `BindInstance` said.
+    binding: watch::Sender<Option<Binding>>,
+}
+
+impl Socket {
+    /// The socket's path.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serves the socket to `binding` from now on; returns the binding it replaces.
+    pub(crate) fn bind(&self, binding: Binding) -> Option<Binding> {
+        self.binding.send_replace(Some(binding))
+    }
+
+    /// Becomes true once the socket is closed (and ends, with an error, if it is dropped).
+    pub(crate) fn closed(&self) -> watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
+    /// Removes the file, then stops the listener and the connection.
+    pub(crate) fn close(self) {
+        // The file first: whoever waits for the stop (CloseInstance) finds it gone.
+        if let Err(e) = std::fs::remove_file(&self.path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!("removing {}: {e}", self.path.display());
+        }
+        self.stop.send_replace(true);
+    }
+}
+
+/// Whether the socket's [`Socket`] is gone (closed or dropped).
+fn gone(binding: &watch::Receiver<Option<Binding>>) -> bool {
+    binding.has_changed().is_err()
+}
+
+/// Accepts connections until the socket is closed and serves those of the instance's own
 /// process, one at a time. Each new connection is checked apart (held until the instance is
 /// bound), so a connection that waits or is refused never takes the slot from the module.
-pub(crate) async fn serve(
-    broker: Arc<Broker>,
-    instance: String,
-    inst_id: u64,
+async fn serve(
+    backend: Arc<dyn Backend>,
+    instance: InstanceRef,
     listener: UnixListener,
     mut stop: watch::Receiver<bool>,
+    binding: watch::Receiver<Option<Binding>>,
 ) {
+    let name = instance.name.as_str();
     let (checked_tx, mut checked) = mpsc::channel(MAX_HELD_PEERS);
     let acceptor = tokio::spawn(accept_and_check(
-        Arc::clone(&broker),
-        instance.clone(),
-        inst_id,
+        name.to_owned(),
         listener,
+        binding.clone(),
         checked_tx,
     ));
     loop {
@@ -113,27 +203,29 @@ pub(crate) async fn serve(
         };
         // Checked again against the binding in force now: a restart may have replaced it
         // while this connection waited for the slot.
-        let current = broker.binding(&instance, inst_id).and_then(|b| *b.borrow());
+        if gone(&binding) {
+            break;
+        }
+        let current = *binding.borrow();
         match current.map(|b| peer::check(b, pid, uid, peer::parent_of)) {
             Some(Ok(())) => {}
             Some(Err(why)) => {
-                warn!(instance, pid, uid, "refused an SDK peer: {why}");
+                warn!(instance = name, pid, uid, "refused an SDK peer: {why}");
                 continue;
             }
             None => break,
         }
-        serve_connection(&broker, &instance, inst_id, stream, uid, &stop).await;
+        serve_connection(&backend, &instance, stream, uid, &stop).await;
     }
     acceptor.abort();
 }
 
-/// Accepts every connection and checks each in a task of its own; those of the instance's
-/// process go to `checked`.
+/// Accepts every connection and checks each in a task of its own against `binding`; those
+/// of the instance's process go to `checked`.
 async fn accept_and_check(
-    broker: Arc<Broker>,
     instance: String,
-    inst_id: u64,
     listener: UnixListener,
+    binding: watch::Receiver<Option<Binding>>,
     checked: mpsc::Sender<(UnixStream, u32, u32)>,
 ) {
     let held = Arc::new(Semaphore::new(MAX_HELD_PEERS));
@@ -164,10 +256,10 @@ async fn accept_and_check(
             );
             continue;
         };
-        let Some(mut binding) = broker.binding(&instance, inst_id) else {
+        if gone(&binding) {
             return;
-        };
-        let (instance, checked) = (instance.clone(), checked.clone());
+        }
+        let (instance, checked, mut binding) = (instance.clone(), checked.clone(), binding.clone());
         tokio::spawn(async move {
             let _permit = permit;
             let bound = tokio::time::timeout(BIND_WAIT, async {
@@ -196,29 +288,30 @@ async fn accept_and_check(
 
 /// Serves one accepted connection until it ends.
 async fn serve_connection(
-    broker: &Arc<Broker>,
-    instance: &str,
-    inst_id: u64,
+    backend: &Arc<dyn Backend>,
+    instance: &InstanceRef,
     stream: UnixStream,
     uid: u32,
     stop: &watch::Receiver<bool>,
 ) {
-    let Some((conn, notify)) = broker.attach(instance, inst_id) else {
-        debug!(instance, "refused a peer: the instance is closing");
+    let name = instance.name.as_str();
+    let Some((peer, notify)) = backend.attach(instance) else {
+        debug!(instance = name, "refused a peer: the instance is closing");
         return;
     };
-    info!(instance, uid, "module connected");
+    info!(instance = name, uid, "module connected");
     // Each connection gets a thread of its own with a single-threaded runtime: a module
     // makes one request at a time and waits for the answer, so the round trip is the
     // cost of every SDK call, and a thread woken straight by its socket halves it
     // compared with a task of the shared multi-threaded runtime.
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let thread = {
-        let (broker, instance, mut stop) = (broker.clone(), instance.to_owned(), stop.clone());
+        let (backend, peer, mut stop) = (Arc::clone(backend), peer.clone(), stop.clone());
         let stream = stream.into_std();
         std::thread::Builder::new()
-            .name(format!("sdk-{instance}"))
+            .name(format!("sdk-{name}"))
             .spawn(move || {
+                let instance = peer.instance.name.as_str();
                 let runtime = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -233,10 +326,8 @@ async fn serve_connection(
                     let end = match stream.and_then(UnixStream::from_std) {
                         Ok(stream) => {
                             let mut c = Conn {
-                                broker: &broker,
-                                instance: &instance,
-                                inst_id,
-                                conn,
+                                backend: &*backend,
+                                peer: &peer,
                                 notify,
                                 stream,
                             };
@@ -255,7 +346,7 @@ async fn serve_connection(
                         }
                         other => warn!(instance, "closing the module's connection: {other}"),
                     }
-                    broker.detach(&instance, inst_id, conn).await;
+                    backend.detach(&peer).await;
                 });
                 let _ = done_tx.send(());
             })
@@ -266,8 +357,8 @@ async fn serve_connection(
             let _ = done_rx.await;
         }
         Err(e) => {
-            warn!(instance, "cannot start a thread for the module: {e}");
-            broker.detach(instance, inst_id, conn).await;
+            warn!(instance = name, "cannot start a thread for the module: {e}");
+            backend.detach(&peer).await;
         }
     }
 }
@@ -280,10 +371,8 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 
 /// One connection.
 struct Conn<'a> {
-    broker: &'a Broker,
-    instance: &'a str,
-    inst_id: u64,
-    conn: u64,
+    backend: &'a dyn Backend,
+    peer: &'a Peer,
     notify: Arc<Notify>,
     stream: UnixStream,
 }
@@ -332,13 +421,10 @@ impl Conn<'_> {
             } => Response::GetEvent(self.get_event(deadline_sec, deadline_nsec).await?),
             other => {
                 let name = other.name();
-                let r = self
-                    .broker
-                    .handle(self.instance, self.inst_id, self.conn, other)
-                    .await;
+                let r = self.backend.handle(self.peer, other).await;
                 if r != Response::Simple(EvpResult::Ok) {
                     debug!(
-                        instance = self.instance,
+                        instance = self.peer.instance.name,
                         request = name,
                         ?r,
                         "request not OK"
@@ -388,7 +474,7 @@ impl Conn<'_> {
             let notified = self.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match self.broker.pop(self.instance, self.inst_id, self.conn) {
+            match self.backend.next_event(self.peer) {
                 Popped::Event(e) => return Ok(e),
                 Popped::Exit => return Ok(evp_schemas::sdk::Event::Exit),
                 Popped::Gone => return Err(ConnEnd::Gone),
