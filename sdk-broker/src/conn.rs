@@ -523,3 +523,227 @@ async fn peer_closed(stream: &UnixStream) -> std::io::Result<bool> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! A connection against a fake [`Backend`] over a socket pair: the framing and the waiting,
+    //! without a broker, a socket file or a peer check.
+
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    use evp_schemas::sdk::{Callback, Event};
+
+    use super::*;
+
+    /// Hands out the events it was given and answers every request `EVP_OK`, keeping them.
+    #[derive(Default)]
+    struct Fake {
+        /// What successive getEvents find; `Empty` once they run out.
+        events: Mutex<VecDeque<Popped>>,
+        handled: Mutex<Vec<Request>>,
+    }
+
+    impl Backend for Fake {
+        fn attach(&self, _: &InstanceRef) -> Option<(Peer, Arc<Notify>)> {
+            None
+        }
+        fn next_event(&self, _: &Peer) -> Popped {
+            self.events
+                .lock()
+                .unwrap()
+                .pop_front()
+                .unwrap_or(Popped::Empty)
+        }
+        fn handle<'a>(&'a self, _: &'a Peer, request: Request) -> BoxFuture<'a, Response> {
+            self.handled.lock().unwrap().push(request);
+            Box::pin(async { Response::Simple(EvpResult::Ok) })
+        }
+        fn detach<'a>(&'a self, _: &'a Peer) -> BoxFuture<'a, ()> {
+            Box::pin(async {})
+        }
+    }
+
+    /// Serves one connection against `fake` while `client` talks on the other end; what the
+    /// client returned and what ended the connection (the client's end closing, at the latest).
+    async fn talk<T, F: Future<Output = T>>(
+        fake: &Fake,
+        notify: Arc<Notify>,
+        client: impl FnOnce(UnixStream) -> F,
+    ) -> (T, ConnEnd) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let instance = InstanceRef {
+            name: "i".into(),
+            id: 1,
+        };
+        let peer = Peer { instance, conn: 2 };
+        let conn = Conn {
+            backend: fake,
+            peer: &peer,
+            notify,
+            stream: ours,
+        };
+        // The connection is dropped once it ends, as serving does, so the client sees EOF.
+        let serve = async move {
+            let mut conn = conn;
+            conn.run().await
+        };
+        tokio::join!(client(theirs), serve)
+    }
+
+    async fn send(s: &mut UnixStream, header: Header, payload: &[u8]) {
+        s.write_all(&header.to_bytes()).await.unwrap();
+        s.write_all(payload).await.unwrap();
+    }
+
+    async fn request(s: &mut UnixStream, xid: u64, request: &Request) {
+        let payload = request.encode();
+        send(s, Header::new(payload.len() as u32, xid), &payload).await;
+    }
+
+    /// The next answer and its xid; `None` once the connection is closed.
+    async fn answer(s: &mut UnixStream) -> Option<(u64, Response)> {
+        let mut head = [0u8; HEADER_LEN];
+        s.read_exact(&mut head).await.ok()?;
+        let header = Header::parse(&head);
+        let mut payload = vec![0u8; header.size as usize];
+        s.read_exact(&mut payload).await.unwrap();
+        Some((header.xid, Response::decode(&payload).unwrap()))
+    }
+
+    fn state() -> Request {
+        Request::SendState {
+            topic: "t".into(),
+            blob: b"1".to_vec(),
+            cb: Callback::default(),
+        }
+    }
+
+    const OK: Response = Response::Simple(EvpResult::Ok);
+
+    #[tokio::test]
+    async fn requests_reach_the_backend_and_answers_carry_their_xid() {
+        let fake = Fake::default();
+        let (answers, end) = talk(&fake, Arc::default(), async |mut s| {
+            request(&mut s, 7, &state()).await;
+            let first = answer(&mut s).await;
+            request(&mut s, 8, &Request::RequestResendConfig).await;
+            [first, answer(&mut s).await]
+        })
+        .await;
+        assert_eq!(answers, [Some((7, OK)), Some((8, OK))]);
+        assert_eq!(
+            *fake.handled.lock().unwrap(),
+            [state(), Request::RequestResendConfig]
+        );
+        assert!(matches!(end, ConnEnd::Closed), "{end}");
+    }
+
+    #[tokio::test]
+    async fn an_oversized_record_is_drained_and_answered_toobig_and_serving_goes_on() {
+        let fake = Fake::default();
+        let too_big = MAX_PAYLOAD + 1;
+        let (answers, end) = talk(&fake, Arc::default(), async |mut s| {
+            send(&mut s, Header::new(too_big as u32, 5), &vec![0u8; too_big]).await;
+            let first = answer(&mut s).await;
+            request(&mut s, 6, &state()).await;
+            [first, answer(&mut s).await]
+        })
+        .await;
+        let toobig = Response::Simple(EvpResult::TooBig);
+        assert_eq!(answers, [Some((5, toobig)), Some((6, OK))]);
+        assert_eq!(fake.handled.lock().unwrap().len(), 1);
+        assert!(matches!(end, ConnEnd::Closed), "{end}");
+    }
+
+    /// A record `header` + `payload` gets `expect` (or nothing), then the connection closes
+    /// with `end`, and the backend sees nothing.
+    async fn check_refused(
+        header: Header,
+        payload: &[u8],
+        expect: Option<Response>,
+        end: fn(&ConnEnd) -> bool,
+    ) {
+        let fake = Fake::default();
+        let (answers, ended) = talk(&fake, Arc::default(), async |mut s| {
+            send(&mut s, header, payload).await;
+            [answer(&mut s).await, answer(&mut s).await]
+        })
+        .await;
+        let expect = expect.map(|r| (header.xid, r));
+        assert_eq!(answers, [expect, None], "{header:?}");
+        assert!(end(&ended), "{header:?}: {ended}");
+        assert!(fake.handled.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_bad_header_is_answered_inval_and_a_bad_payload_closes_at_once() {
+        let inval = Some(Response::Simple(EvpResult::Inval));
+        let header = |e: &ConnEnd| matches!(e, ConnEnd::Header(_));
+        let decode = |e: &ConnEnd| matches!(e, ConnEnd::Decode(_));
+        let reserved = Header {
+            size: 4,
+            zero: 1,
+            xid: 3,
+        };
+        check_refused(Header::new(0, 1), &[], inval.clone(), header).await;
+        check_refused(reserved, &[0; 4], inval, header).await;
+        check_refused(Header::new(8, 4), &[0xff; 8], None, decode).await;
+    }
+
+    /// A getEvent with `deadline` while the backend has `queued` is answered `expect`; `None`:
+    /// the connection ends unanswered because the instance is gone. `wake`: an event was
+    /// notified before the getEvent came.
+    async fn check_get_event(
+        queued: Vec<Popped>,
+        deadline: u64,
+        wake: bool,
+        expect: Option<Event>,
+    ) {
+        let fake = Fake {
+            events: Mutex::new(queued.into()),
+            ..Fake::default()
+        };
+        let notify = Arc::new(Notify::new());
+        if wake {
+            notify.notify_one();
+        }
+        let get_event = Request::GetEvent {
+            deadline_sec: deadline,
+            deadline_nsec: 0,
+        };
+        let (got, end) = talk(&fake, notify, async |mut s| {
+            request(&mut s, 9, &get_event).await;
+            answer(&mut s).await
+        })
+        .await;
+        let expect_end = if expect.is_some() { "Closed" } else { "Gone" };
+        assert_eq!(got, expect.map(|e| (9, Response::GetEvent(e))));
+        assert!(format!("{end:?}").starts_with(expect_end), "{end:?}");
+    }
+
+    #[tokio::test]
+    async fn a_get_event_takes_the_next_event_waits_for_one_or_times_out() {
+        let later = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 60;
+        let event = || Event::Config {
+            topic: "t".into(),
+            blob: b"v".to_vec(),
+        };
+        use Popped::{Empty, Exit, Gone};
+        check_get_event(vec![Popped::Event(event())], later, false, Some(event())).await;
+        check_get_event(
+            vec![Empty, Popped::Event(event())],
+            later,
+            true,
+            Some(event()),
+        )
+        .await;
+        check_get_event(vec![], 0, false, Some(Event::None)).await;
+        check_get_event(vec![Exit], later, false, Some(Event::Exit)).await;
+        check_get_event(vec![Gone], later, false, None).await;
+    }
+}
