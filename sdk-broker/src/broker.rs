@@ -1,6 +1,6 @@
-//! The broker: the rules of [`crate::rules`] under one lock, with the effects they ask for run
+//! The broker: the rules of `rules.rs` under one lock, with the effects they ask for run
 //! around them. It opens each instance's socket through `conn.rs` (which knows the broker only
-//! as its [`Backend`]), persists configuration through [`ConfigStore`], emits signals for hubd
+//! as its `Backend`), persists configuration through [`ConfigStore`], emits signals for hubd
 //! through a [`Sink`] and runs the background work: the flusher of states and telemetry, the
 //! expiry of direct commands and the exit grace. `lib.rs` exposes it on the bus.
 //!
@@ -277,7 +277,8 @@ impl Broker {
         Ok(())
     }
 
-    /// `CloseInstance`: the exit protocol ([`Rules::close`]). The socket goes when the module
+    /// `CloseInstance`: the exit protocol. Pending requests get their EXIT callbacks, the
+    /// module gets `exit` once its queue drains, and the socket goes when the module
     /// disconnects or after the grace. Returns once the socket is gone, so the caller (which
     /// then stops the process) knows a module that follows the protocol has let go: its
     /// process is exiting by itself. Closing an unknown instance does nothing.
