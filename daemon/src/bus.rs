@@ -9,6 +9,8 @@ use tracing::{error, info, warn};
 use zbus::Connection;
 use zbus::fdo::{DBusProxy, RequestNameFlags, RequestNameReply};
 
+use crate::backoff::Backoff;
+
 /// Exit status of a daemon whose bus connection died: non-zero so that systemd's
 /// `Restart=on-failure` (and the devhub's Stack) start it again; 69 is `EX_UNAVAILABLE`.
 pub const EXIT_BUS_LOST: i32 = 69;
@@ -62,14 +64,14 @@ impl std::fmt::Display for Holder {
 /// Pure, so the schedule is tested without a bus.
 #[derive(Debug)]
 pub struct NameWait {
-    next: Duration,
+    retry: Backoff,
     logged: Option<(Holder, Instant)>,
 }
 
 impl Default for NameWait {
     fn default() -> Self {
         NameWait {
-            next: NAME_RETRY_FIRST,
+            retry: Backoff::new(NAME_RETRY_FIRST, NAME_RETRY_MAX),
             logged: None,
         }
     }
@@ -80,8 +82,8 @@ impl NameWait {
     /// to say so (the first time, when the holder changed, and then every
     /// [`NAME_WAIT_REMINDER`]).
     pub fn refused(&mut self, holder: &Holder, now: Instant) -> (Duration, bool) {
-        let pause = self.next;
-        self.next = (self.next * 2).min(NAME_RETRY_MAX);
+        // No jitter: only this device's daemons compete for the name.
+        let pause = self.retry.next_delay_with(0.0);
         let log = match &self.logged {
             Some((h, at)) => h != holder || now.duration_since(*at) >= NAME_WAIT_REMINDER,
             None => true,

@@ -1,11 +1,16 @@
 //! Plumbing every evp-agent daemon shares, and nothing of their domain: the command line, the
-//! configuration file, logging to journald or stderr, sd_notify, SIGTERM, the bus connection.
+//! configuration file, logging to journald or stderr, sd_notify, SIGTERM, the bus connection,
+//! crash-safe file writes and private directories ([`fs`]), retry backoff ([`backoff`]).
 
+pub mod backoff;
 pub mod bus;
+pub mod fs;
 
+pub use backoff::Backoff;
 pub use bus::{BusLost, EXIT_BUS_LOST, connect_named, exit_when_closed, own_name};
+pub use fs::{create_private_dir, write_atomic};
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -112,22 +117,13 @@ impl AgentConfig {
             .with_context(|| format!("agent.toml: section [{name}]"))
     }
 
-    /// The daemon's folder under the data root, created if missing.
+    /// The daemon's folder under the data root, created if missing, its owner's only (0700):
+    /// no other daemon reads a daemon's data.
     pub fn data_subdir(&self, name: &str) -> Result<PathBuf> {
         let dir = self.common.data_dir.join(name);
-        create_private_dir(&dir)?;
+        create_private_dir(&dir, 0o700)?;
         Ok(dir)
     }
-}
-
-/// Creates `dir` (and its parents) readable by its owner only.
-pub fn create_private_dir(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("creating {}", dir.display()))
 }
 
 /// An environment variable, with empty meaning unset (as EVP treats them).

@@ -5,10 +5,7 @@ use std::fmt::Write as _;
 
 use anyhow::{Context, Result};
 use evp_schemas::DeploymentStatus;
-use evp_schemas::dbus::{
-    self, Hub1Proxy, RUNTIME_CONTAINER_NAME, RUNTIME_CONTAINER_PATH, RUNTIME_WASM_NAME,
-    RUNTIME_WASM_PATH, Reconciler1Proxy, Runtime1Proxy,
-};
+use evp_schemas::dbus::{self, Hub1Proxy, Reconciler1Proxy, Runtime, Runtime1Proxy};
 
 /// Connects to the bus at `address`, or to the system bus (`DBUS_SYSTEM_BUS_ADDRESS`).
 pub async fn connect(address: Option<&str>) -> Result<zbus::Connection> {
@@ -71,10 +68,8 @@ pub fn format_status(status: &DeploymentStatus) -> String {
 /// What each runtime hosts now: `(runtime, instance, module, status, failure)`.
 pub async fn instances(conn: &zbus::Connection) -> Result<Vec<[String; 5]>> {
     let mut rows = Vec::new();
-    for (label, name, path) in [
-        ("wasm", RUNTIME_WASM_NAME, RUNTIME_WASM_PATH),
-        ("container", RUNTIME_CONTAINER_NAME, RUNTIME_CONTAINER_PATH),
-    ] {
+    for runtime in Runtime::ALL {
+        let (label, name, path) = (runtime.label(), runtime.name(), runtime.path());
         let proxy = Runtime1Proxy::builder(conn)
             .destination(name)
             .path(path)

@@ -5,6 +5,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use evp_daemon::Backoff;
 use evp_schemas::dbus::{HUB_PATH, Reconciler1Proxy, SdkBroker1Proxy, error_message, error_name};
 use evp_schemas::{DeploymentStatus, TelemetryEntry};
 use futures_util::StreamExt;
@@ -204,7 +205,8 @@ pub async fn apply_deployments(
         if rx.changed().await.is_err() {
             return;
         }
-        let mut delay = APPLY_RETRY_FIRST;
+        // No jitter in these schedules: the peer is one local daemon, not a fleet's broker.
+        let mut backoff = Backoff::new(APPLY_RETRY_FIRST, APPLY_RETRY_MAX);
         loop {
             let Some(req) = rx.borrow_and_update().clone() else {
                 break;
@@ -225,6 +227,7 @@ pub async fn apply_deployments(
                     }
                 }
                 Err(e) => {
+                    let delay = backoff.next_delay_with(0.0);
                     warn!(
                         "deployment {id} not handed to reconcilerd: {}; trying again in {delay:?}",
                         error_message(&e)
@@ -233,7 +236,6 @@ pub async fn apply_deployments(
                         _ = tokio::time::sleep(delay) => {}
                         r = rx.changed() => if r.is_err() { return },
                     }
-                    delay = (delay * 2).min(APPLY_RETRY_MAX);
                     continue;
                 }
             };
@@ -355,7 +357,8 @@ pub async fn deliver_configurations(
         }
     };
     let mut held = HeldConfigurations::default();
-    let mut delay = DELIVERY_RETRY_FIRST;
+    let mut backoff = Backoff::new(DELIVERY_RETRY_FIRST, DELIVERY_RETRY_MAX);
+    let mut delay = backoff.next_delay_with(0.0);
     let mut retry_at: Option<Instant> = None;
     loop {
         let retry = async {
@@ -390,17 +393,19 @@ pub async fn deliver_configurations(
                     held.hold(d);
                 }
                 if held.queue.is_empty() {
-                    delay = DELIVERY_RETRY_FIRST;
+                    backoff.reset();
+                    delay = backoff.next_delay_with(0.0);
                     retry_at = None;
                 } else {
-                    delay = (delay * 2).min(DELIVERY_RETRY_MAX);
+                    delay = backoff.next_delay_with(0.0);
                     retry_at = Some(Instant::now() + delay);
                 }
             }
             o = owner_next => match o {
                 Some(Some(_)) if !held.queue.is_empty() => {
                     info!("sdk-broker is on the bus: delivering {} held configurations", held.queue.len());
-                    delay = DELIVERY_RETRY_FIRST;
+                    backoff.reset();
+                    delay = backoff.next_delay_with(0.0);
                     retry_at = Some(Instant::now());
                 }
                 Some(_) => {}

@@ -22,7 +22,7 @@ use crate::report::{self, Rejection};
 use crate::rpc::{self, PendingCommands};
 use crate::session::Session;
 use crate::telemetry;
-use crate::timing::{BACKOFF_RESET_AFTER, Backoff, ReportTimer};
+use crate::timing::{BACKOFF_RESET_AFTER, ReportTimer, reconnect_backoff};
 use crate::tls::TlsMaterial;
 
 mod links;
@@ -102,7 +102,7 @@ async fn drive(
         eventloop.mqtt_options.broker_address().0,
         eventloop.mqtt_options.broker_address().1
     );
-    let mut backoff = Backoff::new();
+    let mut backoff = reconnect_backoff();
     let mut up_since: Option<Instant> = None;
     loop {
         let polled = if up_since.is_some() {
@@ -147,7 +147,7 @@ async fn drive(
                         break;
                     }
                 }
-                let delay = backoff.next_delay(rand::random::<f64>());
+                let delay = backoff.next_delay();
                 warn!("MQTT connection to {broker}: {e}; next attempt in {delay:.1?}");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}

@@ -2,7 +2,6 @@
 //! and its persistence, single-wrapped, in `<data_dir>/hub/device-config.json`.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -105,27 +104,15 @@ impl DeviceConfigStore {
     /// Stores `config` atomically: a temporary file, fsync, rename over the old one, fsync of
     /// the folder, so a power cut leaves either the old or the new file.
     pub fn save(&self, config: &DeviceConfig) -> Result<(), StoreError> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let path = self.path();
-        let tmp = self.dir.join(format!(".{FILE_NAME}.tmp"));
         let text = to_single_wrapped(config).to_string();
-        {
-            // 0600: the registry credentials are in it.
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io("creating", &tmp))?;
-            f.write_all(text.as_bytes()).map_err(io("writing", &tmp))?;
-            f.sync_all().map_err(io("syncing", &tmp))?;
-        }
-        std::fs::rename(&tmp, &path).map_err(io("renaming into place", &path))?;
-        std::fs::File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io("syncing", &self.dir))?;
-        Ok(())
+        // 0600: the registry credentials are in it.
+        evp_daemon::write_atomic(&self.path(), text.as_bytes(), 0o600, None).map_err(|e| {
+            StoreError::Io {
+                action: e.action,
+                path: e.path,
+                error: e.error,
+            }
+        })
     }
 }
 

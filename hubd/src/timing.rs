@@ -65,37 +65,16 @@ impl ReportTimer {
 
 /// First reconnect delay (EVP: 1 s).
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
-/// Doublings before the cap: 1 s · 2^6 = 64 s, EVP's longest wait.
-const BACKOFF_MAX_EXPONENT: u32 = 6;
+/// Longest reconnect delay: 1 s · 2^6, EVP's longest wait.
+const BACKOFF_MAX: Duration = Duration::from_secs(64);
 /// A connection that stayed up this long resets the backoff (EVP's "recovering grace period").
 pub const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(30);
-/// Up to this fraction of a delay is taken off at random, so that a fleet that lost its broker
-/// at once does not come back in lock-step; taking off (not adding) keeps the 64 s cap.
-const JITTER_FRACTION: f64 = 0.25;
 
-/// Exponential reconnect backoff with jitter: 1, 2, 4 ... 64 s, each shortened by up to 25 %.
-#[derive(Debug, Default)]
-pub struct Backoff {
-    attempt: u32,
-}
-
-impl Backoff {
-    /// A backoff whose next delay is the shortest.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Back to the shortest delay.
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-
-    /// The next delay; `random` is uniform in `[0, 1)`.
-    pub fn next_delay(&mut self, random: f64) -> Duration {
-        let base = BACKOFF_BASE * (1u32 << self.attempt.min(BACKOFF_MAX_EXPONENT));
-        self.attempt = self.attempt.saturating_add(1);
-        base.mul_f64(1.0 - JITTER_FRACTION * random.clamp(0.0, 1.0))
-    }
+/// hubd's reconnect schedule: 1, 2, 4 ... 64 s, each shortened by up to a quarter at random
+/// (see [`evp_daemon::Backoff`]), so a fleet that lost its broker at once does not come back in
+/// lock-step (taking off, not adding, keeps the 64 s cap).
+pub fn reconnect_backoff() -> evp_daemon::Backoff {
+    evp_daemon::Backoff::new(BACKOFF_BASE, BACKOFF_MAX)
 }
 
 #[cfg(test)]
@@ -156,12 +135,12 @@ mod tests {
 
     #[test]
     fn backoff_doubles_to_the_cap_with_jitter_and_resets() {
-        let mut b = Backoff::new();
-        let delays: Vec<u64> = (0..9).map(|_| b.next_delay(0.0).as_secs()).collect();
+        let mut b = reconnect_backoff();
+        let delays: Vec<u64> = (0..9).map(|_| b.next_delay_with(0.0).as_secs()).collect();
         assert_eq!(delays, vec![1, 2, 4, 8, 16, 32, 64, 64, 64]);
-        let jittered = b.next_delay(0.999);
+        let jittered = b.next_delay_with(0.999);
         assert!(jittered >= Duration::from_secs(48) && jittered <= Duration::from_secs(64));
         b.reset();
-        assert_eq!(b.next_delay(0.0), S);
+        assert_eq!(b.next_delay_with(0.0), S);
     }
 }

@@ -5,9 +5,10 @@
 //!
 //! Points: `desired-tmp-written` (the new `desired.json.tmp` written, not synced),
 //! `desired-tmp-synced` (synced, not renamed), `desired-renamed` (renamed over `desired.json`,
-//! directory not synced), `module-partial-written` (a module's whole body written and synced
-//! to `<hash>.partial`, not verified or renamed), `module-renamed` (the verified file renamed to
-//! `<hash>`, directory not synced).
+//! directory not synced), which are `evp_daemon::write_atomic`'s points reached through its
+//! hook; `module-partial-written` (a module's whole body written and synced to `<hash>.partial`,
+//! not verified or renamed), `module-renamed` (the verified file renamed to `<hash>`, directory
+//! not synced).
 
 /// Environment variable naming the write point at which a debug build aborts.
 pub const CRASH_AT_ENV: &str = "EVP_TEST_CRASH_AT";

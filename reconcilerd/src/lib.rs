@@ -2,7 +2,6 @@
 //! downloads and verifies modules into a cache, drives the runtimes so the device matches the
 //! deployment, and publishes the status as `org.evp.Reconciler1.DeploymentStatus`.
 
-pub mod backoff;
 pub mod crash;
 pub mod download;
 pub mod plan;

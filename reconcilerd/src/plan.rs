@@ -12,48 +12,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use evp_schemas::dbus;
 use evp_schemas::routing::Routing;
 use evp_schemas::{Deployment, Module, ModuleImpl};
 
-/// The two runtime daemons.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Runtime {
-    /// runtimed-wasm.
-    Wasm,
-    /// runtimed-container.
-    Container,
-}
-
-impl Runtime {
-    /// Both runtimes.
-    pub const ALL: [Runtime; 2] = [Runtime::Wasm, Runtime::Container];
-
-    /// Its bus name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Runtime::Wasm => dbus::RUNTIME_WASM_NAME,
-            Runtime::Container => dbus::RUNTIME_CONTAINER_NAME,
-        }
-    }
-
-    /// Its object path.
-    pub fn path(self) -> &'static str {
-        match self {
-            Runtime::Wasm => dbus::RUNTIME_WASM_PATH,
-            Runtime::Container => dbus::RUNTIME_CONTAINER_PATH,
-        }
-    }
-
-    /// Which runtime runs a module kind; `None` for kinds this agent cannot run.
-    pub fn of(kind: ModuleImpl) -> Option<Runtime> {
-        match kind {
-            ModuleImpl::Wasm => Some(Runtime::Wasm),
-            ModuleImpl::Spawn | ModuleImpl::Python | ModuleImpl::Docker => Some(Runtime::Container),
-            ModuleImpl::Dlfcn => None,
-        }
-    }
-}
+/// The two runtime daemons, and which module kinds each runs.
+pub use evp_schemas::dbus::Runtime;
 
 /// What an instance was started from: when any of it changes, the instance is restarted.
 /// Messaging routes and the restart policy are left out on purpose: changing them must not
@@ -69,7 +32,7 @@ pub struct Placement {
 impl Placement {
     /// The runtime that runs it.
     pub fn runtime(&self) -> Option<Runtime> {
-        Runtime::of(self.module.module_impl)
+        self.module.module_impl.runtime()
     }
 }
 
@@ -221,7 +184,7 @@ pub fn plan(desired: &Deployment, observed: Observed<'_>) -> Plan {
     for (id, module) in observed.loaded {
         if desired.modules.get(id) != Some(module) {
             steps.push(Step::Unload {
-                runtime: Runtime::of(module.module_impl),
+                runtime: module.module_impl.runtime(),
                 module_id: id.clone(),
             });
         }
@@ -245,7 +208,7 @@ pub fn plan(desired: &Deployment, observed: Observed<'_>) -> Plan {
             ready.insert(id.as_str());
             continue;
         }
-        let Some(rt) = Runtime::of(module.module_impl) else {
+        let Some(rt) = module.module_impl.runtime() else {
             module_errors.insert(
                 id.clone(),
                 format!(

@@ -9,16 +9,16 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use evp_daemon::backoff::{self, Backoff};
 use evp_schemas::dbus::{self, Runtime1Proxy, SdkBroker1Proxy};
 use evp_schemas::{
     Deployment, DeploymentStatus, InstanceState, Module, ReconcileStatus, RestartPolicy,
+    UnknownInstanceState,
 };
-use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 use zbus::Connection;
 
-use crate::backoff::{self, Backoff};
 use crate::download::{DownloadEvent, Downloads};
 pub use crate::plan::Runtime;
 use crate::plan::{self, Observed, Placement, cached_hash, placement};
@@ -26,7 +26,9 @@ use crate::restart::{self, Decision, Exit, RestartConfig, RestartState};
 use crate::status::{self, DownloadView, InstanceView, StatusInputs};
 
 mod execute;
+mod follow;
 use execute::start;
+pub use follow::follow_runtimes;
 
 /// What the loop is asked to do: the latest desired deployment and whether changes are held.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -92,8 +94,8 @@ pub enum Event {
         runtime: Runtime,
         /// The instance.
         instance: String,
-        /// Its status word.
-        status: String,
+        /// Its state, or the word it sent when that is none this build knows.
+        state: Result<InstanceState, UnknownInstanceState>,
         /// Why, for `error`.
         failure: String,
     },
@@ -248,12 +250,9 @@ impl Reconciler {
             Event::Instance {
                 runtime,
                 instance,
-                status,
+                state,
                 failure,
-            } => {
-                self.on_instance(runtime, &instance, &status, &failure)
-                    .await
-            }
+            } => self.on_instance(runtime, &instance, state, &failure),
             Event::Owner { runtime, present } => {
                 if present {
                     info!(
@@ -345,16 +344,25 @@ impl Reconciler {
         }
     }
 
-    async fn on_instance(&mut self, rt: Runtime, instance: &str, status: &str, failure: &str) {
+    fn on_instance(
+        &mut self,
+        rt: Runtime,
+        instance: &str,
+        state: Result<InstanceState, UnknownInstanceState>,
+        failure: &str,
+    ) {
         let Some(r) = self.running.get_mut(instance) else {
             return;
         };
         if r.placement.runtime() != Some(rt) {
             return;
         }
-        let Some(state) = InstanceState::parse(status) else {
-            warn!(%instance, "unknown instance status {status:?}");
-            return;
+        let state = match state {
+            Ok(state) => state,
+            Err(unknown) => {
+                warn!(%instance, "{unknown}");
+                return;
+            }
         };
         match state {
             // Stops are the loop's own doing (or part of a restart).
@@ -482,7 +490,7 @@ impl Reconciler {
         );
         self.synced.remove(&rt);
         self.loaded
-            .retain(|_, m| Runtime::of(m.module_impl) != Some(rt));
+            .retain(|_, m| m.module_impl.runtime() != Some(rt));
         for r in self.running.values_mut() {
             if r.placement.runtime() == Some(rt) {
                 r.state = InstanceState::Unknown;
@@ -510,10 +518,13 @@ impl Reconciler {
         let now = Instant::now();
         // A runtime that (re)appeared may not know our modules; loading again is harmless.
         self.loaded
-            .retain(|_, m| Runtime::of(m.module_impl) != Some(rt));
-        let mut hosted: BTreeMap<String, (String, String, String)> = hosted
+            .retain(|_, m| m.module_impl.runtime() != Some(rt));
+        let mut hosted: BTreeMap<String, (String, InstanceState, String)> = hosted
             .into_iter()
-            .map(|(name, module, status, failure)| (name, (module, status, failure)))
+            .map(|(name, module, status, failure)| {
+                let state = hosted_state(rt, &name, &status);
+                (name, (module, state, failure))
+            })
             .collect();
         let ours: Vec<String> = self
             .running
@@ -526,9 +537,9 @@ impl Reconciler {
                 continue;
             };
             match hosted.remove(&name) {
-                Some((module_id, status, failure)) if module_id == r.placement.module_id => {
+                Some((module_id, state, failure)) if module_id == r.placement.module_id => {
                     r.restart.cancel();
-                    self.take_state(&name, &status, &failure);
+                    self.take_state(&name, state, &failure);
                 }
                 Some(_) => {
                     self.running.remove(&name);
@@ -540,7 +551,7 @@ impl Reconciler {
                 }
             }
         }
-        for (name, (module_id, status, failure)) in hosted {
+        for (name, (module_id, state, failure)) in hosted {
             let want = self
                 .target
                 .as_ref()
@@ -548,7 +559,7 @@ impl Reconciler {
                 .filter(|p| p.module_id == module_id && p.runtime() == Some(rt));
             match want {
                 Some(placement) => {
-                    info!(instance = %name, module = %module_id, %status, "adopting instance the runtime already hosts");
+                    info!(instance = %name, module = %module_id, status = %state, "adopting instance the runtime already hosts");
                     self.running.insert(
                         name.clone(),
                         Running {
@@ -558,7 +569,7 @@ impl Reconciler {
                             restart: RestartState::new(now),
                         },
                     );
-                    self.take_state(&name, &status, &failure);
+                    self.take_state(&name, state, &failure);
                 }
                 None => {
                     info!(instance = %name, module = %module_id, runtime = rt.name(), "the runtime hosts an instance the deployment does not want; stopping it");
@@ -572,9 +583,9 @@ impl Reconciler {
     }
 
     /// Takes an instance's state as its runtime reports it; exits go through the policy.
-    fn take_state(&mut self, name: &str, status: &str, failure: &str) {
-        match InstanceState::parse(status) {
-            Some(InstanceState::Error) => {
+    fn take_state(&mut self, name: &str, state: InstanceState, failure: &str) {
+        match state {
+            InstanceState::Error => {
                 let reason = if failure.is_empty() {
                     "failed"
                 } else {
@@ -582,10 +593,10 @@ impl Reconciler {
                 };
                 self.on_exit(name, Exit::Failure(reason.to_owned()));
             }
-            Some(InstanceState::SelfExiting) => self.on_exit(name, Exit::Clean),
+            InstanceState::SelfExiting => self.on_exit(name, Exit::Clean),
             state => {
                 if let Some(r) = self.running.get_mut(name) {
-                    r.state = state.unwrap_or(InstanceState::Unknown);
+                    r.state = state;
                     r.failure = None;
                 }
             }
@@ -674,8 +685,9 @@ impl Reconciler {
                     let starting = self.running.get(&name).is_some_and(|r| {
                         r.state == InstanceState::Starting && r.placement.module_id == module_id
                     });
-                    if starting && status != InstanceState::Starting.as_str() {
-                        self.take_state(&name, &status, &failure);
+                    let state = hosted_state(rt, &name, &status);
+                    if starting && state != InstanceState::Starting {
+                        self.take_state(&name, state, &failure);
                     }
                 }
             }
@@ -727,11 +739,20 @@ impl Reconciler {
     }
 }
 
+/// An instance's state as its runtime's `Instances` gives it; a word this build does not know
+/// is taken as `unknown` (logged), so the instance is still adopted or stopped by its module.
+fn hosted_state(rt: Runtime, instance: &str, word: &str) -> InstanceState {
+    InstanceState::parse(word).unwrap_or_else(|unknown| {
+        warn!(runtime = rt.name(), %instance, "{unknown}; taking it as unknown");
+        InstanceState::Unknown
+    })
+}
+
 /// Whether the deployment has modules that `rt` runs.
 fn needs(d: &Deployment, rt: Runtime) -> bool {
     d.modules
         .values()
-        .any(|m| Runtime::of(m.module_impl) == Some(rt))
+        .any(|m| m.module_impl.runtime() == Some(rt))
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -741,78 +762,25 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Subscribes to both runtimes' `InstanceChanged` and to their names' owner changes, and
-/// forwards them into the loop. Subscriptions are made before this returns, so nothing the
-/// runtimes say after the loop first reads their `Instances` is missed.
-pub async fn follow_runtimes(conn: &Connection, events: mpsc::UnboundedSender<Event>) {
-    match SdkBroker1Proxy::new(conn).await {
-        Ok(sdk) => match sdk.inner().receive_owner_changed().await {
-            Ok(mut stream) => {
-                let tx = events.clone();
-                tokio::spawn(async move {
-                    // Only changes come: a new owner is a (re)started sdk-broker, which knows
-                    // none of the sockets the placed instances were started with.
-                    while let Some(owner) = stream.next().await {
-                        if owner.is_some() && tx.send(Event::SdkBrokerBack).is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-            Err(e) => warn!("cannot follow sdk-broker on the bus: {e}"),
-        },
-        Err(e) => warn!("cannot follow sdk-broker on the bus: {e}"),
-    }
-    for rt in Runtime::ALL {
-        let proxy = match runtime_proxy(conn, rt).await {
-            Ok(p) => p,
-            Err(e) => {
-                warn!(runtime = rt.name(), "cannot follow: {e}");
-                continue;
-            }
-        };
-        match proxy.receive_instance_changed().await {
-            Ok(mut stream) => {
-                let tx = events.clone();
-                tokio::spawn(async move {
-                    while let Some(signal) = stream.next().await {
-                        let Ok(args) = signal.args() else { continue };
-                        let ev = Event::Instance {
-                            runtime: rt,
-                            instance: args.instance().to_string(),
-                            status: args.status().to_string(),
-                            failure: args.failure_message().to_string(),
-                        };
-                        if tx.send(ev).is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-            Err(e) => warn!(
-                runtime = rt.name(),
-                "cannot follow its instance changes: {e}"
-            ),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosted_status_words_this_build_does_not_know_are_unknown() {
+        fn check(word: &str, expect: InstanceState) {
+            assert_eq!(
+                hosted_state(Runtime::Container, "i", word),
+                expect,
+                "{word:?}"
+            );
         }
-        match proxy.inner().receive_owner_changed().await {
-            Ok(mut stream) => {
-                let tx = events.clone();
-                tokio::spawn(async move {
-                    while let Some(owner) = stream.next().await {
-                        let ev = Event::Owner {
-                            runtime: rt,
-                            present: owner.is_some(),
-                        };
-                        if tx.send(ev).is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-            Err(e) => warn!(
-                runtime = rt.name(),
-                "cannot follow its presence on the bus: {e}"
-            ),
-        }
+        check("starting", InstanceState::Starting);
+        check("ok", InstanceState::Ok);
+        check("self-exiting", InstanceState::SelfExiting);
+        check("error", InstanceState::Error);
+        check("unknown", InstanceState::Unknown);
+        check("running", InstanceState::Unknown);
+        check("", InstanceState::Unknown);
     }
 }

@@ -3,9 +3,8 @@
 
 use std::time::{Duration, Instant};
 
+use evp_daemon::backoff;
 use evp_schemas::RestartPolicy;
-
-use crate::backoff;
 
 /// The agent-wide restart settings (`[reconciler] restart_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -88,7 +88,7 @@ fn module_view(s: &StatusInputs<'_>, id: &str, module: &Module) -> ModuleView {
             None => ModuleView::Downloading(d.progress),
         };
     }
-    match Runtime::of(module.module_impl) {
+    match module.module_impl.runtime() {
         Some(rt) if !s.synced.contains(&rt) => ModuleView::Waiting(format!(
             "waiting for runtime {} to be on the bus",
             rt.name()

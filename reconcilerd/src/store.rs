@@ -1,9 +1,9 @@
 //! What reconcilerd keeps on disk: the desired deployment (written crash-safely) and the module
 //! cache, where every module file is named by its SHA-256 once verified.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use evp_daemon::fs::{WritePoint, temp_path, write_atomic};
 use evp_schemas::Deployment;
 use tracing::{info, warn};
 
@@ -40,8 +40,6 @@ pub struct DesiredStore {
 
 /// Name of the desired deployment file inside the store's directory.
 const DESIRED_FILE: &str = "desired.json";
-/// The temporary file a new desired deployment is written to before the rename.
-const DESIRED_TMP_FILE: &str = "desired.json.tmp";
 /// Where a desired deployment that does not parse is set aside for inspection.
 const DESIRED_INVALID_FILE: &str = "desired.json.invalid";
 
@@ -63,7 +61,7 @@ impl DesiredStore {
     /// crash before its rename) is removed unread: the rename is what makes a deployment
     /// current.
     pub fn load(&self) -> Result<Option<Deployment>, Unusable> {
-        let tmp = self.dir.join(DESIRED_TMP_FILE);
+        let tmp = temp_path(&self.path());
         match std::fs::remove_file(&tmp) {
             Ok(()) => info!("removed {} left by an interrupted write", tmp.display()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -106,34 +104,26 @@ impl DesiredStore {
 
     /// Replaces the desired deployment atomically: a temporary file is written and synced,
     /// renamed over the old one, and the directory synced, so after a power cut the file holds
-    /// either the old or the new deployment, never a mix.
+    /// either the old or the new deployment, never a mix. The crash hook's points are
+    /// `desired-tmp-written`, `desired-tmp-synced` and `desired-renamed`.
     pub fn save(&self, deployment: &Deployment) -> Result<(), StoreError> {
         let path = self.path();
-        let tmp = self.dir.join(DESIRED_TMP_FILE);
-        write_atomically(&path, &tmp, deployment.to_json().as_bytes(), "desired")
-            .map_err(|source| StoreError::Write { path, source })
+        let mut crash_hook = |point: WritePoint| {
+            crash::point(&format!("desired-{}", point.name()));
+            Ok(())
+        };
+        // 0666 less the umask, as `File::create` makes it: the folder (0700) keeps others out.
+        write_atomic(
+            &path,
+            deployment.to_json().as_bytes(),
+            0o666,
+            Some(&mut crash_hook),
+        )
+        .map_err(|e| StoreError::Write {
+            path,
+            source: e.error,
+        })
     }
-}
-
-/// Writes `bytes` to `path` through `tmp`: write, fsync, rename, fsync of the directory. The
-/// crash hook's points are `<point_prefix>-tmp-written`, `-tmp-synced` and `-renamed`.
-fn write_atomically(
-    path: &Path,
-    tmp: &Path,
-    bytes: &[u8],
-    point_prefix: &str,
-) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    {
-        let mut f = std::fs::File::create(tmp)?;
-        f.write_all(bytes)?;
-        crash::point(&format!("{point_prefix}-tmp-written"));
-        f.sync_all()?;
-        crash::point(&format!("{point_prefix}-tmp-synced"));
-    }
-    std::fs::rename(tmp, path)?;
-    crash::point(&format!("{point_prefix}-renamed"));
-    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Module files named by their verified SHA-256, shared read-only with the runtimes, plus the
@@ -192,7 +182,7 @@ mod tests {
         };
         store.save(&d).unwrap();
         assert_eq!(store.load(), Ok(Some(d)));
-        assert!(!dir.path().join(DESIRED_TMP_FILE).exists());
+        assert!(!temp_path(&store.path()).exists());
         std::fs::write(store.path(), b"{not json").unwrap();
         assert!(store.load().is_err());
         assert!(dir.path().join("desired.json.invalid").exists());

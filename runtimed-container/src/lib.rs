@@ -24,14 +24,15 @@ use std::time::Duration;
 
 use anyhow::Result;
 use evp_daemon::{AgentConfig, DaemonArgs};
-use evp_schemas::dbus::{EvpError, RUNTIME_CONTAINER_NAME, RUNTIME_CONTAINER_PATH, StartOptions};
+use evp_schemas::dbus::{EvpError, RUNTIME_CONTAINER_NAME, RUNTIME_CONTAINER_PATH};
+use evp_schemas::instance::StartOptionsDict;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 use zbus::interface;
 use zbus::object_server::SignalEmitter;
 
 use crate::logs::LogPolicy;
-use crate::runtime::{InstanceEvent, InstanceOptions, OnExit, Supervisor};
+use crate::runtime::{InstanceEvent, OnExit, Supervisor, read_start_options};
 
 /// How long a stopping daemon waits for its last instance changes to reach the bus; they are
 /// a few small signals, so a stuck bus is the only reason to hit it.
@@ -167,9 +168,9 @@ impl ContainerRuntime {
         &self,
         instance: &str,
         module_id: &str,
-        options: StartOptions,
+        options: StartOptionsDict,
     ) -> Result<(u32, u32), EvpError> {
-        let options = InstanceOptions::from_dbus(options)?;
+        let options = read_start_options(options)?;
         self.supervisor
             .start_instance(instance, module_id, options)
             .await
@@ -223,7 +224,7 @@ async fn publish_events(
         if let Err(e) = ContainerRuntime::instance_changed(
             emitter,
             &ev.instance,
-            &ev.status,
+            ev.status.as_str(),
             &ev.failure_message,
         )
         .await

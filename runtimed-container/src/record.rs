@@ -2,16 +2,12 @@
 //! can find the process again or say that it died: `<instances dir>/<name>/runtime.json`,
 //! written atomically (temp file, fsync, rename, fsync of the directory).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 /// File name of the record inside the instance directory.
 pub const RECORD_FILE: &str = "runtime.json";
-/// Name the record is written under before it is renamed into place, so a crash mid-write
-/// leaves the previous record whole.
-const RECORD_TEMP_FILE: &str = "runtime.json.tmp";
 /// Format version written in every record; a record of another version is not trusted.
 pub const RECORD_VERSION: u32 = 1;
 /// Largest record read back: a real one is a few hundred bytes, so anything bigger is not ours.
@@ -97,33 +93,18 @@ pub struct InstanceRecord {
 
 /// Writes `record` as `<instance_dir>/runtime.json`, atomically and durably.
 pub fn save(instance_dir: &Path, record: &InstanceRecord) -> Result<(), RecordError> {
-    let temp = instance_dir.join(RECORD_TEMP_FILE);
     let path = instance_dir.join(RECORD_FILE);
-    let write_err = |path: &Path| {
-        let path = path.to_owned();
-        move |source| RecordError::Write { path, source }
-    };
     let mut text = serde_json::to_vec_pretty(record).map_err(|e| RecordError::Write {
         path: path.clone(),
         source: std::io::Error::other(e),
     })?;
     text.push(b'\n');
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temp)
-            .map_err(write_err(&temp))?;
-        file.write_all(&text).map_err(write_err(&temp))?;
-        file.sync_all().map_err(write_err(&temp))?;
-    }
-    std::fs::rename(&temp, &path).map_err(write_err(&path))?;
-    std::fs::File::open(instance_dir)
-        .and_then(|d| d.sync_all())
-        .map_err(write_err(instance_dir))
+    // 0600: only the runtime reads it; an instance with a uid of its own may pass through its
+    // directory (0711) and has no business with it.
+    evp_daemon::write_atomic(&path, &text, 0o600, None).map_err(|e| RecordError::Write {
+        path: e.path,
+        source: e.error,
+    })
 }
 
 /// Reads `<instance_dir>/runtime.json`; `None` when there is none.
@@ -207,7 +188,7 @@ mod tests {
         });
         save(dir.path(), &ended).unwrap();
         assert_eq!(load(dir.path()).unwrap(), Some(ended));
-        assert!(!dir.path().join(RECORD_TEMP_FILE).exists());
+        assert!(!evp_daemon::fs::temp_path(&dir.path().join(RECORD_FILE)).exists());
         remove(dir.path()).unwrap();
         remove(dir.path()).unwrap();
         assert_eq!(load(dir.path()).unwrap(), None);

@@ -131,7 +131,11 @@ async fn wait_status(sup: &Supervisor, instance: &str, want: &str) -> String {
 fn drain(events: &mut mpsc::UnboundedReceiver<InstanceEvent>) -> Vec<(String, String, String)> {
     let mut out = Vec::new();
     while let Ok(ev) = events.try_recv() {
-        out.push((ev.instance, ev.status, ev.failure_message));
+        out.push((
+            ev.instance,
+            ev.status.as_str().to_owned(),
+            ev.failure_message,
+        ));
     }
     out
 }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use evp_schemas::InstanceState;
 use evp_schemas::dbus::EvpError;
 use evp_schemas::deployment::validate_instance_name;
 use futures_util::future::BoxFuture;
@@ -21,14 +22,11 @@ mod dirs;
 mod options;
 mod recover;
 
-pub use options::{InstanceOptions, Status};
+pub use options::{InstanceOptions, Status, read_start_options};
 
 pub(crate) use dirs::own_uid;
 
-/// Environment variable naming the instance's SDK socket (EVP's name).
-pub const ENV_SDK_SOCKET: &str = "EVP_MODULE_SDK_SOCKET_PATH";
-/// Environment variable naming the instance's default workspace (EVP's name).
-pub const ENV_DEFAULT_WORKSPACE: &str = "EVP_MODULE_SDK_DEFAULT_WORKSPACE_PATH";
+pub use evp_schemas::instance::{ENV_DEFAULT_WORKSPACE, ENV_SDK_SOCKET};
 /// File name of the SDK socket inside the instance directory when the caller names none, as in
 /// EVP's on-disk layout.
 pub const SDK_SOCKET_FILE: &str = "sdk.sock";
@@ -177,16 +175,13 @@ pub struct Recovery {
     pub ended: Vec<String>,
 }
 
-/// The status word of an instance that left `Instances` because it was stopped.
-pub const STOPPED: &str = "stopped";
-
 /// One change of an instance, to be emitted as `InstanceChanged` plus `PropertiesChanged`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstanceEvent {
     /// The instance name.
     pub instance: String,
-    /// `starting`, `ok`, `self-exiting`, `error` or `stopped`.
-    pub status: String,
+    /// `starting`, `ok`, `self-exiting`, `error` or `stopped` (after it left `Instances`).
+    pub status: InstanceState,
     /// Why, for `error`; empty otherwise.
     pub failure_message: String,
 }
@@ -246,12 +241,17 @@ struct State {
 impl State {
     /// Records a change for the bus. Called with the state locked, so events leave in the
     /// order the state changed.
-    fn emit(&self, instance: &str, status: &str, failure_message: &str) {
-        info!(instance, status, failure_message, "instance changed");
+    fn emit(&self, instance: &str, status: InstanceState, failure_message: &str) {
+        info!(
+            instance,
+            status = status.as_str(),
+            failure_message,
+            "instance changed"
+        );
         if let Some(tx) = &self.events {
             let _ = tx.send(InstanceEvent {
                 instance: instance.to_owned(),
-                status: status.to_owned(),
+                status,
                 failure_message: failure_message.to_owned(),
             });
         }
@@ -265,7 +265,7 @@ impl State {
             return;
         }
         inst.status = status.clone();
-        self.emit(instance, status.as_str(), status.message());
+        self.emit(instance, status.state(), status.message());
     }
 }
 
@@ -331,7 +331,7 @@ impl Supervisor {
                 (
                     name.clone(),
                     i.module_id.clone(),
-                    i.status.as_str().to_owned(),
+                    i.status.state().as_str().to_owned(),
                     i.status.message().to_owned(),
                 )
             })
@@ -558,7 +558,7 @@ impl Supervisor {
                     scope: None,
                 },
             );
-            state.emit(instance, Status::Starting.as_str(), "");
+            state.emit(instance, Status::Starting.state(), "");
             (runtime, location, generation, uid)
         };
 
@@ -674,7 +674,7 @@ impl Supervisor {
                 }
                 state.instances.remove(instance);
                 self.remove_record(instance);
-                state.emit(instance, STOPPED, "");
+                state.emit(instance, InstanceState::Stopped, "");
                 return Ok(());
             }
             inst.stopping = true;
@@ -759,7 +759,7 @@ impl Supervisor {
         {
             state.instances.remove(instance);
             self.remove_record(instance);
-            state.emit(instance, STOPPED, "");
+            state.emit(instance, InstanceState::Stopped, "");
         }
     }
 
@@ -789,71 +789,4 @@ fn end_leftovers(instance: &str, scope: &Scope) {
 async fn wait_gone(phase: &mut watch::Receiver<Phase>) {
     // An error means the record (and its sender) is gone, which only happens once it exited.
     let _ = phase.wait_for(|p| matches!(p, Phase::Gone)).await;
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::HashMap;
-
-    use evp_schemas::dbus::{StartOptions, start_options};
-    use zbus::zvariant::OwnedVariant;
-
-    use super::*;
-
-    fn refused(options: StartOptions) -> String {
-        match InstanceOptions::from_dbus(options) {
-            Err(EvpError::InvalidArgument(m)) => m,
-            other => panic!("expected InvalidArgument, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn options_are_read_and_checked() {
-        let env = HashMap::from([("A".to_owned(), "1".to_owned())]);
-        let o = InstanceOptions::from_dbus(
-            start_options(
-                &[("sdk_socket", "/run/s.sock"), ("entry_point", "main")],
-                &env,
-            )
-            .unwrap(),
-        )
-        .unwrap();
-        assert_eq!(o.sdk_socket, Some(PathBuf::from("/run/s.sock")));
-        assert_eq!(o.entry_point.as_deref(), Some("main"));
-        assert_eq!(o.env, BTreeMap::from([("A".to_owned(), "1".to_owned())]));
-
-        let m =
-            refused(start_options(&[("sdk_socket", "relative.sock")], &HashMap::new()).unwrap());
-        assert!(m.contains("absolute"), "{m}");
-        let bad_env = HashMap::from([("A=B".to_owned(), "1".to_owned())]);
-        let m = refused(start_options(&[], &bad_env).unwrap());
-        assert!(m.contains("A=B"), "{m}");
-        let mut wrong_type = StartOptions::new();
-        wrong_type.insert("sdk_socket".into(), OwnedVariant::from(7u32));
-        assert!(refused(wrong_type).contains("string"));
-        let mut wrong_type = StartOptions::new();
-        wrong_type.insert("env".into(), OwnedVariant::from(7u32));
-        assert!(refused(wrong_type).contains("a{ss}"));
-        // Unknown options (limits of later builds) are ignored.
-        let mut later = StartOptions::new();
-        later.insert("memory_bytes".into(), OwnedVariant::from(1u64 << 20));
-        assert_eq!(
-            InstanceOptions::from_dbus(later).unwrap(),
-            InstanceOptions::default()
-        );
-    }
-
-    #[test]
-    fn exits_map_to_statuses() {
-        let s = |e: Exit| {
-            let st = Status::from_exit(&e);
-            (st.as_str(), st.message().to_owned())
-        };
-        assert_eq!(s(Exit::Code(0)), ("self-exiting", String::new()));
-        assert_eq!(s(Exit::Code(3)), ("error", "exited with status 3".into()));
-        assert_eq!(
-            s(Exit::Signal("SIGSEGV".into())),
-            ("error", "killed by signal SIGSEGV".into())
-        );
-    }
 }

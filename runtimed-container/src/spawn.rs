@@ -9,6 +9,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
 use std::sync::Arc;
 
+use evp_schemas::ModuleImpl;
 use evp_schemas::dbus::EvpError;
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
@@ -28,7 +29,7 @@ use crate::runtime::{
 use crate::tree::{self, Scope};
 
 /// The kind name, as EVP's `moduleImpl`.
-pub const KIND: &str = "spawn";
+pub const KIND: &str = ModuleImpl::Spawn.as_str();
 /// Read size while hashing a module file: large enough for few syscalls, small enough to stream.
 const HASH_CHUNK: usize = 64 * 1024;
 /// The instance's own copy of its module file, run when the instance has a uid of its own: the
@@ -391,7 +392,8 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
 
-    use evp_schemas::dbus::EvpError;
+    use evp_schemas::ModuleImpl;
+    use evp_schemas::dbus::{self, EvpError};
     use sha2::{Digest, Sha256};
     use tempfile::TempDir;
     use tokio::sync::mpsc;
@@ -478,7 +480,7 @@ mod tests {
             let mut out = Vec::new();
             while let Ok(ev) = self.events.try_recv() {
                 if ev.instance == instance {
-                    out.push((ev.status, ev.failure_message));
+                    out.push((ev.status.as_str().to_owned(), ev.failure_message));
                 }
             }
             out
@@ -717,10 +719,11 @@ mod tests {
             "env > \"$EVP_MODULE_SDK_DEFAULT_WORKSPACE_PATH/env.txt\"",
         )
         .await;
-        let mut env = std::collections::HashMap::new();
-        env.insert("EXTRA".to_owned(), "value with spaces".to_owned());
-        let options = evp_schemas::dbus::start_options(&[], &env).unwrap();
-        let options = InstanceOptions::from_dbus(options).unwrap();
+        let sent = InstanceOptions {
+            env: BTreeMap::from([("EXTRA".to_owned(), "value with spaces".to_owned())]),
+            ..Default::default()
+        };
+        let options = InstanceOptions::from_dbus(sent.to_dbus().unwrap()).unwrap();
         f.sup.start_instance("i", "m", options).await.unwrap();
         f.wait_status("i", "self-exiting").await;
 
@@ -748,12 +751,11 @@ mod tests {
 
         // The sdk_socket option replaces the default socket path.
         f.sup.stop_instance("i", Duration::ZERO).await.unwrap();
-        let options = evp_schemas::dbus::start_options(
-            &[("sdk_socket", "/run/evp/sdk/i.sock")],
-            &Default::default(),
-        )
-        .unwrap();
-        let options = InstanceOptions::from_dbus(options).unwrap();
+        let sent = InstanceOptions {
+            sdk_socket: Some("/run/evp/sdk/i.sock".into()),
+            ..Default::default()
+        };
+        let options = InstanceOptions::from_dbus(sent.to_dbus().unwrap()).unwrap();
         assert_eq!(
             options.sdk_socket,
             Some(PathBuf::from("/run/evp/sdk/i.sock"))
@@ -848,6 +850,14 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(f.sup.kinds(), ["spawn"]);
+    }
+
+    #[test]
+    fn every_kind_run_here_is_routed_here() {
+        for kind in fixture().sup.kinds() {
+            let routed = ModuleImpl::parse(&kind).and_then(ModuleImpl::runtime);
+            assert_eq!(routed, Some(dbus::Runtime::Container), "{kind}");
+        }
     }
 
     #[tokio::test]

@@ -8,10 +8,6 @@ pub const IMPORT_MODULE: &str = "env";
 /// What `EVP_initialize` returns and every other call expects as its handle.
 pub const HANDLE: i32 = 0x1234;
 
-/// The export through which callbacks (indices into table 0) are called. wasm-ld names the
-/// table so with `--export-table`; the loader adds this export to modules that lack it.
-pub const TABLE_EXPORT: &str = "__indirect_function_table";
-
 /// The guest's allocator, which the host uses to hand data in (and `getWorkspaceDirectory`'s
 /// string out).
 pub const MALLOC_EXPORT: &str = "malloc";

@@ -1,5 +1,6 @@
 //! The `[wasm]` section of `agent.toml`.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// `[wasm]` settings, each with a default sized for a gateway.
@@ -19,6 +20,9 @@ pub struct WasmConfig {
     /// The most native stack WASM code of one instance may use before it traps with a stack
     /// overflow.
     pub wasm_stack_bytes: usize,
+    /// Where compiled modules are kept; empty: systemd's `CacheDirectory=` (`$CACHE_DIRECTORY`,
+    /// `/var/cache/evp/wasm` in the unit), else `<data_dir>/cache/wasm`.
+    pub cache_dir: String,
 }
 
 /// 64 MiB: a gateway runs tens to hundreds of instances; EVP modules ask for far less.
@@ -38,6 +42,7 @@ impl Default for WasmConfig {
             max_instances: 1_000,
             thread_stack_bytes: DEFAULT_THREAD_STACK,
             wasm_stack_bytes: DEFAULT_WASM_STACK,
+            cache_dir: String::new(),
         }
     }
 }
@@ -82,6 +87,21 @@ impl WasmConfig {
             });
         }
         Ok(())
+    }
+
+    /// The compiled-module cache directory, given systemd's `$CACHE_DIRECTORY` (a `:`-separated
+    /// list; its first entry is runtimed-wasm's) and the data root.
+    pub fn cache_dir(&self, systemd_cache: Option<&str>, data_dir: &Path) -> PathBuf {
+        if !self.cache_dir.is_empty() {
+            return PathBuf::from(&self.cache_dir);
+        }
+        match systemd_cache
+            .and_then(|list| list.split(':').next())
+            .filter(|d| !d.is_empty())
+        {
+            Some(dir) => PathBuf::from(dir),
+            None => data_dir.join("cache").join("wasm"),
+        }
     }
 
     /// The stop grace as a duration.
@@ -139,6 +159,26 @@ mod tests {
             "[wasm]\nthread_stack_bytes = 400000\nwasm_stack_bytes = 131072\n",
             Ok(()),
         );
+    }
+
+    #[test]
+    fn the_cache_is_systemds_cache_directory_or_under_the_data_root() {
+        fn check(configured: &str, systemd: Option<&str>, expect: &str) {
+            let c = WasmConfig {
+                cache_dir: configured.to_owned(),
+                ..WasmConfig::default()
+            };
+            assert_eq!(c.cache_dir(systemd, Path::new("/data")), Path::new(expect));
+        }
+        check("", None, "/data/cache/wasm");
+        check("", Some(""), "/data/cache/wasm");
+        check("", Some("/var/cache/evp/wasm"), "/var/cache/evp/wasm");
+        check(
+            "",
+            Some("/var/cache/evp/wasm:/other"),
+            "/var/cache/evp/wasm",
+        );
+        check("/mine", Some("/var/cache/evp/wasm"), "/mine");
     }
 
     #[test]

@@ -244,8 +244,7 @@ fn call_table(
 ) -> wasmtime::Result<()> {
     let table = exports(caller)?.table.ok_or_else(|| {
         wasmtime::format_err!(
-            "the module exports no function table ({}), so its SDK callbacks cannot be called",
-            abi::TABLE_EXPORT
+            "the module has no function table, so its SDK callbacks cannot be called"
         )
     })?;
     let Some(Ref::Func(Some(func))) = table.get(&mut *caller, u64::from(index)) else {

@@ -132,7 +132,10 @@ pub fn instantiate(
         memory,
         malloc: instance.get_typed_func(&mut *store, MALLOC_EXPORT).ok(),
         free: instance.get_typed_func(&mut *store, FREE_EXPORT).ok(),
-        table: instance.get_table(&mut *store, &module.table_export),
+        table: module
+            .table_export
+            .as_deref()
+            .and_then(|name| instance.get_table(&mut *store, name)),
     };
     store.data_mut().guest = Some(guest);
     Ok(instance)

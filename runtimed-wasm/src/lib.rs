@@ -3,16 +3,19 @@
 //! ([`host`], the ABI in [`abi`], guest memory in [`guest`]) speak to sdk-broker over the
 //! instance's socket ([`session`]), like a remote module; its output goes to the log
 //! ([`output`]), its memory is limited ([`limits`]) and a stop interrupts it through the
-//! engine's epochs ([`engine`]). [`supervisor`] keeps modules ([`module`]) and instances;
-//! [`service`] is the D-Bus object.
+//! engine's epochs ([`engine`]). [`supervisor`] keeps modules ([`module`]: checked and
+//! rewritten by [`loader`], compiled once into [`cache`]) and instances; [`service`] is the
+//! D-Bus object.
 
 pub mod abi;
+pub mod cache;
 pub mod config;
 pub mod engine;
 pub mod guest;
 pub mod host;
 pub mod instance;
 pub mod limits;
+pub mod loader;
 pub mod module;
 pub mod output;
 pub mod service;
@@ -20,7 +23,7 @@ pub mod session;
 pub mod supervisor;
 pub mod threads;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -38,9 +41,14 @@ const EVENT_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 pub async fn run(args: DaemonArgs) -> Result<()> {
     let config = AgentConfig::load(&args)?;
     let section: WasmConfig = config.section("wasm")?;
+    let cache_dir = section.cache_dir(
+        std::env::var("CACHE_DIRECTORY").ok().as_deref(),
+        &config.common.data_dir,
+    );
     let served = serve(
         &section,
         config.common.data_dir.join("instances"),
+        &cache_dir,
         evp_daemon::bus_builder(&args)?,
         async {
             let _ = evp_daemon::wait_for_shutdown().await;
@@ -59,6 +67,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
 pub async fn serve(
     section: &WasmConfig,
     instances_dir: PathBuf,
+    cache_dir: &Path,
     bus: zbus::connection::Builder<'static>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
@@ -66,9 +75,10 @@ pub async fn serve(
     let engine = engine::WasmEngine::new(section)
         .map_err(|e| anyhow::anyhow!("{e:#}"))
         .context("creating the WASM engine")?;
-    let (supervisor, events) = supervisor::Supervisor::new(engine, section.clone(), instances_dir)
-        .map_err(|e| anyhow::anyhow!("{e:#}"))
-        .context("setting up the host functions")?;
+    let (supervisor, events) =
+        supervisor::Supervisor::new(engine, section.clone(), instances_dir, cache_dir)
+            .map_err(|e| anyhow::anyhow!("{e:#}"))
+            .context("setting up the host functions")?;
     let conn = evp_daemon::connect_named(
         bus.serve_at(
             RUNTIME_WASM_PATH,
@@ -104,4 +114,20 @@ pub async fn serve(
         return Err(evp_daemon::BusLost(RUNTIME_WASM_NAME).into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use evp_schemas::ModuleImpl;
+    use evp_schemas::dbus::Runtime;
+
+    use super::*;
+
+    #[test]
+    fn its_kind_is_routed_to_it() {
+        let routed = ModuleImpl::parse(KIND).and_then(ModuleImpl::runtime);
+        assert_eq!(routed, Some(Runtime::Wasm));
+        assert_eq!(Runtime::Wasm.name(), RUNTIME_WASM_NAME);
+        assert_eq!(Runtime::Wasm.path(), RUNTIME_WASM_PATH);
+    }
 }

@@ -1,20 +1,17 @@
-//! `LoadModule`: a module file verified by its SHA-256, compiled once, and checked against
-//! what the host provides (every import resolves, `_start` exists), so an instance start finds
-//! nothing wrong that could have been found earlier.
+//! `LoadModule`: a module file checked and compiled once (the loader and the on-disk cache of
+//! compiled code), then checked against what the host provides (every import resolves with its
+//! type), so an instance start finds nothing wrong that could have been found earlier.
 
-use std::io::Read;
 use std::path::Path;
 
 use evp_schemas::dbus::EvpError;
-use sha2::{Digest, Sha256};
 use wasmtime::{Engine, ExternType, Linker, Memory, MemoryType, Module, SharedMemory, Store};
 
-use crate::abi::{IMPORT_MODULE, MEMORY, START_EXPORT, TABLE_EXPORT};
+use crate::abi::{IMPORT_MODULE, MEMORY};
+use crate::cache::{CacheOutcome, ModuleCache};
 use crate::host::HostState;
+use crate::loader::{self, LoadError};
 use crate::threads::{THREAD_SPAWN, THREAD_SPAWN_MODULE};
-
-/// Read size while hashing a module file.
-const HASH_CHUNK: usize = 64 * 1024;
 
 /// A compiled module, ready for instances.
 pub struct LoadedModule {
@@ -26,8 +23,9 @@ pub struct LoadedModule {
     pub module: Module,
     /// The type of `env.memory` when the module imports its memory (threads builds do).
     pub memory_import: Option<MemoryType>,
-    /// The export of table 0, through which callbacks are called.
-    pub table_export: String,
+    /// The export of table 0, through which callbacks are called; `None` for a module without
+    /// a table (it cannot register callbacks).
+    pub table_export: Option<String>,
     /// It imports `wasi.thread-spawn`.
     pub spawns_threads: bool,
 }
@@ -42,68 +40,79 @@ impl std::fmt::Debug for LoadedModule {
     }
 }
 
-/// Compiles the module file. The one place code is compiled: the loader's on-disk cache
-/// (keyed by `sha256`, engine and CPU) takes its place.
-fn compile(engine: &Engine, sha256: &str, path: &Path) -> Result<Module, String> {
-    let _ = sha256;
-    Module::from_file(engine, path).map_err(|e| format!("{e:#}"))
+/// A compiled module and its table export, and whether it came from the cache (for the log).
+struct Compiled {
+    module: Module,
+    table_export: Option<String>,
+    outcome: CacheOutcome,
 }
 
-/// Verifies, compiles and checks a module file; the error is what `LoadModule` answers (and
-/// reconcilerd reports as the module's failure).
+/// Compiles the module file: from the cache of compiled code when there is one, else checked
+/// and rewritten by the loader and compiled here (the cache directory could not be used).
+fn compile(
+    engine: &Engine,
+    cache: Option<&ModuleCache>,
+    sha256: &str,
+    path: &Path,
+) -> Result<Compiled, LoadError> {
+    if let Some(cache) = cache {
+        let cached = cache.load(engine, sha256, path)?;
+        return Ok(Compiled {
+            module: cached.module,
+            table_export: cached.info.table_export,
+            outcome: cached.outcome,
+        });
+    }
+    let wasm = std::fs::read(path).map_err(|e| LoadError::Read {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let prepared = loader::prepare(&wasm)?;
+    let module =
+        Module::new(engine, &prepared.wasm).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+    Ok(Compiled {
+        module,
+        table_export: prepared.info.table_export,
+        outcome: CacheOutcome::Compiled,
+    })
+}
+
+/// Checks, compiles and checks again a module file; the error is what `LoadModule` answers
+/// (and reconcilerd reports as the module's failure).
 pub fn load(
     engine: &Engine,
     linker: &Linker<HostState>,
+    cache: Option<&ModuleCache>,
     module_id: &str,
     location: &str,
     sha256: &str,
-) -> Result<LoadedModule, EvpError> {
+) -> Result<(LoadedModule, CacheOutcome), EvpError> {
     let invalid = |m: String| EvpError::InvalidArgument(format!("module {module_id}: {m}"));
     if !location.starts_with('/') {
         return Err(invalid(format!("path {location:?} is not absolute")));
     }
-    if sha256.len() != 64 || !sha256.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(invalid(format!("sha256 {sha256:?} is not 64 hex digits")));
-    }
     let path = Path::new(location);
-    let actual = hash_file(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => invalid(format!("file {location} does not exist")),
-        _ => EvpError::Io(format!("module {module_id}: reading {location}: {e}")),
-    })?;
-    if !actual.eq_ignore_ascii_case(sha256) {
-        return Err(EvpError::InvalidArgument(format!(
-            "Module hash mismatch: module {module_id} file {location} has sha256 {actual}, \
-             the deployment says {}",
-            sha256.to_ascii_lowercase()
-        )));
+    if !path.exists() {
+        return Err(invalid(format!("file {location} does not exist")));
     }
-    let module = compile(engine, sha256, path)
-        .map_err(|e| invalid(format!("not a valid WASM module: {e}")))?;
-    let checked = check(engine, linker, &module).map_err(invalid)?;
-    Ok(LoadedModule {
+    let compiled = compile(engine, cache, sha256, path).map_err(|e| match e {
+        // EVP's failure message for it.
+        LoadError::HashMismatch { .. } => {
+            EvpError::InvalidArgument(format!("Module hash mismatch: module {module_id}: {e}"))
+        }
+        LoadError::CacheDir { .. } => EvpError::Io(format!("module {module_id}: {e}")),
+        other => invalid(other.to_string()),
+    })?;
+    let checked = check(engine, linker, &compiled.module).map_err(invalid)?;
+    let loaded = LoadedModule {
         id: module_id.to_owned(),
         location: location.to_owned(),
-        module,
+        module: compiled.module,
         memory_import: checked.memory_import,
-        table_export: TABLE_EXPORT.to_owned(),
+        table_export: compiled.table_export,
         spawns_threads: checked.spawns_threads,
-    })
-}
-
-/// SHA-256 of a file, in lower hex.
-fn hash_file(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; HASH_CHUNK];
-    loop {
-        match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => hasher.update(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(hex::encode(hasher.finalize()))
+    };
+    Ok((loaded, compiled.outcome))
 }
 
 /// What [`check`] learnt about a module's imports.
@@ -112,14 +121,9 @@ struct Checked {
     spawns_threads: bool,
 }
 
-/// Checks that the module is a WASI command and that every import resolves against the
-/// host's linker with the right type; the error is wasmtime's message.
+/// Checks that every import resolves against the host's linker with the right type (the
+/// loader checked the exports); the error is wasmtime's message.
 fn check(engine: &Engine, linker: &Linker<HostState>, module: &Module) -> Result<Checked, String> {
-    if !matches!(module.get_export(START_EXPORT), Some(ExternType::Func(_))) {
-        return Err(format!(
-            "it exports no `{START_EXPORT}` function (it must be a WASI command)"
-        ));
-    }
     let mut memory_import = None;
     let mut spawns_threads = false;
     for import in module.imports() {

@@ -5,9 +5,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use evp_schemas::dbus::{EvpError, RUNTIME_WASM_PATH, StartOptions};
+use evp_schemas::dbus::{EvpError, RUNTIME_WASM_PATH};
+use evp_schemas::instance::{StartOptions, StartOptionsDict};
 use tokio::sync::mpsc;
-use tracing::warn;
+use tracing::{debug, warn};
 use zbus::interface;
 use zbus::object_server::SignalEmitter;
 
@@ -25,20 +26,18 @@ impl WasmRuntime {
     }
 }
 
-/// The `sdk_socket` option, the only one a WASM instance uses (it gets no environment, and its
-/// entry is always `_start`).
-fn sdk_socket(mut options: StartOptions) -> Result<Option<PathBuf>, EvpError> {
-    let Some(v) = options.remove("sdk_socket") else {
-        return Ok(None);
-    };
-    let path = String::try_from(v)
-        .map_err(|_| EvpError::InvalidArgument("option sdk_socket must be a string (s)".into()))?;
-    if !path.starts_with('/') || path.contains('\0') {
-        return Err(EvpError::InvalidArgument(format!(
-            "option sdk_socket {path:?} must be an absolute path"
-        )));
+/// The `sdk_socket` option, the only one a WASM instance uses: it gets no environment, and
+/// its entry is always `_start`.
+fn sdk_socket(options: StartOptionsDict) -> Result<Option<PathBuf>, EvpError> {
+    let unknown = StartOptions::unknown_keys(&options).join(", ");
+    if !unknown.is_empty() {
+        warn!("StartInstance: ignoring options this build does not apply: {unknown}");
     }
-    Ok(Some(path.into()))
+    let options = StartOptions::from_dbus(options)?;
+    if !options.env.is_empty() {
+        debug!("StartInstance: the env option does not apply to WASM instances (no environment)");
+    }
+    Ok(options.sdk_socket)
 }
 
 #[interface(name = "org.evp.Runtime1")]
@@ -71,7 +70,7 @@ impl WasmRuntime {
         &self,
         instance: &str,
         module_id: &str,
-        options: StartOptions,
+        options: StartOptionsDict,
     ) -> Result<(u32, u32), EvpError> {
         let socket = sdk_socket(options)?;
         self.supervisor

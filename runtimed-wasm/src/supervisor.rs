@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 use wasmtime::Linker;
 
+use crate::cache::ModuleCache;
 use crate::config::WasmConfig;
 use crate::engine::WasmEngine;
 use crate::host::HostState;
@@ -22,7 +23,7 @@ use crate::module::{self, LoadedModule};
 use crate::session::{Control, Interruption};
 
 /// The one module kind this runtime runs.
-pub const KIND: &str = "wasm";
+pub const KIND: &str = evp_schemas::ModuleImpl::Wasm.as_str();
 /// Folder inside the instance directory that the module may write to, as in EVP.
 pub const DEFAULT_WORKSPACE_DIR: &str = "default_workspace";
 /// The SDK socket inside the instance directory when `StartInstance` names none (EVP's layout).
@@ -108,6 +109,9 @@ impl State {
 /// Modules and instances of the daemon.
 pub struct Supervisor {
     engine: WasmEngine,
+    /// Compiled modules on disk; `None` when its directory cannot be used (modules are then
+    /// compiled at every load).
+    cache: Option<ModuleCache>,
     linker: Linker<HostState>,
     settings: WasmConfig,
     instances_dir: PathBuf,
@@ -126,11 +130,17 @@ impl Supervisor {
         engine: WasmEngine,
         settings: WasmConfig,
         instances_dir: PathBuf,
+        cache_dir: &Path,
     ) -> wasmtime::Result<(Arc<Supervisor>, mpsc::UnboundedReceiver<InstanceEvent>)> {
         let linker = crate::host::linker(&engine.engine)?;
+        let cache = ModuleCache::new(cache_dir)
+            .inspect(|c| info!(dir = %c.dir().display(), "compiled modules are cached"))
+            .inspect_err(|e| warn!("compiled modules are not cached: {e}"))
+            .ok();
         let (tx, rx) = mpsc::unbounded_channel();
         let supervisor = Arc::new_cyclic(|me| Supervisor {
             engine,
+            cache,
             linker,
             settings,
             instances_dir,
@@ -185,17 +195,20 @@ impl Supervisor {
             )));
         }
         let (engine, linker) = (self.engine.engine.clone(), self.linker.clone());
+        let cache = self.cache.clone();
         let (id, loc, sha) = (module_id.to_owned(), location.to_owned(), sha256.to_owned());
         let started = std::time::Instant::now();
-        let loaded =
-            tokio::task::spawn_blocking(move || module::load(&engine, &linker, &id, &loc, &sha))
-                .await
-                .map_err(|e| EvpError::Io(format!("module {module_id}: loading failed: {e}")))?
-                .inspect_err(|e| warn!(module_id, location, "module refused: {e}"))?;
+        let (loaded, outcome) = tokio::task::spawn_blocking(move || {
+            module::load(&engine, &linker, cache.as_ref(), &id, &loc, &sha)
+        })
+        .await
+        .map_err(|e| EvpError::Io(format!("module {module_id}: loading failed: {e}")))?
+        .inspect_err(|e| warn!(module_id, location, "module refused: {e}"))?;
         info!(
             module_id,
             location,
             ms = started.elapsed().as_millis(),
+            cache = ?outcome,
             threads = loaded.spawns_threads,
             "module loaded"
         );
@@ -501,18 +514,12 @@ fn own_uid() -> u32 {
 }
 
 /// Creates `dir` (0700) if missing, refusing a symlink or a file in its place, so an instance
-/// never writes outside the instances directory.
+/// never writes outside the instances directory. An existing directory keeps its mode: the
+/// instances directory is shared with runtimed-container.
 fn private_dir(dir: &Path) -> Result<(), String> {
-    match std::fs::symlink_metadata(dir) {
-        Ok(m) if m.file_type().is_symlink() => Err(format!(
-            "{} is a symbolic link; remove it and start again",
-            dir.display()
-        )),
-        Ok(m) if !m.is_dir() => Err(format!("{} exists and is not a directory", dir.display())),
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            evp_daemon::create_private_dir(dir).map_err(|e| format!("{e:#}"))
-        }
-        Err(e) => Err(format!("inspecting {}: {e}", dir.display())),
+    match evp_daemon::fs::refuse_non_dir(dir) {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => evp_daemon::create_private_dir(dir, 0o700).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
     }
 }

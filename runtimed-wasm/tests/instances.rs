@@ -26,8 +26,13 @@ struct Rig {
 fn rig_with(settings: WasmConfig) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let engine = WasmEngine::on_demand(&settings).unwrap();
-    let (supervisor, events) =
-        Supervisor::new(engine, settings, dir.path().join("instances")).unwrap();
+    let (supervisor, events) = Supervisor::new(
+        engine,
+        settings,
+        dir.path().join("instances"),
+        &dir.path().join("cache"),
+    )
+    .unwrap();
     Rig {
         dir,
         supervisor,
@@ -279,6 +284,7 @@ async fn a_trap_in_a_thread_is_the_instance_failure() {
           (import "wasi" "thread-spawn" (func $spawn (param i32) (result i32)))
           (import "env" "EVP_processEvent" (func $process (param i32 i32) (result i32)))
           (func (export "wasi_thread_start") (param i32 i32) unreachable)
+          (func (export "malloc") (param i32) (result i32) (i32.const 0)) (func (export "free") (param i32))
           (func (export "_start")
             (drop (call $spawn (i32.const 1)))
             (loop $events (br_if $events (i32.ne (call $process (i32.const 0x1234) (i32.const -1)) (i32.const 1))))))"#,
@@ -315,17 +321,19 @@ async fn modules_that_cannot_run_are_refused_at_load_with_the_reason() {
         }
     };
     let m = refused("garbage", b"\0asm\x01\0\0\0\x7f", None).await;
-    assert!(m.contains("not a valid WASM module"), "{m}");
+    assert!(m.contains("does not validate"), "{m}");
     let m = refused("hash", &wasm("returns"), Some(&"0".repeat(64))).await;
     assert!(m.starts_with("Module hash mismatch"), "{m}");
     let unknown = wat::parse_str(
-        r#"(module (import "env" "EVP_nope" (func)) (memory (export "memory") 1) (func (export "_start")))"#,
+        r#"(module (import "env" "EVP_nope" (func)) (memory (export "memory") 1) (func (export "_start"))
+          (func (export "malloc") (param i32) (result i32) (i32.const 0)) (func (export "free") (param i32)))"#,
     )
     .unwrap();
     let m = refused("unknown", &unknown, None).await;
     assert!(m.contains("EVP_nope"), "{m}");
     let wrong_type = wat::parse_str(
-        r#"(module (import "env" "EVP_initialize" (func (result i64))) (memory (export "memory") 1) (func (export "_start")))"#,
+        r#"(module (import "env" "EVP_initialize" (func (result i64))) (memory (export "memory") 1) (func (export "_start"))
+          (func (export "malloc") (param i32) (result i32) (i32.const 0)) (func (export "free") (param i32)))"#,
     )
     .unwrap();
     let m = refused("wrong", &wrong_type, None).await;

@@ -3,10 +3,10 @@
 //! `schemas/dbus/*.xml` is what both must match, and a system test compares each running
 //! daemon's introspection with it.
 
-use std::collections::HashMap;
-
 use zbus::proxy;
-use zbus::{OwnedVariant, Variant};
+
+use crate::deployment::ModuleImpl;
+use crate::instance::StartOptionsDict;
 
 /// Bus name and object path of hubd.
 pub const HUB_NAME: &str = "org.evp.Hub1";
@@ -84,22 +84,56 @@ pub fn error_message(e: &zbus::Error) -> String {
     }
 }
 
-/// Options of `Runtime1.StartInstance`.
-pub type StartOptions = HashMap<String, OwnedVariant>;
+/// The two runtime daemons, each serving `org.evp.Runtime1` under its own name for the module
+/// kinds it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Runtime {
+    /// runtimed-wasm.
+    Wasm,
+    /// runtimed-container.
+    Container,
+}
 
-/// Builds `StartInstance` options from string entries and an environment map.
-pub fn start_options(
-    entries: &[(&str, &str)],
-    env: &HashMap<String, String>,
-) -> zbus::Result<StartOptions> {
-    let mut out = StartOptions::new();
-    for (k, v) in entries {
-        out.insert((*k).to_owned(), Variant::from(*v).try_into()?);
+impl Runtime {
+    /// Both runtimes.
+    pub const ALL: [Runtime; 2] = [Runtime::Wasm, Runtime::Container];
+
+    /// Its bus name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Runtime::Wasm => RUNTIME_WASM_NAME,
+            Runtime::Container => RUNTIME_CONTAINER_NAME,
+        }
     }
-    if !env.is_empty() {
-        out.insert("env".to_owned(), Variant::from(env.clone()).try_into()?);
+
+    /// How an operator calls it (`evpctl instances`): the part of its bus name after
+    /// `org.evp.Runtime1.`, lower case.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Runtime::Wasm => "wasm",
+            Runtime::Container => "container",
+        }
     }
-    Ok(out)
+
+    /// Its object path.
+    pub const fn path(self) -> &'static str {
+        match self {
+            Runtime::Wasm => RUNTIME_WASM_PATH,
+            Runtime::Container => RUNTIME_CONTAINER_PATH,
+        }
+    }
+}
+
+impl ModuleImpl {
+    /// The runtime that runs this kind (its bus name is [`Runtime::name`]); `None` for kinds
+    /// this agent cannot run.
+    pub const fn runtime(self) -> Option<Runtime> {
+        match self {
+            ModuleImpl::Wasm => Some(Runtime::Wasm),
+            ModuleImpl::Spawn | ModuleImpl::Python | ModuleImpl::Docker => Some(Runtime::Container),
+            ModuleImpl::Dlfcn => None,
+        }
+    }
 }
 
 /// hubd: the device's connection to its hub.
@@ -147,7 +181,7 @@ pub trait Reconciler1 {
 /// A runtime (runtimed-wasm or runtimed-container); pick the service and path at build time.
 #[proxy(interface = "org.evp.Runtime1")]
 pub trait Runtime1 {
-    /// Module kinds this runtime runs.
+    /// Module kinds this runtime runs ([`ModuleImpl::as_str`]).
     #[zbus(property)]
     fn kinds(&self) -> zbus::Result<Vec<String>>;
     /// Verifies and prepares a module file (or image).
@@ -166,7 +200,7 @@ pub trait Runtime1 {
         &self,
         instance: &str,
         module_id: &str,
-        options: HashMap<String, OwnedVariant>,
+        options: StartOptionsDict,
     ) -> zbus::Result<(u32, u32)>;
     /// Stops an instance: asks it to exit, then forces it after `grace_ms`.
     fn stop_instance(&self, instance: &str, grace_ms: u32) -> zbus::Result<()>;
@@ -175,7 +209,7 @@ pub trait Runtime1 {
     /// `(instance, module_id, status, failure_message)` for what the runtime hosts now.
     #[zbus(property)]
     fn instances(&self) -> zbus::Result<Vec<(String, String, String, String)>>;
-    /// An instance changed state.
+    /// An instance changed state; `status` is an [`InstanceState`](crate::InstanceState) word.
     #[zbus(signal)]
     fn instance_changed(
         &self,
@@ -226,4 +260,40 @@ pub trait SdkBroker1 {
         status: u32,
         response: &str,
     ) -> zbus::Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_module_kind_has_its_runtime() {
+        fn check(kind: ModuleImpl, expect: Option<(&str, &str)>) {
+            let got = kind.runtime().map(|rt| (rt.name(), rt.path()));
+            assert_eq!(got, expect, "{kind}");
+        }
+        let wasm = Some(("org.evp.Runtime1.Wasm", "/org/evp/Runtime1/Wasm"));
+        let container = Some(("org.evp.Runtime1.Container", "/org/evp/Runtime1/Container"));
+        check(ModuleImpl::Wasm, wasm);
+        check(ModuleImpl::Spawn, container);
+        check(ModuleImpl::Python, container);
+        check(ModuleImpl::Docker, container);
+        check(ModuleImpl::Dlfcn, None);
+    }
+
+    #[test]
+    fn a_runtime_label_is_its_bus_name_suffix() {
+        for runtime in Runtime::ALL {
+            let suffix = runtime
+                .name()
+                .strip_prefix("org.evp.Runtime1.")
+                .map(str::to_lowercase);
+            assert_eq!(
+                suffix.as_deref(),
+                Some(runtime.label()),
+                "{}",
+                runtime.name()
+            );
+        }
+    }
 }

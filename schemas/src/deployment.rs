@@ -67,7 +67,7 @@ pub enum ModuleImpl {
 
 impl ModuleImpl {
     /// The name used on the wire and in `Runtime1.Kinds`.
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             ModuleImpl::Wasm => "wasm",
             ModuleImpl::Spawn => "spawn",
@@ -398,6 +398,24 @@ mod tests {
             },
         );
         d
+    }
+
+    #[test]
+    fn module_kind_words_round_trip() {
+        fn check(kind: ModuleImpl, word: &str) {
+            assert_eq!(kind.as_str(), word);
+            assert_eq!(kind.to_string(), word);
+            assert_eq!(ModuleImpl::parse(word), Some(kind));
+            assert_eq!(serde_json::to_value(kind).unwrap(), word);
+        }
+        check(ModuleImpl::Wasm, "wasm");
+        check(ModuleImpl::Spawn, "spawn");
+        check(ModuleImpl::Python, "python");
+        check(ModuleImpl::Docker, "docker");
+        check(ModuleImpl::Dlfcn, "dlfcn");
+        for unknown in ["", "Spawn", "container", "native"] {
+            assert_eq!(ModuleImpl::parse(unknown), None, "{unknown:?}");
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! - [`status`]: the canonical deployment status that reconcilerd publishes.
 //! - [`codec`] and [`evp2`]: the hub's wire dialects, behind one trait.
 //! - [`text`]: bounding quoted input in messages.
+//! - [`instance`]: the `StartInstance` options and the SDK's environment variable names.
 //! - [`dbus`]: names, errors and proxies of the D-Bus interfaces; their
 //!   introspection XML lives in `schemas/dbus/` and is the source of truth.
 //! - [`sdk`]: the SDK wire format between a module and sdk-broker.
@@ -20,6 +21,7 @@ pub mod dbus;
 pub mod deployment;
 #[cfg(feature = "hub")]
 pub mod evp2;
+pub mod instance;
 pub mod routing;
 pub mod sdk;
 pub mod status;
@@ -35,4 +37,5 @@ pub use deployment::{
 };
 pub use status::{
     DeploymentStatus, InstanceState, InstanceStatus, ModuleState, ModuleStatus, ReconcileStatus,
+    UnknownInstanceState,
 };

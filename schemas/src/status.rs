@@ -103,8 +103,9 @@ pub enum InstanceState {
 }
 
 impl InstanceState {
-    /// The wire name (`ok`, `self-exiting`, ...), as in `Runtime1.InstanceChanged`.
-    pub fn as_str(self) -> &'static str {
+    /// The wire name (`ok`, `self-exiting`, ...), as in `Runtime1.InstanceChanged` and
+    /// `Runtime1.Instances`; the same as its JSON name in [`InstanceStatus`].
+    pub const fn as_str(self) -> &'static str {
         match self {
             InstanceState::Starting => "starting",
             InstanceState::Ok => "ok",
@@ -115,19 +116,35 @@ impl InstanceState {
         }
     }
 
-    /// Parses the wire name.
-    pub fn parse(name: &str) -> Option<Self> {
-        Some(match name {
+    /// Parses the wire name; a word this build does not know is an error the receiver decides
+    /// about (ignore the report, or take the state as `unknown`).
+    pub fn parse(name: &str) -> Result<Self, UnknownInstanceState> {
+        Ok(match name {
             "starting" => InstanceState::Starting,
             "ok" => InstanceState::Ok,
             "self-exiting" => InstanceState::SelfExiting,
             "error" => InstanceState::Error,
             "stopped" => InstanceState::Stopped,
             "unknown" => InstanceState::Unknown,
-            _ => return None,
+            _ => {
+                return Err(UnknownInstanceState(crate::text::shorten_owned(
+                    name.to_owned(),
+                    UNKNOWN_WORD_BYTES,
+                )));
+            }
         })
     }
 }
+
+/// How much of an unknown status word [`UnknownInstanceState`] keeps: the word comes from
+/// another process and ends up in a log line.
+const UNKNOWN_WORD_BYTES: usize = 64;
+
+/// A status word that is not one of [`InstanceState`]'s; it holds the word, its middle cut
+/// when long.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown instance status {0:?}")]
+pub struct UnknownInstanceState(pub String);
 
 impl fmt::Display for InstanceState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -162,4 +179,47 @@ pub enum ModuleState {
     Ok,
     /// Could not be fetched, verified or loaded.
     Error,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every state with its wire word: the bus word, the JSON name and the parse agree.
+    const WORDS: [(InstanceState, &str); 6] = [
+        (InstanceState::Starting, "starting"),
+        (InstanceState::Ok, "ok"),
+        (InstanceState::SelfExiting, "self-exiting"),
+        (InstanceState::Error, "error"),
+        (InstanceState::Stopped, "stopped"),
+        (InstanceState::Unknown, "unknown"),
+    ];
+
+    #[test]
+    fn instance_state_words_round_trip() {
+        for (state, word) in WORDS {
+            assert_eq!(state.as_str(), word);
+            assert_eq!(state.to_string(), word);
+            assert_eq!(InstanceState::parse(word), Ok(state));
+            assert_eq!(serde_json::to_value(state).unwrap(), word);
+            assert_eq!(
+                serde_json::from_value::<InstanceState>(word.into()).unwrap(),
+                state
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_instance_state_words_are_named_in_the_error() {
+        fn check(word: &str, expect: &str) {
+            let e = InstanceState::parse(word).unwrap_err();
+            assert_eq!(e.to_string(), expect, "{word:?}");
+        }
+        check("running", r#"unknown instance status "running""#);
+        check("OK", r#"unknown instance status "OK""#);
+        check("", r#"unknown instance status """#);
+        check("ok\0", r#"unknown instance status "ok\0""#);
+        let long = InstanceState::parse(&"x".repeat(10_000)).unwrap_err();
+        assert!(long.0.len() <= UNKNOWN_WORD_BYTES, "{}", long.0.len());
+    }
 }

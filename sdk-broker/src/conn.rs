@@ -1,26 +1,30 @@
 //! The per-instance sockets: creating them with the right mode, checking each peer against the
 //! instance's binding (its process and uid, see [`crate::peer`]), and serving one connection at
-//! a time, one request at a time (read, process, answer), as the EVP
-//! agent does. Framing errors get the answer docs/sdk-wire.md §4 documents and never take the broker
-//! down: an oversized record is drained and answered `EVP_TOOBIG`; a bad header is answered
-//! `EVP_INVAL` and closes; a payload that fails verification closes at once.
+//! a time, one request at a time (read, process, answer), as the EVP agent does. Framing errors
+//! get the answer docs/sdk-wire.md §4 documents and never take the broker down: an oversized
+//! record is drained and answered `EVP_TOOBIG`; a bad header is answered `EVP_INVAL` and
+//! closes; a payload that fails verification closes at once.
+//!
+//! What a request means is not decided here: a connection hands decoded requests to its
+//! [`Backend`] (the broker) and waits on it for events.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use evp_schemas::sdk::{
     EvpResult, HEADER_LEN, Header, HeaderError, MAX_PAYLOAD, Request, Response, encode_frame,
 };
+use futures_util::future::BoxFuture;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::broker::{Broker, BrokerError, Popped};
-use crate::peer::{self, Refusal};
+use crate::peer::{self, Binding, Refusal};
+use crate::rules::{InstanceRef, Peer, Popped};
 
 /// Socket mode: anyone who can reach it may connect, since who may use it is decided from the
 /// peer's credentials (its uid and pid against `BindInstance`), not by the file mode: instances
@@ -55,52 +59,138 @@ enum ConnEnd {
     Gone,
 }
 
-/// Creates `<run_dir>/sdk/<instance>.sock` and its directory with their modes.
-pub(crate) fn bind(
-    broker: &Broker,
-    instance: &str,
-) -> Result<(UnixListener, PathBuf), BrokerError> {
-    let io = |what: String| move |e: std::io::Error| BrokerError::Io(format!("{what}: {e}"));
-    let dir = broker.sdk_dir();
+/// Why creating an instance's socket failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {io}")]
+pub struct SocketError {
+    /// The step that failed, with its path.
+    what: String,
+    io: std::io::Error,
+}
+
+/// What serving a socket needs of the broker. This module knows the broker only through it
+/// (as Firecracker's vsock device knows only its backend), so the dependency goes one way:
+/// the broker opens sockets here and implements the trait.
+pub(crate) trait Backend: Send + Sync + 'static {
+    /// A checked peer connected: it becomes the instance's connection, given the notifier
+    /// that says an event was queued. `None` when the instance is gone, replaced or exiting.
+    fn attach(&self, instance: &InstanceRef) -> Option<(Peer, Arc<Notify>)>;
+    /// The next event for a getEvent of `peer`.
+    fn next_event(&self, peer: &Peer) -> Popped;
+    /// The answer to any request but getEvent.
+    fn handle<'a>(&'a self, peer: &'a Peer, request: Request) -> BoxFuture<'a, Response>;
+    /// The connection ended.
+    fn detach<'a>(&'a self, peer: &'a Peer) -> BoxFuture<'a, ()>;
+}
+
+/// An instance's socket, created and not served yet.
+#[derive(Debug)]
+pub(crate) struct Listening {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+/// Creates `<dir>/<instance>.sock` and `dir` with their modes.
+pub(crate) fn listen(dir: &Path, instance: &str) -> Result<Listening, SocketError> {
+    let failed = |what: String| move |io| SocketError { what, io };
     if !dir.exists() {
-        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(failed(format!("creating {}", dir.display())))?;
     }
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(DIR_MODE))
-        .map_err(io(format!("chmod {}", dir.display())))?;
+        .map_err(failed(format!("chmod {}", dir.display())))?;
     let path = dir.join(format!("{instance}.sock"));
     match std::fs::remove_file(&path) {
         Ok(()) => debug!("removed a stale {}", path.display()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(format!("removing stale {}", path.display()))(e)),
+        Err(e) => return Err(failed(format!("removing stale {}", path.display()))(e)),
     }
     let listener = std::os::unix::net::UnixListener::bind(&path)
-        .map_err(io(format!("binding {}", path.display())))?;
+        .map_err(failed(format!("binding {}", path.display())))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(SOCKET_MODE))
-        .map_err(io(format!("chmod {}", path.display())))?;
+        .map_err(failed(format!("chmod {}", path.display())))?;
     listener
         .set_nonblocking(true)
-        .map_err(io("making the listener non-blocking".into()))?;
+        .map_err(failed("making the listener non-blocking".into()))?;
     let listener =
-        UnixListener::from_std(listener).map_err(io("registering the listener".into()))?;
-    Ok((listener, path))
+        UnixListener::from_std(listener).map_err(failed("registering the listener".into()))?;
+    Ok(Listening { listener, path })
 }
 
-/// Accepts connections until the instance is removed and serves those of the instance's own
+impl Listening {
+    /// Starts serving the socket to `instance`'s process, once [`Socket::bind`] says which it
+    /// is. Call from a tokio runtime.
+    pub(crate) fn serve(self, backend: Arc<dyn Backend>, instance: InstanceRef) -> Socket {
+        let (stop, stop_rx) = watch::channel(false);
+        let binding = watch::Sender::new(None);
+        let binding_rx = binding.subscribe();
+        tokio::spawn(serve(backend, instance, self.listener, stop_rx, binding_rx));
+        Socket {
+            path: self.path,
+            stop,
+            binding,
+        }
+    }
+}
+
+/// A socket being served: dropping it stops the serving, [`Socket::close`] also removes the
+/// file.
+#[derive(Debug)]
+pub(crate) struct Socket {
+    path: PathBuf,
+    stop: watch::Sender<bool>,
+    /// The process the socket is served to, once `BindInstance` said.
+    binding: watch::Sender<Option<Binding>>,
+}
+
+impl Socket {
+    /// The socket's path.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serves the socket to `binding` from now on; returns the binding it replaces.
+    pub(crate) fn bind(&self, binding: Binding) -> Option<Binding> {
+        self.binding.send_replace(Some(binding))
+    }
+
+    /// Becomes true once the socket is closed (and ends, with an error, if it is dropped).
+    pub(crate) fn closed(&self) -> watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
+    /// Removes the file, then stops the listener and the connection.
+    pub(crate) fn close(self) {
+        // The file first: whoever waits for the stop (CloseInstance) finds it gone.
+        if let Err(e) = std::fs::remove_file(&self.path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!("removing {}: {e}", self.path.display());
+        }
+        self.stop.send_replace(true);
+    }
+}
+
+/// Whether the socket's [`Socket`] is gone (closed or dropped).
+fn gone(binding: &watch::Receiver<Option<Binding>>) -> bool {
+    binding.has_changed().is_err()
+}
+
+/// Accepts connections until the socket is closed and serves those of the instance's own
 /// process, one at a time. Each new connection is checked apart (held until the instance is
 /// bound), so a connection that waits or is refused never takes the slot from the module.
-pub(crate) async fn serve(
-    broker: Arc<Broker>,
-    instance: String,
-    inst_id: u64,
+async fn serve(
+    backend: Arc<dyn Backend>,
+    instance: InstanceRef,
     listener: UnixListener,
     mut stop: watch::Receiver<bool>,
+    binding: watch::Receiver<Option<Binding>>,
 ) {
+    let name = instance.name.as_str();
     let (checked_tx, mut checked) = mpsc::channel(MAX_HELD_PEERS);
     let acceptor = tokio::spawn(accept_and_check(
-        Arc::clone(&broker),
-        instance.clone(),
-        inst_id,
+        name.to_owned(),
         listener,
+        binding.clone(),
         checked_tx,
     ));
     loop {
@@ -113,27 +203,29 @@ pub(crate) async fn serve(
         };
         // Checked again against the binding in force now: a restart may have replaced it
         // while this connection waited for the slot.
-        let current = broker.binding(&instance, inst_id).and_then(|b| *b.borrow());
+        if gone(&binding) {
+            break;
+        }
+        let current = *binding.borrow();
         match current.map(|b| peer::check(b, pid, uid, peer::parent_of)) {
             Some(Ok(())) => {}
             Some(Err(why)) => {
-                warn!(instance, pid, uid, "refused an SDK peer: {why}");
+                warn!(instance = name, pid, uid, "refused an SDK peer: {why}");
                 continue;
             }
             None => break,
         }
-        serve_connection(&broker, &instance, inst_id, stream, uid, &stop).await;
+        serve_connection(&backend, &instance, stream, uid, &stop).await;
     }
     acceptor.abort();
 }
 
-/// Accepts every connection and checks each in a task of its own; those of the instance's
-/// process go to `checked`.
+/// Accepts every connection and checks each in a task of its own against `binding`; those
+/// of the instance's process go to `checked`.
 async fn accept_and_check(
-    broker: Arc<Broker>,
     instance: String,
-    inst_id: u64,
     listener: UnixListener,
+    binding: watch::Receiver<Option<Binding>>,
     checked: mpsc::Sender<(UnixStream, u32, u32)>,
 ) {
     let held = Arc::new(Semaphore::new(MAX_HELD_PEERS));
@@ -164,10 +256,10 @@ async fn accept_and_check(
             );
             continue;
         };
-        let Some(mut binding) = broker.binding(&instance, inst_id) else {
+        if gone(&binding) {
             return;
-        };
-        let (instance, checked) = (instance.clone(), checked.clone());
+        }
+        let (instance, checked, mut binding) = (instance.clone(), checked.clone(), binding.clone());
         tokio::spawn(async move {
             let _permit = permit;
             let bound = tokio::time::timeout(BIND_WAIT, async {
@@ -196,29 +288,30 @@ async fn accept_and_check(
 
 /// Serves one accepted connection until it ends.
 async fn serve_connection(
-    broker: &Arc<Broker>,
-    instance: &str,
-    inst_id: u64,
+    backend: &Arc<dyn Backend>,
+    instance: &InstanceRef,
     stream: UnixStream,
     uid: u32,
     stop: &watch::Receiver<bool>,
 ) {
-    let Some((conn, notify)) = broker.attach(instance, inst_id) else {
-        debug!(instance, "refused a peer: the instance is closing");
+    let name = instance.name.as_str();
+    let Some((peer, notify)) = backend.attach(instance) else {
+        debug!(instance = name, "refused a peer: the instance is closing");
         return;
     };
-    info!(instance, uid, "module connected");
+    info!(instance = name, uid, "module connected");
     // Each connection gets a thread of its own with a single-threaded runtime: a module
     // makes one request at a time and waits for the answer, so the round trip is the
     // cost of every SDK call, and a thread woken straight by its socket halves it
     // compared with a task of the shared multi-threaded runtime.
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let thread = {
-        let (broker, instance, mut stop) = (broker.clone(), instance.to_owned(), stop.clone());
+        let (backend, peer, mut stop) = (Arc::clone(backend), peer.clone(), stop.clone());
         let stream = stream.into_std();
         std::thread::Builder::new()
-            .name(format!("sdk-{instance}"))
+            .name(format!("sdk-{name}"))
             .spawn(move || {
+                let instance = peer.instance.name.as_str();
                 let runtime = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -233,10 +326,8 @@ async fn serve_connection(
                     let end = match stream.and_then(UnixStream::from_std) {
                         Ok(stream) => {
                             let mut c = Conn {
-                                broker: &broker,
-                                instance: &instance,
-                                inst_id,
-                                conn,
+                                backend: &*backend,
+                                peer: &peer,
                                 notify,
                                 stream,
                             };
@@ -255,7 +346,7 @@ async fn serve_connection(
                         }
                         other => warn!(instance, "closing the module's connection: {other}"),
                     }
-                    broker.detach(&instance, inst_id, conn).await;
+                    backend.detach(&peer).await;
                 });
                 let _ = done_tx.send(());
             })
@@ -266,8 +357,8 @@ async fn serve_connection(
             let _ = done_rx.await;
         }
         Err(e) => {
-            warn!(instance, "cannot start a thread for the module: {e}");
-            broker.detach(instance, inst_id, conn).await;
+            warn!(instance = name, "cannot start a thread for the module: {e}");
+            backend.detach(&peer).await;
         }
     }
 }
@@ -280,10 +371,8 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 
 /// One connection.
 struct Conn<'a> {
-    broker: &'a Broker,
-    instance: &'a str,
-    inst_id: u64,
-    conn: u64,
+    backend: &'a dyn Backend,
+    peer: &'a Peer,
     notify: Arc<Notify>,
     stream: UnixStream,
 }
@@ -332,13 +421,10 @@ impl Conn<'_> {
             } => Response::GetEvent(self.get_event(deadline_sec, deadline_nsec).await?),
             other => {
                 let name = other.name();
-                let r = self
-                    .broker
-                    .handle(self.instance, self.inst_id, self.conn, other)
-                    .await;
+                let r = self.backend.handle(self.peer, other).await;
                 if r != Response::Simple(EvpResult::Ok) {
                     debug!(
-                        instance = self.instance,
+                        instance = self.peer.instance.name,
                         request = name,
                         ?r,
                         "request not OK"
@@ -388,7 +474,7 @@ impl Conn<'_> {
             let notified = self.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match self.broker.pop(self.instance, self.inst_id, self.conn) {
+            match self.backend.next_event(self.peer) {
                 Popped::Event(e) => return Ok(e),
                 Popped::Exit => return Ok(evp_schemas::sdk::Event::Exit),
                 Popped::Gone => return Err(ConnEnd::Gone),
@@ -435,5 +521,229 @@ async fn peer_closed(stream: &UnixStream) -> std::io::Result<bool> {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! A connection against a fake [`Backend`] over a socket pair: the framing and the waiting,
+    //! without a broker, a socket file or a peer check.
+
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    use evp_schemas::sdk::{Callback, Event};
+
+    use super::*;
+
+    /// Hands out the events it was given and answers every request `EVP_OK`, keeping them.
+    #[derive(Default)]
+    struct Fake {
+        /// What successive getEvents find; `Empty` once they run out.
+        events: Mutex<VecDeque<Popped>>,
+        handled: Mutex<Vec<Request>>,
+    }
+
+    impl Backend for Fake {
+        fn attach(&self, _: &InstanceRef) -> Option<(Peer, Arc<Notify>)> {
+            None
+        }
+        fn next_event(&self, _: &Peer) -> Popped {
+            self.events
+                .lock()
+                .unwrap()
+                .pop_front()
+                .unwrap_or(Popped::Empty)
+        }
+        fn handle<'a>(&'a self, _: &'a Peer, request: Request) -> BoxFuture<'a, Response> {
+            self.handled.lock().unwrap().push(request);
+            Box::pin(async { Response::Simple(EvpResult::Ok) })
+        }
+        fn detach<'a>(&'a self, _: &'a Peer) -> BoxFuture<'a, ()> {
+            Box::pin(async {})
+        }
+    }
+
+    /// Serves one connection against `fake` while `client` talks on the other end; what the
+    /// client returned and what ended the connection (the client's end closing, at the latest).
+    async fn talk<T, F: Future<Output = T>>(
+        fake: &Fake,
+        notify: Arc<Notify>,
+        client: impl FnOnce(UnixStream) -> F,
+    ) -> (T, ConnEnd) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let instance = InstanceRef {
+            name: "i".into(),
+            id: 1,
+        };
+        let peer = Peer { instance, conn: 2 };
+        let conn = Conn {
+            backend: fake,
+            peer: &peer,
+            notify,
+            stream: ours,
+        };
+        // The connection is dropped once it ends, as serving does, so the client sees EOF.
+        let serve = async move {
+            let mut conn = conn;
+            conn.run().await
+        };
+        tokio::join!(client(theirs), serve)
+    }
+
+    async fn send(s: &mut UnixStream, header: Header, payload: &[u8]) {
+        s.write_all(&header.to_bytes()).await.unwrap();
+        s.write_all(payload).await.unwrap();
+    }
+
+    async fn request(s: &mut UnixStream, xid: u64, request: &Request) {
+        let payload = request.encode();
+        send(s, Header::new(payload.len() as u32, xid), &payload).await;
+    }
+
+    /// The next answer and its xid; `None` once the connection is closed.
+    async fn answer(s: &mut UnixStream) -> Option<(u64, Response)> {
+        let mut head = [0u8; HEADER_LEN];
+        s.read_exact(&mut head).await.ok()?;
+        let header = Header::parse(&head);
+        let mut payload = vec![0u8; header.size as usize];
+        s.read_exact(&mut payload).await.unwrap();
+        Some((header.xid, Response::decode(&payload).unwrap()))
+    }
+
+    fn state() -> Request {
+        Request::SendState {
+            topic: "t".into(),
+            blob: b"1".to_vec(),
+            cb: Callback::default(),
+        }
+    }
+
+    const OK: Response = Response::Simple(EvpResult::Ok);
+
+    #[tokio::test]
+    async fn requests_reach_the_backend_and_answers_carry_their_xid() {
+        let fake = Fake::default();
+        let (answers, end) = talk(&fake, Arc::default(), async |mut s| {
+            request(&mut s, 7, &state()).await;
+            let first = answer(&mut s).await;
+            request(&mut s, 8, &Request::RequestResendConfig).await;
+            [first, answer(&mut s).await]
+        })
+        .await;
+        assert_eq!(answers, [Some((7, OK)), Some((8, OK))]);
+        assert_eq!(
+            *fake.handled.lock().unwrap(),
+            [state(), Request::RequestResendConfig]
+        );
+        assert!(matches!(end, ConnEnd::Closed), "{end}");
+    }
+
+    #[tokio::test]
+    async fn an_oversized_record_is_drained_and_answered_toobig_and_serving_goes_on() {
+        let fake = Fake::default();
+        let too_big = MAX_PAYLOAD + 1;
+        let (answers, end) = talk(&fake, Arc::default(), async |mut s| {
+            send(&mut s, Header::new(too_big as u32, 5), &vec![0u8; too_big]).await;
+            let first = answer(&mut s).await;
+            request(&mut s, 6, &state()).await;
+            [first, answer(&mut s).await]
+        })
+        .await;
+        let toobig = Response::Simple(EvpResult::TooBig);
+        assert_eq!(answers, [Some((5, toobig)), Some((6, OK))]);
+        assert_eq!(fake.handled.lock().unwrap().len(), 1);
+        assert!(matches!(end, ConnEnd::Closed), "{end}");
+    }
+
+    /// A record `header` + `payload` gets `expect` (or nothing), then the connection closes
+    /// with `end`, and the backend sees nothing.
+    async fn check_refused(
+        header: Header,
+        payload: &[u8],
+        expect: Option<Response>,
+        end: fn(&ConnEnd) -> bool,
+    ) {
+        let fake = Fake::default();
+        let (answers, ended) = talk(&fake, Arc::default(), async |mut s| {
+            send(&mut s, header, payload).await;
+            [answer(&mut s).await, answer(&mut s).await]
+        })
+        .await;
+        let expect = expect.map(|r| (header.xid, r));
+        assert_eq!(answers, [expect, None], "{header:?}");
+        assert!(end(&ended), "{header:?}: {ended}");
+        assert!(fake.handled.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_bad_header_is_answered_inval_and_a_bad_payload_closes_at_once() {
+        let inval = Some(Response::Simple(EvpResult::Inval));
+        let header = |e: &ConnEnd| matches!(e, ConnEnd::Header(_));
+        let decode = |e: &ConnEnd| matches!(e, ConnEnd::Decode(_));
+        let reserved = Header {
+            size: 4,
+            zero: 1,
+            xid: 3,
+        };
+        check_refused(Header::new(0, 1), &[], inval.clone(), header).await;
+        check_refused(reserved, &[0; 4], inval, header).await;
+        check_refused(Header::new(8, 4), &[0xff; 8], None, decode).await;
+    }
+
+    /// A getEvent with `deadline` while the backend has `queued` is answered `expect`; `None`:
+    /// the connection ends unanswered because the instance is gone. `wake`: an event was
+    /// notified before the getEvent came.
+    async fn check_get_event(
+        queued: Vec<Popped>,
+        deadline: u64,
+        wake: bool,
+        expect: Option<Event>,
+    ) {
+        let fake = Fake {
+            events: Mutex::new(queued.into()),
+            ..Fake::default()
+        };
+        let notify = Arc::new(Notify::new());
+        if wake {
+            notify.notify_one();
+        }
+        let get_event = Request::GetEvent {
+            deadline_sec: deadline,
+            deadline_nsec: 0,
+        };
+        let (got, end) = talk(&fake, notify, async |mut s| {
+            request(&mut s, 9, &get_event).await;
+            answer(&mut s).await
+        })
+        .await;
+        let expect_end = if expect.is_some() { "Closed" } else { "Gone" };
+        assert_eq!(got, expect.map(|e| (9, Response::GetEvent(e))));
+        assert!(format!("{end:?}").starts_with(expect_end), "{end:?}");
+    }
+
+    #[tokio::test]
+    async fn a_get_event_takes_the_next_event_waits_for_one_or_times_out() {
+        let later = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 60;
+        let event = || Event::Config {
+            topic: "t".into(),
+            blob: b"v".to_vec(),
+        };
+        use Popped::{Empty, Exit, Gone};
+        check_get_event(vec![Popped::Event(event())], later, false, Some(event())).await;
+        check_get_event(
+            vec![Empty, Popped::Event(event())],
+            later,
+            true,
+            Some(event()),
+        )
+        .await;
+        check_get_event(vec![], 0, false, Some(Event::None)).await;
+        check_get_event(vec![Exit], later, false, Some(Event::Exit)).await;
+        check_get_event(vec![Gone], later, false, None).await;
     }
 }

@@ -2,9 +2,12 @@
 //! UNIX socket per instance, `<run_dir>/sdk/<instance>.sock`, so that modules built against
 //! the EVP agent run unchanged.
 //!
-//! - [`broker`]: the rules (event queues, configuration, states, telemetry, messages, direct
-//!   commands, back-pressure, the exit protocol), independent of D-Bus and sockets.
-//! - `conn`: the sockets and the framing; [`peer`]: who may use a socket.
+//! - `rules`: the rules (event queues, configuration, states, telemetry, messages, direct
+//!   commands, back-pressure, the exit protocol), without sockets, D-Bus or files.
+//! - [`broker`]: the rules under one lock, with their effects: sockets opened, configuration
+//!   persisted, signals emitted, background work (flusher, command expiry, exit grace).
+//! - `conn`: the sockets and the framing, which reach the broker through a small trait;
+//!   [`peer`]: who may use a socket.
 //! - [`settings`]: the `[sdk_broker]` table of `agent.toml`.
 //! - [`store`]: persisted configuration under `<data_dir>/sdk/config/`.
 //!
@@ -17,6 +20,7 @@ pub mod broker;
 mod conn;
 pub mod limits;
 pub mod peer;
+mod rules;
 pub mod settings;
 pub mod store;
 
@@ -31,6 +35,7 @@ use zbus::interface;
 use zbus::object_server::SignalEmitter;
 
 pub use broker::{Broker, BrokerError, ChannelSink, Signal, Sink};
+pub use conn::SocketError;
 pub use settings::Settings;
 
 /// The name of sdk-broker's table in `agent.toml`.
@@ -38,10 +43,15 @@ pub const SECTION: &str = "sdk_broker";
 
 impl From<BrokerError> for EvpError {
     fn from(e: BrokerError) -> Self {
+        let message = e.to_string();
         match e {
-            BrokerError::InvalidArgument(m) => EvpError::InvalidArgument(m),
-            BrokerError::Busy(m) => EvpError::Busy(m),
-            BrokerError::Io(m) => EvpError::Io(m),
+            BrokerError::InstanceName { .. }
+            | BrokerError::NotAProcess { .. }
+            | BrokerError::NotOpen { .. }
+            | BrokerError::Routing(_)
+            | BrokerError::ConfigTooBig { .. } => EvpError::InvalidArgument(message),
+            BrokerError::StillExiting { .. } => EvpError::Busy(message),
+            BrokerError::Socket(_) | BrokerError::Persist(_) => EvpError::Io(message),
         }
     }
 }

@@ -3,7 +3,6 @@
 //! of the directory) so a crash leaves either the old or the new file.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -22,7 +21,8 @@ impl ConfigStore {
     /// Opens (creating) `<sdk_data_dir>/config`.
     pub fn open(sdk_data_dir: PathBuf) -> Result<ConfigStore> {
         let dir = sdk_data_dir.join("config");
-        evp_daemon::create_private_dir(&dir)?;
+        // 0700: instances' configurations are sdk-broker's alone.
+        evp_daemon::create_private_dir(&dir, 0o700)?;
         Ok(ConfigStore { dir })
     }
 
@@ -65,15 +65,10 @@ impl ConfigStore {
             .collect();
         let text = serde_json::to_vec(&doc).context("encoding configuration")?;
         let path = self.dir.join(format!("{instance}.{EXT}"));
-        let tmp = self.dir.join(format!(".{instance}.{EXT}.tmp"));
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&text)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(&self.dir)?.sync_all()
-        };
-        write().with_context(|| format!("persisting configuration to {}", path.display()))
+        // 0666 less the umask, as `File::create` makes it: the folder (0700) keeps others out.
+        evp_daemon::write_atomic(&path, &text, 0o666, None)
+            .map_err(|e| e.error)
+            .with_context(|| format!("persisting configuration to {}", path.display()))
     }
 }
 

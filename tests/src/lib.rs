@@ -1,12 +1,14 @@
 //! The whole-system test harness: what a device has, really started. A private dbus-daemon
 //! with the project's policy, mosquitto as a process, the five daemons as processes, and a hub
 //! driver speaking EVP2 from the hub's side. Module files and an HTTP server to fetch them from
-//! are made by the tests themselves.
+//! are made by the tests themselves; WASM modules are built from `sdk/c` and
+//! `sdk/wasm-threads-module` by [`wasm`].
 
 pub mod certs;
 pub mod http;
 pub mod mosquitto;
 pub mod system;
+pub mod wasm;
 
 use std::time::{Duration, Instant};
 

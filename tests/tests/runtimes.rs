@@ -12,8 +12,9 @@ use std::process::{Child, Command, Stdio};
 use evp_devhub::PrivateBus;
 use evp_schemas::dbus::{
     RUNTIME_CONTAINER_NAME, RUNTIME_CONTAINER_PATH, RUNTIME_WASM_NAME, RUNTIME_WASM_PATH,
-    Runtime1Proxy, error_message, error_name, start_options,
+    Runtime1Proxy, error_message, error_name,
 };
+use evp_schemas::instance::StartOptions;
 use evp_system_tests::{DEADLINE, bin_dir, wait_for};
 use futures_util::StreamExt;
 use nix::sys::signal::{Signal, kill};
@@ -147,7 +148,7 @@ async fn runtimed_container_serves_runtime1_and_stops_instances_on_sigterm() {
         .await
         .unwrap_err();
     assert_eq!(error_name(&e), Some("org.evp.Error.InvalidArgument"), "{e}");
-    let no_options = start_options(&[], &Default::default()).unwrap();
+    let no_options = StartOptions::default().to_dbus().unwrap();
     let e = proxy
         .start_instance("i", "m", no_options.clone())
         .await
@@ -268,7 +269,7 @@ async fn runtimed_wasm_serves_runtime1_and_refuses_what_it_cannot_run() {
         .unwrap_err();
     assert_eq!(error_name(&e), Some("org.evp.Error.InvalidArgument"), "{e}");
     assert!(error_message(&e).contains("not a valid WASM module"), "{e}");
-    let options = start_options(&[], &Default::default()).unwrap();
+    let options = StartOptions::default().to_dbus().unwrap();
     let e = proxy.start_instance("i", "m", options).await.unwrap_err();
     assert_eq!(error_name(&e), Some("org.evp.Error.NotFound"), "{e}");
 

@@ -8,24 +8,19 @@ use std::time::{Duration, Instant};
 use evp_devhub::stack::Signal;
 use evp_system_tests::DEADLINE;
 use evp_system_tests::system::{Options, System, deploy_and_wait, instance_status, wait_state};
+use evp_system_tests::wasm::wasm_module;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 
 /// `runtimed-wasm/tests/modules/<name>.wat` compiled, written among the test's module files;
 /// its deployment entry.
-fn wasm_module(sys: &System, name: &str) -> Value {
+fn wat_module(sys: &System, name: &str) -> Value {
     let source = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../runtimed-wasm/tests/modules")
         .join(format!("{name}.wat"));
     let bytes = wat::parse_file(&source).unwrap_or_else(|e| panic!("{}: {e}", source.display()));
     let path = sys.modules_dir().join(format!("{name}.wasm"));
     std::fs::write(&path, &bytes).unwrap();
-    json!({
-        "moduleImpl": "wasm",
-        "entryPoint": "main",
-        "downloadUrl": format!("file://{}", path.display()),
-        "hash": hex::encode(Sha256::digest(&bytes)),
-    })
+    wasm_module(&path)
 }
 
 /// A deployment of one instance per `(instance, module)`, each module a WAT file's WASM.
@@ -35,7 +30,7 @@ fn wasm_deployment(sys: &System, id: &str, instances: &[(&str, &str)]) -> Value 
         "publishTopics": {}, "subscribeTopics": {}
     });
     for (instance, module) in instances {
-        d["modules"][*module] = wasm_module(sys, module);
+        d["modules"][*module] = wat_module(sys, module);
         d["instanceSpecs"][*instance] = json!({"moduleId": module, "publish": {}, "subscribe": {}});
     }
     d

@@ -6,11 +6,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use evp_daemon::Backoff;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use super::{DownloadConfig, Downloader, Progress};
-use crate::backoff::Backoff;
 use crate::store::ModuleCache;
 
 /// What a download task reports to the reconcile loop. `task` tells a task apart from an

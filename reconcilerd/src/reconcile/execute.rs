@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use evp_schemas::InstanceState;
 use evp_schemas::dbus::{self, Runtime1Proxy, SdkBroker1Proxy};
+use evp_schemas::instance::StartOptions;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
@@ -193,13 +194,12 @@ pub(super) async fn start(
         .open_instance(name)
         .await
         .map_err(|e| format!("Failed to create SDK socket: {}", dbus::error_message(&e)))?;
-    let options = dbus::start_options(
-        &[
-            ("entry_point", &want.module.entry_point),
-            ("sdk_socket", &socket),
-        ],
-        &Default::default(),
-    )
+    let options = StartOptions {
+        sdk_socket: Some(socket.into()),
+        entry_point: Some(want.module.entry_point.clone()),
+        ..Default::default()
+    }
+    .to_dbus()
     .map_err(|e| e.to_string())?;
     let (pid, uid) = proxy
         .start_instance(name, &want.module_id, options)

@@ -143,41 +143,14 @@ pub(crate) fn own_uid() -> u32 {
 /// Refuses a symlink or a file where the directory `dir` should be (if it exists), so an
 /// instance never writes outside the instances directory.
 fn refuse_non_dir(dir: &Path) -> Result<(), String> {
-    match std::fs::symlink_metadata(dir) {
-        Ok(m) if m.file_type().is_symlink() => Err(format!(
-            "{} is a symbolic link; remove it and start again",
-            dir.display()
-        )),
-        Ok(m) if !m.is_dir() => Err(format!("{} exists and is not a directory", dir.display())),
-        _ => Ok(()),
-    }
+    evp_daemon::fs::refuse_non_dir(dir)
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 /// Creates `dir` if missing and gives it `mode` (0700, or 0711 to let instances through),
 /// refusing a symlink in its place so an instance never writes outside the instances
 /// directory.
 fn create_private_dir(dir: &Path, mode: u32) -> Result<(), String> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    match std::fs::symlink_metadata(dir) {
-        Ok(m) if m.file_type().is_symlink() => {
-            return Err(format!(
-                "{} is a symbolic link; remove it and start again",
-                dir.display()
-            ));
-        }
-        Ok(m) if !m.is_dir() => {
-            return Err(format!("{} exists and is not a directory", dir.display()));
-        }
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(mode)
-                .create(dir)
-                .map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        }
-        Err(e) => return Err(format!("inspecting {}: {e}", dir.display())),
-    }
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| format!("making {} private ({mode:04o}): {e}", dir.display()))
+    evp_daemon::create_private_dir(dir, mode).map_err(|e| e.to_string())
 }

@@ -1,71 +1,30 @@
-//! The `StartInstance` options and the statuses an instance reports, as plain values.
+//! The `StartInstance` options and the statuses an instance reports, as plain values; their
+//! wire forms are `evp_schemas`'.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
-
-use evp_schemas::dbus::{EvpError, StartOptions};
+use evp_schemas::InstanceState;
+use evp_schemas::dbus::EvpError;
+use evp_schemas::instance::StartOptionsDict;
 use tracing::warn;
 
 use super::{EXIT_STATUS_UNKNOWN, Exit};
 use crate::record::Ended;
 
 /// The `StartInstance` options this runtime understands.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct InstanceOptions {
-    /// `sdk_socket` (s): the SDK socket path; `<instance dir>/sdk.sock` when absent.
-    pub sdk_socket: Option<PathBuf>,
-    /// `env` (a{ss}): extra environment entries.
-    pub env: BTreeMap<String, String>,
-    /// `entry_point` (s).
-    pub entry_point: Option<String>,
-}
+pub use evp_schemas::instance::StartOptions as InstanceOptions;
 
-impl InstanceOptions {
-    /// Reads the D-Bus options, refusing wrong types and malformed values; unknown options are
-    /// ignored so newer callers can pass limits this build does not apply yet.
-    pub fn from_dbus(mut options: StartOptions) -> Result<InstanceOptions, EvpError> {
-        let mut out = InstanceOptions::default();
-        if let Some(v) = options.remove("sdk_socket") {
-            let path = String::try_from(v).map_err(|_| {
-                EvpError::InvalidArgument("option sdk_socket must be a string (s)".into())
-            })?;
-            if !path.starts_with('/') || path.contains('\0') {
-                return Err(EvpError::InvalidArgument(format!(
-                    "option sdk_socket {path:?} must be an absolute path"
-                )));
-            }
-            out.sdk_socket = Some(path.into());
-        }
-        if let Some(v) = options.remove("entry_point") {
-            out.entry_point = Some(String::try_from(v).map_err(|_| {
-                EvpError::InvalidArgument("option entry_point must be a string (s)".into())
-            })?);
-        }
-        if let Some(v) = options.remove("env") {
-            let env = HashMap::<String, String>::try_from(v).map_err(|_| {
-                EvpError::InvalidArgument("option env must be a string map (a{ss})".into())
-            })?;
-            for (key, value) in &env {
-                if key.is_empty() || key.contains(['=', '\0']) {
-                    return Err(EvpError::InvalidArgument(format!(
-                        "option env: {key:?} is not a valid variable name (empty, or has '=' or NUL)"
-                    )));
-                }
-                if value.contains('\0') {
-                    return Err(EvpError::InvalidArgument(format!(
-                        "option env: the value of {key} contains a NUL byte"
-                    )));
-                }
-            }
-            out.env = env.into_iter().collect();
-        }
-        if !options.is_empty() {
-            let mut names: Vec<_> = options.keys().map(String::as_str).collect();
-            names.sort_unstable();
-            warn!("StartInstance: ignoring options this build does not apply: {names:?}");
-        }
-        Ok(out)
+/// Reads `StartInstance` options off the bus, refusing wrong types and malformed values as
+/// `InvalidArgument`; options this build does not apply are logged and ignored, so newer
+/// callers can pass limits it does not know yet.
+pub fn read_start_options(options: StartOptionsDict) -> Result<InstanceOptions, EvpError> {
+    let ignored: Vec<String> = InstanceOptions::unknown_keys(&options)
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    let read = InstanceOptions::from_dbus(options)?;
+    if !ignored.is_empty() {
+        warn!("StartInstance: ignoring options this build does not apply: {ignored:?}");
     }
+    Ok(read)
 }
 
 /// An instance's status as reported on the bus.
@@ -82,13 +41,13 @@ pub enum Status {
 }
 
 impl Status {
-    /// The status word on the bus.
-    pub fn as_str(&self) -> &'static str {
+    /// The state it is reported as on the bus.
+    pub fn state(&self) -> InstanceState {
         match self {
-            Status::Starting => "starting",
-            Status::Ok => "ok",
-            Status::SelfExiting => "self-exiting",
-            Status::Error(_) => "error",
+            Status::Starting => InstanceState::Starting,
+            Status::Ok => InstanceState::Ok,
+            Status::SelfExiting => InstanceState::SelfExiting,
+            Status::Error(_) => InstanceState::Error,
         }
     }
 
@@ -112,16 +71,103 @@ impl Status {
 
     /// The status a record says an instance ended with.
     pub(crate) fn from_ended(ended: &Ended) -> Status {
-        match ended.status.as_str() {
-            "self-exiting" => Status::SelfExiting,
+        match InstanceState::parse(&ended.status) {
+            Ok(InstanceState::SelfExiting) => Status::SelfExiting,
             _ => Status::Error(ended.failure_message.clone()),
         }
     }
 
     pub(crate) fn to_ended(&self) -> Ended {
         Ended {
-            status: self.as_str().to_owned(),
+            status: self.state().as_str().to_owned(),
             failure_message: self.message().to_owned(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use evp_schemas::instance::StartOptionsDict;
+    use zbus::zvariant::OwnedVariant;
+
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn refused(options: StartOptionsDict) -> String {
+        match read_start_options(options) {
+            Err(EvpError::InvalidArgument(m)) => m,
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn options_are_read_and_checked() {
+        let sent = InstanceOptions {
+            sdk_socket: Some(PathBuf::from("/run/s.sock")),
+            env: BTreeMap::from([("A".to_owned(), "1".to_owned())]),
+            entry_point: Some("main".into()),
+        };
+        let o = read_start_options(sent.to_dbus().unwrap()).unwrap();
+        assert_eq!(o.sdk_socket, Some(PathBuf::from("/run/s.sock")));
+        assert_eq!(o.entry_point.as_deref(), Some("main"));
+        assert_eq!(o.env, BTreeMap::from([("A".to_owned(), "1".to_owned())]));
+
+        let relative = InstanceOptions {
+            sdk_socket: Some("relative.sock".into()),
+            ..Default::default()
+        };
+        let m = refused(relative.to_dbus().unwrap());
+        assert!(m.contains("absolute"), "{m}");
+        let bad_env = InstanceOptions {
+            env: BTreeMap::from([("A=B".to_owned(), "1".to_owned())]),
+            ..Default::default()
+        };
+        let m = refused(bad_env.to_dbus().unwrap());
+        assert!(m.contains("A=B"), "{m}");
+        let mut wrong_type = StartOptionsDict::new();
+        wrong_type.insert("sdk_socket".into(), OwnedVariant::from(7u32));
+        assert!(refused(wrong_type).contains("string"));
+        let mut wrong_type = StartOptionsDict::new();
+        wrong_type.insert("env".into(), OwnedVariant::from(7u32));
+        assert!(refused(wrong_type).contains("a{ss}"));
+        // Unknown options (limits of later builds) are ignored.
+        let mut later = StartOptionsDict::new();
+        later.insert("memory_bytes".into(), OwnedVariant::from(1u64 << 20));
+        assert_eq!(
+            read_start_options(later).unwrap(),
+            InstanceOptions::default()
+        );
+    }
+
+    #[test]
+    fn exits_map_to_statuses() {
+        let s = |e: Exit| {
+            let st = Status::from_exit(&e);
+            (st.state().as_str(), st.message().to_owned())
+        };
+        assert_eq!(s(Exit::Code(0)), ("self-exiting", String::new()));
+        assert_eq!(s(Exit::Code(3)), ("error", "exited with status 3".into()));
+        assert_eq!(
+            s(Exit::Signal("SIGSEGV".into())),
+            ("error", "killed by signal SIGSEGV".into())
+        );
+    }
+
+    #[test]
+    fn a_record_ends_as_the_status_it_was_written_with() {
+        fn check(status: Status) {
+            assert_eq!(Status::from_ended(&status.to_ended()), status);
+        }
+        check(Status::SelfExiting);
+        check(Status::Error("exited with status 3".into()));
+        check(Status::Error(String::new()));
+        // A word this build does not know (a newer build's record) is taken as a failure.
+        let odd = Ended {
+            status: "paused".into(),
+            failure_message: "why".into(),
+        };
+        assert_eq!(Status::from_ended(&odd), Status::Error("why".into()));
     }
 }

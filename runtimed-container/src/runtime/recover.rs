@@ -134,7 +134,7 @@ impl Supervisor {
                     scope: scope.flatten(),
                 },
             );
-            state.emit(name, status.as_str(), status.message());
+            state.emit(name, status.state(), status.message());
             generation
         };
         if let Some(exited) = exited {

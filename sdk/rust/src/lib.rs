@@ -45,10 +45,11 @@ pub use evp_schemas::sdk::{
     EvpResult, MessageSentReason, RpcResponseReason, RpcStatus, StateReason, TelemetryReason,
 };
 
-/// The environment variable that names the instance's SDK socket.
-pub const ENV_SOCKET: &str = "EVP_MODULE_SDK_SOCKET_PATH";
-/// The environment variable that names the instance's workspace.
-pub const ENV_WORKSPACE: &str = "EVP_MODULE_SDK_DEFAULT_WORKSPACE_PATH";
+/// The environment variable that names the instance's SDK socket, `EVP_MODULE_SDK_SOCKET_PATH`.
+pub const ENV_SOCKET: &str = evp_schemas::instance::ENV_SDK_SOCKET;
+/// The environment variable that names the instance's workspace,
+/// `EVP_MODULE_SDK_DEFAULT_WORKSPACE_PATH`.
+pub const ENV_WORKSPACE: &str = evp_schemas::instance::ENV_DEFAULT_WORKSPACE;
 /// The socket path when [`ENV_SOCKET`] is unset (docker mounts the instance directory at /evp).
 pub const DEFAULT_SOCKET: &str = "/evp/sdk.sock";
 /// The workspace when [`ENV_WORKSPACE`] is unset.
