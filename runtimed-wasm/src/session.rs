@@ -7,10 +7,18 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use evp_schemas::sdk::{self as wire, EvpResult, Request};
 use evp_sdk::{Connection, Error};
+
+/// How long a refused first connection is tried again (see [`Session::with_conn`]): more than
+/// the few D-Bus round trips between `StartInstance`'s answer and `BindInstance`.
+const REBIND_WAIT: Duration = Duration::from_secs(3);
+/// The first wait before connecting again; it doubles up to [`REBIND_RETRY_MAX`].
+const REBIND_RETRY_FIRST: Duration = Duration::from_millis(10);
+/// The longest wait between two connections.
+const REBIND_RETRY_MAX: Duration = Duration::from_millis(200);
 
 /// Why an instance's threads are told to end.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,6 +96,8 @@ pub struct Registered {
 pub struct Session {
     socket: PathBuf,
     conn: Option<Connection>,
+    /// The connection has had an answer: sdk-broker accepted it.
+    accepted: bool,
     control: Arc<Control>,
     /// `EVP_setConfigurationCallback`'s, once called.
     pub configuration: Option<Registered>,
@@ -123,6 +133,7 @@ impl Session {
         Session {
             socket,
             conn: None,
+            accepted: false,
             control,
             configuration: None,
             message: None,
@@ -148,9 +159,44 @@ impl Session {
             .ok_or_else(|| Error::Protocol("no connection".into()))
     }
 
+    /// Runs `call` on the connection. A new connection that sdk-broker closes before its first
+    /// answer was refused by its peer check: while the instance restarts, the socket is still
+    /// bound to its previous process until reconcilerd's `BindInstance` (which follows
+    /// `StartInstance`) arrives, so the call is made again on a new connection for a moment.
+    /// A request is never processed on a refused connection, so sending it again is safe.
+    fn with_conn<T>(
+        &mut self,
+        mut call: impl FnMut(&mut Connection) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let started = Instant::now();
+        let mut delay = REBIND_RETRY_FIRST;
+        loop {
+            let result = self.conn().and_then(&mut call);
+            match result {
+                Err(Error::Io(e))
+                    if !self.accepted
+                        && self.conn.is_some()
+                        && !self.control.is_interrupted()
+                        && started.elapsed() < REBIND_WAIT =>
+                {
+                    tracing::debug!(
+                        "the SDK connection was closed before its first answer ({e}); connecting again"
+                    );
+                    self.conn = None;
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(REBIND_RETRY_MAX);
+                }
+                result => {
+                    self.accepted |= result.is_ok() || matches!(result, Err(Error::Agent(_)));
+                    return result;
+                }
+            }
+        }
+    }
+
     /// A request answered with an `EVP_RESULT`, as the guest gets it.
     pub fn simple(&mut self, request: &Request) -> EvpResult {
-        match self.conn().and_then(|c| c.simple(request)) {
+        match self.with_conn(|c| c.simple(request)) {
             Ok(()) => EvpResult::Ok,
             Err(e) => e.result(),
         }
@@ -158,18 +204,19 @@ impl Session {
 
     /// Any request, with its response.
     pub fn call(&mut self, request: &Request) -> Result<wire::Response, Error> {
-        self.conn()?.call(request, Some(evp_sdk::CALL_TIMEOUT))
+        self.with_conn(|c| c.call(request, Some(evp_sdk::CALL_TIMEOUT)))
     }
 
     /// `getEvent` with the guest's timeout in milliseconds (0: poll; negative: forever).
     pub fn get_event(&mut self, timeout_ms: i32) -> Result<wire::Event, Error> {
         let timeout = u64::try_from(timeout_ms).ok().map(Duration::from_millis);
-        self.conn()?.get_event(timeout)
+        self.with_conn(|c| c.get_event(timeout))
     }
 
     /// Closes the connection (sdk-broker sees the module let go).
     pub fn close(&mut self) {
         self.conn = None;
+        self.accepted = false;
     }
 }
 

@@ -129,6 +129,21 @@ async fn configuration_comes_back_as_state_and_commands_are_answered() {
     assert_eq!(again.wait_state("t"), b"2");
 }
 
+/// While an instance restarts, sdk-broker refuses its connection until the socket is bound to
+/// the new start: the instance connects again instead of taking the refusal as the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_first_connection_is_made_again() {
+    let mut rig = rig();
+    rig.load("echo", "config_echo").await;
+    let broker = rig.broker("echo");
+    broker.refuse(2);
+    rig.start("echo", "echo", &broker).await;
+    broker.configure("t", b"v");
+    assert_eq!(broker.wait_state("t"), b"v");
+    assert_eq!(broker.connections(), 3);
+    rig.wait("echo", InstanceState::Ok).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trap_is_an_error_with_wasmtimes_message() {
     let mut rig = rig();

@@ -22,6 +22,9 @@ struct Inner {
     telemetry: Vec<(String, String)>,
     rpc_answers: Vec<(u64, String, u32)>,
     connections: usize,
+    /// Connections still to be closed at once, as sdk-broker's peer check closes a connection
+    /// from a process the socket is not bound to.
+    refuse: usize,
 }
 
 /// The fake broker of one instance.
@@ -60,7 +63,14 @@ impl FakeBroker {
     }
 
     fn serve(&self, mut stream: std::os::unix::net::UnixStream) {
-        self.inner.0.lock().unwrap().connections += 1;
+        {
+            let mut inner = self.inner.0.lock().unwrap();
+            inner.connections += 1;
+            if inner.refuse > 0 {
+                inner.refuse -= 1;
+                return;
+            }
+        }
         while let Ok((header, payload)) = wire::read_frame(&mut stream) {
             let Ok(request) = Request::decode(&payload) else {
                 return;
@@ -220,6 +230,11 @@ impl FakeBroker {
                 .find(|a| a.0 == id)
                 .map(|a| (a.1.clone(), a.2))
         })
+    }
+
+    /// Closes the next `n` connections at once, unanswered.
+    pub fn refuse(&self, n: usize) {
+        self.push(|i| i.refuse = n);
     }
 
     /// How many connections the instance made.
