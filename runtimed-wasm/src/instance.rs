@@ -170,6 +170,9 @@ fn imported_memory(
     Ok(memory)
 }
 
+/// Resolves once the instance is instantiated (`Ok`) or could not be (why).
+pub type Ready = oneshot::Receiver<Result<(), String>>;
+
 /// Starts an instance on a thread of its own. The receiver says whether it was instantiated
 /// (the start's answer); `on_end` runs once it ended, after its SDK connection closed and its
 /// memory was released, so a restart finds everything free.
@@ -179,7 +182,7 @@ pub fn start(
     module: Arc<LoadedModule>,
     spec: &InstanceSpec,
     on_end: impl FnOnce(Outcome) + Send + 'static,
-) -> Result<(Arc<Control>, oneshot::Receiver<Result<(), String>>), String> {
+) -> Result<(Arc<Control>, Ready), String> {
     let control = Arc::new(Control::default());
     let shared = Arc::new(Shared {
         instance: spec.instance.as_str().into(),
