@@ -9,7 +9,7 @@ mod events;
 use std::cell::UnsafeCell;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use evp_schemas::sdk::{EvpResult, Request, TelemetryEntry};
+use evp_schemas::sdk::{self as wire, EvpResult, Request, TelemetryEntry};
 use wasmtime::{Caller, Linker, Memory, Ref, SharedMemory, Table, TypedFunc, Val};
 use wasmtime_wasi::p1::WasiP1Ctx;
 
@@ -262,15 +262,29 @@ pub fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostState>> 
     let m = IMPORT_MODULE;
     linker.func_wrap(m, "EVP_initialize", || HANDLE)?;
     linker.func_wrap(m, "EVP_getWorkspaceDirectory", get_workspace_directory)?;
-    linker.func_wrap(
-        m,
-        "EVP_setConfigurationCallback",
-        set_configuration_callback,
-    )?;
-    linker.func_wrap(m, "EVP_setMessageCallback", set_message_callback)?;
-    linker.func_wrap(m, "EVP_setRpcCallback", set_rpc_callback)?;
-    linker.func_wrap(m, "EVP_sendState", send_state)?;
-    linker.func_wrap(m, "EVP_sendMessage", send_message)?;
+    for (name, how) in [
+        ("EVP_setConfigurationCallback", &CONFIGURATION),
+        ("EVP_setMessageCallback", &MESSAGE),
+        ("EVP_setRpcCallback", &RPC),
+    ] {
+        linker.func_wrap(
+            m,
+            name,
+            move |caller: Caller<'_, HostState>, h, cb, user| register(caller, [h, cb, user], how),
+        )?;
+    }
+    type Build = fn(String, Vec<u8>, wire::Callback) -> Request;
+    let state: Build = |topic, blob, cb| Request::SendState { topic, blob, cb };
+    let message: Build = |topic, blob, cb| Request::SendMessage { topic, blob, cb };
+    for (name, build) in [("EVP_sendState", state), ("EVP_sendMessage", message)] {
+        linker.func_wrap(
+            m,
+            name,
+            move |caller: Caller<'_, HostState>, h, topic, data, len, cb, user| {
+                send_topic_data(caller, [h, topic, data, len, cb, user], build)
+            },
+        )?;
+    }
     linker.func_wrap(m, "EVP_sendTelemetry", send_telemetry)?;
     linker.func_wrap(m, "EVP_sendRpcResponse", send_rpc_response)?;
     linker.func_wrap(m, "EVP_processEvent", events::process_event)?;
@@ -299,118 +313,77 @@ fn get_workspace_directory(
     Ok(ptr)
 }
 
-fn set_configuration_callback(
+/// One `EVP_set*Callback`: how it registers `(cb, user)` and what it answers.
+struct Registration {
+    /// The session's slot for it.
+    slot: fn(&mut Session) -> &mut Option<Registered>,
+    /// The answer to a second call.
+    twice: EvpResult,
+    /// A NULL callback is refused (`EVP_INVAL`).
+    needs_callback: bool,
+    /// The answer once registered.
+    then: fn(&mut Session) -> EvpResult,
+}
+
+/// `EVP_setConfigurationCallback`: a second call is `EVP_ERROR`; the stored configurations
+/// come again, now that there is a callback for them.
+const CONFIGURATION: Registration = Registration {
+    slot: |s| &mut s.configuration,
+    twice: EvpResult::Error,
+    needs_callback: false,
+    then: |s| s.simple(&Request::RequestResendConfig),
+};
+/// `EVP_setMessageCallback`: EVP asserts (and aborts the whole agent) on a second call; here
+/// only the call fails.
+const MESSAGE: Registration = Registration {
+    slot: |s| &mut s.message,
+    twice: EvpResult::Inval,
+    needs_callback: false,
+    then: |_| EvpResult::Ok,
+};
+/// `EVP_setRpcCallback`: NULL or a second call is `EVP_INVAL`.
+const RPC: Registration = Registration {
+    slot: |s| &mut s.rpc,
+    twice: EvpResult::Inval,
+    needs_callback: true,
+    then: |_| EvpResult::Ok,
+};
+
+fn register(
     caller: Caller<'_, HostState>,
-    h: i32,
-    cb: i32,
-    user: i32,
+    [h, cb, user]: [i32; 3],
+    how: &Registration,
 ) -> wasmtime::Result<i32> {
     check_handle!(h);
     let mut sdk = caller.data().sdk();
-    if sdk.configuration.is_some() {
-        return Ok(code(EvpResult::Error));
+    if (how.needs_callback && cb == 0) || (how.slot)(&mut sdk).is_some() {
+        let refused = if how.needs_callback && cb == 0 {
+            EvpResult::Inval
+        } else {
+            how.twice
+        };
+        return Ok(code(refused));
     }
-    sdk.configuration = Some(Registered {
+    *(how.slot)(&mut sdk) = Some(Registered {
         index: cb as u32,
         user,
     });
-    // The stored configurations come again, now that there is a callback for them.
-    Ok(code(sdk.simple(&Request::RequestResendConfig)))
+    Ok(code((how.then)(&mut sdk)))
 }
 
-fn set_message_callback(
-    caller: Caller<'_, HostState>,
-    h: i32,
-    cb: i32,
-    user: i32,
-) -> wasmtime::Result<i32> {
-    check_handle!(h);
-    let mut sdk = caller.data().sdk();
-    // EVP asserts (and aborts the whole agent) on a second call; here only the call fails.
-    if sdk.message.is_some() {
-        return Ok(code(EvpResult::Inval));
-    }
-    sdk.message = Some(Registered {
-        index: cb as u32,
-        user,
-    });
-    Ok(code(EvpResult::Ok))
-}
-
-fn set_rpc_callback(
-    caller: Caller<'_, HostState>,
-    h: i32,
-    cb: i32,
-    user: i32,
-) -> wasmtime::Result<i32> {
-    check_handle!(h);
-    let mut sdk = caller.data().sdk();
-    if cb == 0 || sdk.rpc.is_some() {
-        return Ok(code(EvpResult::Inval));
-    }
-    sdk.rpc = Some(Registered {
-        index: cb as u32,
-        user,
-    });
-    Ok(code(EvpResult::Ok))
-}
-
-/// The topic string and data bytes of sendState and sendMessage.
-fn topic_and_data(
-    caller: &mut Caller<'_, HostState>,
-    topic: i32,
-    data: i32,
-    len: i32,
-) -> wasmtime::Result<Result<(String, Vec<u8>), i32>> {
-    read(caller, |m| {
-        Ok((
-            guest::c_string(m, topic as u32)?,
-            guest::bytes(m, data as u32, len as u32)?,
-        ))
-    })
-}
-
-fn send_state(
+/// `EVP_sendState` and `EVP_sendMessage`: `(h, topic, data, len, cb, user)`, the topic and the
+/// data copied at call time into the request `build` makes.
+fn send_topic_data(
     mut caller: Caller<'_, HostState>,
-    h: i32,
-    topic: i32,
-    data: i32,
-    len: i32,
-    cb: i32,
-    user: i32,
+    [h, topic, data, len, cb, user]: [i32; 6],
+    build: impl FnOnce(String, Vec<u8>, wire::Callback) -> Request,
 ) -> wasmtime::Result<i32> {
     check_handle!(h);
-    let (topic, blob) = match topic_and_data(&mut caller, topic, data, len)? {
-        Ok(v) => v,
-        Err(code) => return Ok(code),
-    };
-    let request = Request::SendState {
-        topic,
-        blob,
-        cb: wire_callback(cb, user),
-    };
-    Ok(code(caller.data().sdk().simple(&request)))
-}
-
-fn send_message(
-    mut caller: Caller<'_, HostState>,
-    h: i32,
-    topic: i32,
-    data: i32,
-    len: i32,
-    cb: i32,
-    user: i32,
-) -> wasmtime::Result<i32> {
-    check_handle!(h);
-    let (topic, blob) = match topic_and_data(&mut caller, topic, data, len)? {
-        Ok(v) => v,
-        Err(code) => return Ok(code),
-    };
-    let request = Request::SendMessage {
-        topic,
-        blob,
-        cb: wire_callback(cb, user),
-    };
+    let (topic, blob) = args!(&mut caller, |m| Ok((
+        guest::c_string(m, topic as u32)?,
+        guest::bytes(m, data as u32, len as u32)?
+    )));
+    let request = build(topic, blob, wire_callback(cb, user));
     Ok(code(caller.data().sdk().simple(&request)))
 }
 

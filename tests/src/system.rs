@@ -236,6 +236,16 @@ impl System {
             .collect()
     }
 
+    /// Kills `daemon` with SIGKILL, waits for it to be gone and starts it again, as systemd's
+    /// `Restart=` would after a crash.
+    pub async fn kill_and_start(&self, daemon: &str) -> Result<()> {
+        self.stack
+            .kill(daemon, evp_devhub::stack::Signal::SIGKILL)?;
+        self.stack.wait_exit(daemon, DEADLINE).await?;
+        self.stack.start(daemon).await?;
+        Ok(())
+    }
+
     /// Stops everything, and kills any module the daemons left behind.
     pub async fn stop(self) {
         self.stack.stop_all().await;
@@ -425,6 +435,50 @@ pub async fn wait_state(sys: &System, key: &str, check: impl Fn(&Value) -> bool)
     })
     .await
     .unwrap()
+}
+
+/// Sets the configuration `topic` = `value` of `instance` from the hub and waits until the
+/// hub sees it back as the instance's state of the same topic (an echoing module).
+pub async fn echo_round_trip(sys: &System, instance: &str, topic: &str, value: &str) {
+    sys.hub
+        .set_configuration(instance, topic, value)
+        .await
+        .unwrap();
+    wait_state(sys, &format!("state/{instance}/{topic}"), |v| v == value).await;
+}
+
+/// With instances `echo` (echoing configurations as states) and `tele` (sending them as
+/// telemetry) deployed: a configuration of each comes back as the hub expects, the JSON value
+/// of the telemetry as JSON.
+pub async fn configuration_comes_back_as_state_and_telemetry(sys: &System) {
+    let mut telemetry = sys.hub.subscribe();
+    sys.hub
+        .set_configuration("tele", "room/temp", "21.5")
+        .await
+        .unwrap();
+    echo_round_trip(sys, "echo", "greeting", "hello").await;
+    let seen = wait_telemetry(&mut telemetry, "tele/room/temp").await;
+    assert_eq!(seen["tele/room/temp"], json!(21.5), "{seen}");
+}
+
+/// Routes the publish alias `out` of instance `tx` to the subscribe alias `in` of `rx` in `d`
+/// (through the local topic `salute`), deploys it, has `tx` send 1000 messages and checks, as
+/// the hub sees it, that every one was delivered. The modules behave as `evp-test-msg-sender`
+/// and `evp-test-msg-receiver`.
+pub async fn exchange_a_thousand_messages(sys: &System, mut d: Value) {
+    d["instanceSpecs"]["tx"]["publish"] = json!({"out": "pub-salute"});
+    d["instanceSpecs"]["rx"]["subscribe"] = json!({"in": "sub-salute"});
+    d["publishTopics"] = json!({"pub-salute": {"type": "local", "topic": "salute"}});
+    d["subscribeTopics"] = json!({"sub-salute": {"type": "local", "topic": "salute"}});
+    deploy_and_wait(sys, &d).await;
+    sys.hub
+        .set_configuration("tx", "count", "1000")
+        .await
+        .unwrap();
+    let sent = wait_state(sys, "state/tx/sent", |_| true).await;
+    let sent: Value = serde_json::from_str(sent.as_str().unwrap_or_default()).unwrap();
+    assert_eq!(sent, json!({"sent": 1000, "errors": 0}));
+    wait_state(sys, "state/rx/received", |v| v == "1000").await;
 }
 
 /// Waits for a telemetry message with `key` (`<instance>/<key>`) among the reports of

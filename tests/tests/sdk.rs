@@ -3,16 +3,15 @@
 
 use std::time::Duration;
 
-use evp_system_tests::DEADLINE;
 use evp_system_tests::system::{
-    Options, System, deploy_and_wait, deployment_of, instance_status, wait_state, wait_telemetry,
+    Options, System, configuration_comes_back_as_state_and_telemetry, deploy_and_wait,
+    deployment_of, echo_round_trip, exchange_a_thousand_messages, instance_status, wait_state,
 };
-use serde_json::{Value, json};
+use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn configuration_comes_back_as_state_and_as_telemetry() {
     let sys = System::start().await.unwrap();
-    let mut telemetry = sys.hub.subscribe();
     deploy_and_wait(
         &sys,
         &deployment_of(
@@ -24,17 +23,7 @@ async fn configuration_comes_back_as_state_and_as_telemetry() {
         ),
     )
     .await;
-    sys.hub
-        .set_configuration("echo", "greeting", "hello")
-        .await
-        .unwrap();
-    sys.hub
-        .set_configuration("tele", "room/temp", "21.5")
-        .await
-        .unwrap();
-    wait_state(&sys, "state/echo/greeting", |v| v == "hello").await;
-    let seen = wait_telemetry(&mut telemetry, "tele/room/temp").await;
-    assert_eq!(seen["tele/room/temp"], json!(21.5), "{seen}");
+    configuration_comes_back_as_state_and_telemetry(&sys).await;
     sys.stop().await;
 }
 
@@ -75,26 +64,14 @@ async fn direct_commands_are_answered_on_the_right_request() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_thousand_messages_reach_the_subscriber_by_its_alias() {
     let sys = System::start().await.unwrap();
-    let mut d = deployment_of(
+    let d = deployment_of(
         "dep-1",
         &[
             ("tx", "evp-test-msg-sender"),
             ("rx", "evp-test-msg-receiver"),
         ],
     );
-    d["instanceSpecs"]["tx"]["publish"] = json!({"out": "pub-salute"});
-    d["instanceSpecs"]["rx"]["subscribe"] = json!({"in": "sub-salute"});
-    d["publishTopics"] = json!({"pub-salute": {"type": "local", "topic": "salute"}});
-    d["subscribeTopics"] = json!({"sub-salute": {"type": "local", "topic": "salute"}});
-    deploy_and_wait(&sys, &d).await;
-    sys.hub
-        .set_configuration("tx", "count", "1000")
-        .await
-        .unwrap();
-    let sent = wait_state(&sys, "state/tx/sent", |_| true).await;
-    let sent: Value = serde_json::from_str(sent.as_str().unwrap()).unwrap();
-    assert_eq!(sent, json!({"sent": 1000, "errors": 0}));
-    wait_state(&sys, "state/rx/received", |v| v == "1000").await;
+    exchange_a_thousand_messages(&sys, d).await;
     sys.stop().await;
 }
 
@@ -181,32 +158,16 @@ async fn a_telemetry_flood_gets_back_pressure_and_the_broker_stays_small() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn instances_get_new_sockets_when_sdk_broker_restarts() {
-    use evp_devhub::stack::Signal;
     let sys = System::start().await.unwrap();
     deploy_and_wait(
         &sys,
         &deployment_of("dep-1", &[("echo", "evp-test-config-echo")]),
     )
     .await;
-    sys.hub
-        .set_configuration("echo", "first", "1")
-        .await
-        .unwrap();
-    wait_state(&sys, "state/echo/first", |v| v == "1").await;
-
-    sys.stack.kill("evp-sdk-broker", Signal::SIGKILL).unwrap();
-    sys.stack
-        .wait_exit("evp-sdk-broker", DEADLINE)
-        .await
-        .unwrap();
-    sys.stack.start("evp-sdk-broker").await.unwrap();
-
+    echo_round_trip(&sys, "echo", "first", "1").await;
+    sys.kill_and_start("evp-sdk-broker").await.unwrap();
     // The instance runs again on a new socket and gets what the hub sets next.
-    sys.hub
-        .set_configuration("echo", "second", "2")
-        .await
-        .unwrap();
-    wait_state(&sys, "state/echo/second", |v| v == "2").await;
+    echo_round_trip(&sys, "echo", "second", "2").await;
     let status = sys
         .wait_status(|s| s["reconcileStatus"] == "ok" && instance_status(s, "echo") == "ok")
         .await

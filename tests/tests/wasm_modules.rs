@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use evp_system_tests::DEADLINE;
 use evp_system_tests::system::{
-    Options, System, deploy_and_wait, instance_status, wait_state, wait_telemetry,
+    Options, System, configuration_comes_back_as_state_and_telemetry, deploy_and_wait,
+    echo_round_trip, exchange_a_thousand_messages, instance_status, wait_state,
 };
 use evp_system_tests::wasm::{build_threads_module, c_module, wasm_module};
 use serde_json::{Value, json};
@@ -33,7 +34,6 @@ fn wasm_log(sys: &System) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn c_modules_echo_configuration_as_state_and_telemetry_and_answer_commands() {
     let sys = System::start().await.unwrap();
-    let mut telemetry = sys.hub.subscribe();
     deploy_and_wait(
         &sys,
         &c_deployment(
@@ -46,17 +46,7 @@ async fn c_modules_echo_configuration_as_state_and_telemetry_and_answer_commands
         ),
     )
     .await;
-    sys.hub
-        .set_configuration("echo", "greeting", "hello")
-        .await
-        .unwrap();
-    sys.hub
-        .set_configuration("tele", "room/temp", "21.5")
-        .await
-        .unwrap();
-    wait_state(&sys, "state/echo/greeting", |v| v == "hello").await;
-    let seen = wait_telemetry(&mut telemetry, "tele/room/temp").await;
-    assert_eq!(seen["tele/room/temp"], json!(21.5), "{seen}");
+    configuration_comes_back_as_state_and_telemetry(&sys).await;
     let wait = Duration::from_secs(20);
     let ok = sys
         .hub
@@ -86,20 +76,8 @@ async fn c_modules_echo_configuration_as_state_and_telemetry_and_answer_commands
 #[tokio::test(flavor = "multi_thread")]
 async fn two_c_modules_exchange_a_thousand_messages_through_manifest_topics() {
     let sys = System::start().await.unwrap();
-    let mut d = c_deployment("dep-1", &[("tx", "msg-sender"), ("rx", "msg-receiver")]);
-    d["instanceSpecs"]["tx"]["publish"] = json!({"out": "pub-salute"});
-    d["instanceSpecs"]["rx"]["subscribe"] = json!({"in": "sub-salute"});
-    d["publishTopics"] = json!({"pub-salute": {"type": "local", "topic": "salute"}});
-    d["subscribeTopics"] = json!({"sub-salute": {"type": "local", "topic": "salute"}});
-    deploy_and_wait(&sys, &d).await;
-    sys.hub
-        .set_configuration("tx", "count", "1000")
-        .await
-        .unwrap();
-    let sent = wait_state(&sys, "state/tx/sent", |_| true).await;
-    let sent: Value = serde_json::from_str(sent.as_str().unwrap()).unwrap();
-    assert_eq!(sent, json!({"sent": 1000, "errors": 0}));
-    wait_state(&sys, "state/rx/received", |v| v == "1000").await;
+    let d = c_deployment("dep-1", &[("tx", "msg-sender"), ("rx", "msg-receiver")]);
+    exchange_a_thousand_messages(&sys, d).await;
     sys.stop().await;
 }
 
@@ -166,17 +144,12 @@ async fn c_modules_that_ignore_the_exit_are_stopped_after_the_grace_while_others
     )
     .await;
     // ignore-exit serves (and is connected) until asked to exit.
-    sys.hub.set_configuration("deaf", "t", "v").await.unwrap();
-    wait_state(&sys, "state/deaf/t", |v| v == "v").await;
+    echo_round_trip(&sys, "deaf", "t", "v").await;
     let started = Instant::now();
     sys.deploy(&c_deployment("dep-2", &[("echo", "echo-state")]))
         .await
         .unwrap();
-    sys.hub
-        .set_configuration("echo", "during", "the stops")
-        .await
-        .unwrap();
-    wait_state(&sys, "state/echo/during", |v| v == "the stops").await;
+    echo_round_trip(&sys, "echo", "during", "the stops").await;
     let answered = started.elapsed();
     sys.wait_status(|s| {
         s["deploymentId"] == "dep-2"

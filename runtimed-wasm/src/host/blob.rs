@@ -22,8 +22,18 @@ pub(super) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<
     )?;
     linker.func_wrap(m, "EVP_BlobRequestHttpExt_setUrl", http_ext_set_url)?;
     linker.func_wrap(m, "EVP_BlobRequestHttpExt_free", http_ext_free)?;
-    linker.func_wrap(m, "EVP_streamInputOpen", stream_input_open)?;
-    linker.func_wrap(m, "EVP_streamOutputOpen", stream_output_open)?;
+    linker.func_wrap(
+        m,
+        "EVP_streamInputOpen",
+        |caller: Caller<'_, HostState>, h, name, _cb: i32, _user: i32, _stream: i32| {
+            stream_open_call(caller, h, name)
+        },
+    )?;
+    linker.func_wrap(
+        m,
+        "EVP_streamOutputOpen",
+        |caller: Caller<'_, HostState>, h, name, _stream: i32| stream_open_call(caller, h, name),
+    )?;
     linker.func_wrap(m, "EVP_streamClose", stream_close)?;
     linker.func_wrap(m, "EVP_streamWrite", stream_write)?;
     Ok(())
@@ -153,24 +163,10 @@ fn stream_open(caller: &mut Caller<'_, HostState>, name: i32) -> wasmtime::Resul
     })
 }
 
-fn stream_input_open(
-    mut caller: Caller<'_, HostState>,
-    h: i32,
-    name: i32,
-    _cb: i32,
-    _user: i32,
-    _stream: i32,
-) -> wasmtime::Result<i32> {
-    check_handle!(h);
-    stream_open(&mut caller, name)
-}
-
-fn stream_output_open(
-    mut caller: Caller<'_, HostState>,
-    h: i32,
-    name: i32,
-    _stream: i32,
-) -> wasmtime::Result<i32> {
+/// `EVP_streamInputOpen(h, name, cb, user, stream_out)` and
+/// `EVP_streamOutputOpen(h, name, stream_out)`: only `h` and `name` matter while no stream can
+/// be opened.
+fn stream_open_call(mut caller: Caller<'_, HostState>, h: i32, name: i32) -> wasmtime::Result<i32> {
     check_handle!(h);
     stream_open(&mut caller, name)
 }
