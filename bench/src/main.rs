@@ -5,6 +5,7 @@
 //! The daemons' binaries are taken from the directory of this executable, so build them in the
 //! same profile first: `cargo build --release --workspace`.
 
+mod cpu;
 mod memory;
 mod wasm;
 
@@ -379,10 +380,13 @@ async fn telemetry(scenario: &str, flooder: Value, messages: u64, runs: usize) -
     let sys = System::start().await.context("starting the agent")?;
     deploy_until_ok(&sys, &deployment_of("bench", &["flood".into()], &flooder)).await?;
     let subscriber = Subscriber::start(sys.mosquitto.port).await?;
+    let processes = telemetry_processes(&sys);
+    let mut cpu_ns = cpu::CpuTimes::new();
     let mut rates = Vec::new();
     let mut delivered = Vec::new();
     for run in 0..=runs {
         subscriber.reset();
+        let cpu_before = cpu::snapshot(&processes);
         let started = Instant::now();
         // A distinct value each run (the module trims spaces), so it is a new configuration.
         let value = format!("{}{messages}", " ".repeat(run));
@@ -408,6 +412,7 @@ async fn telemetry(scenario: &str, flooder: Value, messages: u64, runs: usize) -
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let received = subscriber.count();
+        let cpu_after = cpu::snapshot(&processes);
         let rate = match (scenario, subscriber.span()) {
             ("telemetry-burst", Some((first, last))) => {
                 received as f64 / (last - first).as_secs_f64().max(1e-6)
@@ -421,6 +426,7 @@ async fn telemetry(scenario: &str, flooder: Value, messages: u64, runs: usize) -
         ) {
             rates.push(rate);
             delivered.push(received);
+            cpu::add_difference(&mut cpu_ns, &cpu_before, &cpu_after);
         }
     }
     let out = json!({
@@ -433,7 +439,41 @@ async fn telemetry(scenario: &str, flooder: Value, messages: u64, runs: usize) -
         "sdk_broker_peak_rss_kib": peak_rss_kib(sys.stack.pid("evp-sdk-broker")),
         "hubd_peak_rss_kib": peak_rss_kib(sys.stack.pid("evp-hubd")),
         "runtimed_wasm_peak_rss_kib": peak_rss_kib(sys.stack.pid("evp-runtimed-wasm")),
+        "cpu_us_per_message": cpu_per_message(&cpu_ns, delivered.iter().sum()),
     });
     sys.stop().await;
     Ok(out)
+}
+
+/// The processes a telemetry message goes through, by label: the daemons, mosquitto, the
+/// flooder's own process when it is a spawned module, and this benchmark (the subscriber).
+fn telemetry_processes(sys: &System) -> Vec<(&'static str, u32)> {
+    let daemons = [
+        ("runtimed-wasm", "evp-runtimed-wasm"),
+        ("sdk-broker", "evp-sdk-broker"),
+        ("hubd", "evp-hubd"),
+    ];
+    let conf = sys.dir.path().join("mosquitto.conf");
+    daemons
+        .iter()
+        .filter_map(|(label, daemon)| Some((*label, sys.stack.pid(daemon)?)))
+        .chain(cpu::pid_with_argument(&conf.to_string_lossy()).map(|p| ("mosquitto", p)))
+        .chain(sys.instance_pids("flood").first().map(|p| ("module", *p)))
+        .chain([("evp-bench", std::process::id())])
+        .collect()
+}
+
+/// CPU microseconds per message of each process, and of the threads that took a tenth of
+/// their process or more, over `messages` delivered.
+fn cpu_per_message(cpu_ns: &cpu::CpuTimes, messages: u64) -> Value {
+    let per = |ns: u64| (ns as f64 / 1e3 / messages.max(1) as f64 * 100.0).round() / 100.0;
+    let mut out = serde_json::Map::new();
+    for (name, ns) in cpu_ns {
+        let process = name.split('/').next().unwrap_or(name);
+        let of_process = cpu_ns.get(process).copied().unwrap_or(0);
+        if name == process || *ns * 10 >= of_process {
+            out.insert(name.clone(), json!(per(*ns)));
+        }
+    }
+    Value::Object(out)
 }
