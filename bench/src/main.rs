@@ -5,11 +5,14 @@
 //! The daemons' binaries are taken from the directory of this executable, so build them in the
 //! same profile first: `cargo build --release --workspace`.
 
+mod memory;
+mod wasm;
+
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use evp_system_tests::system::{System, deployment, instance_status};
+use evp_system_tests::system::{System, instance_status};
 use serde_json::{Value, json};
 
 /// evp-agent benchmarks.
@@ -54,6 +57,56 @@ enum Scenario {
         #[arg(long, default_value_t = 7)]
         runs: usize,
     },
+    /// deploy-spawn for WASM: N instances of the C module echo-state, whose compiled code is
+    /// in runtimed-wasm's cache (the warm-up run compiled it; each run's empty deployment
+    /// unloads it, so each run loads it again from the cache and starts N instances).
+    DeployWasm {
+        /// How many instances the deployment has.
+        #[arg(long, default_value_t = 1)]
+        instances: usize,
+        /// Measured runs (after one warm-up run).
+        #[arg(long, default_value_t = 7)]
+        runs: usize,
+    },
+    /// `Runtime1.LoadModule` of a 1 MiB C module (sdk/c/bench-modules/large.c), called on
+    /// runtimed-wasm over the bus: with its compiled-code cache emptied first (validation,
+    /// rewrite, compile, cache write) and again from the cache.
+    WasmLoad {
+        /// Measured runs of each.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// runtimed-wasm's RSS and PSS when fresh, with 1 and with 1 + N idle instances of
+    /// echo-state (each has answered one configuration and is blocked in EVP_processEvent),
+    /// and the cost per idle instance beyond the linear memory it committed.
+    WasmIdleMemory {
+        /// How many idle instances are added to the first one.
+        #[arg(long, default_value_t = 100)]
+        instances: usize,
+        /// Measured runs, each on a fresh device.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+    /// SHA-256 over N MiB in a WASM instance (sdk/c/bench-modules/sha256.c) against the same
+    /// C code built natively with `clang -O2`.
+    WasmCompute {
+        /// MiB hashed per run.
+        #[arg(long, default_value_t = 16)]
+        mib: u64,
+        /// Measured runs of each (after one warm-up run).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// The telemetry scenario with the flooder a WASM instance
+    /// (sdk/c/bench-modules/telemetry-flood.c).
+    WasmTelemetry {
+        /// Telemetry calls per run.
+        #[arg(long, default_value_t = 100_000)]
+        messages: u64,
+        /// Measured runs.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
 }
 
 /// A telemetry run ends early when no message arrived for this long.
@@ -64,14 +117,46 @@ const RUN_DEADLINE: Duration = Duration::from_secs(120);
 #[tokio::main]
 async fn main() -> Result<()> {
     let figures = match Cli::parse().scenario {
-        Scenario::DeploySpawn { instances, runs } => deploy_spawn(instances, runs).await?,
-        Scenario::Telemetry { messages, runs } => telemetry("telemetry", messages, runs).await?,
-        Scenario::TelemetryBurst { messages, runs } => {
-            telemetry("telemetry-burst", messages, runs).await?
+        Scenario::DeploySpawn { instances, runs } => {
+            let module = |sys: &System| {
+                let (url, hash) = sys.module("bench", "exec /bin/sleep 600")?;
+                Ok(json!({
+                    "moduleImpl": "spawn", "entryPoint": "main", "downloadUrl": url, "hash": hash,
+                }))
+            };
+            deploy_timed("deploy-spawn", module, instances, runs).await?
         }
+        Scenario::DeployWasm { instances, runs } => {
+            let module = |_: &System| wasm::test_module("echo-state");
+            deploy_timed("deploy-wasm", module, instances, runs).await?
+        }
+        Scenario::Telemetry { messages, runs } => {
+            telemetry("telemetry", spawn_flooder()?, messages, runs).await?
+        }
+        Scenario::TelemetryBurst { messages, runs } => {
+            telemetry("telemetry-burst", spawn_flooder()?, messages, runs).await?
+        }
+        Scenario::WasmTelemetry { messages, runs } => {
+            let flooder = wasm::bench_module("telemetry-flood")?;
+            telemetry("wasm-telemetry", flooder, messages, runs).await?
+        }
+        Scenario::WasmLoad { runs } => wasm::load(runs).await?,
+        Scenario::WasmIdleMemory { instances, runs } => wasm::idle_memory(instances, runs).await?,
+        Scenario::WasmCompute { mib, runs } => wasm::compute(mib, runs).await?,
     };
     println!("{figures}");
     Ok(())
+}
+
+/// Says on stderr how run `run` went; whether it is measured (run 0 is the warm-up: the
+/// module downloaded, compiled and cached, the binaries faulted in).
+fn note_run(run: usize, figures: &str) -> bool {
+    if run == 0 {
+        eprintln!("warm-up: {figures}");
+    } else {
+        eprintln!("run {run}: {figures}");
+    }
+    run > 0
 }
 
 /// Median, min and max of durations, in milliseconds.
@@ -93,53 +178,86 @@ fn summary(samples: &[Duration]) -> Value {
     })
 }
 
-async fn deploy_spawn(instances: usize, runs: usize) -> Result<Value> {
+/// A deployment of `names`, every one an instance of the module `bench` given by `module`
+/// (a deployment's module entry).
+fn deployment_of(id: &str, names: &[String], module: &Value) -> Value {
+    let specs: serde_json::Map<String, Value> = names
+        .iter()
+        .map(|n| {
+            let spec = json!({"moduleId": "bench", "publish": {}, "subscribe": {}});
+            (n.clone(), spec)
+        })
+        .collect();
+    json!({
+        "deploymentId": id,
+        "instanceSpecs": specs,
+        "modules": {"bench": module},
+        "publishTopics": {},
+        "subscribeTopics": {}
+    })
+}
+
+/// Deploys `deployment` and waits for the report in which it is `ok` with its instances, and
+/// only those, `ok`; the time that took.
+async fn deploy_until_ok(sys: &System, deployment: &Value) -> Result<Duration> {
+    let id = deployment["deploymentId"].as_str().unwrap_or_default();
+    let names: Vec<&String> = deployment["instanceSpecs"]
+        .as_object()
+        .map(|o| o.keys().collect())
+        .unwrap_or_default();
+    let started = Instant::now();
+    sys.deploy(deployment).await?;
+    sys.hub
+        .wait_for_status(
+            |r| {
+                let s = &r["deploymentStatus"];
+                s["deploymentId"] == id
+                    && s["reconcileStatus"] == "ok"
+                    && s["instances"].as_object().map(|o| o.len()) == Some(names.len())
+                    && names.iter().all(|n| instance_status(s, n) == "ok")
+            },
+            RUN_DEADLINE,
+        )
+        .await
+        .with_context(|| {
+            let logs = sys.stack.config().log_dir();
+            format!("deployment {id}; daemon logs are in {}", logs.display())
+        })?;
+    Ok(started.elapsed())
+}
+
+/// Times deployment → all `ok` for `instances` instances of the module `module` makes, each
+/// run after an empty deployment (so every instance is started anew and the module loaded
+/// again, from the caches the warm-up run filled).
+async fn deploy_timed(
+    scenario: &str,
+    module: impl FnOnce(&System) -> Result<Value>,
+    instances: usize,
+    runs: usize,
+) -> Result<Value> {
     let sys = System::start().await.context("starting the agent")?;
-    let (url, hash) = sys.module("bench", "exec /bin/sleep 600")?;
+    let module = module(&sys)?;
     let names: Vec<String> = (0..instances).map(|i| format!("bench-{i}")).collect();
     let mut samples = Vec::new();
     for run in 0..=runs {
-        let empty = format!("empty-{run}");
-        sys.deploy(&deployment(&empty, &[], &[])).await?;
-        sys.hub
-            .wait_for_status(
-                |r| {
-                    r["deploymentStatus"]["deploymentId"] == empty.as_str()
-                        && r["deploymentStatus"]["reconcileStatus"] == "ok"
-                        && r["deploymentStatus"]["instances"]
-                            .as_object()
-                            .is_some_and(|o| o.is_empty())
-                },
-                RUN_DEADLINE,
-            )
-            .await?;
-        let id = format!("bench-{run}");
-        let specs: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "bench")).collect();
-        let d = deployment(&id, &specs, &[("bench", &url, &hash)]);
-        let started = Instant::now();
-        sys.deploy(&d).await?;
-        sys.hub
-            .wait_for_status(
-                |r| {
-                    let s = &r["deploymentStatus"];
-                    s["deploymentId"] == id.as_str()
-                        && s["reconcileStatus"] == "ok"
-                        && names.iter().all(|n| instance_status(s, n) == "ok")
-                },
-                RUN_DEADLINE,
-            )
-            .await?;
-        let took = started.elapsed();
-        if run == 0 {
-            eprintln!("warm-up (module download and cache): {took:?}");
-        } else {
-            eprintln!("run {run}: {took:?}");
+        // No instances and no modules: the module is unloaded and its instances purged.
+        let empty = json!({
+            "deploymentId": format!("empty-{run}"), "instanceSpecs": {}, "modules": {},
+            "publishTopics": {}, "subscribeTopics": {},
+        });
+        deploy_until_ok(&sys, &empty).await?;
+        let took = deploy_until_ok(
+            &sys,
+            &deployment_of(&format!("bench-{run}"), &names, &module),
+        )
+        .await?;
+        if note_run(run, &format!("{took:?}")) {
             samples.push(took);
         }
     }
     sys.stop().await;
     let mut out = json!({
-        "scenario": "deploy-spawn",
+        "scenario": scenario,
         "instances": instances,
         "runs": runs,
         "report_status_interval_min_ms": 0,
@@ -238,8 +356,8 @@ impl Subscriber {
     }
 }
 
-async fn telemetry(scenario: &str, messages: u64, runs: usize) -> Result<Value> {
-    let sys = System::start().await.context("starting the agent")?;
+/// The remote flooder, `evp-test-telemetry-flood`, as a deployment's module entry.
+fn spawn_flooder() -> Result<Value> {
     let flood = evp_system_tests::bin_dir().join("evp-test-telemetry-flood");
     let bytes = std::fs::read(&flood).with_context(|| {
         format!(
@@ -252,18 +370,14 @@ async fn telemetry(scenario: &str, messages: u64, runs: usize) -> Result<Value> 
         hex::encode(sha2::Sha256::digest(&bytes))
     };
     let url = format!("file://{}", flood.display());
-    sys.deploy(&deployment(
-        "bench",
-        &[("flood", "flood")],
-        &[("flood", &url, &hash)],
-    ))
-    .await?;
-    sys.hub
-        .wait_for_status(
-            |r| instance_status(&r["deploymentStatus"], "flood") == "ok",
-            RUN_DEADLINE,
-        )
-        .await?;
+    Ok(json!({"moduleImpl": "spawn", "entryPoint": "main", "downloadUrl": url, "hash": hash}))
+}
+
+/// Telemetry throughput of the flooder `flooder` (a deployment's module entry; the module
+/// behaves as `evp-test-telemetry-flood`), deployed as the instance `flood`.
+async fn telemetry(scenario: &str, flooder: Value, messages: u64, runs: usize) -> Result<Value> {
+    let sys = System::start().await.context("starting the agent")?;
+    deploy_until_ok(&sys, &deployment_of("bench", &["flood".into()], &flooder)).await?;
     let subscriber = Subscriber::start(sys.mosquitto.port).await?;
     let mut rates = Vec::new();
     let mut delivered = Vec::new();
@@ -301,10 +415,10 @@ async fn telemetry(scenario: &str, messages: u64, runs: usize) -> Result<Value> 
             (_, Some((_, last))) => received as f64 / (last - started).as_secs_f64().max(1e-6),
             _ => 0.0,
         };
-        if run == 0 {
-            eprintln!("warm-up: {received} messages, {rate:.0} msg/s");
-        } else {
-            eprintln!("run {run}: {received} of {messages} messages, {rate:.0} msg/s");
+        if note_run(
+            run,
+            &format!("{received} of {messages} messages, {rate:.0} msg/s"),
+        ) {
             rates.push(rate);
             delivered.push(received);
         }
@@ -318,6 +432,7 @@ async fn telemetry(scenario: &str, messages: u64, runs: usize) -> Result<Value> 
         "min_delivered": delivered.iter().min().copied().unwrap_or(0),
         "sdk_broker_peak_rss_kib": peak_rss_kib(sys.stack.pid("evp-sdk-broker")),
         "hubd_peak_rss_kib": peak_rss_kib(sys.stack.pid("evp-hubd")),
+        "runtimed_wasm_peak_rss_kib": peak_rss_kib(sys.stack.pid("evp-runtimed-wasm")),
     });
     sys.stop().await;
     Ok(out)

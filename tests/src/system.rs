@@ -426,7 +426,17 @@ pub async fn deploy_and_wait(sys: &System, d: &Value) {
 /// Waits until the hub holds the instance state `key` (`state/<instance>/<topic>`) with a
 /// value that satisfies `check`, and returns it.
 pub async fn wait_state(sys: &System, key: &str, check: impl Fn(&Value) -> bool) -> Value {
-    crate::wait_for(&format!("the hub to see {key}"), DEADLINE, async || {
+    try_wait_state(sys, key, check, DEADLINE).await.unwrap()
+}
+
+/// [`wait_state`] for up to `timeout`, as a `Result`.
+pub async fn try_wait_state(
+    sys: &System,
+    key: &str,
+    check: impl Fn(&Value) -> bool,
+    timeout: std::time::Duration,
+) -> Result<Value> {
+    crate::wait_for(&format!("the hub to see {key}"), timeout, async || {
         sys.hub
             .instance_states()
             .get(key)
@@ -434,7 +444,6 @@ pub async fn wait_state(sys: &System, key: &str, check: impl Fn(&Value) -> bool)
             .cloned()
     })
     .await
-    .unwrap()
 }
 
 /// Sets the configuration `topic` = `value` of `instance` from the hub and waits until the

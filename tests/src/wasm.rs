@@ -1,5 +1,6 @@
 //! WASM test modules, built on demand into the target directory: the C modules of
-//! `sdk/c/test-modules/` (clang for `wasm32-wasi` against `sdk/c/include/evp/sdk.h`) and the
+//! `sdk/c/test-modules/` and of `sdk/c/bench-modules/` (the benchmarks', with their native
+//! reference programs; clang for `wasm32-wasi` against `sdk/c/include/evp/sdk.h`) and the
 //! Rust threads module of `sdk/wasm-threads-module/` (for `wasm32-wasip1-threads`). A module
 //! is rebuilt only when its source or a header is newer than the built file. When a tool is
 //! missing, the build fails naming the Debian package or rustup target that provides it.
@@ -50,25 +51,67 @@ pub fn build_c_module(name: &str) -> PathBuf {
 
 /// [`build_c_module`], as a `Result`.
 pub fn try_build_c_module(name: &str) -> Result<PathBuf> {
+    build_c_from("test-modules", name, Platform::Wasm)
+}
+
+/// `sdk/c/bench-modules/<name>.c` built as [`build_c_module`] builds a test module, for the
+/// benchmarks; its headers there are inputs too.
+pub fn try_build_bench_module(name: &str) -> Result<PathBuf> {
+    build_c_from("bench-modules", name, Platform::Wasm)
+}
+
+/// The clang flags of a program built for this host, to compare with WASM.
+pub const HOST_C_FLAGS: [&str; 3] = ["-O2", "-Wall", "-Werror"];
+
+/// `sdk/c/bench-modules/<name>.c` built for this host with [`HOST_C_FLAGS`], as
+/// `target/<profile>/wasm-modules/<name>`: the benchmarks' native reference.
+pub fn try_build_bench_program(name: &str) -> Result<PathBuf> {
+    build_c_from("bench-modules", name, Platform::Host)
+}
+
+/// What a C file is built for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Platform {
+    /// A WASM module, with [`C_FLAGS`] and the SDK header.
+    Wasm,
+    /// A program for this host, with [`HOST_C_FLAGS`].
+    Host,
+}
+
+/// `sdk/c/<folder>/<name>.c` built for `platform` into `target/<profile>/wasm-modules/`,
+/// unless the built file is newer than the source, the SDK header and the headers of the
+/// test modules and of `folder`.
+fn build_c_from(folder: &str, name: &str, platform: Platform) -> Result<PathBuf> {
     let sdk_c = repo_root().join("sdk/c");
-    let modules = sdk_c.join("test-modules");
+    let modules = sdk_c.join(folder);
     let source = modules.join(format!("{name}.c"));
     anyhow::ensure!(source.exists(), "{} does not exist", source.display());
-    let out = cache_dir().join(format!("{name}.wasm"));
+    let (flags, file): (&[&str], String) = match platform {
+        Platform::Wasm => (&C_FLAGS, format!("{name}.wasm")),
+        Platform::Host => (&HOST_C_FLAGS, name.to_owned()),
+    };
+    let out = cache_dir().join(&file);
     let _one_at_a_time = BUILDING.lock().unwrap_or_else(|p| p.into_inner());
-    let inputs = [
+    let mut inputs = vec![
         source.clone(),
         sdk_c.join("include/evp/sdk.h"),
-        modules.join("test-module.h"),
+        sdk_c.join("test-modules/test-module.h"),
     ];
+    inputs.extend(headers_in(&modules)?);
     if is_fresh(&out, &inputs)? {
         return Ok(out);
     }
-    check_c_toolchain()?;
+    match platform {
+        Platform::Wasm => check_c_toolchain()?,
+        Platform::Host => {
+            run("clang", &["-dumpversion"])
+                .map_err(|e| anyhow::anyhow!("clang is missing (apt-get install clang): {e}"))?;
+        }
+    }
     std::fs::create_dir_all(cache_dir())?;
-    let partial = out.with_extension(format!("wasm.{}", std::process::id()));
+    let partial = out.with_file_name(format!("{file}.{}", std::process::id()));
     let output = Command::new("clang")
-        .args(C_FLAGS)
+        .args(flags)
         .arg("-I")
         .arg(sdk_c.join("include"))
         .arg("-o")
@@ -136,6 +179,18 @@ pub fn wasm_module(path: &Path) -> Value {
 /// The C module `name`, built, as a deployment's module entry.
 pub fn c_module(name: &str) -> Value {
     wasm_module(&build_c_module(name))
+}
+
+/// The `.h` files of `dir`.
+fn headers_in(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut headers = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "h") {
+            headers.push(path);
+        }
+    }
+    Ok(headers)
 }
 
 /// Whether `out` exists and is newer than every one of `inputs`.
