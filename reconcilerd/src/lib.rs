@@ -36,6 +36,11 @@ pub struct ReconcilerConfig {
     /// spawned modules 10 s.
     #[serde(default = "default_stop_grace_ms")]
     pub stop_grace_ms: u32,
+    /// How long a WASM instance has, in all, to end once asked to: EVP gives 5 s and then
+    /// terminates it. The SDK exit protocol and runtimed-wasm's stop share it, because a WASM
+    /// instance cannot be sent a signal it might handle.
+    #[serde(default = "default_wasm_stop_grace_ms")]
+    pub wasm_stop_grace_ms: u32,
     /// Module transfers running at once: a gateway's uplink is shared, and four keeps a
     /// deployment of many modules moving without starving each transfer.
     #[serde(default = "default_max_concurrent_downloads")]
@@ -96,6 +101,9 @@ impl Default for ReconcilerConfig {
 
 fn default_stop_grace_ms() -> u32 {
     10_000
+}
+fn default_wasm_stop_grace_ms() -> u32 {
+    5_000
 }
 fn default_max_concurrent_downloads() -> usize {
     4
@@ -184,6 +192,7 @@ impl ReconcilerConfig {
     pub fn settings(&self) -> Settings {
         Settings {
             stop_grace_ms: self.stop_grace_ms,
+            wasm_stop_grace_ms: self.wasm_stop_grace_ms,
             restart: RestartConfig {
                 base: Duration::from_millis(self.restart_backoff_base_ms),
                 max: Duration::from_millis(self.restart_backoff_max_ms),

@@ -52,6 +52,8 @@ pub type StatusChanged = Arc<dyn Fn() + Send + Sync>;
 pub struct Settings {
     /// Grace given to an instance that is stopped before it is killed.
     pub stop_grace_ms: u32,
+    /// The whole time a WASM instance has to end (see [`crate::ReconcilerConfig`]).
+    pub wasm_stop_grace_ms: u32,
     /// Restart policy defaults.
     pub restart: RestartConfig,
     /// First wait before retrying a pass that had failures (a runtime away, a refused load).

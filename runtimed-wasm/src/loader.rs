@@ -133,7 +133,7 @@ pub fn prepare(wasm: &[u8]) -> Result<Prepared, LoadError> {
     }
     let types = Validator::new_with_features(WASM_FEATURES)
         .validate_all(wasm)
-        .map_err(|e| LoadError::Invalid(e.to_string()))?;
+        .map_err(invalid)?;
     let surface = Surface::read(wasm)?;
     let memory = check_exports(&surface, &types)?;
 
@@ -184,9 +184,19 @@ struct Surface {
     exports: Vec<ExportEntry>,
 }
 
+/// wasmparser's refusal as a one-line message: some of its messages pretty-print byte
+/// arrays over several lines, and a failure message is one line at the hub and in the log.
+fn invalid(e: wasmparser::BinaryReaderError) -> LoadError {
+    LoadError::Invalid(
+        e.to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
+}
+
 impl Surface {
     fn read(wasm: &[u8]) -> Result<Self, LoadError> {
-        let invalid = |e: wasmparser::BinaryReaderError| LoadError::Invalid(e.to_string());
         let mut surface = Surface {
             imports: Vec::new(),
             exports: Vec::new(),

@@ -231,8 +231,9 @@ pub trait SdkBroker1 {
     /// Serves the instance's socket only to process `pid` (or a descendant) running as `uid`,
     /// replacing an earlier binding; connections made before it are held until it comes.
     fn bind_instance(&self, instance: &str, pid: u32, uid: u32) -> zbus::Result<()>;
-    /// Delivers the exit event, then removes the socket.
-    fn close_instance(&self, instance: &str) -> zbus::Result<()>;
+    /// Delivers the exit event, then removes the socket once the module let go, or after
+    /// `grace_ms` (bounded by sdk-broker's own `exit_grace_ms`).
+    fn close_instance(&self, instance: &str, grace_ms: u32) -> zbus::Result<()>;
     /// Publish aliases and subscriptions of every instance.
     fn set_routing(&self, routing_json: &str) -> zbus::Result<()>;
     /// A configuration value from the hub.

@@ -283,6 +283,14 @@ impl Broker {
     /// then stops the process) knows a module that follows the protocol has let go: its
     /// process is exiting by itself. Closing an unknown instance does nothing.
     pub async fn close_instance(self: &Arc<Self>, instance: &str) {
+        let grace = Duration::from_millis(self.settings.exit_grace_ms);
+        self.close_instance_within(instance, grace).await;
+    }
+
+    /// [`Broker::close_instance`] with a grace of at most `grace` (and never longer than the
+    /// `exit_grace_ms` setting).
+    pub async fn close_instance_within(self: &Arc<Self>, instance: &str, grace: Duration) {
+        let grace = grace.min(Duration::from_millis(self.settings.exit_grace_ms));
         let (closing, mut closed) = {
             let mut core = self.lock();
             let Some(closed) = core.sockets.get(instance).map(Socket::closed) else {
@@ -313,7 +321,6 @@ impl Broker {
             return;
         }
         let me = Arc::clone(self);
-        let grace = Duration::from_millis(self.settings.exit_grace_ms);
         tokio::spawn(async move {
             tokio::time::sleep(grace).await;
             let mut core = me.lock();

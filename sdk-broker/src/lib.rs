@@ -25,6 +25,7 @@ pub mod settings;
 pub mod store;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use evp_daemon::{AgentConfig, DaemonArgs};
@@ -85,10 +86,12 @@ impl SdkBroker {
         Ok(self.broker.bind_instance(instance, pid, uid)?)
     }
 
-    /// Delivers the exit event, then removes the socket once the module left (or after the
-    /// grace). Returns at once.
-    async fn close_instance(&self, instance: &str) -> Result<(), EvpError> {
-        self.broker.close_instance(instance).await;
+    /// Delivers the exit event, then removes the socket once the module left, or after
+    /// `grace_ms` (at most `exit_grace_ms`: the caller's runtime decides how long its kind
+    /// may take, EVP gives WASM 5 s and processes 10 s). Answers once the socket is gone.
+    async fn close_instance(&self, instance: &str, grace_ms: u32) -> Result<(), EvpError> {
+        let grace = Duration::from_millis(u64::from(grace_ms));
+        self.broker.close_instance_within(instance, grace).await;
         Ok(())
     }
 

@@ -2,7 +2,7 @@
 //! runtimes and sdk-broker on the bus, and records what each did in the loop's state.
 
 use std::collections::BTreeSet;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use evp_schemas::InstanceState;
 use evp_schemas::dbus::{self, Runtime1Proxy, SdkBroker1Proxy};
@@ -158,17 +158,19 @@ impl Reconciler {
     async fn stop_all(&mut self, batch: &[(Option<Runtime>, String, bool)]) {
         let mut stops = Vec::new();
         for (rt, name, purge) in batch {
-            let proxy = match rt {
-                Some(rt) => self.runtime(*rt).await.ok(),
+            let target = match rt {
+                Some(rt) => match self.runtime(*rt).await {
+                    Ok(proxy) => Some((proxy, StopGrace::of(*rt, &self.settings))),
+                    Err(_) => None,
+                },
                 None => None,
             };
-            stops.push((name, proxy, *purge));
+            stops.push((name, target, *purge));
         }
-        let grace = self.settings.stop_grace_ms;
         let sdk = &self.sdk;
-        futures_util::future::join_all(stops.iter().map(|(name, proxy, purge)| async move {
-            match proxy {
-                Some(proxy) => stop_one(sdk, proxy, name, grace, *purge).await,
+        futures_util::future::join_all(stops.iter().map(|(name, target, purge)| async move {
+            match target {
+                Some((proxy, grace)) => stop_one(sdk, proxy, name, *grace, *purge).await,
                 None => warn!(instance = %name, "cannot stop: its runtime is not reachable"),
             }
         }))
@@ -176,6 +178,47 @@ impl Reconciler {
         for (_, name, _) in batch {
             self.running.remove(name);
             self.foreign.retain(|(_, f)| f != name);
+        }
+    }
+}
+
+/// How long stopping an instance may take: first the SDK exit protocol (sdk-broker waits at
+/// most `close` for the module to let go), then the runtime's stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StopGrace {
+    /// The exit protocol's bound.
+    close: Duration,
+    /// Whether the runtime's stop gets only what the exit protocol left of `close`
+    /// (WASM: EVP's 5 s are for everything), rather than a whole `stop` of its own
+    /// (a process: the exit protocol, then SIGTERM and up to `stop` before SIGKILL).
+    shared: bool,
+    /// The runtime's own grace when not shared.
+    stop: Duration,
+}
+
+impl StopGrace {
+    fn of(runtime: Runtime, settings: &super::Settings) -> StopGrace {
+        let ms = |v: u32| Duration::from_millis(u64::from(v));
+        match runtime {
+            Runtime::Wasm => StopGrace {
+                close: ms(settings.wasm_stop_grace_ms),
+                shared: true,
+                stop: ms(settings.wasm_stop_grace_ms),
+            },
+            Runtime::Container => StopGrace {
+                close: ms(settings.stop_grace_ms),
+                shared: false,
+                stop: ms(settings.stop_grace_ms),
+            },
+        }
+    }
+
+    /// The grace for the runtime's stop once the exit protocol took `elapsed`.
+    fn after_close(self, elapsed: Duration) -> Duration {
+        if self.shared {
+            self.close.saturating_sub(elapsed)
+        } else {
+            self.stop
         }
     }
 }
@@ -220,16 +263,54 @@ async fn stop_one(
     sdk: &SdkBroker1Proxy<'static>,
     proxy: &Runtime1Proxy<'static>,
     name: &str,
-    grace_ms: u32,
+    grace: StopGrace,
     purge: bool,
 ) {
-    if let Err(e) = sdk.close_instance(name).await {
+    let asked = Instant::now();
+    if let Err(e) = sdk.close_instance(name, millis(grace.close)).await {
         debug!(instance = %name, "closing its SDK socket: {}", dbus::error_message(&e));
     }
-    if let Err(e) = proxy.stop_instance(name, grace_ms).await {
+    let stop = millis(grace.after_close(asked.elapsed()));
+    if let Err(e) = proxy.stop_instance(name, stop).await {
         warn!(instance = %name, "stop failed: {}", dbus::error_message(&e));
     }
     if purge && let Err(e) = proxy.purge_instance(name).await {
         warn!(instance = %name, "removing its directory failed: {}", dbus::error_message(&e));
+    }
+}
+
+/// A grace as the bus carries it (`u` milliseconds), saturating.
+fn millis(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(stop_grace_ms: u32, wasm_stop_grace_ms: u32) -> super::super::Settings {
+        let mut settings = crate::ReconcilerConfig::default().settings();
+        settings.stop_grace_ms = stop_grace_ms;
+        settings.wasm_stop_grace_ms = wasm_stop_grace_ms;
+        settings
+    }
+
+    #[test]
+    fn a_wasm_stop_shares_one_grace_and_a_process_gets_two() {
+        // (runtime, time the exit protocol took in ms) -> (close bound, runtime stop) in ms
+        fn check(rt: Runtime, elapsed_ms: u64, expect: (u32, u32)) {
+            let grace = StopGrace::of(rt, &settings(10_000, 5_000));
+            let got = (
+                millis(grace.close),
+                millis(grace.after_close(Duration::from_millis(elapsed_ms))),
+            );
+            assert_eq!(got, expect, "{rt:?} after {elapsed_ms} ms");
+        }
+        check(Runtime::Wasm, 0, (5_000, 5_000));
+        check(Runtime::Wasm, 1_200, (5_000, 3_800));
+        check(Runtime::Wasm, 5_000, (5_000, 0));
+        check(Runtime::Wasm, 7_000, (5_000, 0));
+        check(Runtime::Container, 0, (10_000, 10_000));
+        check(Runtime::Container, 10_000, (10_000, 10_000));
     }
 }

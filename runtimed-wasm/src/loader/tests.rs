@@ -32,6 +32,8 @@ fn check_refused(case: &str, bytes: &[u8], needle: &str) {
                 message.contains(needle),
                 "{case}: {message:?} lacks {needle:?}"
             );
+            // A failure message is one line at the hub and in the log.
+            assert!(!message.contains('\n'), "{case}: {message:?} spans lines");
         }
     }
 }
