@@ -224,6 +224,18 @@ impl std::fmt::Display for BusLost {
 
 impl std::error::Error for BusLost {}
 
+/// What a daemon's `run` ends with: a serve loop that ended because the bus closed its
+/// connection exits the process with [`EXIT_BUS_LOST`], so systemd restarts it; any other
+/// outcome is returned as it is.
+pub fn exit_if_bus_lost(served: anyhow::Result<()>) -> anyhow::Result<()> {
+    if let Err(e) = &served
+        && e.is::<BusLost>()
+    {
+        std::process::exit(EXIT_BUS_LOST);
+    }
+    served
+}
+
 /// Exits the process with [`EXIT_BUS_LOST`] when the bus closes `conn` (dbus-daemon
 /// disconnected us, or went away): off the bus, a daemon serves nobody, and a restart is the
 /// only way back. `what` names the connection in the log.

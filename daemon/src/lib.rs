@@ -7,7 +7,9 @@ pub mod bus;
 pub mod fs;
 
 pub use backoff::Backoff;
-pub use bus::{BusLost, EXIT_BUS_LOST, connect_named, exit_when_closed, own_name};
+pub use bus::{
+    BusLost, EXIT_BUS_LOST, connect_named, exit_if_bus_lost, exit_when_closed, own_name,
+};
 pub use fs::{create_private_dir, write_atomic};
 
 use std::path::PathBuf;

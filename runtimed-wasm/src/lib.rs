@@ -55,12 +55,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         },
     )
     .await;
-    if let Err(e) = &served
-        && e.is::<evp_daemon::BusLost>()
-    {
-        std::process::exit(evp_daemon::EXIT_BUS_LOST);
-    }
-    served
+    evp_daemon::exit_if_bus_lost(served)
 }
 
 /// Serves the bus until `shutdown` resolves (or the bus is lost), then ends every instance.
