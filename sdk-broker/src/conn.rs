@@ -18,7 +18,7 @@ use evp_schemas::sdk::{
     EvpResult, HEADER_LEN, Header, HeaderError, MAX_PAYLOAD, Request, Response, encode_frame,
 };
 use futures_util::future::BoxFuture;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tracing::{debug, info, warn};
@@ -43,6 +43,9 @@ const MAX_HELD_PEERS: usize = 8;
 /// Longest wait of one getEvent before the deadline is looked at again (a deadline far in the
 /// future must not overflow the timer).
 const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+/// A connection's read buffer: larger than most requests (telemetry, states), so one `recv`
+/// takes each whole; a larger one is read on in pieces.
+const READ_BUFFER: usize = 16 * 1024;
 
 /// Why a connection ended.
 #[derive(Debug, thiserror::Error)]
@@ -325,12 +328,7 @@ async fn serve_connection(
                 runtime.block_on(async {
                     let end = match stream.and_then(UnixStream::from_std) {
                         Ok(stream) => {
-                            let mut c = Conn {
-                                backend: &*backend,
-                                peer: &peer,
-                                notify,
-                                stream,
-                            };
+                            let mut c = Conn::new(&*backend, &peer, notify, stream);
                             let end = tokio::select! {
                                 e = c.run() => e,
                                 _ = stopped(&mut stop) => ConnEnd::Gone,
@@ -374,10 +372,27 @@ struct Conn<'a> {
     backend: &'a dyn Backend,
     peer: &'a Peer,
     notify: Arc<Notify>,
-    stream: UnixStream,
+    /// Read through a buffer: a request (header and payload, one write of the module's) is
+    /// then one `recv`, and that read coming up short tells tokio the socket is drained, so
+    /// the next wait goes to epoll without a `recv` that fails with `EAGAIN`.
+    stream: BufReader<UnixStream>,
 }
 
-impl Conn<'_> {
+impl<'a> Conn<'a> {
+    fn new(
+        backend: &'a dyn Backend,
+        peer: &'a Peer,
+        notify: Arc<Notify>,
+        stream: UnixStream,
+    ) -> Conn<'a> {
+        Conn {
+            backend,
+            peer,
+            notify,
+            stream: BufReader::with_capacity(READ_BUFFER, stream),
+        }
+    }
+
     async fn run(&mut self) -> ConnEnd {
         loop {
             if let Err(e) = self.one().await {
@@ -455,7 +470,7 @@ impl Conn<'_> {
         debug_assert!(payload.len() <= MAX_PAYLOAD);
         let record = encode_frame(xid, &payload)
             .map_err(|e| ConnEnd::Io(std::io::Error::other(e.to_string())))?;
-        self.stream.write_all(&record).await?;
+        self.stream.get_mut().write_all(&record).await?;
         Ok(())
     }
 
@@ -490,7 +505,7 @@ impl Conn<'_> {
             tokio::select! {
                 _ = &mut notified => {}
                 _ = tokio::time::sleep(wait) => {}
-                closed = peer_closed(&self.stream), if peer_quiet => {
+                closed = peer_closed(self.stream.get_ref()), if peer_quiet => {
                     if closed? {
                         return Err(ConnEnd::Closed);
                     }
@@ -577,12 +592,7 @@ mod tests {
             id: 1,
         };
         let peer = Peer { instance, conn: 2 };
-        let conn = Conn {
-            backend: fake,
-            peer: &peer,
-            notify,
-            stream: ours,
-        };
+        let conn = Conn::new(fake, &peer, notify, ours);
         // The connection is dropped once it ends, as serving does, so the client sees EOF.
         let serve = async move {
             let mut conn = conn;

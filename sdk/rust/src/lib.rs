@@ -34,7 +34,7 @@
 //! ```
 
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -167,9 +167,33 @@ type RpcHandler = Box<dyn FnMut(&mut Client, RpcRequest) + Send>;
 /// `env.EVP_*` imports of WASM modules with it.
 #[derive(Debug)]
 pub struct Connection {
-    stream: UnixStream,
+    /// The socket, read through a buffer: an answer (header and payload, sent in one write)
+    /// then costs one `recv`, not two. Written to through `get_ref`, unbuffered.
+    reader: BufReader<UnixStream>,
+    /// The read timeout last set on the socket (`None`: never set), so that it is set again
+    /// only when it will not do (see [`read_timeout_will_do`]): an SDK call is then two
+    /// system calls, not three.
+    read_timeout: Option<Option<Duration>>,
     next_xid: u64,
 }
+
+/// Whether the socket's read timeout `current` (`None`: never set; `Some(None)`: none) serves
+/// a call that wants `wanted`. The timeout only catches an agent that stopped answering, so
+/// one up to [`CALL_TIMEOUT`] longer than wanted does: a module alternating between calls
+/// (`CALL_TIMEOUT`) and getEvents (their timeout plus `CALL_TIMEOUT`) sets it once.
+fn read_timeout_will_do(current: Option<Option<Duration>>, wanted: Option<Duration>) -> bool {
+    match (current, wanted) {
+        (Some(None), None) => true,
+        (Some(Some(current)), Some(wanted)) => {
+            current >= wanted && current - wanted <= CALL_TIMEOUT
+        }
+        _ => false,
+    }
+}
+
+/// The read buffer: larger than the answers modules usually get, so one `recv` takes each
+/// whole; a larger answer is read on in pieces.
+const READ_BUFFER: usize = 16 * 1024;
 
 impl Connection {
     /// Connects to the SDK socket at `socket`.
@@ -179,7 +203,8 @@ impl Connection {
             source,
         })?;
         Ok(Connection {
-            stream,
+            reader: BufReader::with_capacity(READ_BUFFER, stream),
+            read_timeout: None,
             next_xid: FIRST_XID,
         })
     }
@@ -187,7 +212,7 @@ impl Connection {
     /// The socket itself, for whoever must unblock a call from another thread (by shutting it
     /// down) or poll it.
     pub fn stream(&self) -> &UnixStream {
-        &self.stream
+        self.reader.get_ref()
     }
 
     /// Sends one request and reads its answer, waiting at most `timeout` (`None`: forever).
@@ -203,9 +228,12 @@ impl Connection {
             wire::FrameError::TooBig(_) => Error::Agent(EvpResult::TooBig),
             other => other.into(),
         })?;
-        self.stream.set_read_timeout(timeout)?;
-        self.stream.write_all(&record)?;
-        let (header, payload) = wire::read_frame(&mut self.stream)?;
+        if !read_timeout_will_do(self.read_timeout, timeout) {
+            self.reader.get_ref().set_read_timeout(timeout)?;
+            self.read_timeout = Some(timeout);
+        }
+        self.reader.get_ref().write_all(&record)?;
+        let (header, payload) = wire::read_frame(&mut self.reader)?;
         if header.xid != xid {
             return Err(Error::Protocol(format!(
                 "answer to request {} arrived for request {xid}",
@@ -545,5 +573,33 @@ impl Client {
                 other => return other,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_timeout_is_set_again_only_when_it_will_not_do() {
+        fn check(current: Option<Option<u64>>, wanted: Option<u64>, will_do: bool) {
+            let secs = |s: Option<u64>| s.map(Duration::from_secs);
+            let got = read_timeout_will_do(current.map(secs), secs(wanted));
+            assert_eq!(got, will_do, "current {current:?}, wanted {wanted:?}");
+        }
+        let call = CALL_TIMEOUT.as_secs();
+        check(None, Some(call), false);
+        check(None, None, false);
+        check(Some(Some(call)), Some(call), true);
+        // A getEvent of 5 s after a call, then calls again: set once, then kept.
+        check(Some(Some(call)), Some(call + 5), false);
+        check(Some(Some(call + 5)), Some(call), true);
+        // Far longer than wanted: a stalled agent would be noticed too late.
+        check(Some(Some(3 * call)), Some(call), false);
+        check(Some(Some(call - 1)), Some(call), false);
+        // Forever and a bound are never each other.
+        check(Some(None), None, true);
+        check(Some(None), Some(call), false);
+        check(Some(Some(call)), None, false);
     }
 }
