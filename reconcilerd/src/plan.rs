@@ -46,10 +46,11 @@ pub fn placement(deployment: &Deployment, instance: &str) -> Option<Placement> {
     })
 }
 
-/// The hash a module is cached under, when it is fetched into the cache at all (not docker).
+/// The hash a module is cached under, when it is fetched into the cache at all (not a docker
+/// image reference, which the engine pulls).
 pub fn cached_hash(module: &Module) -> Option<String> {
     match (module.module_impl, &module.download_url, &module.hash) {
-        (ModuleImpl::Docker, ..) => None,
+        (ModuleImpl::Docker, ..) if !module.is_docker_archive() => None,
         (_, Some(_), Some(h)) => Some(h.to_ascii_lowercase()),
         _ => None,
     }
@@ -226,7 +227,7 @@ pub fn plan(desired: &Deployment, observed: Observed<'_>) -> Plan {
                 );
                 continue;
             }
-            (Some(url), ModuleImpl::Docker) => (
+            (Some(url), ModuleImpl::Docker) if !module.is_docker_archive() => (
                 ModuleSource::Image(url.clone()),
                 module.hash.clone().unwrap_or_default(),
             ),
@@ -310,7 +311,9 @@ mod tests {
                 None => (kind, false),
             };
             let mut module = json!({ "moduleImpl": kind, "entryPoint": "main" });
-            if !embedded {
+            if !embedded && kind == "docker" && hash == "-" {
+                module["downloadUrl"] = json!(format!("registry.local/{id}:1"));
+            } else if !embedded {
                 module["downloadUrl"] = json!(format!("http://hub/{id}"));
             }
             if hash != "-" {
@@ -576,6 +579,19 @@ mod tests {
     #[test]
     fn docker_modules_are_loaded_from_their_image_without_a_download() {
         let d = deployment(&[("m", "docker -")], &[("a", "m")]);
-        check(&d, &World::empty(), "load m image:http://hub/m\nstart a m");
+        check(
+            &d,
+            &World::empty(),
+            "load m image:registry.local/m:1\nstart a m",
+        );
+    }
+
+    #[test]
+    fn docker_archives_are_downloaded_and_loaded_from_the_cache() {
+        let d = deployment(&[("m", "docker aa")], &[("a", "m")]);
+        check(&d, &World::empty(), "fetch aa");
+        let mut w = World::empty();
+        w.cached.insert("aa".to_owned());
+        check(&d, &w, "load m cache:aa\nstart a m");
     }
 }

@@ -49,6 +49,23 @@ pub struct Module {
     pub hash: Option<String>,
 }
 
+/// URL schemes a module file is downloaded from.
+pub const DOWNLOAD_SCHEMES: [&str; 3] = ["http://", "https://", "file://"];
+
+impl Module {
+    /// Whether this is a docker module shipped as a `docker save` archive (beyond EVP): its
+    /// `downloadUrl` is an http(s):// or file:// URL, downloaded and verified against `hash`
+    /// like any module file, then loaded into the engine. A docker module's `downloadUrl` is
+    /// otherwise an image reference, which the engine pulls (a reference has no scheme).
+    pub fn is_docker_archive(&self) -> bool {
+        self.module_impl == ModuleImpl::Docker
+            && self
+                .download_url
+                .as_deref()
+                .is_some_and(|url| DOWNLOAD_SCHEMES.iter().any(|s| url.starts_with(s)))
+    }
+}
+
 /// The kinds of module EVP knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -244,17 +261,18 @@ impl Deployment {
                         "is empty; leave it out for a module without download",
                     ));
                 }
-                if module.module_impl != ModuleImpl::Docker {
+                if module.module_impl != ModuleImpl::Docker || module.is_docker_archive() {
                     let Some(hash) = &module.hash else {
-                        return Err(ValidationError::new(
-                            at("hash"),
-                            "is required when downloadUrl is set",
-                        ));
+                        let why = if module.is_docker_archive() {
+                            "is required when a docker module's downloadUrl is an archive URL \
+                             (an image reference has no scheme)"
+                        } else {
+                            "is required when downloadUrl is set"
+                        };
+                        return Err(ValidationError::new(at("hash"), why));
                     };
                     validate_hash_hex(hash).map_err(|m| ValidationError::new(at("hash"), m))?;
-                    let scheme_ok = ["http://", "https://", "file://"]
-                        .iter()
-                        .any(|s| url.starts_with(s));
+                    let scheme_ok = DOWNLOAD_SCHEMES.iter().any(|s| url.starts_with(s));
                     if !scheme_ok {
                         return Err(ValidationError::new(
                             at("downloadUrl"),
@@ -467,6 +485,30 @@ mod tests {
         assert_eq!(d.validate().unwrap_err().path, "deployment.modules.m.hash");
         d.modules.get_mut("m").unwrap().hash = Some("abcd".into());
         assert!(d.validate().is_ok());
+    }
+
+    #[test]
+    fn a_docker_module_is_an_image_reference_or_an_archive_with_its_hash() {
+        fn check(url: &str, hash: Option<&str>, expect: Result<bool, &str>) {
+            let mut d = one_instance();
+            let m = d.modules.get_mut("m").unwrap();
+            m.module_impl = ModuleImpl::Docker;
+            m.download_url = Some(url.into());
+            m.hash = hash.map(str::to_owned);
+            let archive = m.is_docker_archive();
+            let got = d.validate().map(|()| archive).map_err(|e| e.path);
+            assert_eq!(got, expect.map_err(str::to_owned), "{url} {hash:?}");
+        }
+        let hash = "ab".repeat(32);
+        check("ghcr.io/acme/cam:1.2", None, Ok(false));
+        check("localhost:5000/cam@sha256:00", None, Ok(false));
+        check("https://hub/cam.tar", Some(&hash), Ok(true));
+        check("file:///media/usb/cam.tar", Some(&hash), Ok(true));
+        check(
+            "https://hub/cam.tar",
+            None,
+            Err("deployment.modules.m.hash"),
+        );
     }
 
     #[test]
