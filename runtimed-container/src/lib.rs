@@ -1,10 +1,11 @@
 //! runtimed-container: owns `org.evp.Runtime1.Container` and runs the modules that are not
-//! WASM. One [`runtime::Runtime`] per module kind (`spawn` in this build; `docker` and `python`
-//! join as sibling modules) behind one [`runtime::Supervisor`], which the D-Bus object
+//! WASM. One [`runtime::Runtime`] per module kind ([`spawn`], [`docker`]; `python` joins as a
+//! sibling module) behind one [`runtime::Supervisor`], which the D-Bus object
 //! delegates to. The daemon's own exit or crash does not disturb its instances: their output
 //! goes to files ([`logs`]), what it started is recorded ([`record`]), and its next start
 //! re-adopts what still runs ([`process`]).
 
+pub mod docker;
 pub mod identity;
 pub mod logs;
 pub mod process;
@@ -60,6 +61,11 @@ pub struct ContainerConfig {
     pub instance_uid_min: u32,
     /// Last uid of that range: at most this many instances minus one can run at once.
     pub instance_uid_max: u32,
+    /// The Docker engine's Unix socket; `EVP_DOCKER_UNIX_SOCKET` overrides it.
+    pub docker_socket: PathBuf,
+    /// The Docker engine's `http://` address, when it is not reached over its socket;
+    /// `EVP_DOCKER_HOST` overrides it.
+    pub docker_host: Option<String>,
     /// Who reads instance output: not a setting (a relay process of this binary, always, on a
     /// device); the crate's tests, whose executable is not the daemon, read it in threads.
     #[serde(skip)]
@@ -75,6 +81,8 @@ impl Default for ContainerConfig {
             log_max_bytes: logs::DEFAULT_LOG_MAX_BYTES,
             instance_uid_min: identity::DEFAULT_UID_MIN,
             instance_uid_max: identity::DEFAULT_UID_MAX,
+            docker_socket: docker::DEFAULT_DOCKER_SOCKET.into(),
+            docker_host: None,
             log_relay: LogPolicy::default().relay,
         }
     }
@@ -114,6 +122,20 @@ impl ContainerConfig {
             }
         } else {
             OnExit::LeaveRunning
+        }
+    }
+
+    /// Where the Docker engine is: `EVP_DOCKER_UNIX_SOCKET`, else `EVP_DOCKER_HOST`, else
+    /// `docker_host` when set, else `docker_socket`.
+    pub fn docker_engine(&self) -> docker::Engine {
+        let env = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
+        match (env("EVP_DOCKER_UNIX_SOCKET"), env("EVP_DOCKER_HOST")) {
+            (None, None) => docker::Engine::from_env(
+                Some(self.docker_socket.to_string_lossy().into_owned())
+                    .filter(|_| self.docker_host.is_none()),
+                self.docker_host.clone(),
+            ),
+            (socket, host) => docker::Engine::from_env(socket, host),
         }
     }
 
@@ -255,6 +277,18 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     evp_daemon::exit_if_bus_lost(served)
 }
 
+/// `EVP_REGISTRY_AUTH`: registry domain → `X-Registry-Auth` value, as JSON; unset or
+/// unreadable is none (said in the log).
+fn registry_auth_from_env() -> std::collections::HashMap<String, String> {
+    let Ok(text) = std::env::var("EVP_REGISTRY_AUTH") else {
+        return Default::default();
+    };
+    serde_json::from_str(&text).unwrap_or_else(|e| {
+        warn!("EVP_REGISTRY_AUTH is not a JSON object of strings, ignored: {e}");
+        Default::default()
+    })
+}
+
 /// Re-adopts what the previous run left, serves the bus until `shutdown` resolves, then does
 /// what `section` says with the instances.
 pub async fn serve(
@@ -270,7 +304,14 @@ pub async fn serve(
     reaper::start();
     let (supervisor, events) = Supervisor::with_identities(
         instances_dir.clone(),
-        vec![Arc::new(spawn::SpawnRuntime::new(section.log_policy())) as Arc<dyn runtime::Runtime>],
+        vec![
+            Arc::new(spawn::SpawnRuntime::new(section.log_policy())) as Arc<dyn runtime::Runtime>,
+            Arc::new(docker::DockerRuntime::new(
+                section.docker_engine(),
+                section.log_policy(),
+                registry_auth_from_env(),
+            )),
+        ],
         identities,
     );
     // Before the name is owned, so a StartInstance of a re-adopted instance is already the

@@ -98,6 +98,15 @@ pub struct ModuleOutput {
     pub stderr: Stdio,
 }
 
+/// The write ends of an instance's output pipes, for a runtime that copies the output in
+/// itself (a container's, from the engine).
+pub struct RelayWriters {
+    /// Into `stdout.log`.
+    pub stdout: std::io::PipeWriter,
+    /// Into `stderr.log`.
+    pub stderr: std::io::PipeWriter,
+}
+
 /// `<instance_dir>/logs/<file>`.
 pub fn log_path(instance_dir: &Path, file: &str) -> PathBuf {
     instance_dir.join(LOG_DIR).join(file)
@@ -126,6 +135,19 @@ pub fn start_relay(
     instance_dir: &Path,
     policy: &LogPolicy,
 ) -> Result<ModuleOutput, LogError> {
+    let w = start_relay_writers(instance, instance_dir, policy)?;
+    Ok(ModuleOutput {
+        stdout: Stdio::from(w.stdout),
+        stderr: Stdio::from(w.stderr),
+    })
+}
+
+/// As [`start_relay`], handing back the pipes' write ends themselves.
+pub fn start_relay_writers(
+    instance: &str,
+    instance_dir: &Path,
+    policy: &LogPolicy,
+) -> Result<RelayWriters, LogError> {
     let config = RelayConfig {
         instance: instance.to_owned(),
         dir: create_dir(instance_dir)?,
@@ -191,9 +213,9 @@ pub fn start_relay(
                 .map_err(relay_err)?;
         }
     }
-    Ok(ModuleOutput {
-        stdout: Stdio::from(out_w),
-        stderr: Stdio::from(err_w),
+    Ok(RelayWriters {
+        stdout: out_w,
+        stderr: err_w,
     })
 }
 

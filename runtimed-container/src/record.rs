@@ -89,6 +89,9 @@ pub struct InstanceRecord {
     /// records of earlier builds). Re-adoption keeps it, so no other instance gets it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<u32>,
+    /// The engine's id of its container, for the docker kind; absent for processes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
 }
 
 /// Writes `record` as `<instance_dir>/runtime.json`, atomically and durably.
@@ -172,6 +175,7 @@ mod tests {
             }),
             ended: None,
             uid: Some(61184),
+            container: None,
         }
     }
 

@@ -83,6 +83,7 @@ impl Device {
                 process: Some(process),
                 ended: None,
                 uid: None,
+                container: None,
             },
         )
         .unwrap();

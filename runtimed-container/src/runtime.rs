@@ -69,8 +69,22 @@ pub trait Runtime: Send + Sync {
     fn start(&self, spec: StartSpec) -> BoxFuture<'_, Result<Started, String>>;
 
     /// Takes back an instance an earlier run of the daemon started, if its process still runs.
-    /// Called inside the tokio runtime. The error is why it could not be checked.
-    fn adopt(&self, spec: AdoptSpec) -> Result<Adoption, String>;
+    /// The error is why it could not be checked.
+    fn adopt(&self, spec: AdoptSpec) -> BoxFuture<'_, Result<Adoption, String>>;
+
+    /// Cleans up after an instance that stopped and left `Instances` (its container, for the
+    /// docker kind). Processes leave nothing.
+    fn stopped<'a>(&'a self, instance: &'a str) -> BoxFuture<'a, ()> {
+        let _ = instance;
+        Box::pin(std::future::ready(()))
+    }
+
+    /// Once re-adoption is done: removes what earlier runs left that no instance in `keep`
+    /// owns (containers of ours). Processes leave nothing: a process not re-adopted is gone.
+    fn sweep<'a>(&'a self, keep: &'a [String]) -> BoxFuture<'a, ()> {
+        let _ = keep;
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// What a runtime needs to re-adopt one instance.
@@ -84,6 +98,8 @@ pub struct AdoptSpec {
     pub process: ProcessHandle,
     /// The uid of its own it runs as, if any.
     pub uid: Option<u32>,
+    /// Its container, as recorded, for the docker kind.
+    pub container: Option<String>,
 }
 
 /// The outcome of [`Runtime::adopt`].
@@ -115,6 +131,8 @@ pub struct Started {
     /// Every process of the instance (not only its group), for stops; `None` for kinds whose
     /// workload is not a process tree.
     pub scope: Option<Scope>,
+    /// The engine's id of its container, for the docker kind, to record.
+    pub container: Option<String>,
 }
 
 /// How an instance ended.
@@ -497,6 +515,7 @@ impl Supervisor {
                 process: None,
                 ended: None,
                 uid: None,
+                container: None,
             };
             let previous_uid = state
                 .instances
@@ -579,6 +598,7 @@ impl Supervisor {
                 // the record once the instance is gone) always comes after this write.
                 if let Some(rec) = &mut inst.record {
                     rec.process = started.process;
+                    rec.container = started.container.clone();
                     rec.ended = None;
                     self.save_record(instance, rec);
                 }
@@ -662,6 +682,25 @@ impl Supervisor {
     /// Stops an instance: SIGTERM, up to `grace` to exit, then SIGKILL; returns once it is
     /// reaped and has left `Instances`. Unknown or already exited instances are fine.
     pub async fn stop_instance(&self, instance: &str, grace: Duration) -> Result<(), EvpError> {
+        let runtime = self.runtime_of(instance);
+        let stopped = self.stop_process(instance, grace).await;
+        if stopped.is_ok()
+            && let Some(runtime) = runtime
+        {
+            runtime.stopped(instance).await;
+        }
+        stopped
+    }
+
+    /// The runtime of an instance's kind, as its record says.
+    fn runtime_of(&self, instance: &str) -> Option<Arc<dyn Runtime>> {
+        let state = self.lock();
+        let kind = state.instances.get(instance)?.record.as_ref()?.kind.clone();
+        self.runtimes.get(kind.as_str()).cloned()
+    }
+
+    /// [`Supervisor::stop_instance`] without the runtime's clean-up.
+    async fn stop_process(&self, instance: &str, grace: Duration) -> Result<(), EvpError> {
         let (generation, mut phase, scope) = {
             let mut state = self.lock();
             let Some(inst) = state.instances.get_mut(instance) else {

@@ -94,8 +94,8 @@ impl Runtime for SpawnRuntime {
         async move { spawn(spec, &self.logs) }.boxed()
     }
 
-    fn adopt(&self, spec: AdoptSpec) -> Result<Adoption, String> {
-        adopt(spec)
+    fn adopt(&self, spec: AdoptSpec) -> BoxFuture<'_, Result<Adoption, String>> {
+        std::future::ready(adopt(spec)).boxed()
     }
 }
 
@@ -123,6 +123,17 @@ fn hash_module_file(module_id: &str, path: &str) -> Result<String, EvpError> {
             mode & 0o7777
         )));
     }
+    hash_reader(&mut file)
+        .map_err(|e| EvpError::Io(format!("module {module_id}: reading {path}: {e}")))
+}
+
+/// The SHA-256 of a file in lower hex (a docker archive's, say).
+pub(crate) fn hash_file(path: &str) -> std::io::Result<String> {
+    hash_reader(&mut std::fs::File::open(path)?)
+}
+
+/// The SHA-256 of everything `file` holds, in lower hex, read in chunks.
+fn hash_reader(file: &mut std::fs::File) -> std::io::Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; HASH_CHUNK];
     loop {
@@ -130,11 +141,7 @@ fn hash_module_file(module_id: &str, path: &str) -> Result<String, EvpError> {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                return Err(EvpError::Io(format!(
-                    "module {module_id}: reading {path}: {e}"
-                )));
-            }
+            Err(e) => return Err(e),
         };
         hasher.update(&buf[..n]);
     }
@@ -233,6 +240,7 @@ fn spawn(spec: StartSpec, logs: &LogPolicy) -> Result<Started, String> {
         process: handle,
         pid: pid.unsigned_abs(),
         scope: Some(scope),
+        container: None,
     })
 }
 
@@ -276,6 +284,7 @@ fn adopt(spec: AdoptSpec) -> Result<Adoption, String> {
         instance_dir,
         process: recorded,
         uid,
+        container: _,
     } = spec;
     let pid = recorded.pid;
     if let Some(gone) = gone_reason(recorded)? {
@@ -310,6 +319,7 @@ fn adopt(spec: AdoptSpec) -> Result<Adoption, String> {
         process: Some(recorded),
         pid: pid.unsigned_abs(),
         scope: Some(scope),
+        container: None,
     }))
 }
 

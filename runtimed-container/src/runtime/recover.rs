@@ -43,7 +43,10 @@ impl Supervisor {
                     continue;
                 }
             };
-            self.recover_one(&name, rec, &mut out);
+            self.recover_one(&name, rec, &mut out).await;
+        }
+        for runtime in self.runtimes.values() {
+            runtime.sweep(&out.adopted).await;
         }
         info!(
             adopted = ?out.adopted,
@@ -54,16 +57,26 @@ impl Supervisor {
         out
     }
 
-    fn recover_one(self: &Arc<Self>, name: &str, mut rec: InstanceRecord, out: &mut Recovery) {
+    async fn recover_one(
+        self: &Arc<Self>,
+        name: &str,
+        mut rec: InstanceRecord,
+        out: &mut Recovery,
+    ) {
         let runtime = self.runtimes.get(rec.kind.as_str()).cloned();
         let adoption = match (&rec.ended, rec.process, &runtime) {
             (Some(_), _, _) => None,
-            (None, Some(process), Some(runtime)) => Some(runtime.adopt(AdoptSpec {
-                instance: name.to_owned(),
-                instance_dir: self.instance_dir(name),
-                process,
-                uid: rec.uid,
-            })),
+            (None, Some(process), Some(runtime)) => Some(
+                runtime
+                    .adopt(AdoptSpec {
+                        instance: name.to_owned(),
+                        instance_dir: self.instance_dir(name),
+                        process,
+                        uid: rec.uid,
+                        container: rec.container.clone(),
+                    })
+                    .await,
+            ),
             (None, None, _) => Some(Ok(Adoption::Gone("no process was recorded".into()))),
             (None, Some(_), None) => Some(Err(format!(
                 "kind {:?} is not run by this build; its process was not re-adopted",
