@@ -5,6 +5,7 @@
 //! `sdk/wasm-threads-module` by [`wasm`].
 
 pub mod certs;
+pub mod docker;
 pub mod http;
 pub mod mosquitto;
 pub mod system;

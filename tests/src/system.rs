@@ -456,6 +456,27 @@ pub async fn echo_round_trip(sys: &System, instance: &str, topic: &str, value: &
     wait_state(sys, &format!("state/{instance}/{topic}"), |v| v == value).await;
 }
 
+/// Instance `instance` (an `evp-test-rpc-echo`) answers the direct command `echo` with its
+/// params and an unknown method with EVP's error, as the hub sees it; `reqid` and the next
+/// number are the requests' ids.
+pub async fn commands_are_answered(sys: &System, instance: &str, reqid: u64) {
+    let wait = std::time::Duration::from_secs(20);
+    let ok = sys
+        .hub
+        .call(instance, "echo", r#"{"text":"hi"}"#, reqid, wait)
+        .await
+        .unwrap();
+    assert_eq!(ok["status"], "ok", "{ok}");
+    assert_eq!(ok["response"], r#"{"text":"hi"}"#);
+    let unknown = sys
+        .hub
+        .call(instance, "nope", "{}", reqid + 1, wait)
+        .await
+        .unwrap();
+    assert_eq!(unknown["status"], "error", "{unknown}");
+    assert_eq!(unknown["errorMessage"], "Unknown method");
+}
+
 /// With instances `echo` (echoing configurations as states) and `tele` (sending them as
 /// telemetry) deployed: a configuration of each comes back as the hub expects, the JSON value
 /// of the telemetry as JSON.

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use evp_system_tests::DEADLINE;
 use evp_system_tests::system::{
-    Options, System, configuration_comes_back_as_state_and_telemetry, deploy_and_wait,
-    echo_round_trip, exchange_a_thousand_messages, instance_status, wait_state,
+    Options, System, commands_are_answered, configuration_comes_back_as_state_and_telemetry,
+    deploy_and_wait, echo_round_trip, exchange_a_thousand_messages, instance_status, wait_state,
 };
 use evp_system_tests::wasm::{build_threads_module, c_module, wasm_module};
 use serde_json::{Value, json};
@@ -47,20 +47,7 @@ async fn c_modules_echo_configuration_as_state_and_telemetry_and_answer_commands
     )
     .await;
     configuration_comes_back_as_state_and_telemetry(&sys).await;
-    let wait = Duration::from_secs(20);
-    let ok = sys
-        .hub
-        .call("rpc", "echo", r#"{"text":"hi"}"#, 30042, wait)
-        .await
-        .unwrap();
-    assert_eq!(ok["status"], "ok", "{ok}");
-    assert_eq!(ok["response"], r#"{"text":"hi"}"#);
-    let unknown = sys
-        .hub
-        .call("rpc", "nope", "{}", 30043, wait)
-        .await
-        .unwrap();
-    assert_eq!(unknown["status"], "error", "{unknown}");
+    commands_are_answered(&sys, "rpc", 30042).await;
     // Each module's first line reached the log, tagged with its instance.
     evp_system_tests::wait_for("the modules' start lines", DEADLINE, async || {
         let log = wasm_log(&sys);

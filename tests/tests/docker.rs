@@ -1,0 +1,226 @@
+//! Docker modules on the machine's real Docker engine, seen from the hub driver: test images
+//! are built here from the workspace's test modules (`evp_system_tests::docker`), never
+//! pulled. Container names are global to the engine, so each test uses instance names of its
+//! own (`dk-…`). A test that cannot reach the engine fails, with the reason.
+
+use evp_system_tests::docker::{
+    docker, import_module_image, inspect, remove_agent_containers, remove_image, require_engine,
+    running_container, save_image,
+};
+use evp_system_tests::system::{
+    Options, System, commands_are_answered, deploy_and_wait, echo_round_trip, instance_status,
+    workspace_module,
+};
+use evp_system_tests::{DEADLINE, bin_dir, wait_for};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+/// A docker module whose `downloadUrl` is `url` (an image reference, or an archive with `hash`).
+fn docker_module(url: &str, hash: Option<&str>) -> Value {
+    let mut m = json!({"moduleImpl": "docker", "entryPoint": "main", "downloadUrl": url});
+    if let Some(h) = hash {
+        m["hash"] = json!(h);
+    }
+    m
+}
+
+/// `instances` (instance → module id) of `modules`.
+fn deployment(id: &str, instances: &[(&str, &str)], modules: &[(&str, Value)]) -> Value {
+    let mut d = json!({
+        "deploymentId": id, "instanceSpecs": {}, "modules": {},
+        "publishTopics": {}, "subscribeTopics": {}
+    });
+    for (name, module) in instances {
+        d["instanceSpecs"][*name] = json!({"moduleId": module, "publish": {}, "subscribe": {}});
+    }
+    for (id, module) in modules {
+        d["modules"][*id] = module.clone();
+    }
+    d
+}
+
+/// Makes image `tag` of workspace test module `binary`, in the system's directory.
+fn image(sys: &System, tag: &str, binary: &str) {
+    require_engine().unwrap();
+    import_module_image(tag, &bin_dir().join(binary), sys.dir.path()).unwrap();
+}
+
+/// Waits until no container is named `name`.
+async fn wait_container_gone(name: &str) {
+    wait_for(
+        &format!("container {name} to be removed"),
+        DEADLINE,
+        async || inspect(name, "{{.Id}}").is_err().then_some(()),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_modules_echo_configuration_answer_commands_and_run_locked_down() {
+    let sys = System::start().await.unwrap();
+    let (echo_tag, rpc_tag) = (
+        "localhost/evp-test/config-echo:1",
+        "localhost/evp-test/rpc-echo:1",
+    );
+    image(&sys, echo_tag, "evp-test-config-echo");
+    image(&sys, rpc_tag, "evp-test-rpc-echo");
+    // The echo module goes air-gapped: a `docker save` archive at a file:// URL with its hash,
+    // and its image gone from the engine, so only the archive can bring it back.
+    let archive = sys.modules_dir().join("config-echo.tar");
+    save_image(echo_tag, &archive).unwrap();
+    remove_image(echo_tag);
+    let hash = hex::encode(Sha256::digest(std::fs::read(&archive).unwrap()));
+    let url = format!("file://{}", archive.display());
+    let d = deployment(
+        "dep-1",
+        &[("dk-echo", "echo"), ("dk-rpc", "rpc")],
+        &[
+            ("echo", docker_module(&url, Some(&hash))),
+            ("rpc", docker_module(rpc_tag, None)),
+        ],
+    );
+    deploy_and_wait(&sys, &d).await;
+
+    echo_round_trip(&sys, "dk-echo", "greeting", "hello").await;
+    commands_are_answered(&sys, "dk-rpc", 501).await;
+
+    // Locked down: no network, no capability, no privilege escalation, not root, and the
+    // instance directory at EVP's path.
+    let check = |template: &str, expect: &str| {
+        assert_eq!(inspect("dk-echo", template).unwrap(), expect, "{template}");
+    };
+    check("{{.HostConfig.NetworkMode}}", "none");
+    check("{{.HostConfig.Privileged}}", "false");
+    check("{{json .HostConfig.CapDrop}}", r#"["ALL"]"#);
+    check(
+        "{{json .HostConfig.SecurityOpt}}",
+        r#"["no-new-privileges"]"#,
+    );
+    let user = inspect("dk-echo", "{{.Config.User}}").unwrap();
+    let uid: u32 = user.split(':').next().unwrap().parse().unwrap();
+    assert!(
+        (sys.uids.min..=sys.uids.max).contains(&uid),
+        "runs as {user}, not an instance uid"
+    );
+    let mounts = inspect("dk-echo", "{{range .Mounts}}{{.Destination}} {{end}}").unwrap();
+    assert!(mounts.contains("/evp "), "{mounts}");
+    // Its output is in the instance's log, as a spawned module's is.
+    let log = sys.instance_dir("dk-echo").join("logs").join("stdout.log");
+    wait_for("the container's output in its log", DEADLINE, async || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.contains("config-echo: configuration greeting")
+            .then_some(())
+    })
+    .await
+    .unwrap();
+
+    // Undeployed: the containers go.
+    deploy_and_wait(&sys, &deployment("dep-2", &[], &[])).await;
+    wait_container_gone("dk-echo").await;
+    wait_container_gone("dk-rpc").await;
+    sys.stop().await;
+    remove_image(echo_tag);
+    remove_image(rpc_tag);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_container_outlives_a_kill_of_its_runtime_and_is_readopted() {
+    let sys = System::start().await.unwrap();
+    let tag = "localhost/evp-test/config-echo-adopt:1";
+    image(&sys, tag, "evp-test-config-echo");
+    let d = deployment(
+        "dep-1",
+        &[("dk-adopt", "echo")],
+        &[("echo", docker_module(tag, None))],
+    );
+    deploy_and_wait(&sys, &d).await;
+    echo_round_trip(&sys, "dk-adopt", "t", "before").await;
+    let before = running_container("dk-adopt").expect("the container runs");
+
+    sys.kill_and_start("evp-runtimed-container").await.unwrap();
+    // The same container, never restarted, and its SDK connection is served again.
+    echo_round_trip(&sys, "dk-adopt", "t", "after").await;
+    assert_eq!(running_container("dk-adopt"), Some(before.clone()));
+    let restarts = inspect("dk-adopt", "{{.RestartCount}} {{.State.StartedAt}}").unwrap();
+    assert!(restarts.starts_with("0 "), "{restarts}");
+
+    sys.stop().await;
+    remove_agent_containers(&["dk-adopt"]);
+    remove_image(tag);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_engine_is_a_clear_error_and_other_kinds_keep_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("no-docker.sock");
+    let sys = System::start_with(Options {
+        env: vec![(
+            "EVP_DOCKER_UNIX_SOCKET".into(),
+            socket.to_string_lossy().into_owned(),
+        )],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut d = deployment(
+        "dep-1",
+        &[("dk-none", "img"), ("echo", "evp-test-config-echo")],
+        &[("img", docker_module("localhost/evp-test/absent:1", None))],
+    );
+    d["modules"]["evp-test-config-echo"] = workspace_module("evp-test-config-echo");
+    sys.deploy(&d).await.unwrap();
+    let expected = format!("Docker engine not reachable at unix://{}", socket.display());
+    let status = sys
+        .wait_status(|s| {
+            s["deploymentId"] == "dep-1"
+                && instance_status(s, "echo") == "ok"
+                && s["modules"]["img"]["failureMessage"]
+                    .as_str()
+                    .is_some_and(|m| m.contains(&expected))
+        })
+        .await
+        .unwrap();
+    assert_eq!(status["modules"]["img"]["status"], "error", "{status}");
+    assert_ne!(instance_status(&status, "dk-none"), "ok");
+    echo_round_trip(&sys, "echo", "still", "working").await;
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_archive_hash_fails_the_module_and_starts_nothing() {
+    require_engine().unwrap();
+    let sys = System::start().await.unwrap();
+    let tag = "localhost/evp-test/config-echo-hash:1";
+    image(&sys, tag, "evp-test-config-echo");
+    let archive = sys.modules_dir().join("echo.tar");
+    save_image(tag, &archive).unwrap();
+    let wrong = hex::encode(Sha256::digest(b"not the archive"));
+    let url = format!("file://{}", archive.display());
+    let d = deployment(
+        "dep-1",
+        &[("dk-hash", "echo")],
+        &[("echo", docker_module(&url, Some(&wrong)))],
+    );
+    sys.deploy(&d).await.unwrap();
+    let status = sys
+        .wait_status(|s| s["deploymentId"] == "dep-1" && s["modules"]["echo"]["status"] == "error")
+        .await
+        .unwrap();
+    assert_eq!(
+        status["modules"]["echo"]["failureMessage"], "Module hash mismatch",
+        "{status}"
+    );
+    assert!(running_container("dk-hash").is_none());
+    let listed = docker(&[
+        "ps",
+        "-a",
+        "--filter",
+        "name=^dk-hash$",
+        "--format",
+        "{{.ID}}",
+    ]);
+    assert_eq!(listed.unwrap(), "");
+    sys.stop().await;
+    remove_image(tag);
+}
