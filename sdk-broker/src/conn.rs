@@ -265,9 +265,15 @@ async fn accept_and_check(
         let (instance, checked, mut binding) = (instance.clone(), checked.clone(), binding.clone());
         tokio::spawn(async move {
             let _permit = permit;
+            // Held until a binding it may be judged by: the first one, or, while the bound
+            // process is gone, the next one (see `peer::awaits_rebinding`).
             let bound = tokio::time::timeout(BIND_WAIT, async {
                 binding
-                    .wait_for(Option::is_some)
+                    .wait_for(|b| {
+                        b.is_some_and(|b| {
+                            !peer::awaits_rebinding(b, pid, uid, peer::parent_of, peer::alive)
+                        })
+                    })
                     .await
                     .ok()
                     .and_then(|b| *b)

@@ -70,6 +70,34 @@ pub fn check(
     })
 }
 
+/// Whether a peer refused under `binding` should rather wait for the next `BindInstance`: it
+/// runs as the instance's uid, and the bound process is gone, so the instance is being started
+/// again and this is likely its new process, connecting before the runtime's answer reached
+/// sdk-broker (a container connects within milliseconds of its start). A peer of another uid,
+/// or one that is not the live bound process's, is refused at once.
+pub fn awaits_rebinding(
+    binding: Binding,
+    pid: u32,
+    uid: u32,
+    parent_of: impl Fn(u32) -> Option<u32>,
+    alive: impl Fn(u32) -> bool,
+) -> bool {
+    uid == binding.uid && check(binding, pid, uid, parent_of).is_err() && !alive(binding.pid)
+}
+
+/// Whether `pid` runs: it exists and is not a zombie (an exited child its parent has not
+/// reaped yet).
+pub fn alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .rfind(')')
+        .and_then(|i| stat.get(i + 1..))
+        .and_then(|rest| rest.split_whitespace().next());
+    !matches!(state, None | Some("Z" | "X"))
+}
+
 /// The parent of `pid`, from `/proc/<pid>/stat` (field 4, counted after the command's last
 /// `)`, since the command may hold spaces and parentheses).
 pub fn parent_of(pid: u32) -> Option<u32> {
@@ -126,6 +154,32 @@ mod tests {
         // A vanished process or a loop ends the walk.
         assert!(check(BOUND, 999, 61184, parent).is_err());
         assert!(check(BOUND, 7, 61184, Some).is_err());
+    }
+
+    #[test]
+    fn only_a_peer_of_the_instance_uid_waits_and_only_while_the_bound_process_is_gone() {
+        fn check(pid: u32, uid: u32, bound_alive: bool, expect: bool) {
+            let alive = |p: u32| p != BOUND.pid || bound_alive;
+            let got = awaits_rebinding(BOUND, pid, uid, parent, alive);
+            assert_eq!(got, expect, "pid {pid} uid {uid} bound alive {bound_alive}");
+        }
+        // The restarted instance's process, before its binding: it waits.
+        check(200, 61184, false, true);
+        // The same while the bound process runs: a stranger of that uid, refused.
+        check(200, 61184, true, false);
+        // Another uid never waits.
+        check(200, 61185, false, false);
+        // The bound tree itself is accepted, not held.
+        check(102, 61184, false, false);
+    }
+
+    #[test]
+    fn this_process_is_alive_and_a_reaped_one_is_not() {
+        assert!(alive(std::process::id()));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        assert!(!alive(pid));
     }
 
     #[test]

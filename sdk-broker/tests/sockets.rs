@@ -986,3 +986,33 @@ async fn only_the_bound_process_tree_is_served_and_early_peers_wait_for_the_bind
     );
     assert!(h.broker.bind_instance("nobody", 1234, me).is_err());
 }
+
+/// A restart: the binding still names the instance's previous process, which has exited, when
+/// its new process (same uid) connects; the connection is held until the new binding comes,
+/// then served, rather than refused for not descending from the dead process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_instance_connecting_before_its_new_binding_is_held_then_served() {
+    let h = harness(quick_settings());
+    let path = h.broker.open_instance("i").unwrap();
+    let me = nix::unistd::geteuid().as_raw();
+    let mut previous = std::process::Command::new("true").spawn().unwrap();
+    h.broker.bind_instance("i", previous.id(), me).unwrap();
+    previous.wait().unwrap();
+    let early = client(move || {
+        let mut s = UnixStream::connect(&path).unwrap();
+        raw_send(&mut s, 1, &poll_request());
+        s
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    h.broker.bind_instance("i", std::process::id(), me).unwrap();
+    let answered = client(move || {
+        let mut s = early;
+        raw_read(&mut s).is_some()
+    })
+    .await;
+    assert!(
+        answered,
+        "the restarted instance's early connection was refused"
+    );
+}

@@ -135,3 +135,59 @@ pub fn has_image(tag: &str) -> Result<()> {
         Err(e) => bail!("image {tag} is missing: {e}"),
     }
 }
+
+/// A stand-in for the engine's socket that the test can cut and bring back: each connection
+/// to it is relayed to the real engine's socket. Cutting it closes every connection and the
+/// socket, as an engine that stops does to its clients.
+pub struct EngineProxy {
+    path: PathBuf,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// The real engine's socket.
+const ENGINE_SOCKET: &str = "/var/run/docker.sock";
+
+impl EngineProxy {
+    /// A proxy at `path`, already serving.
+    pub fn start(path: &Path) -> Result<EngineProxy> {
+        let mut proxy = EngineProxy {
+            path: path.to_path_buf(),
+            server: None,
+        };
+        proxy.resume()?;
+        Ok(proxy)
+    }
+
+    /// Serves the socket again.
+    pub fn resume(&mut self) -> Result<()> {
+        let _ = std::fs::remove_file(&self.path);
+        let listener = tokio::net::UnixListener::bind(&self.path)
+            .with_context(|| format!("binding {}", self.path.display()))?;
+        self.server = Some(tokio::spawn(async move {
+            let mut relays = tokio::task::JoinSet::new();
+            while let Ok((mut client, _)) = listener.accept().await {
+                relays.spawn(async move {
+                    if let Ok(mut engine) = tokio::net::UnixStream::connect(ENGINE_SOCKET).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut engine).await;
+                    }
+                });
+            }
+        }));
+        Ok(())
+    }
+
+    /// Closes the socket and every connection through it (aborting the server aborts its
+    /// relays, which its `JoinSet` owns).
+    pub fn cut(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for EngineProxy {
+    fn drop(&mut self) {
+        self.cut();
+    }
+}

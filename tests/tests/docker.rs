@@ -4,8 +4,8 @@
 //! own (`dk-…`). A test that cannot reach the engine fails, with the reason.
 
 use evp_system_tests::docker::{
-    docker, import_module_image, inspect, remove_agent_containers, remove_image, require_engine,
-    running_container, save_image,
+    EngineProxy, docker, import_module_image, inspect, remove_agent_containers, remove_image,
+    require_engine, running_container, save_image,
 };
 use evp_system_tests::system::{
     Options, System, commands_are_answered, deploy_and_wait, echo_round_trip, instance_status,
@@ -222,5 +222,60 @@ async fn a_wrong_archive_hash_fails_the_module_and_starts_nothing() {
     ]);
     assert_eq!(listed.unwrap(), "");
     sys.stop().await;
+    remove_image(tag);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_engine_lost_mid_way_is_an_error_and_the_instance_comes_back_with_it() {
+    require_engine().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("engine.sock");
+    let mut engine = EngineProxy::start(&socket).unwrap();
+    let sys = System::start_with(Options {
+        env: vec![(
+            "EVP_DOCKER_UNIX_SOCKET".into(),
+            socket.to_string_lossy().into_owned(),
+        )],
+        extra_toml: "[reconciler]\nrestart_backoff_base_ms = 100\nrestart_backoff_max_ms = 500\n"
+            .into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let tag = "localhost/evp-test/config-echo-cut:1";
+    image(&sys, tag, "evp-test-config-echo");
+    let mut d = deployment(
+        "dep-1",
+        &[("dk-cut", "echo")],
+        &[("echo", docker_module(tag, None))],
+    );
+    d["instanceSpecs"]["dk-cut"]["restartPolicy"] = json!("always");
+    deploy_and_wait(&sys, &d).await;
+    echo_round_trip(&sys, "dk-cut", "t", "before").await;
+    let before = running_container("dk-cut").expect("the container runs");
+
+    engine.cut();
+    let expected = format!("Docker engine not reachable at unix://{}", socket.display());
+    sys.wait_status(|s| {
+        s["instances"]["dk-cut"]["status"] == "error"
+            && s["instances"]["dk-cut"]["failureMessage"]
+                .as_str()
+                .is_some_and(|m| m.contains(&expected))
+    })
+    .await
+    .unwrap();
+
+    engine.resume().unwrap();
+    sys.wait_status(|s| instance_status(s, "dk-cut") == "ok")
+        .await
+        .unwrap();
+    echo_round_trip(&sys, "dk-cut", "t", "after").await;
+    let after = running_container("dk-cut").expect("the container runs again");
+    assert_ne!(
+        after, before,
+        "the instance was started again in a new container"
+    );
+    sys.stop().await;
+    remove_agent_containers(&["dk-cut"]);
     remove_image(tag);
 }
