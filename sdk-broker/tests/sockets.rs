@@ -940,6 +940,26 @@ async fn a_peer_with_another_uid_than_the_bound_one_is_refused() {
     }
 }
 
+/// Connects to instance `i`'s socket at `path` and sends a request, then binds `i` to this
+/// test's process: whether that early connection gets its answer.
+async fn early_connection_answered_once_bound(h: &Harness, path: std::path::PathBuf) -> bool {
+    let me = nix::unistd::geteuid().as_raw();
+    let early = client(move || {
+        let mut s = UnixStream::connect(&path).unwrap();
+        raw_send(&mut s, 1, &poll_request());
+        s
+    })
+    .await;
+    // Time for the broker to accept and hold it; nothing to observe from outside.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    h.broker.bind_instance("i", std::process::id(), me).unwrap();
+    client(move || {
+        let mut s = early;
+        raw_read(&mut s).is_some()
+    })
+    .await
+}
+
 /// A peer with the bound uid that is neither the bound process nor its descendant is
 /// refused (here: this test, while the binding names a `sleep` it started); a connection made
 /// before the binding is held, and answered once the binding names its process.
@@ -967,19 +987,7 @@ async fn only_the_bound_process_tree_is_served_and_early_peers_wait_for_the_bind
 
     let h = harness(quick_settings());
     let path = h.broker.open_instance("i").unwrap();
-    let early = client(move || {
-        let mut s = UnixStream::connect(&path).unwrap();
-        raw_send(&mut s, 1, &poll_request());
-        s
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    h.broker.bind_instance("i", std::process::id(), me).unwrap();
-    let answered = client(move || {
-        let mut s = early;
-        raw_read(&mut s).is_some()
-    })
-    .await;
+    let answered = early_connection_answered_once_bound(&h, path).await;
     assert!(
         answered,
         "the connection made before the binding was not served"
@@ -998,19 +1006,7 @@ async fn a_restarted_instance_connecting_before_its_new_binding_is_held_then_ser
     let mut previous = std::process::Command::new("true").spawn().unwrap();
     h.broker.bind_instance("i", previous.id(), me).unwrap();
     previous.wait().unwrap();
-    let early = client(move || {
-        let mut s = UnixStream::connect(&path).unwrap();
-        raw_send(&mut s, 1, &poll_request());
-        s
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    h.broker.bind_instance("i", std::process::id(), me).unwrap();
-    let answered = client(move || {
-        let mut s = early;
-        raw_read(&mut s).is_some()
-    })
-    .await;
+    let answered = early_connection_answered_once_bound(&h, path).await;
     assert!(
         answered,
         "the restarted instance's early connection was refused"
