@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use evp_schemas::routing::Routing;
-use evp_schemas::{Deployment, Module, ModuleImpl};
+use evp_schemas::{ContainerOptions, Deployment, Module, ModuleImpl};
 
 /// The two runtime daemons, and which module kinds each runs.
 pub use evp_schemas::dbus::Runtime;
@@ -27,6 +27,8 @@ pub struct Placement {
     pub module_id: String,
     /// Its definition.
     pub module: Module,
+    /// What its container gets, for a docker instance: a change restarts it too.
+    pub container: Option<ContainerOptions>,
 }
 
 impl Placement {
@@ -43,6 +45,7 @@ pub fn placement(deployment: &Deployment, instance: &str) -> Option<Placement> {
     Some(Placement {
         module_id: spec.module_id.clone(),
         module: module.clone(),
+        container: spec.container.clone(),
     })
 }
 

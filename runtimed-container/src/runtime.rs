@@ -165,6 +165,8 @@ pub struct StartSpec {
     pub env: BTreeMap<String, String>,
     /// The `entry_point` option, for kinds that use one.
     pub entry_point: Option<String>,
+    /// What a container gets beyond the default, for the docker kind.
+    pub container: evp_schemas::ContainerOptions,
     /// The uid (and gid) of its own to run it as, with no supplementary groups; `None` to run
     /// it as the runtime's user.
     pub uid: Option<u32>,

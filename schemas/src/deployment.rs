@@ -128,6 +128,87 @@ pub struct InstanceSpec {
     /// What to do when the instance exits; the agent's default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_policy: Option<RestartPolicy>,
+    /// Beyond EVP, for docker modules only: what the container may have beyond the locked-down
+    /// default (no network, no capability, no limit but the device's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerOptions>,
+}
+
+/// What a docker instance's container gets beyond the default (`instanceSpecs.<name>.container`
+/// in the manifest, and the `StartInstance` options `network`, `memory_bytes`, `nano_cpus`,
+/// `cap_add`). Absent fields keep the default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ContainerOptions {
+    /// The engine network to join: `bridge`, `host` or a network's name; `none` by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    /// Memory limit in bytes (the engine's `Memory`); at least [`MIN_CONTAINER_MEMORY`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// CPU limit in billionths of a CPU (the engine's `NanoCpus`: 500000000 is half a core).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nano_cpus: Option<u64>,
+    /// Capabilities to keep (`NET_BIND_SERVICE`); every other one is dropped. Never `ALL`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_add: Vec<String>,
+}
+
+/// The engine's own lower bound for a memory limit (Docker refuses less than 6 MiB).
+pub const MIN_CONTAINER_MEMORY: u64 = 6 * 1024 * 1024;
+/// Most capabilities one instance may ask for: Linux has about 41, so more is a mistake.
+const MAX_CAP_ADD: usize = 64;
+
+impl ContainerOptions {
+    /// Why these options cannot be applied, naming the field under `at`.
+    pub fn validate(&self, at: &str) -> Result<(), ValidationError> {
+        let field = |f: &str| format!("{at}.{f}");
+        if let Some(net) = &self.network {
+            // A name only: `container:<id>` would join another container's namespaces.
+            let name_ok = net
+                .bytes()
+                .next()
+                .is_some_and(|b| b.is_ascii_alphanumeric())
+                && net
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+            if !name_ok {
+                return Err(ValidationError::new(
+                    field("network"),
+                    format!("{net:?} is not a network name (none, bridge, host or a name)"),
+                ));
+            }
+        }
+        if self.memory_bytes.is_some_and(|m| m < MIN_CONTAINER_MEMORY) {
+            return Err(ValidationError::new(
+                field("memoryBytes"),
+                format!("must be at least {MIN_CONTAINER_MEMORY} (6 MiB)"),
+            ));
+        }
+        if self.nano_cpus == Some(0) {
+            return Err(ValidationError::new(
+                field("nanoCpus"),
+                "must be positive (leave it out for no limit)",
+            ));
+        }
+        if self.cap_add.len() > MAX_CAP_ADD {
+            return Err(ValidationError::new(
+                field("capAdd"),
+                format!("names more than {MAX_CAP_ADD} capabilities"),
+            ));
+        }
+        for cap in &self.cap_add {
+            let bare = cap.strip_prefix("CAP_").unwrap_or(cap);
+            let ok = !bare.is_empty() && bare.bytes().all(|b| b.is_ascii_uppercase() || b == b'_');
+            if !ok || bare == "ALL" {
+                return Err(ValidationError::new(
+                    field("capAdd"),
+                    format!("{cap:?} is not a capability name (ALL is refused)"),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// When an exited instance is started again.
@@ -304,6 +385,18 @@ impl Deployment {
                     format!("is empty, but instance {name:?} uses this module"),
                 ));
             }
+            if let Some(container) = &spec.container {
+                if module.module_impl != ModuleImpl::Docker {
+                    return Err(ValidationError::new(
+                        at("container"),
+                        format!(
+                            "applies to docker modules only; module {:?} is {}",
+                            spec.module_id, module.module_impl
+                        ),
+                    ));
+                }
+                container.validate(&at("container"))?;
+            }
         }
         for (kind, topics) in [
             ("publishTopics", &self.publish_topics),
@@ -413,6 +506,7 @@ mod tests {
                 publish: Default::default(),
                 subscribe: Default::default(),
                 restart_policy: None,
+                container: None,
             },
         );
         d
@@ -509,6 +603,47 @@ mod tests {
             None,
             Err("deployment.modules.m.hash"),
         );
+    }
+
+    #[test]
+    fn container_options_are_checked_and_only_for_docker_instances() {
+        fn check(kind: ModuleImpl, options: serde_json::Value, expect: Result<(), &str>) {
+            let mut d = one_instance();
+            if kind == ModuleImpl::Docker {
+                let m = d.modules.get_mut("m").unwrap();
+                m.module_impl = kind;
+                m.download_url = Some("registry.local/m:1".into());
+                m.hash = None;
+            }
+            let parsed = serde_json::from_value(options.clone()).unwrap();
+            d.instance_specs.get_mut("i").unwrap().container = Some(parsed);
+            let got = d.validate().map_err(|e| e.path);
+            assert_eq!(got, expect.map_err(str::to_owned), "{kind} {options}");
+        }
+        use serde_json::json;
+        let docker = ModuleImpl::Docker;
+        let at = |f: &str| -> String { format!("deployment.instanceSpecs.i.container{f}") };
+        check(docker, json!({}), Ok(()));
+        check(
+            docker,
+            json!({"network": "bridge", "memoryBytes": 67108864, "nanoCpus": 500000000,
+                   "capAdd": ["NET_BIND_SERVICE", "CAP_CHOWN"]}),
+            Ok(()),
+        );
+        check(docker, json!({"network": "my-net_1.x"}), Ok(()));
+        for (bad, field) in [
+            (json!({"network": "container:db"}), ".network"),
+            (json!({"network": ""}), ".network"),
+            (json!({"memoryBytes": 1024}), ".memoryBytes"),
+            (json!({"nanoCpus": 0}), ".nanoCpus"),
+            (json!({"capAdd": ["ALL"]}), ".capAdd"),
+            (json!({"capAdd": ["net_admin"]}), ".capAdd"),
+        ] {
+            let path = at(field);
+            check(docker, bad, Err(&path));
+        }
+        let path = at("");
+        check(ModuleImpl::Spawn, json!({}), Err(&path));
     }
 
     #[test]

@@ -576,6 +576,13 @@ pub fn decode_deployment(v: &Value) -> Result<Deployment, ValidationError> {
                 })?,
             ),
         };
+        // Beyond EVP: passed on as it is; `Deployment::validate` judges it.
+        let container = match sm.get("container") {
+            None | Some(Value::Null) => None,
+            Some(x) => Some(serde_json::from_value(x.clone()).map_err(|e| {
+                ValidationError::new(format!("{at}.container"), format!("is not valid: {e}"))
+            })?),
+        };
         instance_specs.insert(
             name.clone(),
             InstanceSpec {
@@ -583,6 +590,7 @@ pub fn decode_deployment(v: &Value) -> Result<Deployment, ValidationError> {
                 publish,
                 subscribe,
                 restart_policy,
+                container,
             },
         );
     }

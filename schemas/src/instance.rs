@@ -24,6 +24,9 @@ pub struct StartOptions {
     pub env: BTreeMap<String, String>,
     /// `entry_point` (s): the module's entry point, for kinds that use one.
     pub entry_point: Option<String>,
+    /// `network` (s), `memory_bytes` (t), `nano_cpus` (t), `cap_add` (as): what a docker
+    /// instance's container gets beyond the default; each sent only when set.
+    pub container: crate::deployment::ContainerOptions,
 }
 
 /// Why `StartInstance` options could not be read or written.
@@ -49,6 +52,9 @@ pub enum StartOptionsError {
     /// An `env` value holds a NUL.
     #[error("option env: the value of {0} contains a NUL byte")]
     EnvValueNul(String),
+    /// A container option cannot be applied (the manifest's rules, checked again).
+    #[error("option {0}")]
+    Container(String),
 }
 
 #[cfg(feature = "dbus")]
@@ -69,12 +75,26 @@ mod wire {
     const SDK_SOCKET: &str = "sdk_socket";
     const ENV: &str = "env";
     const ENTRY_POINT: &str = "entry_point";
+    const NETWORK: &str = "network";
+    const MEMORY_BYTES: &str = "memory_bytes";
+    const NANO_CPUS: &str = "nano_cpus";
+    const CAP_ADD: &str = "cap_add";
     const A_STRING: &str = "a string (s)";
+    const A_U64: &str = "an unsigned 64-bit integer (t)";
+    const A_STRING_ARRAY: &str = "a string array (as)";
     const A_STRING_MAP: &str = "a string map (a{ss})";
 
     impl StartOptions {
         /// Every option key this build reads.
-        pub const KEYS: [&'static str; 3] = [SDK_SOCKET, ENV, ENTRY_POINT];
+        pub const KEYS: [&'static str; 7] = [
+            SDK_SOCKET,
+            ENV,
+            ENTRY_POINT,
+            NETWORK,
+            MEMORY_BYTES,
+            NANO_CPUS,
+            CAP_ADD,
+        ];
 
         /// The options as sent on the bus; fails only for a socket path that is not UTF-8.
         pub fn to_dbus(&self) -> Result<StartOptionsDict, StartOptionsError> {
@@ -90,6 +110,22 @@ mod wire {
             }
             if !self.env.is_empty() {
                 out.insert(ENV.to_owned(), OwnedVariant::from(self.env.clone()));
+            }
+            let c = &self.container;
+            if let Some(network) = &c.network {
+                out.insert(NETWORK.to_owned(), string(network));
+            }
+            if let Some(m) = c.memory_bytes {
+                out.insert(MEMORY_BYTES.to_owned(), OwnedVariant::from(m));
+            }
+            if let Some(n) = c.nano_cpus {
+                out.insert(NANO_CPUS.to_owned(), OwnedVariant::from(n));
+            }
+            if !c.cap_add.is_empty() {
+                let caps = zbus::Variant::from(c.cap_add.clone());
+                let caps = OwnedVariant::try_from(caps)
+                    .map_err(|_| wrong_type(CAP_ADD, A_STRING_ARRAY))?;
+                out.insert(CAP_ADD.to_owned(), caps);
             }
             Ok(out)
         }
@@ -123,6 +159,23 @@ mod wire {
                 }
                 out.env = env;
             }
+            let c = &mut out.container;
+            if let Some(v) = options.remove(NETWORK) {
+                c.network = Some(String::try_from(v).map_err(|_| wrong_type(NETWORK, A_STRING))?);
+            }
+            if let Some(v) = options.remove(MEMORY_BYTES) {
+                c.memory_bytes =
+                    Some(u64::try_from(v).map_err(|_| wrong_type(MEMORY_BYTES, A_U64))?);
+            }
+            if let Some(v) = options.remove(NANO_CPUS) {
+                c.nano_cpus = Some(u64::try_from(v).map_err(|_| wrong_type(NANO_CPUS, A_U64))?);
+            }
+            if let Some(v) = options.remove(CAP_ADD) {
+                c.cap_add =
+                    Vec::<String>::try_from(v).map_err(|_| wrong_type(CAP_ADD, A_STRING_ARRAY))?;
+            }
+            c.validate("container")
+                .map_err(|e| StartOptionsError::Container(format!("{}: {}", e.path, e.message)))?;
             Ok(out)
         }
 
@@ -202,8 +255,21 @@ mod wire {
                     sdk_socket: socket(),
                     env: env(&[("A", "1")]),
                     entry_point: Some("main".into()),
+                    ..Default::default()
                 },
                 &["entry_point", "env", "sdk_socket"],
+            );
+            check(
+                StartOptions {
+                    container: crate::deployment::ContainerOptions {
+                        network: Some("bridge".into()),
+                        memory_bytes: Some(64 << 20),
+                        nano_cpus: Some(500_000_000),
+                        cap_add: vec!["NET_BIND_SERVICE".into()],
+                    },
+                    ..Default::default()
+                },
+                &["cap_add", "memory_bytes", "nano_cpus", "network"],
             );
         }
 
@@ -260,16 +326,31 @@ mod wire {
                 map(&[("A", "x\0y")]),
                 "option env: the value of A contains a NUL byte",
             );
+            check(
+                "memory_bytes",
+                OwnedVariant::from(7u32),
+                "option memory_bytes must be an unsigned 64-bit integer (t)",
+            );
+            check(
+                "memory_bytes",
+                OwnedVariant::from(1024u64),
+                "option container.memoryBytes: must be at least 6291456 (6 MiB)",
+            );
+            check(
+                "network",
+                string("container:db"),
+                r#"option container.network: "container:db" is not a network name (none, bridge, host or a name)"#,
+            );
         }
 
         #[test]
         fn unknown_keys_are_left_to_the_caller() {
             let dict = StartOptionsDict::from([
-                ("memory_bytes".to_owned(), OwnedVariant::from(1u64 << 20)),
+                ("pids_limit".to_owned(), OwnedVariant::from(1u64 << 20)),
                 ("cpu".to_owned(), OwnedVariant::from(1u32)),
                 ("entry_point".to_owned(), string("main")),
             ]);
-            assert_eq!(StartOptions::unknown_keys(&dict), ["cpu", "memory_bytes"]);
+            assert_eq!(StartOptions::unknown_keys(&dict), ["cpu", "pids_limit"]);
             let read = StartOptions::from_dbus(dict).unwrap();
             assert_eq!(read.entry_point.as_deref(), Some("main"));
             assert_eq!(read.sdk_socket, None);

@@ -33,7 +33,7 @@ pub use codec::{
     TelemetryEntry,
 };
 pub use deployment::{
-    Deployment, InstanceSpec, Module, ModuleImpl, RestartPolicy, ValidationError,
+    ContainerOptions, Deployment, InstanceSpec, Module, ModuleImpl, RestartPolicy, ValidationError,
 };
 pub use status::{
     DeploymentStatus, InstanceState, InstanceStatus, ModuleState, ModuleStatus, ReconcileStatus,

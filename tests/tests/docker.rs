@@ -279,3 +279,64 @@ async fn an_engine_lost_mid_way_is_an_error_and_the_instance_comes_back_with_it(
     remove_agent_containers(&["dk-cut"]);
     remove_image(tag);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn manifest_container_options_reach_the_container_and_a_change_restarts_it() {
+    let sys = System::start().await.unwrap();
+    let tag = "localhost/evp-test/config-echo-opts:1";
+    image(&sys, tag, "evp-test-config-echo");
+    let with = |id: &str, memory: u64| {
+        let mut d = deployment(
+            id,
+            &[("dk-opts", "echo")],
+            &[("echo", docker_module(tag, None))],
+        );
+        d["instanceSpecs"]["dk-opts"]["container"] = json!({
+            "network": "bridge", "memoryBytes": memory, "nanoCpus": 250_000_000u64,
+            "capAdd": ["NET_BIND_SERVICE"]
+        });
+        d
+    };
+    deploy_and_wait(&sys, &with("dep-1", 64 << 20)).await;
+    let check = |template: &str, expect: &str| {
+        assert_eq!(inspect("dk-opts", template).unwrap(), expect, "{template}");
+    };
+    check("{{.HostConfig.NetworkMode}}", "bridge");
+    check("{{.HostConfig.Memory}}", &(64u64 << 20).to_string());
+    check("{{.HostConfig.NanoCpus}}", "250000000");
+    check("{{json .HostConfig.CapAdd}}", r#"["NET_BIND_SERVICE"]"#);
+    check("{{json .HostConfig.CapDrop}}", r#"["ALL"]"#);
+    echo_round_trip(&sys, "dk-opts", "t", "one").await;
+
+    deploy_and_wait(&sys, &with("dep-2", 128 << 20)).await;
+    wait_for(
+        "the container restarted with the new limit",
+        DEADLINE,
+        async || {
+            let memory = inspect("dk-opts", "{{.HostConfig.Memory}}").ok()?;
+            (memory == (128u64 << 20).to_string()).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    echo_round_trip(&sys, "dk-opts", "t", "two").await;
+
+    // Options a container cannot take refuse the whole manifest, naming the field.
+    let mut bad = with("dep-3", 64 << 20);
+    bad["instanceSpecs"]["dk-opts"]["container"]["capAdd"] = json!(["ALL"]);
+    sys.deploy(&bad).await.unwrap();
+    let status = sys
+        .wait_status(|s| s["deploymentId"] == "dep-3")
+        .await
+        .unwrap();
+    assert_eq!(status["reconcileStatus"], "error", "{status}");
+    let message = status["failureMessage"].as_str().unwrap_or_default();
+    assert!(message.contains("capAdd"), "{status}");
+    assert!(
+        running_container("dk-opts").is_some(),
+        "the refused manifest changed something"
+    );
+    sys.stop().await;
+    remove_agent_containers(&["dk-opts"]);
+    remove_image(tag);
+}

@@ -240,6 +240,7 @@ pub(super) async fn start(
     let options = StartOptions {
         sdk_socket: Some(socket.into()),
         entry_point: Some(want.module.entry_point.clone()),
+        container: want.container.clone().unwrap_or_default(),
         ..Default::default()
     }
     .to_dbus()

@@ -79,6 +79,7 @@ impl Supervisor {
             sdk_socket,
             env: options.env,
             entry_point: options.entry_point,
+            container: options.container,
             uid,
         })
     }

@@ -108,6 +108,7 @@ mod tests {
             sdk_socket: Some(PathBuf::from("/run/s.sock")),
             env: BTreeMap::from([("A".to_owned(), "1".to_owned())]),
             entry_point: Some("main".into()),
+            ..Default::default()
         };
         let o = read_start_options(sent.to_dbus().unwrap()).unwrap();
         assert_eq!(o.sdk_socket, Some(PathBuf::from("/run/s.sock")));
@@ -134,7 +135,7 @@ mod tests {
         assert!(refused(wrong_type).contains("a{ss}"));
         // Unknown options (limits of later builds) are ignored.
         let mut later = StartOptionsDict::new();
-        later.insert("memory_bytes".into(), OwnedVariant::from(1u64 << 20));
+        later.insert("pids_limit".into(), OwnedVariant::from(1u64 << 20));
         assert_eq!(
             read_start_options(later).unwrap(),
             InstanceOptions::default()
