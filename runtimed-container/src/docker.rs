@@ -15,7 +15,8 @@ use bollard::auth::DockerCredentials;
 use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig};
 use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, ImportImageOptions, KillContainerOptions,
-    ListContainersOptions, LogsOptions, RemoveContainerOptions, WaitContainerOptions,
+    ListContainersOptions, LogsOptions, RemoveContainerOptions, RemoveImageOptions,
+    WaitContainerOptions,
 };
 use evp_schemas::ModuleImpl;
 use evp_schemas::dbus::EvpError;
@@ -90,6 +91,62 @@ pub struct DockerRuntime {
     client: tokio::sync::Mutex<Option<Docker>>,
     /// Archive path → the image it loaded, so a start finds the image of an archive module.
     archives: Mutex<HashMap<String, String>>,
+    /// The images this runtime brought to the device (pulled when absent, or loaded), which it
+    /// removes once no module uses them; an image that was there before is the operator's.
+    brought: BroughtImages,
+}
+
+/// The images the runtime brought in, kept in a file across its restarts.
+struct BroughtImages {
+    /// `<data_dir>/docker/images.json`; `None` keeps them in memory only (tests).
+    file: Option<PathBuf>,
+    images: Mutex<std::collections::BTreeSet<String>>,
+}
+
+impl BroughtImages {
+    fn open(file: Option<PathBuf>) -> BroughtImages {
+        let images = file
+            .as_deref()
+            .and_then(|f| std::fs::read(f).ok())
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default();
+        BroughtImages {
+            file,
+            images: Mutex::new(images),
+        }
+    }
+
+    fn contains(&self, image: &str) -> bool {
+        self.images
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(image)
+    }
+
+    /// Adds or removes `image`, and writes the file; a write that fails is logged (the image
+    /// is then left on the device after its last use, never removed while used).
+    fn set(&self, image: &str, brought: bool) {
+        let mut images = self.images.lock().unwrap_or_else(PoisonError::into_inner);
+        let changed = if brought {
+            images.insert(image.to_owned())
+        } else {
+            images.remove(image)
+        };
+        let Some(file) = self.file.as_deref().filter(|_| changed) else {
+            return;
+        };
+        let written = file
+            .parent()
+            .map_or(Ok(()), |dir| evp_daemon::create_private_dir(dir, 0o700))
+            .map_err(|e| e.to_string())
+            .and_then(|()| serde_json::to_vec(&*images).map_err(|e| e.to_string()))
+            .and_then(|bytes| {
+                evp_daemon::write_atomic(file, &bytes, 0o600, None).map_err(|e| e.to_string())
+            });
+        if let Err(e) = written {
+            warn!(file = %file.display(), "the images this runtime brought in are not recorded: {e}");
+        }
+    }
 }
 
 /// A failure talking to the engine, as an instance's or module's status says it.
@@ -108,6 +165,7 @@ impl DockerRuntime {
         engine: Engine,
         logs: LogPolicy,
         registry_auth: HashMap<String, String>,
+        images_file: Option<PathBuf>,
     ) -> DockerRuntime {
         DockerRuntime {
             engine,
@@ -115,6 +173,7 @@ impl DockerRuntime {
             registry_auth,
             client: tokio::sync::Mutex::new(None),
             archives: Mutex::new(HashMap::new()),
+            brought: BroughtImages::open(images_file),
         }
     }
 
@@ -163,6 +222,14 @@ impl DockerRuntime {
     /// image is already on the device uses that image: a gateway restarting offline keeps
     /// running what it ran.
     async fn pull(&self, module_id: &str, reference: &str) -> Result<(), EvpError> {
+        let present = self
+            .call(|docker| async move { docker.inspect_image(reference).await })
+            .await
+            .is_ok();
+        // A digest names one image for good: nothing to pull when it is here.
+        if present && reference.contains("@sha256:") {
+            return Ok(());
+        }
         let credentials = self.credentials_for(reference);
         let options = CreateImageOptions {
             from_image: Some(reference.to_owned()),
@@ -180,13 +247,13 @@ impl DockerRuntime {
         match pulled {
             Ok(()) => {
                 info!(module_id, reference, "image pulled");
+                if !present {
+                    self.brought.set(reference, true);
+                }
                 Ok(())
             }
             Err(why) => {
-                let local = self
-                    .call(|docker| async move { docker.inspect_image(reference).await })
-                    .await;
-                if local.is_ok() {
+                if present {
                     warn!(
                         module_id,
                         reference, "pull failed, using the image on the device: {why}"
@@ -259,6 +326,7 @@ impl DockerRuntime {
             ))
         })?;
         info!(module_id, path, image, "image archive loaded");
+        self.brought.set(&image, true);
         self.archives
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -490,6 +558,40 @@ impl Runtime for DockerRuntime {
 
     fn adopt(&self, spec: AdoptSpec) -> BoxFuture<'_, Result<Adoption, String>> {
         self.adopt_container(spec).boxed()
+    }
+
+    fn unloaded<'a>(&'a self, location: &'a str) -> BoxFuture<'a, ()> {
+        async move {
+            let image = self.image_of(location);
+            if location.starts_with('/') {
+                self.archives
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(location);
+            }
+            let Some(image) = image.filter(|i| self.brought.contains(i)) else {
+                return;
+            };
+            let name = image.as_str();
+            let removed = self
+                .call(|docker| async move {
+                    docker
+                        .remove_image(name, None::<RemoveImageOptions>, None)
+                        .await
+                })
+                .await;
+            match removed {
+                Ok(_) => {
+                    info!(image, "image removed: no module uses it");
+                    self.brought.set(&image, false);
+                }
+                Err(e) if e.contains("No such image") => self.brought.set(&image, false),
+                // In use by a container (of the operator's, say): kept, and tried again at
+                // the next unload.
+                Err(e) => info!(image, "image kept: {e}"),
+            }
+        }
+        .boxed()
     }
 
     fn stopped<'a>(&'a self, instance: &'a str) -> BoxFuture<'a, ()> {

@@ -181,7 +181,7 @@ impl ContainerRuntime {
     }
 
     async fn unload_module(&self, module_id: &str) -> Result<(), EvpError> {
-        self.supervisor.unload_module(module_id)
+        self.supervisor.unload_module(module_id).await
     }
 
     /// Answers the instance's process and the uid it runs as, for `SdkBroker1.BindInstance`.
@@ -310,6 +310,9 @@ pub async fn serve(
                 section.docker_engine(),
                 section.log_policy(),
                 registry_auth_from_env(),
+                instances_dir
+                    .parent()
+                    .map(|data| data.join("docker").join("images.json")),
             )),
         ],
         identities,

@@ -228,7 +228,7 @@ fn a_live_instance_is_readopted_after_a_restart_and_stops_as_before() {
             .await
             .unwrap();
         assert!(matches!(
-            sup.unload_module("m"),
+            sup.unload_module("m").await,
             Err(evp_schemas::dbus::EvpError::Busy(_))
         ));
         assert_eq!(drain(&mut events), [ev("i", "ok", "")]);
@@ -329,7 +329,7 @@ async fn a_recorded_process_that_is_gone_is_an_error() {
     );
     assert_eq!(drain(&mut events), [ev("gone", "error", DIED_WHILE_AWAY)]);
     // Nothing runs, so nothing holds the module.
-    sup.unload_module("m").unwrap();
+    sup.unload_module("m").await.unwrap();
 
     let (next, _) = device.supervisor(LogPolicy::in_process(logs::DEFAULT_LOG_MAX_BYTES));
     next.recover().await;

@@ -79,6 +79,13 @@ pub trait Runtime: Send + Sync {
         Box::pin(std::future::ready(()))
     }
 
+    /// Releases what a loaded module held, once no module of this location is loaded (an image
+    /// this runtime brought to the device, for the docker kind). Module files are reconcilerd's.
+    fn unloaded<'a>(&'a self, location: &'a str) -> BoxFuture<'a, ()> {
+        let _ = location;
+        Box::pin(std::future::ready(()))
+    }
+
     /// Once re-adoption is done: removes what earlier runs left that no instance in `keep`
     /// owns (containers of ours). Processes leave nothing: a process not re-adopted is gone.
     fn sweep<'a>(&'a self, keep: &'a [String]) -> BoxFuture<'a, ()> {
@@ -452,7 +459,21 @@ impl Supervisor {
     }
 
     /// Forgets a module; refused while an instance of it starts or runs. Unknown ids are fine.
-    pub fn unload_module(&self, module_id: &str) -> Result<(), EvpError> {
+    /// What the module's runtime keeps for it (an image) goes once no module uses it.
+    pub async fn unload_module(&self, module_id: &str) -> Result<(), EvpError> {
+        let released = self.forget_module(module_id)?;
+        if let Some((runtime, location)) = released {
+            runtime.unloaded(&location).await;
+        }
+        Ok(())
+    }
+
+    /// The bookkeeping of [`Supervisor::unload_module`]: the runtime and location to release
+    /// when no other module has that location.
+    fn forget_module(
+        &self,
+        module_id: &str,
+    ) -> Result<Option<(Arc<dyn Runtime>, String)>, EvpError> {
         let mut state = self.lock();
         let users: Vec<&str> = state
             .instances
@@ -466,10 +487,16 @@ impl Supervisor {
                 users.join(", ")
             )));
         }
-        if state.modules.remove(module_id).is_some() {
-            info!(module_id, "module unloaded");
-        }
-        Ok(())
+        let Some(module) = state.modules.remove(module_id) else {
+            return Ok(None);
+        };
+        info!(module_id, "module unloaded");
+        let shared = state
+            .modules
+            .values()
+            .any(|m| m.location == module.location);
+        let runtime = self.runtimes.get(module.kind).cloned();
+        Ok(runtime.filter(|_| !shared).map(|r| (r, module.location)))
     }
 
     /// Starts an instance of a loaded module; a no-op when it already runs that module.

@@ -801,11 +801,11 @@ mod tests {
         let f = fixture();
         f.load("m", RUNS).await;
         f.start("i", "m").await.unwrap();
-        let e = f.sup.unload_module("m").unwrap_err();
+        let e = f.sup.unload_module("m").await.unwrap_err();
         assert!(matches!(&e, EvpError::Busy(m) if m.contains('i')), "{e:?}");
         f.sup.stop_instance("i", DEADLINE).await.unwrap();
-        f.sup.unload_module("m").unwrap();
-        f.sup.unload_module("m").unwrap();
+        f.sup.unload_module("m").await.unwrap();
+        f.sup.unload_module("m").await.unwrap();
         let e = f.start("i", "m").await.unwrap_err();
         assert!(matches!(e, EvpError::NotFound(_)), "{e:?}");
     }

@@ -4,8 +4,8 @@
 //! own (`dk-…`). A test that cannot reach the engine fails, with the reason.
 
 use evp_system_tests::docker::{
-    EngineProxy, docker, import_module_image, inspect, remove_agent_containers, remove_image,
-    require_engine, running_container, save_image,
+    EngineProxy, docker, has_image, import_module_image, inspect, remove_agent_containers,
+    remove_image, require_engine, running_container, save_image,
 };
 use evp_system_tests::system::{
     Options, System, commands_are_answered, deploy_and_wait, echo_round_trip, instance_status,
@@ -115,10 +115,17 @@ async fn docker_modules_echo_configuration_answer_commands_and_run_locked_down()
     .await
     .unwrap();
 
-    // Undeployed: the containers go.
+    // Undeployed: the containers go, and so does the image the agent brought (loaded from
+    // the archive); the one that was on the device before it is the operator's, and stays.
     deploy_and_wait(&sys, &deployment("dep-2", &[], &[])).await;
     wait_container_gone("dk-echo").await;
     wait_container_gone("dk-rpc").await;
+    wait_for("the archive's image to be removed", DEADLINE, async || {
+        has_image(echo_tag).is_err().then_some(())
+    })
+    .await
+    .unwrap();
+    has_image(rpc_tag).unwrap();
     sys.stop().await;
     remove_image(echo_tag);
     remove_image(rpc_tag);
