@@ -179,6 +179,9 @@ pub struct StartSpec {
     pub uid: Option<u32>,
 }
 
+/// A module location no loaded module uses any more, and the runtime that loaded it.
+type Released = (Arc<dyn Runtime>, String);
+
 /// What the daemon does with its instances when it exits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnExit {
@@ -470,10 +473,7 @@ impl Supervisor {
 
     /// The bookkeeping of [`Supervisor::unload_module`]: the runtime and location to release
     /// when no other module has that location.
-    fn forget_module(
-        &self,
-        module_id: &str,
-    ) -> Result<Option<(Arc<dyn Runtime>, String)>, EvpError> {
+    fn forget_module(&self, module_id: &str) -> Result<Option<Released>, EvpError> {
         let mut state = self.lock();
         let users: Vec<&str> = state
             .instances
