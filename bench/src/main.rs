@@ -69,6 +69,17 @@ enum Scenario {
         #[arg(long, default_value_t = 7)]
         runs: usize,
     },
+    /// deploy-spawn for docker: N containers of an image of `evp-test-config-echo` that the
+    /// benchmark imports into the local engine (so the pull finds nothing newer and the image
+    /// on the device is used); each run's empty deployment removes the containers.
+    DeployDocker {
+        /// How many instances the deployment has.
+        #[arg(long, default_value_t = 1)]
+        instances: usize,
+        /// Measured runs (after one warm-up run).
+        #[arg(long, default_value_t = 7)]
+        runs: usize,
+    },
     /// `Runtime1.LoadModule` of a 1 MiB C module (sdk/c/bench-modules/large.c), called on
     /// runtimed-wasm over the bus: with its compiled-code cache emptied first (validation,
     /// rewrite, compile, cache write) and again from the cache.
@@ -110,6 +121,8 @@ enum Scenario {
     },
 }
 
+/// The image deploy-docker imports and deploys.
+const DOCKER_IMAGE: &str = "localhost/evp-bench/config-echo:1";
 /// A telemetry run ends early when no message arrived for this long.
 const STALL: Duration = Duration::from_secs(3);
 /// How long one run may take before the benchmark gives up.
@@ -130,6 +143,23 @@ async fn main() -> Result<()> {
         Scenario::DeployWasm { instances, runs } => {
             let module = |_: &System| wasm::test_module("echo-state");
             deploy_timed("deploy-wasm", module, instances, runs).await?
+        }
+        Scenario::DeployDocker { instances, runs } => {
+            let module = |sys: &System| {
+                let binary = evp_system_tests::bin_dir().join("evp-test-config-echo");
+                evp_system_tests::docker::require_engine()?;
+                evp_system_tests::docker::import_module_image(
+                    DOCKER_IMAGE,
+                    &binary,
+                    sys.dir.path(),
+                )?;
+                Ok(
+                    json!({"moduleImpl": "docker", "entryPoint": "main", "downloadUrl": DOCKER_IMAGE}),
+                )
+            };
+            let figures = deploy_timed("deploy-docker", module, instances, runs).await;
+            evp_system_tests::docker::remove_image(DOCKER_IMAGE);
+            figures?
         }
         Scenario::Telemetry { messages, runs } => {
             telemetry("telemetry", spawn_flooder()?, messages, runs).await?
