@@ -207,6 +207,9 @@ pub struct StackConfig {
     /// default range: stacks that run side by side (parallel tests as root) must not give two
     /// instances one uid, since a stop signals every process of an instance's uid.
     pub instance_uids: Option<(u32, u32)>,
+    /// runtimed-container's `[container] python_sdk_path`: by default the workspace's
+    /// `sdk/python` when the binaries are a workspace build (`target/<profile>`).
+    pub python_sdk_path: Option<PathBuf>,
 }
 
 /// Short report intervals for a responsive dev loop: a change shows within a fifth of a
@@ -227,8 +230,14 @@ impl StackConfig {
         mqtt_host: impl Into<String>,
         mqtt_port: u16,
     ) -> Result<StackConfig, StackError> {
+        let bin_dir = default_bin_dir().map_err(io("finding the current executable"))?;
+        let python_sdk_path = bin_dir
+            .ancestors()
+            .nth(2)
+            .map(|workspace| workspace.join("sdk").join("python"))
+            .filter(|sdk| sdk.join("evp").join("app").is_dir());
         Ok(StackConfig {
-            bin_dir: default_bin_dir().map_err(io("finding the current executable"))?,
+            bin_dir,
             dir: dir.into(),
             bus_address: bus_address.into(),
             mqtt_host: mqtt_host.into(),
@@ -242,6 +251,7 @@ impl StackConfig {
             env: Vec::new(),
             daemons: DAEMONS.to_vec(),
             instance_uids: None,
+            python_sdk_path,
         })
     }
 
@@ -287,6 +297,12 @@ impl StackConfig {
         if let Some((min, max)) = self.instance_uids {
             container.insert("instance_uid_min".into(), i64::from(min).into());
             container.insert("instance_uid_max".into(), i64::from(max).into());
+        }
+        if let Some(sdk) = &self.python_sdk_path {
+            container.insert(
+                "python_sdk_path".into(),
+                toml::Value::Array(vec![path(sdk.clone())]),
+            );
         }
         top.insert("container".into(), toml::Value::Table(container));
         format!(

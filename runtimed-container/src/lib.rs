@@ -1,6 +1,5 @@
 //! runtimed-container: owns `org.evp.Runtime1.Container` and runs the modules that are not
-//! WASM. One [`runtime::Runtime`] per module kind ([`spawn`], [`docker`]; `python` joins as a
-//! sibling module) behind one [`runtime::Supervisor`], which the D-Bus object
+//! WASM. One [`runtime::Runtime`] per module kind ([`spawn`], [`docker`], [`python`]) behind one [`runtime::Supervisor`], which the D-Bus object
 //! delegates to. The daemon's own exit or crash does not disturb its instances: their output
 //! goes to files ([`logs`]), what it started is recorded ([`record`]), and its next start
 //! re-adopts what still runs ([`process`]).
@@ -9,6 +8,7 @@ pub mod docker;
 pub mod identity;
 pub mod logs;
 pub mod process;
+pub mod python;
 pub mod reaper;
 pub mod record;
 pub mod relay;
@@ -39,6 +39,9 @@ use crate::runtime::{InstanceEvent, OnExit, Supervisor, read_start_options};
 /// a few small signals, so a stuck bus is the only reason to hit it.
 const EVENT_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Where the package installs the `evp.app` SDK for python modules.
+pub const DEFAULT_PYTHON_SDK_PATH: &str = "/usr/lib/evp/python";
+
 /// `nobody`: never an instance's uid, nor anything above it (65535 is the 16-bit -1).
 const NOBODY_UID: u32 = 65534;
 
@@ -66,6 +69,11 @@ pub struct ContainerConfig {
     /// The Docker engine's `http://` address, when it is not reached over its socket;
     /// `EVP_DOCKER_HOST` overrides it.
     pub docker_host: Option<String>,
+    /// The Python interpreter of python modules, looked up on the modules' `PATH`
+    /// (`/usr/local/bin:/usr/bin:/bin`) unless it is a path.
+    pub python: String,
+    /// Folders put on a python module's `PYTHONPATH`: where the `evp.app` SDK is installed.
+    pub python_sdk_path: Vec<PathBuf>,
     /// Who reads instance output: not a setting (a relay process of this binary, always, on a
     /// device); the crate's tests, whose executable is not the daemon, read it in threads.
     #[serde(skip)]
@@ -83,6 +91,8 @@ impl Default for ContainerConfig {
             instance_uid_max: identity::DEFAULT_UID_MAX,
             docker_socket: docker::DEFAULT_DOCKER_SOCKET.into(),
             docker_host: None,
+            python: "python3".into(),
+            python_sdk_path: vec![PathBuf::from(DEFAULT_PYTHON_SDK_PATH)],
             log_relay: LogPolicy::default().relay,
         }
     }
@@ -313,6 +323,14 @@ pub async fn serve(
                 instances_dir
                     .parent()
                     .map(|data| data.join("docker").join("images.json")),
+            )),
+            Arc::new(python::PythonRuntime::new(
+                section.log_policy(),
+                python::find_program(
+                    &section.python,
+                    Some(std::ffi::OsStr::new(python::MODULE_PATH)),
+                ),
+                section.python_sdk_path.clone(),
             )),
         ],
         identities,

@@ -62,36 +62,23 @@ impl Runtime for SpawnRuntime {
         location: &'a str,
         sha256: &'a str,
     ) -> BoxFuture<'a, Result<(), EvpError>> {
-        async move {
-            if !location.starts_with('/') {
-                return Err(EvpError::InvalidArgument(format!(
-                    "module {module_id}: path {location:?} is not absolute"
-                )));
-            }
-            if sha256.len() != 64 || !sha256.chars().all(|c| c.is_ascii_hexdigit()) {
-                return Err(EvpError::InvalidArgument(format!(
-                    "module {module_id}: sha256 {sha256:?} is not 64 hex digits"
-                )));
-            }
-            let path = location.to_owned();
-            let id = module_id.to_owned();
-            let actual = tokio::task::spawn_blocking(move || hash_module_file(&id, &path))
-                .await
-                .map_err(|e| EvpError::Io(format!("module {module_id}: hashing failed: {e}")))??;
-            if !actual.eq_ignore_ascii_case(sha256) {
-                return Err(EvpError::InvalidArgument(format!(
-                    "Module hash mismatch: module {module_id} file {location} has sha256 {actual}, \
-                     the deployment says {}",
-                    sha256.to_ascii_lowercase()
-                )));
-            }
-            Ok(())
-        }
-        .boxed()
+        verify_module_file(module_id, location, sha256, executable).boxed()
     }
 
     fn start(&self, spec: StartSpec) -> BoxFuture<'_, Result<Started, String>> {
-        async move { spawn(spec, &self.logs) }.boxed()
+        async move {
+            let program = module_for(&spec)?;
+            // EVP runs spawn modules with argc 0; Rust cannot, so argv[0] names the instance
+            // for `ps`.
+            let launch = Launch {
+                program,
+                arg0: spec.instance.clone(),
+                args: Vec::new(),
+                env: Vec::new(),
+            };
+            spawn(spec, &self.logs, launch)
+        }
+        .boxed()
     }
 
     fn adopt(&self, spec: AdoptSpec) -> BoxFuture<'_, Result<Adoption, String>> {
@@ -99,8 +86,64 @@ impl Runtime for SpawnRuntime {
     }
 }
 
-/// Checks the module file is an executable regular file and returns its SHA-256 in lower hex.
-fn hash_module_file(module_id: &str, path: &str) -> Result<String, EvpError> {
+/// What a kind checks of its module file beyond its hash: `(module_id, path, file, metadata)`.
+pub(crate) type FileCheck =
+    fn(&str, &str, &mut std::fs::File, &std::fs::Metadata) -> Result<(), EvpError>;
+
+/// A spawn module file needs an execute bit.
+fn executable(
+    module_id: &str,
+    path: &str,
+    _: &mut std::fs::File,
+    meta: &std::fs::Metadata,
+) -> Result<(), EvpError> {
+    let mode = meta.permissions().mode();
+    if mode & 0o111 == 0 {
+        return Err(EvpError::InvalidArgument(format!(
+            "module {module_id}: {path} is not executable (mode {:04o}); a spawn module file \
+             needs an execute bit",
+            mode & 0o7777
+        )));
+    }
+    Ok(())
+}
+
+/// Verifies a module file before it is remembered: an absolute path to a regular file that
+/// passes `check` and whose SHA-256 is `sha256`.
+pub(crate) async fn verify_module_file(
+    module_id: &str,
+    location: &str,
+    sha256: &str,
+    check: FileCheck,
+) -> Result<(), EvpError> {
+    if !location.starts_with('/') {
+        return Err(EvpError::InvalidArgument(format!(
+            "module {module_id}: path {location:?} is not absolute"
+        )));
+    }
+    if sha256.len() != 64 || !sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(EvpError::InvalidArgument(format!(
+            "module {module_id}: sha256 {sha256:?} is not 64 hex digits"
+        )));
+    }
+    let path = location.to_owned();
+    let id = module_id.to_owned();
+    let actual = tokio::task::spawn_blocking(move || hash_module_file(&id, &path, check))
+        .await
+        .map_err(|e| EvpError::Io(format!("module {module_id}: hashing failed: {e}")))??;
+    if !actual.eq_ignore_ascii_case(sha256) {
+        return Err(EvpError::InvalidArgument(format!(
+            "Module hash mismatch: module {module_id} file {location} has sha256 {actual}, \
+             the deployment says {}",
+            sha256.to_ascii_lowercase()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks the module file is a regular file that passes `check` and returns its SHA-256 in
+/// lower hex.
+fn hash_module_file(module_id: &str, path: &str, check: FileCheck) -> Result<String, EvpError> {
     let mut file = std::fs::File::open(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => {
             EvpError::InvalidArgument(format!("module {module_id}: file {path} does not exist"))
@@ -115,14 +158,9 @@ fn hash_module_file(module_id: &str, path: &str) -> Result<String, EvpError> {
             "module {module_id}: {path} is not a regular file"
         )));
     }
-    let mode = meta.permissions().mode();
-    if mode & 0o111 == 0 {
-        return Err(EvpError::InvalidArgument(format!(
-            "module {module_id}: {path} is not executable (mode {:04o}); a spawn module file \
-             needs an execute bit",
-            mode & 0o7777
-        )));
-    }
+    check(module_id, path, &mut file, &meta)?;
+    std::io::Seek::rewind(&mut file)
+        .map_err(|e| EvpError::Io(format!("module {module_id}: reading {path}: {e}")))?;
     hash_reader(&mut file)
         .map_err(|e| EvpError::Io(format!("module {module_id}: reading {path}: {e}")))
 }
@@ -148,18 +186,35 @@ fn hash_reader(file: &mut std::fs::File) -> std::io::Result<String> {
     Ok(hex::encode(hasher.finalize()))
 }
 
-/// Starts the module file as a process leading its own process group, its stdout and stderr
-/// going to its log relay.
-fn spawn(spec: StartSpec, logs: &LogPolicy) -> Result<Started, String> {
+/// What runs for an instance: a program, its argv and environment beyond the SDK's.
+pub(crate) struct Launch {
+    /// The file executed.
+    pub program: std::path::PathBuf,
+    /// `argv[0]`.
+    pub arg0: String,
+    /// The rest of argv.
+    pub args: Vec<std::ffi::OsString>,
+    /// Environment entries beyond the `env` option and the SDK's two variables.
+    pub env: Vec<(String, String)>,
+}
+
+/// The module file the instance runs: its own copy when it has a uid of its own (the module
+/// cache is not readable by it), else the cached file.
+pub(crate) fn module_for(spec: &StartSpec) -> Result<std::path::PathBuf, String> {
+    match spec.uid {
+        Some(uid) => copy_module(spec, uid),
+        None => Ok(spec.module_location.clone().into()),
+    }
+}
+
+/// Starts `launch` as a process leading its own process group, its stdout and stderr going to
+/// the instance's log relay.
+pub(crate) fn spawn(spec: StartSpec, logs: &LogPolicy, launch: Launch) -> Result<Started, String> {
     // Started before the module, so none of its output is missed; if the module cannot
     // start, the relay sees the pipes close and ends.
     let output =
         logs::start_relay(&spec.instance, &spec.instance_dir, logs).map_err(|e| e.to_string())?;
-    let program = match spec.uid {
-        Some(uid) => copy_module(&spec, uid)?,
-        None => spec.module_location.clone().into(),
-    };
-    let mut command = Command::new(&program);
+    let mut command = Command::new(&launch.program);
     if let Some(uid) = spec.uid {
         // gid = uid; setting the uid also makes std drop every supplementary group (it calls
         // setgroups(0) before setuid), so nothing of the runtime's groups is inherited.
@@ -170,10 +225,11 @@ fn spawn(spec: StartSpec, logs: &LogPolicy) -> Result<Started, String> {
             command.pre_exec(crate::identity::drop_all_capabilities);
         }
     }
-    // EVP runs spawn modules with argc 0; Rust cannot, so argv[0] names the instance for `ps`.
     command
-        .arg0(&spec.instance)
+        .arg0(&launch.arg0)
+        .args(&launch.args)
         .env_clear()
+        .envs(launch.env.iter().map(|(k, v)| (k, v)))
         .envs(&spec.env)
         .env(ENV_SDK_SOCKET, &spec.sdk_socket)
         .env(ENV_DEFAULT_WORKSPACE, &spec.workspace)
@@ -194,7 +250,7 @@ fn spawn(spec: StartSpec, logs: &LogPolicy) -> Result<Started, String> {
         let spawned = command.spawn();
         // The runtime keeps no write end of the module's pipes (the relay ends when they close).
         drop(command);
-        let child = spawned.map_err(|e| format!("cannot run {}: {e}", spec.module_location))?;
+        let child = spawned.map_err(|e| format!("cannot run {}: {e}", launch.program.display()))?;
         let pid = child
             .id()
             .and_then(|p| i32::try_from(p).ok())
@@ -278,7 +334,7 @@ fn copy_module(spec: &StartSpec, uid: u32) -> Result<std::path::PathBuf, String>
 /// Finds a process started by an earlier run of the daemon: alive, and with the recorded start
 /// time (a PID the kernel gave to another process since is not it). Its output still goes to
 /// the relay started with it, which did not depend on the daemon.
-fn adopt(spec: AdoptSpec) -> Result<Adoption, String> {
+pub(crate) fn adopt(spec: AdoptSpec) -> Result<Adoption, String> {
     let AdoptSpec {
         instance,
         instance_dir,

@@ -8,6 +8,7 @@ pub mod certs;
 pub mod docker;
 pub mod http;
 pub mod mosquitto;
+pub mod python;
 pub mod system;
 pub mod wasm;
 
