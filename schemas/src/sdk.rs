@@ -649,20 +649,37 @@ mod tests {
             eprintln!("skipped: {version:?} is not the pinned flatc 25.12.19");
             return;
         }
-        let out = tempfile::tempdir().unwrap();
-        let status = std::process::Command::new(&flatc)
-            .arg("--rust")
-            .arg("-o")
-            .arg(out.path())
-            .arg(root.join("sdk.fbs"))
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let fresh = std::fs::read_to_string(out.path().join("sdk_generated.rs")).unwrap();
-        let committed = std::fs::read_to_string(root.join("src/sdk_generated.rs")).unwrap();
-        assert!(
-            fresh == committed,
-            "schemas/src/sdk_generated.rs is stale: run `flatc --rust -o schemas/src schemas/sdk.fbs`"
-        );
+        // The Rust tables, and the Python SDK's (one file, `sdk/python/evp/app`).
+        for (args, file, committed) in [
+            (
+                &["--rust"][..],
+                "sdk_generated.rs",
+                root.join("src/sdk_generated.rs"),
+            ),
+            (
+                &["--python", "--gen-onefile"][..],
+                "sdk_generated.py",
+                root.join("../sdk/python/evp/app/sdk_generated.py"),
+            ),
+        ] {
+            let out = tempfile::tempdir().unwrap();
+            let status = std::process::Command::new(&flatc)
+                .args(args)
+                .arg("-o")
+                .arg(out.path())
+                .arg(root.join("sdk.fbs"))
+                .stderr(std::process::Stdio::null())
+                .status()
+                .unwrap();
+            assert!(status.success());
+            let fresh = std::fs::read_to_string(out.path().join(file)).unwrap();
+            let committed_text = std::fs::read_to_string(&committed).unwrap();
+            assert!(
+                fresh == committed_text,
+                "{} is stale: run `flatc {} -o <its folder> schemas/sdk.fbs`",
+                committed.display(),
+                args.join(" ")
+            );
+        }
     }
 }

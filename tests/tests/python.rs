@@ -28,3 +28,49 @@ async fn a_python_module_echoes_configuration_as_state_and_telemetry_and_answers
     assert!(text.contains("py-echo: started in "), "{text}");
     sys.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_python_module_that_is_not_a_zip_with_main_is_a_module_error() {
+    let sys = System::start().await.unwrap();
+    let (url, hash) = sys.module("notzip", "echo this is a shell script").unwrap();
+    let d = json!({
+        "deploymentId": "dep-1",
+        "instanceSpecs": {"py": {"moduleId": "m", "publish": {}, "subscribe": {}}},
+        "modules": {"m": {"moduleImpl": "python", "entryPoint": "main",
+                          "downloadUrl": url, "hash": hash}},
+        "publishTopics": {}, "subscribeTopics": {}
+    });
+    sys.deploy(&d).await.unwrap();
+    let status = sys
+        .wait_status(|s| s["deploymentId"] == "dep-1" && s["modules"]["m"]["status"] == "error")
+        .await
+        .unwrap();
+    let message = status["modules"]["m"]["failureMessage"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(message.contains("is not a zip archive"), "{status}");
+    assert_ne!(status["instances"]["py"]["status"], "ok");
+    sys.stop().await;
+}
+
+/// The SDK's own unit tests (`sdk/python/tests`): a fake agent on a real socket, blobs against
+/// an HTTP server on loopback, run with the interpreter python modules get.
+#[test]
+fn the_python_sdk_unit_tests_pass() {
+    let out = std::process::Command::new("/usr/bin/python3")
+        .args([
+            "-W",
+            "ignore::ResourceWarning",
+            "-m",
+            "unittest",
+            "discover",
+            "-v",
+            "-s",
+        ])
+        .arg(evp_system_tests::python::sdk_dir().join("tests"))
+        .output()
+        .expect("running /usr/bin/python3 (apt-get install python3 python3-flatbuffers)");
+    let report = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{report}");
+    assert!(report.contains("\nOK"), "{report}");
+}

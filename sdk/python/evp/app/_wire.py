@@ -212,10 +212,10 @@ def read_event(response):
     kind = event.BodyType()
     body = event.Body()
     K = fb.EventBody
-    if kind == K.NONE or body is None:
-        return Event(K.NONE)
     if kind == K.exit:
         return Event(K.exit)
+    if kind == K.NONE or body is None:
+        return Event(K.NONE)
     if kind == K.config:
         c = _table(fb.Config, body)
         return Event(kind, topic=_text(c.Topic()), blob=_blob(c))

@@ -67,14 +67,18 @@ class _ClientMixIn:
         self._next_cb = 1
         self._config_handler = None
         self._command_handler = None
+        # The agent said exit (it says so again to every later getEvent), or the connection
+        # is gone: every later process_event raises ShouldExit at once.
         self._exited = False
+        self._broken = False
 
     def _call(self, payload):
-        if self._exited:
-            return codes.EVP_SHOULDEXIT
+        if self._broken:
+            return codes.EVP_ERROR
         try:
             return _wire.simple_result(self._conn.call(payload))
         except _wire.WireError:
+            self._broken = self._exited = True
             return codes.EVP_ERROR
 
     def _keep(self, complete):
@@ -94,12 +98,13 @@ class _ClientMixIn:
         try:
             event = _wire.read_event(self._conn.call(_wire.get_event(deadline), timeout=wait))
         except _wire.WireError:
-            self._exited = True
+            self._broken = self._exited = True
             raise ShouldExit("process_event failed with %d" % codes.EVP_SHOULDEXIT) from None
         K = fb.EventBody
         if event.kind == K.NONE:
             raise TimedOut("process_event failed with %d" % codes.EVP_TIMEDOUT)
         if event.kind == K.exit:
+            self._exited = True
             raise ShouldExit("process_event failed with %d" % codes.EVP_SHOULDEXIT)
         try:
             self._dispatch(event)
