@@ -116,7 +116,7 @@ async fn runtimed_container_serves_runtime1_and_stops_instances_on_sigterm() {
         .build()
         .await
         .unwrap();
-    assert_eq!(proxy.kinds().await.unwrap(), ["spawn"]);
+    assert_eq!(proxy.kinds().await.unwrap(), ["docker", "python", "spawn"]);
     assert!(proxy.instances().await.unwrap().is_empty());
     let mut changes = proxy.receive_instance_changed().await.unwrap();
     let props = zbus::fdo::PropertiesProxy::builder(&conn)

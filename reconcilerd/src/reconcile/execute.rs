@@ -7,12 +7,18 @@ use std::time::{Duration, Instant};
 use evp_schemas::InstanceState;
 use evp_schemas::dbus::{self, Runtime1Proxy, SdkBroker1Proxy};
 use evp_schemas::instance::StartOptions;
+use futures_util::StreamExt;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::{Desired, Reconciler, Running};
 use crate::plan::{ModuleSource, Placement, Runtime, Step};
 use crate::restart::RestartState;
+
+/// How many instance starts run at once. Each is mostly waiting (sdk-broker, the runtime, a
+/// container engine's create and start): a few in flight keep those busy without flooding a
+/// two-core gateway with hundreds of concurrent forks or engine calls.
+const PARALLEL_STARTS: usize = 8;
 
 impl Reconciler {
     /// Runs a plan's steps in order, checking before each one that talks to the bus whether a
@@ -114,33 +120,38 @@ impl Reconciler {
                     instance,
                     placement,
                 } => {
-                    let Some(rt) = placement.runtime() else {
-                        continue;
-                    };
-                    if failed_loads.contains(&placement.module_id) {
-                        continue;
-                    }
-                    let result = match self.runtime(rt).await {
-                        Ok(proxy) => start(&self.sdk, &proxy, &instance, &placement).await,
-                        Err(e) => Err(e),
-                    };
-                    match result {
-                        Ok(()) => {
-                            started_on.insert(rt);
-                            self.running.insert(
-                                instance,
-                                Running {
-                                    placement,
-                                    state: InstanceState::Starting,
-                                    failure: None,
-                                    restart: RestartState::new(Instant::now()),
-                                },
-                            );
+                    let mut batch = vec![(instance, placement)];
+                    while let Some(Step::Start { .. }) = steps.peek() {
+                        if let Some(Step::Start {
+                            instance,
+                            placement,
+                        }) = steps.next()
+                        {
+                            batch.push((instance, placement));
                         }
-                        Err(msg) => {
-                            warn!(%instance, "{msg}");
-                            failures = true;
-                            self.instance_errors.insert(instance, msg);
+                    }
+                    batch.retain(|(_, p)| {
+                        p.runtime().is_some() && !failed_loads.contains(&p.module_id)
+                    });
+                    for (rt, instance, placement, result) in self.start_all(batch).await {
+                        match result {
+                            Ok(()) => {
+                                started_on.insert(rt);
+                                self.running.insert(
+                                    instance,
+                                    Running {
+                                        placement,
+                                        state: InstanceState::Starting,
+                                        failure: None,
+                                        restart: RestartState::new(Instant::now()),
+                                    },
+                                );
+                            }
+                            Err(msg) => {
+                                warn!(%instance, "{msg}");
+                                failures = true;
+                                self.instance_errors.insert(instance, msg);
+                            }
                         }
                     }
                 }
@@ -152,6 +163,37 @@ impl Reconciler {
             self.refresh_started(rt).await;
         }
         Some(failures)
+    }
+
+    /// Starts a batch of instances, [`PARALLEL_STARTS`] at a time; each with its outcome.
+    async fn start_all(
+        &mut self,
+        batch: Vec<(String, Placement)>,
+    ) -> Vec<(Runtime, String, Placement, Result<(), String>)> {
+        let mut ready = Vec::new();
+        for (instance, placement) in batch {
+            let Some(rt) = placement.runtime() else {
+                continue;
+            };
+            ready.push((rt, self.runtime(rt).await, instance, placement));
+        }
+        let sdk = &self.sdk;
+        // A loop, not a closure: a closure over `sdk` makes the future's lifetime
+        // higher-ranked, and tokio::spawn then cannot prove the loop's future is Send.
+        let mut starts = Vec::new();
+        for (rt, proxy, instance, placement) in ready {
+            starts.push(async move {
+                let result = match proxy {
+                    Ok(proxy) => start(sdk, &proxy, &instance, &placement).await,
+                    Err(e) => Err(e),
+                };
+                (rt, instance, placement, result)
+            });
+        }
+        futures_util::stream::iter(starts)
+            .buffer_unordered(PARALLEL_STARTS)
+            .collect()
+            .await
     }
 
     /// Stops a batch of instances in parallel and forgets them.
