@@ -195,7 +195,10 @@ async fn a_daemon_whose_name_is_held_waits_for_it_and_then_serves() {
         .build()
         .await
         .unwrap();
-    assert_eq!(runtime.kinds().await.unwrap(), ["docker", "python", "spawn"]);
+    assert_eq!(
+        runtime.kinds().await.unwrap(),
+        ["docker", "python", "spawn"]
+    );
     sys.stop().await;
 }
 
