@@ -177,7 +177,13 @@ class WithAgent(unittest.TestCase):
 
     def answer(self, request):
         if request.BodyType() == fb.RequestUnion.getEvent:
-            return self.events.pop(0) if self.events else event()
+            if self.events:
+                return self.events.pop(0)
+            # As sdk-broker: no event, so the answer comes at the deadline.
+            g = body_of(request, fb.GetEvent)
+            deadline = g.TimeoutSec() + g.TimeoutNsec() / 1e9
+            time.sleep(min(2.0, max(0.0, deadline - time.time())))
+            return event()
         return simple(self.send_result)
 
     def sent(self, kind):
@@ -228,6 +234,22 @@ class ClientTests(WithAgent):
         started = time.monotonic()
         client.run(50)
         self.assertGreaterEqual(time.monotonic() - started, 0.05)
+
+    def test_an_idle_single_threaded_module_waits_in_the_agent_instead_of_polling(self):
+        client = Client()
+        started = time.monotonic()
+        # The fake agent's own thread is the only other one: stand in for a module alone.
+        alone = threading.active_count
+        threading.active_count = lambda: 1
+        try:
+            client.run(300)
+        finally:
+            threading.active_count = alone
+        took = time.monotonic() - started
+        self.assertGreaterEqual(took, 0.3)
+        self.assertLess(took, 1.5)
+        polls = len(self.sent(fb.RequestUnion.getEvent))
+        self.assertLessEqual(polls, 3, "%d getEvent for one idle run(300)" % polls)
 
     def test_exit_comes_out_of_run_as_should_exit_every_time(self):
         client = Client()

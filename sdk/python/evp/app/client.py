@@ -1,6 +1,7 @@
 """The module's connection to the agent, as upstream's ``evp.app.client`` (PYTHON-SDK.md §2.4)."""
 
 import datetime
+import math
 
 from .backend import Backend
 from .command import CommandHandler
@@ -36,9 +37,12 @@ class Client:
         """Runs queued work and at most one agent event; with ``timeout`` (ms), returns once
         that much time has passed. Returns None; ``ShouldExit`` comes out of it."""
         start = datetime.datetime.now()
-        while self.executor.run():
-            if timeout is not None:
-                elapsed = datetime.datetime.now() - start
-                if elapsed >= datetime.timedelta(milliseconds=timeout):
-                    break
+
+        def left_ms():
+            elapsed = (datetime.datetime.now() - start) / datetime.timedelta(milliseconds=1)
+            return timeout - elapsed
+
+        while self.executor.run(None if timeout is None else math.ceil(max(0, left_ms()))):
+            if timeout is not None and left_ms() <= 0:
+                break
         return None
