@@ -388,8 +388,11 @@ const BUILDER_START: usize = 256;
 mod event;
 mod request;
 
-pub use event::{Event, Response};
-pub use request::Request;
+pub use event::{
+    BLOB_RESULT_ERROR, BLOB_RESULT_ERROR_HTTP, BLOB_RESULT_SUCCESS, BLOB_TYPE_AZURE_BLOB,
+    BLOB_TYPE_EVP, BLOB_TYPE_EVP_EXT, BLOB_TYPE_HTTP, BlobOutcome, Event, Response,
+};
+pub use request::{BLOB_TYPE_HTTP_EXT, BlobRequest, Request};
 
 #[cfg(test)]
 mod tests {
@@ -460,7 +463,38 @@ mod tests {
             Request::BlobOperation {
                 kind: 2,
                 op: 1,
-                url: "http://x/y".into(),
+                request: BlobRequest::Http {
+                    url: "http://x/y".into(),
+                },
+                filename: "/w/f".into(),
+                cb: cb(2),
+            },
+            Request::BlobOperation {
+                kind: 4,
+                op: 0,
+                request: BlobRequest::HttpExt {
+                    url: "http://x/y".into(),
+                    headers: vec!["A: 1".into(), "B: two".into()],
+                },
+                filename: "/w/f".into(),
+                cb: cb(2),
+            },
+            Request::BlobOperation {
+                kind: 0,
+                op: 1,
+                request: BlobRequest::AzureBlob {
+                    url: "https://acct.blob/x?sig".into(),
+                },
+                filename: "/w/f".into(),
+                cb: cb(2),
+            },
+            Request::BlobOperation {
+                kind: 3,
+                op: 1,
+                request: BlobRequest::Evp {
+                    remote_name: "r".into(),
+                    storage_name: Some("s".into()),
+                },
                 filename: "/w/f".into(),
                 cb: cb(2),
             },
@@ -517,6 +551,27 @@ mod tests {
             Event::Blob {
                 cb: cb(2),
                 reason: BlobReason::Denied,
+                result: BlobOutcome::default(),
+            },
+            Event::Blob {
+                cb: cb(2),
+                reason: BlobReason::Done,
+                result: BlobOutcome {
+                    kind: BLOB_TYPE_HTTP,
+                    result: BLOB_RESULT_ERROR_HTTP,
+                    error: 0,
+                    http_status: 404,
+                },
+            },
+            Event::Blob {
+                cb: cb(2),
+                reason: BlobReason::Done,
+                result: BlobOutcome {
+                    kind: BLOB_TYPE_AZURE_BLOB,
+                    result: BLOB_RESULT_SUCCESS,
+                    error: 0,
+                    http_status: 201,
+                },
             },
             Event::MessageSent {
                 cb: cb(3),
@@ -553,6 +608,54 @@ mod tests {
             },
         ] {
             assert_eq!(Response::decode(&r.encode()).unwrap(), r);
+        }
+    }
+
+    /// The EVP C SDK's HTTP_EXT: an HttpExt-shaped table under the `http` tag. Its headers are
+    /// read (verified as an HttpExt), not lost.
+    #[test]
+    fn an_http_ext_request_under_the_http_tag_keeps_its_headers() {
+        let mut b = flatbuffers::FlatBufferBuilder::new();
+        let url = b.create_string("http://h/x");
+        let h = [b.create_string("X-A: 1")];
+        let headers = b.create_vector(&h);
+        let ext = fb::BlobRequestHttpExt::create(
+            &mut b,
+            &fb::BlobRequestHttpExtArgs {
+                url: Some(url),
+                headers: Some(headers),
+            },
+        );
+        let filename = b.create_string("/w/f");
+        let input = fb::BlobInput::create(
+            &mut b,
+            &fb::BlobInputArgs {
+                type_: BLOB_TYPE_HTTP_EXT,
+                op: 0,
+                request_type: fb::BlobRequestUnion::http,
+                request: Some(ext.as_union_value()),
+                filename: Some(filename),
+                cb: 7,
+                cb_userdata: 0,
+            },
+        );
+        let root = fb::Request::create(
+            &mut b,
+            &fb::RequestArgs {
+                body_type: fb::RequestUnion::blobOperation,
+                body: Some(input.as_union_value()),
+            },
+        );
+        b.finish_minimal(root);
+        match Request::decode(b.finished_data()).unwrap() {
+            Request::BlobOperation { request, .. } => assert_eq!(
+                request,
+                BlobRequest::HttpExt {
+                    url: "http://h/x".into(),
+                    headers: vec!["X-A: 1".into()]
+                }
+            ),
+            other => panic!("{other:?}"),
         }
     }
 

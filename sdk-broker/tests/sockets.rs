@@ -242,7 +242,9 @@ async fn every_request_over_a_real_socket() {
         let blob = Request::BlobOperation {
             kind: 2,
             op: 0,
-            url: "http://example.invalid/x".into(),
+            request: evp_schemas::sdk::BlobRequest::Http {
+                url: "http://example.invalid/x".into(),
+            },
             filename: "/tmp/x".into(),
             cb: wire::Callback::default(),
         };

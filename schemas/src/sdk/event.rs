@@ -35,6 +35,8 @@ pub enum Event {
         cb: Callback,
         /// Outcome.
         reason: BlobReason,
+        /// How the transfer went, for `Done`.
+        result: BlobOutcome,
     },
     /// The outcome of a `sendMessage`.
     MessageSent {
@@ -124,12 +126,34 @@ fn build_event<'a>(b: &mut FlatBufferBuilder<'a>, event: &Event) -> WIPOffset<fb
             let t = fb::Exit::create(b, &fb::ExitArgs {});
             (fb::EventBody::exit, Some(t.as_union_value()))
         }
-        Event::Blob { cb, reason } => {
+        Event::Blob { cb, reason, result } => {
+            // The C SDK reads its result struct through the tag: HTTP and HTTP_EXT results are
+            // `http`, as EVP sends them. The four result tables have the same three fields.
+            macro_rules! blob_result {
+                ($table:ident, $args:ident, $tag:ident) => {{
+                    let args = fb::$args {
+                        result: result.result,
+                        error: result.error,
+                        http_status: result.http_status,
+                    };
+                    let r = fb::$table::create(b, &args);
+                    (fb::BlobResultUnion::$tag, r.as_union_value())
+                }};
+            }
+            let (tag, r) = match result.kind {
+                BLOB_TYPE_AZURE_BLOB => {
+                    blob_result!(BlobResultAzureBlob, BlobResultAzureBlobArgs, azureBlob)
+                }
+                BLOB_TYPE_EVP | BLOB_TYPE_EVP_EXT => {
+                    blob_result!(BlobResultEvp, BlobResultEvpArgs, evp)
+                }
+                _ => blob_result!(BlobResultHttp, BlobResultHttpArgs, http),
+            };
             let t = fb::BlobOutput::create(
                 b,
                 &fb::BlobOutputArgs {
-                    result_type: fb::BlobResultUnion::NONE,
-                    result: None,
+                    result_type: tag,
+                    result: Some(r),
                     cb: cb.cb,
                     reason: reason.code(),
                     cb_userdata: cb.userdata,
@@ -234,9 +258,31 @@ fn decode_event(e: fb::Event<'_>) -> Result<Event, DecodeError> {
         fb::EventBody::exit => Event::Exit,
         fb::EventBody::blob => {
             let t = e.body_as_blob().ok_or(unknown)?;
+            let fields = match t.result_type() {
+                fb::BlobResultUnion::azureBlob => t
+                    .result_as_azure_blob()
+                    .map(|r| (BLOB_TYPE_AZURE_BLOB, r.result(), r.error(), r.http_status())),
+                fb::BlobResultUnion::evp => t
+                    .result_as_evp()
+                    .map(|r| (BLOB_TYPE_EVP_EXT, r.result(), r.error(), r.http_status())),
+                fb::BlobResultUnion::http => t
+                    .result_as_http()
+                    .map(|r| (BLOB_TYPE_HTTP, r.result(), r.error(), r.http_status())),
+                fb::BlobResultUnion::http_ext => t
+                    .result_as_http_ext()
+                    .map(|r| (BLOB_TYPE_HTTP, r.result(), r.error(), r.http_status())),
+                _ => None,
+            };
+            let (kind, result, error, http_status) = fields.unwrap_or((BLOB_TYPE_HTTP, 0, 0, 0));
             Event::Blob {
                 cb: cb(t.cb(), t.cb_userdata()),
                 reason: code("BlobOutput.reason", t.reason(), BlobReason::from_code)?,
+                result: BlobOutcome {
+                    kind,
+                    result,
+                    error,
+                    http_status,
+                },
             }
         }
         fb::EventBody::messageSent => {
@@ -383,4 +429,33 @@ impl Response {
             _ => return Err(unknown),
         })
     }
+}
+
+/// `EVP_BLOB_TYPE_AZURE_BLOB`.
+pub const BLOB_TYPE_AZURE_BLOB: u32 = 0;
+/// `EVP_BLOB_TYPE_EVP` (deprecated).
+pub const BLOB_TYPE_EVP: u32 = 1;
+/// `EVP_BLOB_TYPE_HTTP`.
+pub const BLOB_TYPE_HTTP: u32 = 2;
+/// `EVP_BLOB_TYPE_EVP_EXT`.
+pub const BLOB_TYPE_EVP_EXT: u32 = 3;
+
+/// `EVP_BLOB_RESULT_SUCCESS`.
+pub const BLOB_RESULT_SUCCESS: u32 = 0;
+/// `EVP_BLOB_RESULT_ERROR` (with an errno in `error`).
+pub const BLOB_RESULT_ERROR: u32 = 1;
+/// `EVP_BLOB_RESULT_ERROR_HTTP` (with the status in `http_status`).
+pub const BLOB_RESULT_ERROR_HTTP: u32 = 2;
+
+/// How a blob transfer went: the `EVP_BlobResult*` struct of its type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BlobOutcome {
+    /// The request's `EVP_BLOB_TYPE`, which picks the result's union tag.
+    pub kind: u32,
+    /// `EVP_BLOB_RESULT`.
+    pub result: u32,
+    /// An errno, for `BLOB_RESULT_ERROR`.
+    pub error: u32,
+    /// The HTTP status, when a response came.
+    pub http_status: u32,
 }

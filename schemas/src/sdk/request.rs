@@ -4,6 +4,50 @@ use flatbuffers::FlatBufferBuilder;
 
 use super::{BUILDER_START, Callback, DecodeError, TelemetryEntry, fb};
 
+/// Where a blob is (the `BlobRequestUnion`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlobRequest {
+    /// An Azure blob SAS URL.
+    AzureBlob {
+        /// The SAS URL.
+        url: String,
+    },
+    /// EVP storage: a name the hub's storage token turns into a URL.
+    Evp {
+        /// The blob's name in the storage.
+        remote_name: String,
+        /// The storage (`None`: the default one).
+        storage_name: Option<String>,
+    },
+    /// A plain HTTP(S) URL.
+    Http {
+        /// The URL.
+        url: String,
+    },
+    /// An HTTP(S) URL with request headers (`Name: value`).
+    HttpExt {
+        /// The URL.
+        url: String,
+        /// The headers, each `Name: value`.
+        headers: Vec<String>,
+    },
+}
+
+impl BlobRequest {
+    /// The URL, or the remote name for EVP storage.
+    pub fn url(&self) -> &str {
+        match self {
+            BlobRequest::AzureBlob { url } | BlobRequest::Http { url } => url,
+            BlobRequest::HttpExt { url, .. } => url,
+            BlobRequest::Evp { remote_name, .. } => remote_name,
+        }
+    }
+}
+
+/// `EVP_BLOB_TYPE_HTTP_EXT`: the EVP C SDK sends these requests with the `http` union tag
+/// and an HttpExt-shaped table (SDK.md §4.4).
+pub const BLOB_TYPE_HTTP_EXT: u32 = 4;
+
 /// A request from a module (the `RequestUnion` of `Request`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
@@ -25,15 +69,15 @@ pub enum Request {
     },
     /// `EVP_setConfigurationCallback`: deliver every stored configuration again.
     RequestResendConfig,
-    /// `EVP_blobOperation` (not served yet; decoded enough to answer).
+    /// `EVP_blobOperation`.
     BlobOperation {
         /// `EVP_BLOB_TYPE`.
         kind: u32,
-        /// `EVP_BLOB_OPERATION`.
+        /// `EVP_BLOB_OPERATION` (GET 0, PUT 1).
         op: u32,
-        /// The request's URL (or remote name for EVP storage).
-        url: String,
-        /// Local file.
+        /// Where the blob is.
+        request: BlobRequest,
+        /// The local file, as the module names it.
         filename: String,
         /// Echoed in the `blob` event.
         cb: Callback,
@@ -133,23 +177,19 @@ impl Request {
             Request::BlobOperation {
                 kind,
                 op,
-                url,
+                request,
                 filename,
                 cb,
             } => {
-                let url = b.create_string(url);
-                let req = fb::BlobRequestHttp::create(
-                    &mut b,
-                    &fb::BlobRequestHttpArgs { url: Some(url) },
-                );
+                let (request_type, req) = encode_blob_request(&mut b, request);
                 let filename = b.create_string(filename);
                 let t = fb::BlobInput::create(
                     &mut b,
                     &fb::BlobInputArgs {
                         type_: *kind,
                         op: *op,
-                        request_type: fb::BlobRequestUnion::http,
-                        request: Some(req.as_union_value()),
+                        request_type,
+                        request: Some(req),
                         filename: Some(filename),
                         cb: cb.cb,
                         cb_userdata: cb.userdata,
@@ -261,23 +301,42 @@ impl Request {
             fb::RequestUnion::requestResendConfig => Request::RequestResendConfig,
             fb::RequestUnion::blobOperation => {
                 let t = root.body_as_blob_operation().ok_or(unknown)?;
-                let url = match t.request_type() {
+                let strings = |v: flatbuffers::Vector<'_, flatbuffers::ForwardsUOffset<&str>>| {
+                    v.iter().map(str::to_owned).collect::<Vec<_>>()
+                };
+                let request = match t.request_type() {
                     fb::BlobRequestUnion::azureBlob => {
-                        t.request_as_azure_blob().map(|r| r.url().to_owned())
+                        t.request_as_azure_blob().map(|r| BlobRequest::AzureBlob {
+                            url: r.url().to_owned(),
+                        })
                     }
-                    fb::BlobRequestUnion::evp => {
-                        t.request_as_evp().map(|r| r.remoteName().to_owned())
+                    fb::BlobRequestUnion::evp => t.request_as_evp().map(|r| BlobRequest::Evp {
+                        remote_name: r.remoteName().to_owned(),
+                        storage_name: r.storageName().map(str::to_owned),
+                    }),
+                    // The EVP C SDK's HTTP_EXT: an HttpExt table under the `http` tag, whose
+                    // headers the verifier has not seen: verified here as what it is.
+                    fb::BlobRequestUnion::http if t.type_() == BLOB_TYPE_HTTP_EXT => {
+                        match t.request_as_http() {
+                            Some(r) => Some(http_ext_under_http_tag(r._tab)?),
+                            None => None,
+                        }
                     }
-                    fb::BlobRequestUnion::http => t.request_as_http().map(|r| r.url().to_owned()),
+                    fb::BlobRequestUnion::http => t.request_as_http().map(|r| BlobRequest::Http {
+                        url: r.url().to_owned(),
+                    }),
                     fb::BlobRequestUnion::http_ext => {
-                        t.request_as_http_ext().map(|r| r.url().to_owned())
+                        t.request_as_http_ext().map(|r| BlobRequest::HttpExt {
+                            url: r.url().to_owned(),
+                            headers: strings(r.headers()),
+                        })
                     }
                     _ => None,
                 };
                 Request::BlobOperation {
                     kind: t.type_(),
                     op: t.op(),
-                    url: url.ok_or(DecodeError::UnknownBody {
+                    request: request.ok_or(DecodeError::UnknownBody {
                         what: "BlobInput.request",
                         tag: t.request_type().0,
                     })?,
@@ -343,4 +402,71 @@ impl Request {
             Request::StreamParamsRequest { .. } => "streamParamsRequest",
         }
     }
+}
+
+/// Writes a blob request; returns its union tag and offset.
+fn encode_blob_request<'b>(
+    b: &mut FlatBufferBuilder<'b>,
+    request: &BlobRequest,
+) -> (
+    fb::BlobRequestUnion,
+    flatbuffers::WIPOffset<flatbuffers::UnionWIPOffset>,
+) {
+    match request {
+        BlobRequest::AzureBlob { url } => {
+            let url = b.create_string(url);
+            let t = fb::BlobRequestAzureBlob::create(
+                b,
+                &fb::BlobRequestAzureBlobArgs { url: Some(url) },
+            );
+            (fb::BlobRequestUnion::azureBlob, t.as_union_value())
+        }
+        BlobRequest::Evp {
+            remote_name,
+            storage_name,
+        } => {
+            let remote = b.create_string(remote_name);
+            let storage = storage_name.as_deref().map(|s| b.create_string(s));
+            let t = fb::BlobRequestEvp::create(
+                b,
+                &fb::BlobRequestEvpArgs {
+                    remoteName: Some(remote),
+                    storageName: storage,
+                },
+            );
+            (fb::BlobRequestUnion::evp, t.as_union_value())
+        }
+        BlobRequest::Http { url } => {
+            let url = b.create_string(url);
+            let t = fb::BlobRequestHttp::create(b, &fb::BlobRequestHttpArgs { url: Some(url) });
+            (fb::BlobRequestUnion::http, t.as_union_value())
+        }
+        BlobRequest::HttpExt { url, headers } => {
+            let url = b.create_string(url);
+            let made: Vec<_> = headers.iter().map(|h| b.create_string(h)).collect();
+            let headers = b.create_vector(&made);
+            let t = fb::BlobRequestHttpExt::create(
+                b,
+                &fb::BlobRequestHttpExtArgs {
+                    url: Some(url),
+                    headers: Some(headers),
+                },
+            );
+            (fb::BlobRequestUnion::http_ext, t.as_union_value())
+        }
+    }
+}
+
+/// An HttpExt table sent under the `http` tag (the EVP C SDK's HTTP_EXT), verified as an
+/// HttpExt before its headers are read.
+fn http_ext_under_http_tag(table: flatbuffers::Table<'_>) -> Result<BlobRequest, DecodeError> {
+    let opts = flatbuffers::VerifierOptions::default();
+    let mut verifier = flatbuffers::Verifier::new(&opts, table.buf());
+    <fb::BlobRequestHttpExt as flatbuffers::Verifiable>::run_verifier(&mut verifier, table.loc())?;
+    // SAFETY: the table at this location was just verified as a BlobRequestHttpExt.
+    let ext = unsafe { fb::BlobRequestHttpExt::init_from_table(table) };
+    Ok(BlobRequest::HttpExt {
+        url: ext.url().to_owned(),
+        headers: ext.headers().iter().map(str::to_owned).collect(),
+    })
 }

@@ -260,7 +260,9 @@ fn refused_and_unserved_requests_change_nothing() {
     let blob = Request::BlobOperation {
         kind: 2,
         op: 0,
-        url: "http://example.invalid/x".into(),
+        request: evp_schemas::sdk::BlobRequest::Http {
+            url: "http://example.invalid/x".into(),
+        },
         filename: "/tmp/x".into(),
         cb: cb(1),
     };
