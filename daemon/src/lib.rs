@@ -5,6 +5,8 @@
 pub mod backoff;
 pub mod bus;
 pub mod fs;
+#[cfg(feature = "http")]
+pub mod http;
 
 pub use backoff::Backoff;
 pub use bus::{

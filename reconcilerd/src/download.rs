@@ -7,6 +7,7 @@
 
 mod tasks;
 
+pub use evp_daemon::http::{ClientError, ProxyConfig};
 pub use tasks::{DownloadEvent, Downloads, EventSink};
 
 use std::collections::HashMap;
@@ -56,44 +57,6 @@ impl FetchError {
 }
 
 /// Why the HTTP client could not be built from the configuration.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    /// `EVP_HTTP_PROXY_HOST`/`PORT` (or `[reconciler] http_proxy_*`) do not form a proxy URL.
-    #[error("HTTP proxy {url:?}: {source}")]
-    Proxy {
-        /// The proxy URL built from host and port.
-        url: String,
-        /// What reqwest said.
-        source: reqwest::Error,
-    },
-    /// The file named by `EVP_HTTPS_CA_CERT` (or `EVP_TLS_CA_CERT`) cannot be read.
-    #[error("reading the HTTPS CA certificate {path}: {source}")]
-    CaRead {
-        /// The CA file.
-        path: PathBuf,
-        /// What the OS said.
-        source: std::io::Error,
-    },
-    /// The CA file holds no PEM certificate and is not one DER certificate either.
-    #[error("the HTTPS CA certificate {0} holds no PEM or DER certificate")]
-    CaParse(PathBuf),
-    /// reqwest refused the client configuration (for example the TLS roots).
-    #[error("building the HTTP client: {0}")]
-    Build(reqwest::Error),
-}
-
-/// An HTTP proxy for module downloads (EVP's `EVP_HTTP_PROXY_*`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProxyConfig {
-    /// Host name or address.
-    pub host: String,
-    /// TCP port.
-    pub port: u16,
-    /// Basic-auth user, if the proxy wants one.
-    pub username: Option<String>,
-    /// Basic-auth password.
-    pub password: Option<String>,
-}
 
 /// How downloads are made.
 #[derive(Debug, Clone)]
@@ -139,8 +102,6 @@ pub struct Progress {
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 /// Interval between two progress lines in the log for one transfer.
 const LOG_INTERVAL: Duration = Duration::from_secs(5);
-/// Bound on connection establishment; a link that cannot connect in this long is down.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Read buffer for `file://` copies and for hashing a partial file.
 const COPY_BUFFER: usize = 64 * 1024;
 /// Length of a SHA-256 in hex digits.
@@ -168,32 +129,11 @@ pub struct Downloader {
 impl Downloader {
     /// A downloader into `cache`, configured by `config`.
     pub fn new(cache: ModuleCache, config: &DownloadConfig) -> Result<Self, ClientError> {
-        // One process-wide TLS provider, chosen explicitly: ring builds without cmake or nasm.
-        // Installing it twice is harmless (the second call is refused).
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut builder = reqwest::Client::builder()
-            .tls_backend_rustls()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .read_timeout(config.read_timeout);
-        if let Some(p) = &config.proxy {
-            let url = format!("http://{}:{}", p.host, p.port);
-            let mut proxy = reqwest::Proxy::all(&url).map_err(|source| ClientError::Proxy {
-                url: url.clone(),
-                source,
-            })?;
-            if let Some(user) = &p.username {
-                proxy = proxy.basic_auth(user, p.password.as_deref().unwrap_or(""));
-            }
-            builder = builder.proxy(proxy);
-        }
-        if let Some(path) = &config.ca_cert {
-            let bytes = std::fs::read(path).map_err(|source| ClientError::CaRead {
-                path: path.clone(),
-                source,
-            })?;
-            builder = builder.tls_certs_merge(parse_ca(path, &bytes)?);
-        }
-        let http = builder.build().map_err(ClientError::Build)?;
+        let http = evp_daemon::http::client(
+            config.proxy.as_ref(),
+            config.ca_cert.as_deref(),
+            config.read_timeout,
+        )?;
         Ok(Downloader {
             cache,
             http,
@@ -390,23 +330,6 @@ impl Downloader {
 
 /// The certificates of a CA file: a PEM bundle, or one DER certificate. Each is parsed here,
 /// so a file that holds no certificate is refused at start rather than trusted as nothing.
-fn parse_ca(path: &Path, bytes: &[u8]) -> Result<Vec<reqwest::Certificate>, ClientError> {
-    let mut ders: Vec<Vec<u8>> = rustls_pemfile::certs(&mut &bytes[..])
-        .filter_map(Result::ok)
-        .map(|c| c.as_ref().to_vec())
-        .collect();
-    if ders.is_empty() {
-        ders.push(bytes.to_vec());
-    }
-    ders.iter()
-        .map(|der| {
-            x509_parser::parse_x509_certificate(der)
-                .ok()
-                .and_then(|_| reqwest::Certificate::from_der(der).ok())
-                .ok_or_else(|| ClientError::CaParse(path.to_owned()))
-        })
-        .collect()
-}
 
 /// Empties the partial file and the running hash, to download from 0.
 async fn restart_partial(

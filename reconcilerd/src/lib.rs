@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info};
 use zbus::interface;
 
-use crate::download::{DownloadConfig, Downloader, Downloads, EventSink, ProxyConfig};
+use crate::download::{DownloadConfig, Downloader, Downloads, EventSink};
 use crate::reconcile::{Desired, Event, Reconciler, Settings, SharedStatus, StatusChanged};
 use crate::restart::RestartConfig;
 use crate::store::{DesiredStore, ModuleCache};
@@ -128,20 +128,7 @@ fn default_restart_limit() -> u32 {
 }
 
 /// Why the `[reconciler]` section and the environment do not make a usable configuration.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// A proxy host is set without a usable port.
-    #[error(
-        "HTTP proxy host {host:?} needs a port (EVP_HTTP_PROXY_PORT or [reconciler] http_proxy_port)"
-    )]
-    ProxyPortMissing {
-        /// The proxy host.
-        host: String,
-    },
-    /// `EVP_HTTP_PROXY_PORT` is not a port number.
-    #[error("EVP_HTTP_PROXY_PORT={0:?} is not a port number")]
-    ProxyPortInvalid(String),
-}
+pub use evp_daemon::http::SettingsError as ConfigError;
 
 impl ReconcilerConfig {
     /// How downloads are made, with the environment (`lookup`, empty meaning unset) winning
@@ -150,34 +137,14 @@ impl ReconcilerConfig {
         &self,
         lookup: impl Fn(&str) -> Option<String>,
     ) -> Result<DownloadConfig, ConfigError> {
-        let host = lookup("EVP_HTTP_PROXY_HOST").or_else(|| self.http_proxy_host.clone());
-        let proxy = match host {
-            None => None,
-            Some(host) => {
-                let port = match lookup("EVP_HTTP_PROXY_PORT") {
-                    Some(p) => Some(
-                        p.trim()
-                            .parse::<u16>()
-                            .map_err(|_| ConfigError::ProxyPortInvalid(p.clone()))?,
-                    ),
-                    None => self.http_proxy_port,
-                };
-                let port =
-                    port.ok_or_else(|| ConfigError::ProxyPortMissing { host: host.clone() })?;
-                Some(ProxyConfig {
-                    host,
-                    port,
-                    username: lookup("EVP_HTTP_PROXY_USERNAME")
-                        .or_else(|| self.http_proxy_username.clone()),
-                    password: lookup("EVP_HTTP_PROXY_PASSWORD")
-                        .or_else(|| self.http_proxy_password.clone()),
-                })
-            }
-        };
-        let ca_cert = lookup("EVP_TLS_CA_CERT")
-            .or_else(|| lookup("EVP_HTTPS_CA_CERT"))
-            .map(PathBuf::from)
-            .or_else(|| self.https_ca_cert.clone());
+        let (proxy, ca_cert) = evp_daemon::http::HttpSettings {
+            http_proxy_host: self.http_proxy_host.clone(),
+            http_proxy_port: self.http_proxy_port,
+            http_proxy_username: self.http_proxy_username.clone(),
+            http_proxy_password: self.http_proxy_password.clone(),
+            https_ca_cert: self.https_ca_cert.clone(),
+        }
+        .resolve(lookup)?;
         Ok(DownloadConfig {
             max_concurrent: self.max_concurrent_downloads.max(1),
             read_timeout: Duration::from_millis(self.download_read_timeout_ms),
@@ -367,6 +334,7 @@ fn create_shared_dir(dir: &std::path::Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::download::ProxyConfig;
 
     fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
         move |k| {
