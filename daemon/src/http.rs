@@ -161,7 +161,8 @@ pub fn client(
     builder.build().map_err(ClientError::Build)
 }
 
-/// The certificates of a PEM bundle, or the one DER certificate the file is.
+/// The certificates of a CA file: a PEM bundle, or one DER certificate. Each is parsed here,
+/// so a file that holds no certificate is refused at start rather than trusted as nothing.
 fn parse_ca(path: &Path, bytes: &[u8]) -> Result<Vec<reqwest::Certificate>, ClientError> {
     let mut ders: Vec<Vec<u8>> = rustls_pemfile::certs(&mut &bytes[..])
         .filter_map(Result::ok)

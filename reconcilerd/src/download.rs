@@ -56,8 +56,6 @@ impl FetchError {
     }
 }
 
-/// Why the HTTP client could not be built from the configuration.
-
 /// How downloads are made.
 #[derive(Debug, Clone)]
 pub struct DownloadConfig {
@@ -327,9 +325,6 @@ impl Downloader {
         Ok(hex::encode(hasher.finalize()))
     }
 }
-
-/// The certificates of a CA file: a PEM bundle, or one DER certificate. Each is parsed here,
-/// so a file that holds no certificate is refused at start rather than trusted as nothing.
 
 /// Empties the partial file and the running hash, to download from 0.
 async fn restart_partial(
