@@ -182,6 +182,27 @@ pub fn create_private_dir(dir: &Path, mode: u32) -> Result<(), PrivateDirError> 
     })
 }
 
+/// A file read as a stream of chunks of up to `chunk` bytes, for a request body (a blob
+/// upload, an image archive for the engine): the file is never in memory whole.
+pub fn chunks(
+    file: tokio::fs::File,
+    chunk: usize,
+) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
+    use tokio::io::AsyncReadExt;
+    futures_util::stream::unfold(Some(file), move |file| async move {
+        let mut file = file?;
+        let mut buf = vec![0u8; chunk];
+        match file.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok(bytes::Bytes::from(buf)), Some(file)))
+            }
+            Err(e) => Some((Err(e), None)),
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

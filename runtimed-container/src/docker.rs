@@ -45,6 +45,8 @@ pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
 /// Seconds a request to the engine may take to answer (its headers: a pull, a wait or a log
 /// stream then runs as long as it needs). bollard's own default.
 const REQUEST_TIMEOUT_S: u64 = 120;
+/// Read size of an archive upload to the engine: large enough for few system calls.
+const ARCHIVE_CHUNK: usize = 256 * 1024;
 /// The oldest Engine API this runtime speaks (Docker 20.10); newer engines are negotiated.
 const MIN_API: bollard::ClientVersion = bollard::ClientVersion {
     major_version: 1,
@@ -307,7 +309,7 @@ impl DockerRuntime {
             .map_err(|e| EvpError::Io(format!("module {module_id}: opening {path}: {e}")))?;
         let loaded = self
             .call(|docker| async move {
-                let body = tokio_util_reader(file);
+                let body = evp_daemon::fs::chunks(file, ARCHIVE_CHUNK);
                 let mut out = docker.import_image_stream(ImportImageOptions::default(), body, None);
                 let mut image = None;
                 while let Some(step) = out.next().await {
@@ -861,27 +863,6 @@ fn loaded_image(line: &str) -> Option<String> {
     line.strip_prefix("Loaded image ID: ")
         .or_else(|| line.strip_prefix("Loaded image: "))
         .map(str::to_owned)
-}
-
-/// A file as a stream of chunks, for the engine's image load.
-fn tokio_util_reader(
-    file: tokio::fs::File,
-) -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + 'static {
-    use tokio::io::AsyncReadExt;
-    /// Read size of the archive upload: large enough for few system calls.
-    const CHUNK: usize = 256 * 1024;
-    futures_util::stream::unfold(Some(file), |file| async move {
-        let mut file = file?;
-        let mut buf = vec![0u8; CHUNK];
-        match file.read(&mut buf).await {
-            Ok(0) => None,
-            Ok(n) => {
-                buf.truncate(n);
-                Some((Ok(bytes::Bytes::from(buf)), Some(file)))
-            }
-            Err(e) => Some((Err(e), None)),
-        }
-    })
 }
 
 #[cfg(test)]

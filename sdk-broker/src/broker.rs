@@ -131,6 +131,10 @@ pub struct Broker {
     flush_wake: Notify,
     /// Wakes the flusher at once when a telemetry batch is full.
     flush_full: Notify,
+    /// The client of blob transfers (the proxy and CA of module downloads).
+    http: reqwest::Client,
+    /// This broker, for the tasks it starts.
+    me: std::sync::Weak<Broker>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -160,6 +164,18 @@ impl Broker {
         data_dir: PathBuf,
         sink: Arc<dyn Sink>,
     ) -> anyhow::Result<Arc<Broker>> {
+        Self::with_http(settings, run_dir, data_dir, sink, &Default::default())
+    }
+
+    /// As [`Broker::new`], blob transfers going through the proxy and CA of `http` (the
+    /// `[reconciler]` keys module downloads use; the `EVP_*` variables win).
+    pub fn with_http(
+        settings: Settings,
+        run_dir: PathBuf,
+        data_dir: PathBuf,
+        sink: Arc<dyn Sink>,
+        http: &evp_daemon::http::HttpSettings,
+    ) -> anyhow::Result<Arc<Broker>> {
         let store = ConfigStore::open(data_dir.join("sdk"))?;
         let configs = store.load_all();
         if settings.allowed_uids.is_some() || settings.instance_group.is_some() {
@@ -168,17 +184,24 @@ impl Broker {
                  served to the process BindInstance names (its uid and pid) only"
             );
         }
-        Ok(Arc::new(Broker {
+        let http = {
+            let (proxy, ca) = http.resolve(evp_daemon::http::env_lookup)?;
+            evp_daemon::http::client(proxy.as_ref(), ca.as_deref(), crate::blob::READ_TIMEOUT)?
+        };
+        let instances_dir = data_dir.join("instances");
+        Ok(Arc::new_cyclic(|me| Broker {
             sdk_dir: run_dir.join("sdk"),
             store,
             sink,
             core: Mutex::new(Core {
-                rules: Rules::new(settings.clone(), configs),
+                rules: Rules::new(settings.clone(), configs).with_instances_dir(instances_dir),
                 sockets: HashMap::new(),
             }),
             settings,
             flush_wake: Notify::new(),
             flush_full: Notify::new(),
+            http,
+            me: me.clone(),
         }))
     }
 
@@ -405,8 +428,23 @@ impl Broker {
             Then::AnswerHub(signal) => {
                 self.emit(signal).await;
             }
+            Then::Transfer { job, cb } => self.start_transfer(peer, job, cb),
         }
         response
+    }
+
+    /// Runs a blob transfer in the background; its end becomes the module's callback.
+    fn start_transfer(&self, peer: &Peer, job: crate::blob::Job, cb: evp_schemas::sdk::Callback) {
+        let (Some(me), Some(cancel)) = (self.me.upgrade(), self.lock().rules.blob_cancel(peer))
+        else {
+            return;
+        };
+        let peer = peer.clone();
+        tokio::spawn(async move {
+            let kind = job.kind;
+            let outcome = crate::blob::run(&me.http, job, cancel).await;
+            me.lock().rules.blob_done(&peer, cb, kind, outcome);
+        });
     }
 
     // ----- background work -----

@@ -16,6 +16,7 @@
 //! with what `StartInstance` answered, `SetRouting(Routing JSON)` whenever
 //! the deployment changes, `CloseInstance(instance)` before `Runtime1.StopInstance`.
 
+pub mod blob;
 pub mod broker;
 mod conn;
 pub mod limits;
@@ -203,11 +204,14 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         .await
         .context("connecting to D-Bus")?;
     evp_daemon::exit_when_closed(&conn, SDK_BROKER_NAME);
-    let broker = Broker::new(
+    // Blob transfers go through the proxy and CA of module downloads.
+    let http: evp_daemon::http::HttpSettings = config.section("reconciler")?;
+    let broker = Broker::with_http(
         settings,
         config.common.run_dir.clone(),
         config.common.data_dir.clone(),
         Arc::new(BusSink { conn: conn.clone() }),
+        &http,
     )?;
     broker.start();
     conn.object_server()

@@ -225,6 +225,8 @@ pub(crate) struct Rules {
     /// (instance, field) pairs already logged as holding a NUL: one warning each, so a module
     /// that loops on a refused call cannot flood the journal.
     nul_logged: HashSet<(String, String)>,
+    /// `<data_dir>/instances`: each instance's workspace is `<name>/default_workspace` below.
+    instances_dir: std::path::PathBuf,
 }
 
 impl Rules {
@@ -242,7 +244,49 @@ impl Rules {
             states_pending: false,
             next_id: 1,
             nul_logged: HashSet::new(),
+            instances_dir: std::path::PathBuf::new(),
         }
+    }
+
+    /// The same rules, with instance workspaces below `instances_dir`.
+    pub(crate) fn with_instances_dir(mut self, instances_dir: std::path::PathBuf) -> Rules {
+        self.instances_dir = instances_dir;
+        self
+    }
+
+    /// The end of a blob transfer of `peer`: its callback, `Done` with the outcome, or `Exit`
+    /// when the instance's exit cut it short (`None`).
+    pub(crate) fn blob_done(
+        &mut self,
+        peer: &Peer,
+        cb: Callback,
+        kind: u32,
+        outcome: Option<evp_schemas::sdk::BlobOutcome>,
+    ) {
+        let Some(inst) = self.current(&peer.instance) else {
+            return;
+        };
+        inst.live_blobs = inst.live_blobs.saturating_sub(1);
+        let (reason, result) = match outcome {
+            Some(result) => (evp_schemas::sdk::BlobReason::Done, result),
+            None => (
+                evp_schemas::sdk::BlobReason::Exit,
+                evp_schemas::sdk::BlobOutcome {
+                    kind,
+                    ..Default::default()
+                },
+            ),
+        };
+        inst.complete(peer.conn, Event::Blob { cb, reason, result });
+    }
+
+    /// What ends `peer`'s instance's transfers when it exits.
+    pub(crate) fn blob_cancel(
+        &mut self,
+        peer: &Peer,
+    ) -> Option<tokio::sync::watch::Receiver<bool>> {
+        self.current(&peer.instance)
+            .map(|inst| inst.blob_cancel.subscribe())
     }
 
     fn next_id(&mut self) -> u64 {
@@ -284,6 +328,7 @@ impl Rules {
             return Closing::UnderWay;
         }
         inst.exiting = true;
+        inst.blob_cancel.send_replace(true);
         for (_, p) in std::mem::take(&mut inst.pending_states) {
             inst.complete(
                 p.conn,
@@ -492,7 +537,8 @@ impl Rules {
         }
         match inst.pop() {
             Some(event) => Popped::Event(event),
-            None if inst.exiting => Popped::Exit,
+            // Exit once the transfers cut short have given their EXIT callbacks too.
+            None if inst.exiting && inst.live_blobs == 0 => Popped::Exit,
             None => Popped::Empty,
         }
     }

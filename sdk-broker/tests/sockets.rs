@@ -239,8 +239,9 @@ async fn every_request_over_a_real_socket() {
     let p = path.clone();
     client(move || {
         let mut s = UnixStream::connect(&p).unwrap();
+        // EVP storage (EVP_EXT): not served yet.
         let blob = Request::BlobOperation {
-            kind: 2,
+            kind: 3,
             op: 0,
             request: evp_schemas::sdk::BlobRequest::Http {
                 url: "http://example.invalid/x".into(),

@@ -56,6 +56,10 @@ pub(super) struct Instance {
     pub(super) non_json_warned: HashSet<String>,
     /// Direct commands waiting for the module's answer, with their deadlines.
     pub(super) rpcs: HashMap<u64, Instant>,
+    /// Blob transfers under way.
+    pub(super) live_blobs: usize,
+    /// Turned true when the instance begins to exit: its transfers end, with EXIT.
+    pub(super) blob_cancel: tokio::sync::watch::Sender<bool>,
 }
 
 impl Instance {
@@ -74,6 +78,8 @@ impl Instance {
             telemetry_bytes: 0,
             non_json_warned: HashSet::new(),
             rpcs: HashMap::new(),
+            live_blobs: 0,
+            blob_cancel: tokio::sync::watch::Sender::new(false),
         }
     }
 

@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 
 use evp_schemas::sdk::{
-    Callback, Event, EvpResult, MessageSentReason, Request, Response, RpcResponseReason, RpcStatus,
-    StateReason, TelemetryEntry, TelemetryReason,
+    BlobOutcome, BlobReason, BlobRequest, Callback, Event, EvpResult, MessageSentReason, Request,
+    Response, RpcResponseReason, RpcStatus, StateReason, TelemetryEntry, TelemetryReason,
 };
 use tracing::warn;
 
@@ -15,7 +15,7 @@ use super::{
     CALLBACK_COST, MAX_BATCH_BYTES, MAX_BATCH_ENTRIES, MAX_NON_JSON_WARNINGS,
     MAX_TELEMETRY_ENTRIES, Peer, PendingTelemetry, Rules, Signal, current, error_answer,
 };
-use crate::limits;
+use crate::{blob, limits};
 
 /// The answer to a request and what is left to do once it is given.
 #[derive(Debug, PartialEq, Eq)]
@@ -46,6 +46,14 @@ pub(crate) enum Then {
     },
     /// The module's answer cannot reach the hub: emit this error answer instead.
     AnswerHub(Signal),
+    /// A blob transfer was accepted: run it, then give its outcome to [`Rules::blob_done`]
+    /// with `cb`.
+    Transfer {
+        /// What to transfer.
+        job: crate::blob::Job,
+        /// The request's callback.
+        cb: Callback,
+    },
 }
 
 impl Handled {
@@ -110,8 +118,15 @@ impl Rules {
                 status,
                 cb,
             } => self.send_rpc_response(peer, id, response, status, cb),
-            // Blob transfers are not served yet (they need the storage-token work).
-            Request::BlobOperation { .. } => Handled::answer(EvpResult::NotSup),
+            Request::BlobOperation {
+                kind,
+                op,
+                request,
+                filename,
+                cb,
+            } => self
+                .blob_operation(peer, kind, op, &request, &filename, cb)
+                .into(),
             // No stream is ever declared yet, so none can be opened.
             Request::StreamParamsRequest { .. } => Handled {
                 response: Response::StreamParams {
@@ -129,6 +144,67 @@ impl Rules {
         if let Some(inst) = self.current(&peer.instance) {
             inst.complete(peer.conn, Event::RpcResponse { cb, reason });
         }
+    }
+
+    /// A blob transfer: the type served (EVP storage needs the hub's token: `EVP_NOTSUP` for
+    /// now), a GET or PUT, an http(s) URL, a file inside the workspace and well-formed
+    /// headers (`EVP_INVAL` otherwise), at most [`blob::MAX_LIVE_BLOBS`] under way
+    /// (`EVP_DENIED` beyond), and room for its callback.
+    fn blob_operation(
+        &mut self,
+        peer: &Peer,
+        kind: u32,
+        op: u32,
+        request: &BlobRequest,
+        filename: &str,
+        cb: Callback,
+    ) -> Ruled {
+        let limit = self.settings.event_queue_bytes;
+        let name = peer.instance.name.as_str();
+        if !blob::served_kind(kind) {
+            return Err(EvpResult::NotSup);
+        }
+        let direction = blob::Direction::from_code(op).ok_or(EvpResult::Inval)?;
+        let url = request.url();
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            warn!(
+                instance = name,
+                url, "blob operation refused: not an http(s) URL"
+            );
+            return Err(EvpResult::Inval);
+        }
+        let workspace = self.instances_dir.join(name).join(blob::WORKSPACE_DIR);
+        let checked = blob::confine(filename, &workspace)
+            .and_then(|file| Ok((file, blob::parse_headers(request, direction)?)));
+        let (file, headers) = checked.map_err(|e| {
+            warn!(instance = name, "blob operation refused: {e}");
+            EvpResult::Inval
+        })?;
+        let inst = self.instance_of(peer)?;
+        if inst.live_blobs >= blob::MAX_LIVE_BLOBS {
+            return Err(EvpResult::Denied);
+        }
+        let exit = Event::Blob {
+            cb,
+            reason: BlobReason::Exit,
+            result: BlobOutcome {
+                kind,
+                ..Default::default()
+            },
+        };
+        inst.admit(peer.conn, limit, exit)?;
+        inst.live_blobs += 1;
+        Ok(Then::Transfer {
+            job: blob::Job {
+                kind,
+                direction,
+                url: url.to_owned(),
+                headers,
+                workspace,
+                file,
+            },
+            cb,
+        })
     }
 
     /// The instance of `peer`, or `EVP_ERROR` when it was closed or opened again since.

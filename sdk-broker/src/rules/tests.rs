@@ -54,6 +54,90 @@ fn events(rules: &mut Rules, peer: &Peer) -> Vec<Event> {
     drain(rules, peer).0
 }
 
+/// A blob operation of `kind` (`EVP_BLOB_TYPE`) and `op` on `url` and workspace file `file`,
+/// with callback 1; `headers` make it an HTTP_EXT request.
+fn blob(kind: u32, op: u32, url: &str, file: &str, headers: &[&str]) -> Request {
+    use evp_schemas::sdk::BlobRequest;
+    let request = if headers.is_empty() {
+        BlobRequest::Http { url: url.into() }
+    } else {
+        BlobRequest::HttpExt {
+            url: url.into(),
+            headers: headers.iter().map(|h| (*h).to_owned()).collect(),
+        }
+    };
+    Request::BlobOperation {
+        kind,
+        op,
+        request,
+        filename: file.into(),
+        cb: cb(1),
+    }
+}
+
+#[test]
+fn ten_blob_transfers_run_at_once_and_each_ends_in_its_callback() {
+    use evp_schemas::sdk::{BlobOutcome, BlobReason};
+    let (mut rules, peer) = one(settings());
+    let mut jobs = Vec::new();
+    for n in 0..10 {
+        let mut request = blob(2, 0, "http://h/x", &format!("f{n}"), &[]);
+        if let Request::BlobOperation { cb: c, .. } = &mut request {
+            *c = cb(n);
+        }
+        let handled = rules.handle(&peer, request);
+        assert_eq!(handled.response, Response::Simple(EvpResult::Ok));
+        match handled.then {
+            Then::Transfer { job, cb } => jobs.push((job, cb)),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(jobs[3].0.file, std::path::PathBuf::from("f3"));
+    assert_eq!(
+        jobs[3].0.workspace,
+        std::path::PathBuf::from("i/default_workspace")
+    );
+    let eleventh = rules.handle(&peer, blob(2, 0, "http://h/x", "f", &[]));
+    assert_eq!(eleventh.response, Response::Simple(EvpResult::Denied));
+    let done = BlobOutcome {
+        kind: 2,
+        result: 0,
+        error: 0,
+        http_status: 200,
+    };
+    rules.blob_done(&peer, jobs[0].1, 2, Some(done));
+    assert_eq!(
+        events(&mut rules, &peer),
+        [Event::Blob {
+            cb: cb(0),
+            reason: BlobReason::Done,
+            result: done
+        }]
+    );
+    // One ended: there is room again.
+    let again = rules.handle(&peer, blob(2, 1, "http://h/x", "f", &[]));
+    assert_eq!(again.response, Response::Simple(EvpResult::Ok));
+    // Exiting cuts the rest short: each gets EXIT, and only then the module gets exit.
+    let cancel = rules.blob_cancel(&peer).unwrap();
+    let _ = rules.close("i");
+    assert!(*cancel.borrow());
+    assert_eq!(rules.next_event(&peer), Popped::Empty);
+    for (_, c) in jobs.iter().skip(1) {
+        rules.blob_done(&peer, *c, 2, None);
+    }
+    rules.blob_done(&peer, cb(1), 2, None);
+    let (got, then) = drain(&mut rules, &peer);
+    assert_eq!(got.len(), 10);
+    assert!(got.iter().all(|e| matches!(
+        e,
+        Event::Blob {
+            reason: BlobReason::Exit,
+            ..
+        }
+    )));
+    assert_eq!(then, Popped::Exit);
+}
+
 fn state(topic: &str, value: &[u8], n: u64) -> Request {
     Request::SendState {
         topic: topic.into(),
@@ -257,16 +341,14 @@ fn refused_and_unserved_requests_change_nothing() {
         deadline_nsec: 0,
     };
     check_refused(get_event, simple(AgentProtocolError));
-    let blob = Request::BlobOperation {
-        kind: 2,
-        op: 0,
-        request: evp_schemas::sdk::BlobRequest::Http {
-            url: "http://example.invalid/x".into(),
-        },
-        filename: "/tmp/x".into(),
-        cb: cb(1),
-    };
-    check_refused(blob, simple(NotSup));
+    // Blobs: EVP storage needs the hub's token; a bad operation, URL, file or header is
+    // refused before any transfer.
+    check_refused(blob(3, 0, "http://h/x", "f", &[]), simple(NotSup));
+    check_refused(blob(2, 7, "http://h/x", "f", &[]), simple(Inval));
+    check_refused(blob(2, 0, "ftp://h/x", "f", &[]), simple(Inval));
+    check_refused(blob(2, 0, "http://h/x", "/tmp/x", &[]), simple(Inval));
+    check_refused(blob(2, 0, "http://h/x", "../x", &[]), simple(Inval));
+    check_refused(blob(4, 0, "http://h/x", "f", &["no colon"]), simple(Inval));
     let stream = Request::StreamParamsRequest {
         name: Some("s".into()),
     };

@@ -1,0 +1,428 @@
+//! Blob transfers for modules (`EVP_blobOperation`): GET from a URL into a file of the
+//! instance's workspace, or PUT such a file to a URL, streamed in chunks so no blob is ever
+//! held in memory. The deciding half is pure ([`confine`], [`parse_headers`], checked by the
+//! rules before a transfer is accepted); [`run`] is the thin executor.
+//!
+//! The file is opened with `openat2(RESOLVE_BENEATH)` below the workspace, so neither `..` nor
+//! a symlink can reach outside it. A cut GET is resumed with `Range` where the server allows
+//! it.
+
+use std::os::fd::OwnedFd;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use evp_schemas::sdk::{
+    BLOB_RESULT_ERROR, BLOB_RESULT_ERROR_HTTP, BLOB_RESULT_SUCCESS, BLOB_TYPE_AZURE_BLOB,
+    BlobOutcome, BlobRequest,
+};
+use futures_util::StreamExt;
+use reqwest::header::{ACCEPT_RANGES, CONTENT_LENGTH, HeaderMap, HeaderName, HeaderValue, RANGE};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// Most blob operations one instance may have under way; a request beyond is `EVP_DENIED`.
+pub const MAX_LIVE_BLOBS: usize = 10;
+/// The workspace folder inside an instance directory (`<data_dir>/instances/<name>/`).
+pub const WORKSPACE_DIR: &str = "default_workspace";
+/// The workspace as a docker module sees it (the instance directory is bound at `/evp`).
+pub const CONTAINER_WORKSPACE: &str = "/evp/default_workspace";
+/// A transfer that receives nothing for this long fails.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// How many times a GET cut mid-way is resumed.
+const GET_RESUMES: u32 = 3;
+/// Read size of an upload: few system calls, little memory.
+const PUT_CHUNK: usize = 64 * 1024;
+/// Mode of a downloaded file: the instance's (it is given to the workspace's owner).
+const GET_FILE_MODE: u32 = 0o600;
+/// `EIO`, for failures that carry no errno of their own (a broken connection).
+const EIO: u32 = 5;
+
+/// `EVP_BLOB_OPERATION`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Download into the file.
+    Get,
+    /// Upload the file.
+    Put,
+}
+
+impl Direction {
+    /// `EVP_BLOB_OPERATION_GET` 0, `PUT` 1.
+    pub fn from_code(op: u32) -> Option<Direction> {
+        match op {
+            0 => Some(Direction::Get),
+            1 => Some(Direction::Put),
+            _ => None,
+        }
+    }
+}
+
+/// One accepted transfer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    /// `EVP_BLOB_TYPE` of the request, for the result's shape.
+    pub kind: u32,
+    /// GET or PUT.
+    pub direction: Direction,
+    /// The URL.
+    pub url: String,
+    /// Request headers (HTTP_EXT's, Azure's blob type).
+    pub headers: Vec<(String, String)>,
+    /// The instance's workspace on this host.
+    pub workspace: PathBuf,
+    /// The file below it.
+    pub file: PathBuf,
+}
+
+/// Why a request was refused before any transfer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// The file is not inside the workspace (`..`, another folder, nothing).
+    #[error("{0:?} is not a file inside the instance's workspace")]
+    OutsideWorkspace(String),
+    /// A header is not `Name: value`.
+    #[error("header {0:?} is not `Name: value`")]
+    BadHeader(String),
+}
+
+/// The file `filename` names, relative to the workspace: given as the module sees it (the
+/// host path for spawned, python and WASM modules, `/evp/default_workspace/…` for docker),
+/// or relative. `..`, an empty name and any other absolute path are refused.
+pub fn confine(filename: &str, workspace: &Path) -> Result<PathBuf, Refused> {
+    let refused = || Refused::OutsideWorkspace(filename.to_owned());
+    let path = Path::new(filename);
+    let below = if let Ok(rest) = path.strip_prefix(workspace) {
+        rest
+    } else if let Ok(rest) = path.strip_prefix(CONTAINER_WORKSPACE) {
+        rest
+    } else if path.is_relative() {
+        path
+    } else {
+        return Err(refused());
+    };
+    let mut out = PathBuf::new();
+    for part in below.components() {
+        match part {
+            Component::Normal(p) => out.push(p),
+            Component::CurDir => {}
+            _ => return Err(refused()),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        return Err(refused());
+    }
+    Ok(out)
+}
+
+/// The headers of a request: HTTP_EXT's `Name: value` strings, and for an Azure blob PUT the
+/// blob type Azure requires.
+pub fn parse_headers(
+    request: &BlobRequest,
+    direction: Direction,
+) -> Result<Vec<(String, String)>, Refused> {
+    let mut out = Vec::new();
+    if let BlobRequest::HttpExt { headers, .. } = request {
+        for h in headers {
+            let (name, value) = h
+                .split_once(':')
+                .ok_or_else(|| Refused::BadHeader(h.clone()))?;
+            let (name, value) = (name.trim(), value.trim());
+            if HeaderName::from_bytes(name.as_bytes()).is_err()
+                || HeaderValue::from_str(value).is_err()
+            {
+                return Err(Refused::BadHeader(h.clone()));
+            }
+            out.push((name.to_owned(), value.to_owned()));
+        }
+    }
+    if matches!(request, BlobRequest::AzureBlob { .. }) && direction == Direction::Put {
+        out.push(("x-ms-blob-type".to_owned(), "BlockBlob".to_owned()));
+    }
+    Ok(out)
+}
+
+/// Runs `job`; `cancel` turning true (the instance is exiting) ends it early with `None`.
+pub async fn run(
+    client: &reqwest::Client,
+    job: Job,
+    mut cancel: watch::Receiver<bool>,
+) -> Option<BlobOutcome> {
+    let transfer = async {
+        match job.direction {
+            Direction::Get => get(client, &job).await,
+            Direction::Put => put(client, &job).await,
+        }
+    };
+    let result = tokio::select! {
+        r = transfer => r,
+        _ = cancel.wait_for(|c| *c) => return None,
+    };
+    Some(match result {
+        Ok(status) => {
+            info!(url = %job.url, status, file = %job.file.display(), "blob transfer done");
+            outcome(job.kind, BLOB_RESULT_SUCCESS, 0, status)
+        }
+        Err(Failure::Http(status)) => {
+            warn!(url = %job.url, status, "blob transfer refused by the server");
+            outcome(job.kind, BLOB_RESULT_ERROR_HTTP, 0, status)
+        }
+        Err(Failure::Errno(errno, why)) => {
+            warn!(url = %job.url, file = %job.file.display(), "blob transfer failed: {why}");
+            outcome(job.kind, BLOB_RESULT_ERROR, errno, 0)
+        }
+    })
+}
+
+fn outcome(kind: u32, result: u32, error: u32, http_status: u32) -> BlobOutcome {
+    BlobOutcome {
+        kind,
+        result,
+        error,
+        http_status,
+    }
+}
+
+/// How a transfer failed.
+enum Failure {
+    /// The server answered this status (not 2xx).
+    Http(u32),
+    /// A local or network error, with its errno and why.
+    Errno(u32, String),
+}
+
+fn io_failure(what: &str, e: &std::io::Error) -> Failure {
+    let errno = e
+        .raw_os_error()
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(EIO);
+    Failure::Errno(errno, format!("{what}: {e}"))
+}
+
+fn net_failure(e: &reqwest::Error) -> Failure {
+    // The errno of the socket error inside, if there is one (ECONNREFUSED, say).
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>()
+            && let Some(n) = io.raw_os_error()
+        {
+            return Failure::Errno(u32::try_from(n).unwrap_or(EIO), e.to_string());
+        }
+        source = s.source();
+    }
+    Failure::Errno(EIO, e.to_string())
+}
+
+fn header_map(headers: &[(String, String)]) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for (name, value) in headers {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            map.append(n, v);
+        }
+    }
+    map
+}
+
+/// Opens `file` below `workspace` without leaving it: no `..`, no symlink out, no magic link.
+fn open_beneath(workspace: &Path, file: &Path, write: bool) -> std::io::Result<std::fs::File> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, open, openat2};
+    use nix::sys::stat::Mode;
+    let dir: OwnedFd = open(
+        workspace,
+        OFlag::O_DIRECTORY | OFlag::O_PATH | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    let flags = if write {
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC
+    } else {
+        OFlag::O_RDONLY
+    };
+    // openat2 refuses a mode without O_CREAT.
+    let mode = if write { GET_FILE_MODE } else { 0 };
+    let how = OpenHow::new()
+        .flags(flags | OFlag::O_CLOEXEC | OFlag::O_NOCTTY)
+        .mode(Mode::from_bits_truncate(mode))
+        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let fd = openat2(&dir, file, how)?;
+    let opened = std::fs::File::from(fd);
+    if write {
+        // The instance's file, not the broker's: it is given to the workspace's owner.
+        use std::os::unix::fs::MetadataExt;
+        let owner = std::fs::metadata(workspace)?;
+        std::os::unix::fs::fchown(&opened, Some(owner.uid()), Some(owner.gid()))?;
+    }
+    Ok(opened)
+}
+
+/// Downloads into the file, resuming a cut transfer where the server accepts ranges.
+async fn get(client: &reqwest::Client, job: &Job) -> Result<u32, Failure> {
+    let file = open_beneath(&job.workspace, &job.file, true)
+        .map_err(|e| io_failure("opening the file", &e))?;
+    let mut out = tokio::fs::File::from_std(file);
+    let mut written: u64 = 0;
+    let mut resumes = 0;
+    let mut status = 0;
+    loop {
+        let mut request = client.get(&job.url).headers(header_map(&job.headers));
+        if written > 0 {
+            request = request.header(RANGE, format!("bytes={written}-"));
+        }
+        let response = request.send().await.map_err(|e| net_failure(&e))?;
+        let code = u32::from(response.status().as_u16());
+        if !response.status().is_success() {
+            return Err(Failure::Http(code));
+        }
+        if written > 0 && code != 206 {
+            // The server sent the whole blob again: start the file over.
+            out.set_len(0)
+                .await
+                .map_err(|e| io_failure("truncating", &e))?;
+            written = 0;
+        }
+        if status == 0 {
+            status = code;
+        }
+        let ranges = response
+            .headers()
+            .get(ACCEPT_RANGES)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"bytes"));
+        let mut body = response.bytes_stream();
+        let mut cut = None;
+        while let Some(chunk) = body.next().await {
+            match chunk {
+                Ok(bytes) => {
+                    out.write_all(&bytes)
+                        .await
+                        .map_err(|e| io_failure("writing the file", &e))?;
+                    written += bytes.len() as u64;
+                }
+                Err(e) => {
+                    cut = Some(e);
+                    break;
+                }
+            }
+        }
+        match cut {
+            None => break,
+            Some(e) if ranges && resumes < GET_RESUMES => {
+                resumes += 1;
+                warn!(url = %job.url, written, "blob download cut ({e}); resuming");
+            }
+            Some(e) => return Err(net_failure(&e)),
+        }
+    }
+    out.flush()
+        .await
+        .map_err(|e| io_failure("writing the file", &e))?;
+    out.sync_all()
+        .await
+        .map_err(|e| io_failure("syncing the file", &e))?;
+    Ok(status)
+}
+
+/// Uploads the file, streamed, with its length.
+async fn put(client: &reqwest::Client, job: &Job) -> Result<u32, Failure> {
+    let file = open_beneath(&job.workspace, &job.file, false)
+        .map_err(|e| io_failure("opening the file", &e))?;
+    let size = file
+        .metadata()
+        .map_err(|e| io_failure("reading the file's size", &e))?
+        .len();
+    let file = tokio::fs::File::from_std(file);
+    let chunks = evp_daemon::fs::chunks(file, PUT_CHUNK);
+    let response = client
+        .put(&job.url)
+        .headers(header_map(&job.headers))
+        .header(CONTENT_LENGTH, size)
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .map_err(|e| net_failure(&e))?;
+    let code = u32::from(response.status().as_u16());
+    if !response.status().is_success() {
+        return Err(Failure::Http(code));
+    }
+    Ok(code)
+}
+
+/// Whether `kind` is a blob type transferred here (EVP storage needs the hub's token).
+pub fn served_kind(kind: u32) -> bool {
+    use evp_schemas::sdk::{BLOB_TYPE_HTTP, BLOB_TYPE_HTTP_EXT};
+    matches!(
+        kind,
+        BLOB_TYPE_AZURE_BLOB | BLOB_TYPE_HTTP | BLOB_TYPE_HTTP_EXT
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_is_confined_to_the_workspace_whatever_the_modules_view() {
+        fn check(filename: &str, expect: Result<&str, ()>) {
+            let ws = Path::new("/var/lib/evp/instances/cam/default_workspace");
+            let got = confine(filename, ws).map_err(|_| ());
+            assert_eq!(got, expect.map(PathBuf::from), "{filename}");
+        }
+        check(
+            "/var/lib/evp/instances/cam/default_workspace/a.bin",
+            Ok("a.bin"),
+        );
+        check("/evp/default_workspace/dir/b.bin", Ok("dir/b.bin"));
+        check("c.bin", Ok("c.bin"));
+        check("./d/./e.bin", Ok("d/e.bin"));
+        check(
+            "/var/lib/evp/instances/cam/default_workspace/../other/x",
+            Err(()),
+        );
+        check("/evp/default_workspace/../../etc/passwd", Err(()));
+        check("../x", Err(()));
+        check("/etc/passwd", Err(()));
+        check("/var/lib/evp/instances/cam/default_workspace", Err(()));
+        check("", Err(()));
+    }
+
+    #[test]
+    fn http_ext_headers_and_azures_blob_type() {
+        let ext = BlobRequest::HttpExt {
+            url: "http://h/x".into(),
+            headers: vec!["X-A: 1".into(), "Authorization:Bearer t".into()],
+        };
+        assert_eq!(
+            parse_headers(&ext, Direction::Get).unwrap(),
+            [
+                ("X-A".to_owned(), "1".to_owned()),
+                ("Authorization".to_owned(), "Bearer t".to_owned())
+            ]
+        );
+        let bad = BlobRequest::HttpExt {
+            url: "http://h/x".into(),
+            headers: vec!["no colon".into()],
+        };
+        assert!(parse_headers(&bad, Direction::Get).is_err());
+        let azure = BlobRequest::AzureBlob {
+            url: "https://a.blob/x?sig".into(),
+        };
+        assert_eq!(
+            parse_headers(&azure, Direction::Put).unwrap(),
+            [("x-ms-blob-type".to_owned(), "BlockBlob".to_owned())]
+        );
+        assert!(parse_headers(&azure, Direction::Get).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_symlink_out_of_the_workspace_is_not_followed() {
+        let root = tempfile::tempdir().unwrap();
+        let ws = root.path().join("ws");
+        std::fs::create_dir(&ws).unwrap();
+        std::fs::write(root.path().join("secret"), b"s").unwrap();
+        std::os::unix::fs::symlink(root.path().join("secret"), ws.join("link")).unwrap();
+        std::fs::write(ws.join("mine"), b"m").unwrap();
+        assert!(open_beneath(&ws, Path::new("link"), false).is_err());
+        assert!(open_beneath(&ws, Path::new("mine"), false).is_ok());
+    }
+}
