@@ -1,6 +1,6 @@
 //! An HTTP/1.1 file server on loopback with the faults a cellular link and odd servers produce:
-//! a transfer cut mid-way, Range ignored, a slow body. It records every request and how its
-//! answer ended. It is written on std's TCP rather than an HTTP crate because the faults
+//! a transfer cut mid-way, Range ignored, a slow body. GET serves a file, PUT stores one. It
+//! records every request (its method and headers) and how its answer ended. It is written on std's TCP rather than an HTTP crate because the faults
 //! (a connection that ends short of its Content-Length) are what a well-kept server library
 //! exists to prevent.
 
@@ -27,6 +27,10 @@ pub struct Behaviour {
 /// What one request asked for, and how its answer ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
+    /// `GET` or `PUT`.
+    pub method: String,
+    /// Every header, as sent.
+    pub headers: Vec<(String, String)>,
     /// The file name asked for.
     pub name: String,
     /// Its `Range` header, if any.
@@ -50,7 +54,8 @@ pub struct FileServer {
 }
 
 impl FileServer {
-    /// Serves the files of `root` (GET `/name`); anything else is a 404.
+    /// Serves the files of `root` (GET `/name`) and stores uploads there (PUT `/name`,
+    /// answered 201); anything else is a 404.
     pub fn start(root: PathBuf) -> Result<FileServer> {
         Self::start_with(root, Behaviour::default())
     }
@@ -102,8 +107,24 @@ impl FileServer {
     }
 }
 
-/// Reads the request head: the path and the `Range` header.
-fn read_head(stream: &mut std::net::TcpStream) -> Option<(String, Option<String>)> {
+/// A request's head: its method, path and headers.
+struct Head {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+}
+
+impl Head {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads the request head.
+fn read_head(stream: &mut std::net::TcpStream) -> Option<Head> {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -114,13 +135,47 @@ fn read_head(stream: &mut std::net::TcpStream) -> Option<(String, Option<String>
     }
     let head = String::from_utf8_lossy(&head).into_owned();
     let mut lines = head.lines();
-    let path = lines.next()?.split_whitespace().nth(1)?.to_owned();
-    let range = lines.find_map(|l| {
-        let (name, value) = l.split_once(':')?;
-        name.eq_ignore_ascii_case("range")
-            .then(|| value.trim().to_owned())
-    });
-    Some((path, range))
+    let mut first = lines.next()?.split_whitespace();
+    let method = first.next()?.to_owned();
+    let path = first.next()?.to_owned();
+    let headers = lines
+        .filter_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            Some((name.trim().to_owned(), value.trim().to_owned()))
+        })
+        .collect();
+    Some(Head {
+        method,
+        path,
+        headers,
+    })
+}
+
+/// Stores a PUT body of Content-Length bytes as `root/name` (complete bodies only).
+fn store(
+    stream: &mut std::net::TcpStream,
+    root: &std::path::Path,
+    name: &str,
+    head: &Head,
+) -> bool {
+    use std::io::Write;
+    let Some(len) = head
+        .header("content-length")
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return false;
+    };
+    let partial = root.join(format!(".{name}.partial"));
+    let Ok(mut out) = std::fs::File::create(&partial) else {
+        return false;
+    };
+    let copied = std::io::copy(&mut stream.take(len), &mut out).unwrap_or(0);
+    if copied != len || std::fs::rename(&partial, root.join(name)).is_err() {
+        return false;
+    }
+    stream
+        .write_all(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        .is_ok()
 }
 
 fn serve(
@@ -131,13 +186,16 @@ fn serve(
 ) {
     use std::io::Write;
     let _ = stream.set_nonblocking(false);
-    let Some((path, range)) = read_head(&mut stream) else {
+    let Some(head) = read_head(&mut stream) else {
         return;
     };
-    let name = path.trim_start_matches('/').to_owned();
+    let range = head.header("range").map(str::to_owned);
+    let name = head.path.trim_start_matches('/').to_owned();
     let (index, nth_for_file) = {
         let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
         log.push(Request {
+            method: head.method.clone(),
+            headers: head.headers.clone(),
             name: name.clone(),
             range: range.clone(),
             completed: None,
@@ -148,6 +206,11 @@ fn serve(
         let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
         log[index].completed = Some(completed);
     };
+    if head.method == "PUT" && !name.contains('/') && !name.is_empty() {
+        let stored = store(&mut stream, root, &name, &head);
+        finish(stored);
+        return;
+    }
     let file = (!name.contains('/') && !name.is_empty())
         .then(|| std::fs::File::open(root.join(&name)).ok())
         .flatten();

@@ -42,6 +42,8 @@ use std::time::{Duration, SystemTime};
 use evp_schemas::sdk::{self as wire, Callback, FIRST_XID, Request, Response};
 
 pub use evp_schemas::sdk::{
+    BLOB_RESULT_ERROR, BLOB_RESULT_ERROR_HTTP, BLOB_RESULT_SUCCESS, BLOB_TYPE_AZURE_BLOB,
+    BLOB_TYPE_EVP_EXT, BLOB_TYPE_HTTP, BLOB_TYPE_HTTP_EXT, BlobOutcome, BlobReason, BlobRequest,
     EvpResult, MessageSentReason, RpcResponseReason, RpcStatus, StateReason, TelemetryReason,
 };
 
@@ -153,6 +155,7 @@ enum Done {
     Message(Box<dyn FnOnce(MessageSentReason) + Send>),
     Telemetry(Box<dyn FnOnce(TelemetryReason) + Send>),
     Rpc(Box<dyn FnOnce(RpcResponseReason) + Send>),
+    Blob(Box<dyn FnOnce(wire::BlobReason, wire::BlobOutcome) + Send>),
 }
 
 /// A configuration handler.
@@ -471,6 +474,27 @@ impl Client {
         })
     }
 
+    /// `EVP_blobOperation` on a file: `kind` is the `EVP_BLOB_TYPE` (`wire::BLOB_TYPE_HTTP`,
+    /// ...), `op` GET 0 or PUT 1, `filename` inside the workspace; `done` gets the reason
+    /// (`DONE`, `EXIT`) and the transfer's result. A request refused at once (too many under
+    /// way: `EVP_DENIED`; a file outside the workspace: `EVP_INVAL`) is the error.
+    pub fn blob_operation(
+        &mut self,
+        kind: u32,
+        op: u32,
+        request: wire::BlobRequest,
+        filename: &str,
+        done: impl FnOnce(wire::BlobReason, wire::BlobOutcome) + Send + 'static,
+    ) -> Result<(), Error> {
+        self.with_done(Done::Blob(Box::new(done)), |cb| Request::BlobOperation {
+            kind,
+            op,
+            request,
+            filename: filename.to_owned(),
+            cb,
+        })
+    }
+
     /// Waits for one event for at most `timeout` (`None`: until one arrives; zero: poll).
     /// Completion closures run here and are reported as [`Event::Completed`].
     pub fn next_event(&mut self, timeout: Option<Duration>) -> Result<Event, Error> {
@@ -510,8 +534,12 @@ impl Client {
                 }
                 Event::Completed
             }
-            // No blob operation is ever started by this SDK.
-            wire::Event::Blob { .. } => Event::Completed,
+            wire::Event::Blob { cb, reason, result } => {
+                if let Some(Done::Blob(f)) = self.done.remove(&cb.cb) {
+                    f(reason, result);
+                }
+                Event::Completed
+            }
         })
     }
 
