@@ -5,6 +5,7 @@
 //! The daemons' binaries are taken from the directory of this executable, so build them in the
 //! same profile first: `cargo build --release --workspace`.
 
+mod blob;
 mod cpu;
 mod memory;
 mod wasm;
@@ -78,6 +79,16 @@ enum Scenario {
         instances: usize,
         /// Measured runs (after one warm-up run).
         #[arg(long, default_value_t = 7)]
+        runs: usize,
+    },
+    /// A spawned module uploads an N MiB file of its workspace with `EVP_blobOperation` (HTTP
+    /// PUT) to a server on loopback: MB/s, and sdk-broker's peak RSS before and after.
+    BlobPut {
+        /// MiB uploaded per run.
+        #[arg(long, default_value_t = 100)]
+        mib: u64,
+        /// Measured runs (after one warm-up run).
+        #[arg(long, default_value_t = 3)]
         runs: usize,
     },
     /// `Runtime1.LoadModule` of a 1 MiB C module (sdk/c/bench-modules/large.c), called on
@@ -171,6 +182,7 @@ async fn main() -> Result<()> {
             let flooder = wasm::bench_module("telemetry-flood")?;
             telemetry("wasm-telemetry", flooder, messages, runs).await?
         }
+        Scenario::BlobPut { mib, runs } => blob::put(mib, runs).await?,
         Scenario::WasmLoad { runs } => wasm::load(runs).await?,
         Scenario::WasmIdleMemory { instances, runs } => wasm::idle_memory(instances, runs).await?,
         Scenario::WasmCompute { mib, runs } => wasm::compute(mib, runs).await?,
