@@ -229,3 +229,39 @@ async fn the_eleventh_live_blob_operation_is_denied() {
     .await;
     sys.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wasm_module_gets_and_puts_a_workspace_file_through_sdk_broker() {
+    let sys = System::start().await.unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let payload = served(root.path(), "in.bin", 700_001);
+    let server = FileServer::start(root.path().to_path_buf()).unwrap();
+    let mut d = deployment_of("dep-1", &[]);
+    d["modules"]["blob"] = evp_system_tests::wasm::c_module("blob");
+    d["instanceSpecs"]["wblob"] = json!({"moduleId": "blob", "publish": {}, "subscribe": {}});
+    deploy_and_wait(&sys, &d).await;
+    let wait = |topic: &'static str| {
+        let sys = &sys;
+        async move {
+            wait_state(sys, &format!("state/wblob/{topic}"), |_| true)
+                .await
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        }
+    };
+    sys.hub
+        .set_configuration("wblob", "get", &server.url("in.bin"))
+        .await
+        .unwrap();
+    assert_eq!(wait("get").await, "reason=0 result=0 http=200 error=0");
+    let workspace = sys.instance_dir("wblob").join("default_workspace");
+    assert!(std::fs::read(workspace.join("blob.bin")).unwrap() == payload);
+    sys.hub
+        .set_configuration("wblob", "put", &server.url("back.bin"))
+        .await
+        .unwrap();
+    assert_eq!(wait("put").await, "reason=0 result=0 http=201 error=0");
+    assert!(std::fs::read(root.path().join("back.bin")).unwrap() == payload);
+    sys.stop().await;
+}

@@ -1,14 +1,20 @@
-//! The blob and stream functions of the SDK. Blob transfers are not served yet
-//! (`EVP_blobOperation` answers `EVP_NOTSUP`, as sdk-broker does for remote modules); the
-//! `EVP_BlobRequestHttpExt_*` helpers only manage a struct in guest memory, so they work.
-//! Streams are asked of sdk-broker, which declares none.
+//! The blob and stream functions of the SDK. A blob operation on a file goes to sdk-broker
+//! over the instance's socket, as a remote module's does (the workspace is pre-opened at its
+//! host path, so the file name the module gives is the one sdk-broker checks); its callback
+//! comes back as an event (`events.rs`). A memory operation (no file name, the io callback)
+//! answers `EVP_NOTSUP` for now. The `EVP_BlobRequestHttpExt_*` helpers manage a struct in
+//! guest memory. Streams are asked of sdk-broker, which declares none.
 
-use evp_schemas::sdk::{EvpResult, Request, Response};
+use evp_schemas::sdk::{
+    BLOB_TYPE_AZURE_BLOB, BLOB_TYPE_EVP, BLOB_TYPE_EVP_EXT, BLOB_TYPE_HTTP_EXT, BlobRequest,
+    EvpResult, Request, Response,
+};
 use wasmtime::{Caller, Linker};
 
 use super::{HostState, args, check_handle, code, hand_in, read, release, with_memory};
 use crate::abi::{self, IMPORT_MODULE, MAX_BLOB_TYPE};
 use crate::guest::{self, HttpExtRequest};
+use crate::session::wire_callback;
 
 pub(super) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     let m = IMPORT_MODULE;
@@ -39,22 +45,74 @@ pub(super) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<
     Ok(())
 }
 
+/// `EVP_blobOperation(h, type, op, request, localStore, cb, user)`.
 #[allow(clippy::too_many_arguments)]
 fn blob_operation(
-    _caller: Caller<'_, HostState>,
+    mut caller: Caller<'_, HostState>,
     h: i32,
     kind: i32,
-    _op: i32,
-    _request: i32,
-    _local_store: i32,
-    _cb: i32,
-    _user: i32,
+    op: i32,
+    request: i32,
+    local_store: i32,
+    cb: i32,
+    user: i32,
 ) -> wasmtime::Result<i32> {
     check_handle!(h);
     if !(0..=MAX_BLOB_TYPE).contains(&kind) {
         return Ok(code(EvpResult::Inval));
     }
-    Ok(code(EvpResult::NotSup))
+    let kind = kind.unsigned_abs();
+    let (filename, request) = args!(&mut caller, |m| {
+        // EVP_BlobLocalStore: +0 filename (0: a memory operation), +4 io_cb, +8 blob_len.
+        let filename_ptr = guest::u32_at(m, local_store as u32)?;
+        let filename = if filename_ptr == 0 {
+            None
+        } else {
+            Some(guest::c_string(m, filename_ptr)?)
+        };
+        let at = request as u32;
+        let request = match kind {
+            BLOB_TYPE_HTTP_EXT => {
+                let r = HttpExtRequest::read(m, at)?;
+                let headers = r
+                    .header_pointers(m)?
+                    .into_iter()
+                    .map(|p| guest::c_string(m, p))
+                    .collect::<Result<Vec<_>, _>>()?;
+                BlobRequest::HttpExt {
+                    url: guest::c_string(m, r.url)?,
+                    headers,
+                }
+            }
+            BLOB_TYPE_EVP_EXT => BlobRequest::Evp {
+                remote_name: guest::c_string(m, guest::u32_at(m, at)?)?,
+                storage_name: Some(guest::c_string(m, guest::u32_at(m, at + 4)?)?),
+            },
+            BLOB_TYPE_EVP => BlobRequest::Evp {
+                remote_name: guest::c_string(m, guest::u32_at(m, at)?)?,
+                storage_name: None,
+            },
+            BLOB_TYPE_AZURE_BLOB => BlobRequest::AzureBlob {
+                url: guest::c_string(m, guest::u32_at(m, at)?)?,
+            },
+            _ => BlobRequest::Http {
+                url: guest::c_string(m, guest::u32_at(m, at)?)?,
+            },
+        };
+        Ok((filename, request))
+    });
+    // Memory operations need the io callback called from the transfer: not served yet.
+    let Some(filename) = filename else {
+        return Ok(code(EvpResult::NotSup));
+    };
+    let request = Request::BlobOperation {
+        kind,
+        op: op.unsigned_abs(),
+        request,
+        filename,
+        cb: wire_callback(cb, user),
+    };
+    Ok(code(caller.data().sdk().simple(&request)))
 }
 
 fn http_ext_initialize(mut caller: Caller<'_, HostState>) -> wasmtime::Result<i32> {

@@ -79,8 +79,9 @@ fn dispatch(caller: &mut Caller<'_, HostState>, event: Event) -> wasmtime::Resul
         Event::MessageSent { cb, reason: r } => reason(&cb, r.code()),
         Event::Telemetry { cb, reason: r } => reason(&cb, r.code()),
         Event::RpcResponse { cb, reason: r } => reason(&cb, r.code()),
-        // No blob operation is ever accepted (EVP_NOTSUP), so none completes.
-        Event::Blob { .. } => return Ok(code(EvpResult::Ok)),
+        Event::Blob { cb, reason, result } => {
+            return blob_done(caller, guest_callback(&cb), reason.code(), result);
+        }
     };
     if let Some(r) = target {
         call_table(
@@ -89,6 +90,42 @@ fn dispatch(caller: &mut Caller<'_, HostState>, event: Event) -> wasmtime::Resul
             &[Val::I32(reason as i32), Val::I32(r.user)],
         )?;
     }
+    Ok(code(EvpResult::Ok))
+}
+
+/// Calls a blob callback `(reason, result, user)` with the result struct handed in:
+/// `EVP_BlobResult*`, 12 bytes: +0 result, +4 http_status, +8 error.
+fn blob_done(
+    caller: &mut Caller<'_, HostState>,
+    target: Option<Registered>,
+    reason: u32,
+    result: evp_schemas::sdk::BlobOutcome,
+) -> wasmtime::Result<i32> {
+    let Some(r) = target else {
+        return Ok(code(EvpResult::Ok));
+    };
+    if reason == evp_schemas::sdk::BlobReason::Exit.code() {
+        // No result with EXIT: the callback gets NULL, as the header says.
+        call_table(
+            caller,
+            r.index,
+            &[Val::I32(reason as i32), Val::I32(0), Val::I32(r.user)],
+        )?;
+        return Ok(code(EvpResult::Ok));
+    }
+    let mut bytes = Vec::with_capacity(12);
+    bytes.extend_from_slice(&result.result.to_le_bytes());
+    bytes.extend_from_slice(&result.http_status.to_le_bytes());
+    bytes.extend_from_slice(&result.error.to_le_bytes());
+    let Some(block) = hand_in(caller, &bytes)? else {
+        return Ok(code(EvpResult::NoMem));
+    };
+    let called = call_table(
+        caller,
+        r.index,
+        &[Val::I32(reason as i32), Val::I32(block), Val::I32(r.user)],
+    );
+    release_all(caller, &[block], called)?;
     Ok(code(EvpResult::Ok))
 }
 
