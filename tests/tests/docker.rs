@@ -347,3 +347,93 @@ async fn manifest_container_options_reach_the_container_and_a_change_restarts_it
     remove_agent_containers(&["dk-opts"]);
     remove_image(tag);
 }
+
+/// A registry on loopback that asks for Basic credentials and knows no image: enough to see
+/// what the engine sends it on the agent's behalf. Returns its port and the `Authorization`
+/// headers it was sent.
+fn fake_registry() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut stream = stream;
+                loop {
+                    let mut auth = None;
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    loop {
+                        let mut h = String::new();
+                        if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                            break;
+                        }
+                        if let Some(v) = h.strip_prefix("Authorization: ") {
+                            auth = Some(v.trim().to_owned());
+                        }
+                    }
+                    let answer = match auth {
+                        None => {
+                            "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"test\"\r\nContent-Length: 0\r\n\r\n"
+                        }
+                        Some(a) => {
+                            log.lock().unwrap().push(a);
+                            "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+                        }
+                    };
+                    if stream.write_all(answer.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pull_carries_the_registry_credentials_of_its_registry() {
+    use base64::Engine as _;
+    require_engine().unwrap();
+    let (port, seen) = fake_registry();
+    let registry = format!("localhost:{port}");
+    let creds = json!({"username": "fleet", "password": "s3cret"}).to_string();
+    let auth = json!({ registry.clone(): base64::engine::general_purpose::STANDARD.encode(creds) });
+    let sys = System::start_with(Options {
+        env: vec![("EVP_REGISTRY_AUTH".into(), auth.to_string())],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let image = format!("{registry}/evp-test/none:1");
+    let d = deployment(
+        "dep-1",
+        &[("dk-auth", "m")],
+        &[("m", docker_module(&image, None))],
+    );
+    sys.deploy(&d).await.unwrap();
+    let status = sys
+        .wait_status(|s| s["deploymentId"] == "dep-1" && s["modules"]["m"]["status"] == "error")
+        .await
+        .unwrap();
+    let message = status["modules"]["m"]["failureMessage"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(message.contains(&image), "{status}");
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("fleet:s3cret")
+    );
+    assert!(
+        seen.lock().unwrap().contains(&expected),
+        "the registry saw {:?}",
+        seen.lock().unwrap()
+    );
+    sys.stop().await;
+}
