@@ -529,6 +529,22 @@ pub async fn wait_telemetry(
     .unwrap()
 }
 
+/// Deploys `d` and waits for the report in which its module `module` is `error`: that report
+/// and the module's failure message.
+pub async fn deploy_until_module_error(sys: &System, d: &Value, module: &str) -> (Value, String) {
+    sys.deploy(d).await.unwrap();
+    let id = d["deploymentId"].clone();
+    let status = sys
+        .wait_status(|s| s["deploymentId"] == id && s["modules"][module]["status"] == "error")
+        .await
+        .unwrap();
+    let message = status["modules"][module]["failureMessage"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    (status, message)
+}
+
 /// The status of one instance in a `deploymentStatus`, or `""`.
 pub fn instance_status<'a>(status: &'a Value, instance: &str) -> &'a str {
     status["instances"][instance]["status"]

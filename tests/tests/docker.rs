@@ -8,8 +8,8 @@ use evp_system_tests::docker::{
     remove_image, require_engine, running_container, save_image,
 };
 use evp_system_tests::system::{
-    Options, System, commands_are_answered, deploy_and_wait, echo_round_trip, instance_status,
-    workspace_module,
+    Options, System, commands_are_answered, deploy_and_wait, deploy_until_module_error,
+    echo_round_trip, instance_status, workspace_module,
 };
 use evp_system_tests::{DEADLINE, bin_dir, wait_for};
 use serde_json::{Value, json};
@@ -417,14 +417,7 @@ async fn a_pull_carries_the_registry_credentials_of_its_registry() {
         &[("dk-auth", "m")],
         &[("m", docker_module(&image, None))],
     );
-    sys.deploy(&d).await.unwrap();
-    let status = sys
-        .wait_status(|s| s["deploymentId"] == "dep-1" && s["modules"]["m"]["status"] == "error")
-        .await
-        .unwrap();
-    let message = status["modules"]["m"]["failureMessage"]
-        .as_str()
-        .unwrap_or_default();
+    let (status, message) = deploy_until_module_error(&sys, &d, "m").await;
     assert!(message.contains(&image), "{status}");
     let expected = format!(
         "Basic {}",

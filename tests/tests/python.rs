@@ -4,7 +4,8 @@
 
 use evp_system_tests::python::test_module;
 use evp_system_tests::system::{
-    System, commands_are_answered, configuration_comes_back_as_state_and_telemetry, deploy_and_wait,
+    System, commands_are_answered, configuration_comes_back_as_state_and_telemetry,
+    deploy_and_wait, deploy_until_module_error,
 };
 use serde_json::json;
 
@@ -40,14 +41,7 @@ async fn a_python_module_that_is_not_a_zip_with_main_is_a_module_error() {
                           "downloadUrl": url, "hash": hash}},
         "publishTopics": {}, "subscribeTopics": {}
     });
-    sys.deploy(&d).await.unwrap();
-    let status = sys
-        .wait_status(|s| s["deploymentId"] == "dep-1" && s["modules"]["m"]["status"] == "error")
-        .await
-        .unwrap();
-    let message = status["modules"]["m"]["failureMessage"]
-        .as_str()
-        .unwrap_or_default();
+    let (status, message) = deploy_until_module_error(&sys, &d, "m").await;
     assert!(message.contains("is not a zip archive"), "{status}");
     assert_ne!(status["instances"]["py"]["status"], "ok");
     sys.stop().await;
