@@ -108,9 +108,9 @@ pub enum Event {
         /// Whether it is on the bus now.
         present: bool,
     },
-    /// sdk-broker got a new owner on the bus: it restarted, and every SDK socket it served is
-    /// gone with its old process.
-    SdkBrokerBack,
+    /// sdk-broker got a new owner on the bus (its unique name): a restart, when it is not the
+    /// process the placed instances' sockets were opened with.
+    SdkBrokerBack(String),
 }
 
 /// The loop's own view of the device.
@@ -144,6 +144,9 @@ pub struct Reconciler {
     /// Instances a runtime hosts that the deployment does not want (or wants from another
     /// module): stopped by the next pass.
     foreign: Vec<(Runtime, String)>,
+    /// The unique bus name of the sdk-broker the instances' sockets were opened with, once
+    /// known: its appearing is no restart (at boot it may be seen after the first starts).
+    sdk_owner: Option<String>,
     retry: Backoff,
     retry_at: Option<Instant>,
     published: Option<DeploymentStatus>,
@@ -183,6 +186,7 @@ impl Reconciler {
             instance_errors: BTreeMap::new(),
             synced: BTreeSet::new(),
             foreign: Vec::new(),
+            sdk_owner: None,
             retry,
             retry_at: None,
             published: None,
@@ -268,7 +272,13 @@ impl Reconciler {
                 }
                 self.dirty = true;
             }
-            Event::SdkBrokerBack => self.reattach_sdk().await,
+            Event::SdkBrokerBack(owner) => {
+                if self.sdk_owner.as_deref() == Some(owner.as_str()) {
+                    return;
+                }
+                self.sdk_owner = Some(owner);
+                self.reattach_sdk().await;
+            }
         }
     }
 

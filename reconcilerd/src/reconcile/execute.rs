@@ -170,6 +170,11 @@ impl Reconciler {
         &mut self,
         batch: Vec<(String, Placement)>,
     ) -> Vec<(Runtime, String, Placement, Result<(), String>)> {
+        if self.sdk_owner.is_none() {
+            // Before the sockets are opened: a restart after this reads as one (a spare
+            // restart), never the other way round.
+            self.sdk_owner = self.sdk_broker_owner().await;
+        }
         let mut ready = Vec::new();
         for (instance, placement) in batch {
             let Some(rt) = placement.runtime() else {
@@ -194,6 +199,13 @@ impl Reconciler {
             .buffer_unordered(PARALLEL_STARTS)
             .collect()
             .await
+    }
+
+    /// The unique bus name owning sdk-broker's name now, if any.
+    async fn sdk_broker_owner(&self) -> Option<String> {
+        let dbus = zbus::fdo::DBusProxy::new(&self.conn).await.ok()?;
+        let name = zbus::names::BusName::try_from(dbus::SDK_BROKER_NAME).ok()?;
+        dbus.get_name_owner(name).await.ok().map(|o| o.to_string())
     }
 
     /// Stops a batch of instances in parallel and forgets them.

@@ -22,7 +22,8 @@ pub async fn follow_runtimes(conn: &Connection, events: mpsc::UnboundedSender<Ev
                     // Only changes come: a new owner is a (re)started sdk-broker, which knows
                     // none of the sockets the placed instances were started with.
                     while let Some(owner) = stream.next().await {
-                        if owner.is_some() && tx.send(Event::SdkBrokerBack).is_err() {
+                        let Some(owner) = owner else { continue };
+                        if tx.send(Event::SdkBrokerBack(owner.to_string())).is_err() {
                             return;
                         }
                     }
