@@ -104,7 +104,9 @@ async fn docker_modules_echo_configuration_answer_commands_and_run_locked_down()
         "runs as {user}, not an instance uid"
     );
     let mounts = inspect("dk-echo", "{{range .Mounts}}{{.Destination}} {{end}}").unwrap();
-    assert!(mounts.contains("/evp "), "{mounts}");
+    let mut mounts: Vec<&str> = mounts.split_whitespace().collect();
+    mounts.sort_unstable();
+    assert_eq!(mounts, ["/evp", "/evp/sdk.sock"]);
     // Its output is in the instance's log, as a spawned module's is.
     let log = sys.instance_dir("dk-echo").join("logs").join("stdout.log");
     wait_for("the container's output in its log", DEADLINE, async || {
