@@ -370,18 +370,17 @@ impl DockerRuntime {
                  rename it"
             ));
         }
-        self.call(|docker| async move {
-            docker
-                .remove_container(
-                    name,
-                    Some(RemoveContainerOptions {
-                        force: true,
-                        ..Default::default()
-                    }),
-                )
-                .await
-        })
-        .await
+        self.force_remove(name).await
+    }
+
+    /// Removes container `id` (or name), stopping it first if it runs.
+    async fn force_remove(&self, id: &str) -> Result<(), String> {
+        let options = RemoveContainerOptions {
+            force: true,
+            ..Default::default()
+        };
+        self.call(|docker| async move { docker.remove_container(id, Some(options)).await })
+            .await
     }
 
     async fn start_container(&self, spec: StartSpec) -> Result<Started, String> {
@@ -637,20 +636,7 @@ impl Runtime for DockerRuntime {
                     continue;
                 }
                 let Some(id) = c.id else { continue };
-                let removed = self
-                    .call(|docker| async move {
-                        docker
-                            .remove_container(
-                                &id,
-                                Some(RemoveContainerOptions {
-                                    force: true,
-                                    ..Default::default()
-                                }),
-                            )
-                            .await
-                    })
-                    .await;
-                match removed {
+                match self.force_remove(&id).await {
                     Ok(()) => info!(instance, "removed a container no instance owns"),
                     Err(e) => warn!(instance, "removing a container no instance owns: {e}"),
                 }
