@@ -67,8 +67,8 @@ pub struct Job {
     pub direction: Direction,
     /// The URL.
     pub url: String,
-    /// Request headers (HTTP_EXT's, Azure's blob type).
-    pub headers: Vec<(String, String)>,
+    /// Request headers (HTTP_EXT's, Azure's blob type), checked.
+    pub headers: HeaderMap,
     /// The instance's workspace on this host.
     pub workspace: PathBuf,
     /// The file below it.
@@ -117,27 +117,22 @@ pub fn confine(filename: &str, workspace: &Path) -> Result<PathBuf, Refused> {
 
 /// The headers of a request: HTTP_EXT's `Name: value` strings, and for an Azure blob PUT the
 /// blob type Azure requires.
-pub fn parse_headers(
-    request: &BlobRequest,
-    direction: Direction,
-) -> Result<Vec<(String, String)>, Refused> {
-    let mut out = Vec::new();
+pub fn parse_headers(request: &BlobRequest, direction: Direction) -> Result<HeaderMap, Refused> {
+    let mut out = HeaderMap::new();
     if let BlobRequest::HttpExt { headers, .. } = request {
         for h in headers {
-            let (name, value) = h
-                .split_once(':')
-                .ok_or_else(|| Refused::BadHeader(h.clone()))?;
-            let (name, value) = (name.trim(), value.trim());
-            if HeaderName::from_bytes(name.as_bytes()).is_err()
-                || HeaderValue::from_str(value).is_err()
-            {
-                return Err(Refused::BadHeader(h.clone()));
-            }
-            out.push((name.to_owned(), value.to_owned()));
+            let bad = || Refused::BadHeader(h.clone());
+            let (name, value) = h.split_once(':').ok_or_else(bad)?;
+            let name = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| bad())?;
+            let value = HeaderValue::from_str(value.trim()).map_err(|_| bad())?;
+            out.append(name, value);
         }
     }
     if matches!(request, BlobRequest::AzureBlob { .. }) && direction == Direction::Put {
-        out.push(("x-ms-blob-type".to_owned(), "BlockBlob".to_owned()));
+        out.append(
+            HeaderName::from_static("x-ms-blob-type"),
+            HeaderValue::from_static("BlockBlob"),
+        );
     }
     Ok(out)
 }
@@ -213,19 +208,6 @@ fn net_failure(e: &reqwest::Error) -> Failure {
     Failure::Errno(EIO, e.to_string())
 }
 
-fn header_map(headers: &[(String, String)]) -> HeaderMap {
-    let mut map = HeaderMap::new();
-    for (name, value) in headers {
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_str(value),
-        ) {
-            map.append(n, v);
-        }
-    }
-    map
-}
-
 /// Opens `file` below `workspace` without leaving it: no `..`, no symlink out, no magic link.
 fn open_beneath(workspace: &Path, file: &Path, write: bool) -> std::io::Result<std::fs::File> {
     use nix::fcntl::{OFlag, OpenHow, ResolveFlag, open, openat2};
@@ -266,7 +248,7 @@ async fn get(client: &reqwest::Client, job: &Job) -> Result<u32, Failure> {
     let mut resumes = 0;
     let mut status = 0;
     loop {
-        let mut request = client.get(&job.url).headers(header_map(&job.headers));
+        let mut request = client.get(&job.url).headers(job.headers.clone());
         if written > 0 {
             request = request.header(RANGE, format!("bytes={written}-"));
         }
@@ -335,7 +317,7 @@ async fn put(client: &reqwest::Client, job: &Job) -> Result<u32, Failure> {
     let chunks = evp_daemon::fs::chunks(file, PUT_CHUNK);
     let response = client
         .put(&job.url)
-        .headers(header_map(&job.headers))
+        .headers(job.headers.clone())
         .header(CONTENT_LENGTH, size)
         .body(reqwest::Body::wrap_stream(chunks))
         .send()
@@ -386,6 +368,15 @@ mod tests {
         check("", Err(()));
     }
 
+    /// The headers as `(name, value)` strings; a `HeaderMap` keeps names in lower case (HTTP
+    /// names are case-insensitive).
+    fn pairs(headers: &HeaderMap) -> Vec<(String, String)> {
+        headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_owned()))
+            .collect()
+    }
+
     #[test]
     fn http_ext_headers_and_azures_blob_type() {
         let ext = BlobRequest::HttpExt {
@@ -393,10 +384,10 @@ mod tests {
             headers: vec!["X-A: 1".into(), "Authorization:Bearer t".into()],
         };
         assert_eq!(
-            parse_headers(&ext, Direction::Get).unwrap(),
+            pairs(&parse_headers(&ext, Direction::Get).unwrap()),
             [
-                ("X-A".to_owned(), "1".to_owned()),
-                ("Authorization".to_owned(), "Bearer t".to_owned())
+                ("x-a".to_owned(), "1".to_owned()),
+                ("authorization".to_owned(), "Bearer t".to_owned())
             ]
         );
         let bad = BlobRequest::HttpExt {
@@ -408,7 +399,7 @@ mod tests {
             url: "https://a.blob/x?sig".into(),
         };
         assert_eq!(
-            parse_headers(&azure, Direction::Put).unwrap(),
+            pairs(&parse_headers(&azure, Direction::Put).unwrap()),
             [("x-ms-blob-type".to_owned(), "BlockBlob".to_owned())]
         );
         assert!(parse_headers(&azure, Direction::Get).unwrap().is_empty());
