@@ -6,6 +6,7 @@ made from the module's main thread; callbacks run only inside ``process_event``.
 
 import enum
 import functools
+import os
 import sys
 import time
 import traceback
@@ -127,8 +128,6 @@ class _ClientMixIn:
 
     def get_workspace_directory(self, type=codes.EVP_WORKSPACE_TYPE_DEFAULT):
         """The instance's workspace folder, as the agent gave it."""
-        import os
-
         return os.environ.get(
             "EVP_MODULE_SDK_DEFAULT_WORKSPACE_PATH", "/evp/default_workspace"
         )
