@@ -13,7 +13,9 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 mod connection;
+mod storage;
 use connection::{publish_tracked, run_events, run_outbox};
+pub use storage::StorageAnswer;
 
 /// The device's attribute requests, any id (the agent's initial GET uses 10000).
 const ATTRIBUTES_REQUEST_FILTER: &str = "v1/devices/me/attributes/request/+";
@@ -105,6 +107,9 @@ pub enum DeviceReport {
     InstanceState(Value),
     /// A telemetry message (`<instance>/<key>` keys).
     Telemetry(Value),
+    /// A storage-token request (the object under `storagetoken-request`), answered as
+    /// [`HubSide::set_storage`] says (not at all by default).
+    StorageTokenRequest(Value),
     /// An answer to a direct command, on `v1/devices/me/rpc/response/<mqtt_id>`.
     CommandResponse {
         /// The id of the request topic it answers.
@@ -264,6 +269,8 @@ struct Shared {
     connected: watch::Sender<bool>,
     last_error: Mutex<String>,
     closing: AtomicBool,
+    /// How storage-token requests are answered; `None`: they are not.
+    storage: Mutex<Option<StorageAnswer>>,
     /// Waiters of publishes requested but not yet sent, in request order.
     unsent: Mutex<VecDeque<AckWaiter>>,
     /// Waiters of publishes sent, by packet id.
@@ -326,6 +333,7 @@ impl HubSide {
             connected,
             last_error: Mutex::new("no answer yet".into()),
             closing: AtomicBool::new(false),
+            storage: Mutex::default(),
             unsent: Mutex::default(),
             unacked: Mutex::default(),
             publish_order: tokio::sync::Mutex::new(()),
@@ -439,6 +447,12 @@ impl HubSide {
                 Ok(_) => {}
             }
         }
+    }
+
+    /// Answers the device's storage-token requests from now on as `answer` says (`None`:
+    /// leaves them unanswered, so the device's wait times out).
+    pub fn set_storage(&self, answer: Option<StorageAnswer>) {
+        *lock(&self.shared.storage) = answer;
     }
 
     /// Every report the device sends from now on, as it comes.

@@ -20,7 +20,7 @@ pub mod stack;
 
 pub use broker::EmbeddedBroker;
 pub use bus::PrivateBus;
-pub use hub::{DeviceReport, HubSide, HubSideOptions};
+pub use hub::{DeviceReport, HubSide, HubSideOptions, StorageAnswer};
 pub use stack::{DaemonOutput, Stack, StackConfig};
 
 /// Where the `evp-devhub` subcommands look for a broker unless told otherwise: the embedded

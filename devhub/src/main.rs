@@ -234,6 +234,7 @@ async fn watch(broker: &str) -> Result<()> {
                 Ok(DeviceReport::Status(v)) => println!("status {v}"),
                 Ok(DeviceReport::InstanceState(v)) => println!("state {v}"),
                 Ok(DeviceReport::Telemetry(v)) => println!("telemetry {v}"),
+                Ok(DeviceReport::StorageTokenRequest(v)) => println!("storage-token-request {v}"),
                 Ok(DeviceReport::CommandResponse { mqtt_id, payload }) => {
                     println!("command-response {mqtt_id} {payload}")
                 }

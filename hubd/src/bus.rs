@@ -2,11 +2,13 @@
 //! to reconcilerd (deployments in, status out) and sdk-broker (configurations and direct
 //! commands in; states, answers and telemetry out).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use evp_daemon::Backoff;
-use evp_schemas::dbus::{HUB_PATH, Reconciler1Proxy, SdkBroker1Proxy, error_message, error_name};
+use evp_schemas::dbus::{
+    EvpError, HUB_PATH, Reconciler1Proxy, SdkBroker1Proxy, error_message, error_name,
+};
 use evp_schemas::{DeploymentStatus, TelemetryEntry};
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
@@ -16,9 +18,10 @@ use zbus::interface;
 use zbus::proxy::CacheProperties;
 
 use crate::core::{
-    ApplyOutcome, ConfigurationDelivery, ConnectionState, DeploymentRequest, MethodCall, SdkEvent,
-    SdkLinks,
+    ApplyOutcome, ConfigurationDelivery, ConnectionState, DeploymentRequest, MethodCall,
+    RegistryAuth, SdkEvent, SdkLinks,
 };
+use crate::storage::{TokenError, TokenRequest};
 use crate::telemetry::TelemetryBatch;
 
 /// The D-Bus error reconcilerd returns for a deployment it refuses.
@@ -46,21 +49,50 @@ const DELIVERY_RETRY_MAX: Duration = Duration::from_secs(60);
 /// sdk-broker takes some (back-pressure: nothing accepted from the hub is dropped).
 const MAX_HELD_CONFIGURATION_BYTES: usize = 8 << 20;
 
-/// The `org.evp.Hub1` object.
+/// The `org.evp.Hub1` object. It reads what the session loop publishes and hands it
+/// requests; it holds no lock across a call, so a storage token waiting for the hub delays
+/// no property read.
 #[derive(Debug)]
 pub struct Hub1 {
-    connection: ConnectionState,
+    connection: watch::Receiver<ConnectionState>,
     protocol: String,
     device_id: String,
+    storage_tokens: mpsc::Sender<TokenRequest>,
+    registry_auth: watch::Receiver<RegistryAuth>,
+}
+
+/// What the `org.evp.Hub1` object reads from and hands to the session loop (the
+/// [`crate::core::LinkEnds`] fields of the same names).
+#[derive(Debug)]
+pub struct Hub1Links {
+    /// The connection state.
+    pub connection: watch::Receiver<ConnectionState>,
+    /// Where storage token requests go.
+    pub storage_tokens: mpsc::Sender<TokenRequest>,
+    /// The registry credentials in effect.
+    pub registry_auth: watch::Receiver<RegistryAuth>,
 }
 
 impl Hub1 {
     /// The object for a device speaking `protocol`.
-    pub fn new(protocol: &str, device_id: String) -> Self {
+    pub fn new(protocol: &str, device_id: String, links: Hub1Links) -> Self {
         Hub1 {
-            connection: ConnectionState::Disconnected,
+            connection: links.connection,
             protocol: protocol.to_owned(),
             device_id,
+            storage_tokens: links.storage_tokens,
+            registry_auth: links.registry_auth,
+        }
+    }
+}
+
+/// The D-Bus error of a storage token that was not given.
+fn token_error(e: TokenError) -> EvpError {
+    match e {
+        TokenError::Busy => EvpError::Busy(e.to_string()),
+        TokenError::Refused(_) => EvpError::Denied(e.to_string()),
+        TokenError::Timeout { .. } | TokenError::Offline { .. } | TokenError::NotSent(_) => {
+            EvpError::Io(e.to_string())
         }
     }
 }
@@ -70,7 +102,7 @@ impl Hub1 {
     /// `connected`, `connecting` or `disconnected`.
     #[zbus(property)]
     async fn connection(&self) -> String {
-        self.connection.as_str().to_owned()
+        self.connection.borrow().as_str().to_owned()
     }
 
     /// `EVP2-TB`.
@@ -91,27 +123,74 @@ impl Hub1 {
     async fn queued_bytes(&self) -> u64 {
         0
     }
+
+    /// Where to upload `remote_name` for `instance` (EVP_BLOB_TYPE_EVP_EXT): the URL, its
+    /// headers and when it expires (ms since the epoch, 0 when the hub did not say). An empty
+    /// `storage_name` is the default storage. Waits for the hub up to 5 s; offline, a kept
+    /// `multifile` answer serves. sdk-broker only (the bus policy).
+    #[zbus(out_args("url", "headers", "expires_at_ms"))]
+    async fn request_storage_token(
+        &self,
+        instance: String,
+        storage_name: String,
+        remote_name: String,
+    ) -> Result<(String, HashMap<String, String>, i64), EvpError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let request = TokenRequest {
+            instance,
+            storage_name,
+            remote_name,
+            reply,
+        };
+        self.storage_tokens.try_send(request).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => {
+                EvpError::Busy("too many storage token requests wait for hubd".into())
+            }
+            mpsc::error::TrySendError::Closed(_) => {
+                EvpError::Io("hubd's MQTT session is not running".into())
+            }
+        })?;
+        let token = answer
+            .await
+            .map_err(|_| EvpError::Io("hubd's MQTT session stopped".into()))?
+            .map_err(token_error)?;
+        let expires = token.expires_at_ms.unwrap_or(0);
+        Ok((token.url, token.headers.into_iter().collect(), expires))
+    }
+
+    /// Registry domain → `X-Registry-Auth` value for image pulls: the hub's device
+    /// configuration's, else the local `EVP_REGISTRY_AUTH`. runtimed-container only (the bus
+    /// policy): these are credentials.
+    #[zbus(out_args("registry_auth"))]
+    async fn registry_auth(&self) -> HashMap<String, String> {
+        self.registry_auth
+            .borrow()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
 }
 
-/// Keeps `Hub1.Connection` equal to the session's state, with PropertiesChanged.
+/// Emits PropertiesChanged for `Hub1.Connection` at each change of the session's state (the
+/// object reads the same state).
 pub async fn follow_connection(
     conn: zbus::Connection,
     mut state: watch::Receiver<ConnectionState>,
 ) -> zbus::Result<()> {
     let iface = conn.object_server().interface::<_, Hub1>(HUB_PATH).await?;
-    loop {
+    let mut told = *state.borrow_and_update();
+    while state.changed().await.is_ok() {
         let now = *state.borrow_and_update();
-        {
-            let mut hub = iface.get_mut().await;
-            if hub.connection != now {
-                hub.connection = now;
-                hub.connection_changed(iface.signal_emitter()).await?;
-            }
-        }
-        if state.changed().await.is_err() {
-            return Ok(());
+        if now != told {
+            told = now;
+            iface
+                .get()
+                .await
+                .connection_changed(iface.signal_emitter())
+                .await?;
         }
     }
+    Ok(())
 }
 
 fn publish_status(text: &str, tx: &watch::Sender<Option<DeploymentStatus>>) {

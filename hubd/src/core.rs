@@ -21,17 +21,19 @@ use crate::device_config::{AgentSettings, DeviceConfigStore};
 use crate::report::{self, Rejection};
 use crate::rpc::{self, PendingCommands};
 use crate::session::Session;
+use crate::storage::{TokenCache, Waiting};
 use crate::telemetry;
 use crate::timing::{BACKOFF_RESET_AFTER, ReportTimer, reconnect_backoff};
 use crate::tls::TlsMaterial;
 
 mod links;
 mod publishing;
+mod tokens;
 
 pub use links::{
     ApplyOutcome, CONFIGURATION_CHANNEL, ConfigurationDelivery, ConnectionState, DeploymentRequest,
-    LinkEnds, Links, METHOD_CALL_CHANNEL, MethodCall, OUTCOME_CHANNEL, SDK_EVENT_CHANNEL, SdkEnds,
-    SdkEvent, SdkLinks, TELEMETRY_CHANNEL,
+    LinkEnds, Links, METHOD_CALL_CHANNEL, MethodCall, OUTCOME_CHANNEL, RegistryAuth,
+    SDK_EVENT_CHANNEL, STORAGE_TOKEN_CHANNEL, SdkEnds, SdkEvent, SdkLinks, TELEMETRY_CHANNEL,
 };
 
 /// MQTT keep-alive (EVP: 400 s).
@@ -196,6 +198,12 @@ struct Core {
     /// Configurations accepted from the hub that the delivery queue had no room for yet, in
     /// order; no further MQTT message is read until they are handed over (back-pressure).
     config_backlog: VecDeque<ConfigurationDelivery>,
+    /// Storage token requests waiting for the hub.
+    tokens: Waiting,
+    /// The `multifile` storage tokens kept for use while offline.
+    token_cache: TokenCache,
+    /// The registry credentials in effect, for `Hub1.RegistryAuth`.
+    registry_auth: watch::Sender<RegistryAuth>,
 }
 
 /// Runs the MQTT session until `shutdown` completes, then disconnects cleanly.
@@ -235,6 +243,8 @@ pub async fn run_with_sdk(
         configurations,
         mut status,
         connection,
+        mut storage_tokens,
+        registry_auth,
     } = links;
     let (client, eventloop) = AsyncClient::new(options, REQUEST_CHANNEL);
     let (events_tx, mut events) = mpsc::channel(EVENT_CHANNEL);
@@ -247,6 +257,8 @@ pub async fn run_with_sdk(
     ));
     let mut driver = tokio::spawn(drive(eventloop, events_tx, connection, stop_rx));
     let settings = AgentSettings::new(&cfg, device_config.as_ref());
+    registry_auth.send_replace(settings.registry_auth.clone());
+    let token_cache = TokenCache::load(store.dir());
     let mut core = Core {
         cfg,
         codec: Evp2Codec,
@@ -271,10 +283,14 @@ pub async fn run_with_sdk(
         deployments,
         configurations: configurations.clone(),
         config_backlog: VecDeque::new(),
+        tokens: Waiting::default(),
+        token_cache,
+        registry_auth,
     };
     let mut status_open = true;
     let mut outcomes_open = true;
     let mut sdk_open = true;
+    let mut tokens_open = true;
     let mut failure = None;
     tokio::pin!(shutdown);
     loop {
@@ -322,6 +338,10 @@ pub async fn run_with_sdk(
                 Some(o) => core.on_outcome(o),
                 None => outcomes_open = false,
             },
+            t = storage_tokens.recv(), if tokens_open => match t {
+                Some(t) => core.on_token_request(t, Instant::now()),
+                None => tokens_open = false,
+            },
             _ = sleep => {}
         }
         core.tick(Instant::now());
@@ -344,13 +364,16 @@ pub async fn run_with_sdk(
 
 impl Core {
     fn next_wake(&self, now: Instant) -> Option<Instant> {
+        // Storage token requests time out whether connected or not.
+        let tokens = self.tokens.next_deadline();
         if !self.connected {
-            return None;
+            return tokens;
         }
         [
             self.session.get_due(now),
             self.report_wake,
             self.states_wake,
+            tokens,
         ]
         .into_iter()
         .flatten()
@@ -385,6 +408,7 @@ impl Core {
             }
             MqttEvent::Disconnected => {
                 self.connected = false;
+                self.tokens_offline(Instant::now());
                 self.report_wake = None;
                 self.states_wake = None;
             }
@@ -417,8 +441,11 @@ impl Core {
         } else if let Some(id) = topic.strip_prefix(topics::RPC_REQUEST_PREFIX) {
             self.on_rpc_request(id, payload, Instant::now());
         } else if topic.starts_with(topics::RPC_RESPONSE_PREFIX) {
-            // Our own answers, echoed by a plain broker; storage tokens are not handled yet.
-            debug!("ignoring {topic} ({} bytes)", payload.len());
+            match evp_schemas::evp2::storage::decode_response(payload) {
+                Some(answer) => self.on_token_answer(answer),
+                // Our own direct-command answers, echoed by a plain broker.
+                None => debug!("ignoring {topic} ({} bytes)", payload.len()),
+            }
         } else {
             debug!("ignoring a message on {topic}");
         }
@@ -451,6 +478,9 @@ impl Core {
                     warn!("device configuration applied but not stored: {e}");
                 }
                 self.settings = AgentSettings::new(&self.cfg, Some(&dc));
+                self.registry_auth.send_if_modified(|held| {
+                    replace_if_changed(held, &self.settings.registry_auth)
+                });
                 info!(
                     "device configuration from the hub: report intervals {}s..{}s",
                     self.settings.min_s(),
@@ -645,4 +675,13 @@ impl Core {
             self.states_payload = None;
         }
     }
+}
+
+/// Replaces `held` with `new` when they differ; whether it did.
+fn replace_if_changed(held: &mut RegistryAuth, new: &RegistryAuth) -> bool {
+    if held == new {
+        return false;
+    }
+    held.clone_from(new);
+    true
 }

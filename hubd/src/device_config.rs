@@ -76,6 +76,11 @@ impl DeviceConfigStore {
         DeviceConfigStore { dir: dir.into() }
     }
 
+    /// The folder it is in (hubd's data folder).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The file's path.
     pub fn path(&self) -> PathBuf {
         self.dir.join(FILE_NAME)

@@ -7,6 +7,7 @@
 //! - [`session`] and [`timing`]: the pure state machines of the session and of report timing.
 //! - [`device_config`] and [`report`]: the hub's device configuration and the status report.
 //! - [`rpc`] and [`telemetry`]: direct commands and their answers, telemetry messages.
+//! - [`storage`]: storage tokens for modules' EVP_EXT uploads, and those kept for offline use.
 //! - [`core`]: the MQTT session loop, independent of D-Bus.
 //! - [`bus`]: `org.evp.Hub1` and the D-Bus links to reconcilerd and sdk-broker.
 
@@ -18,6 +19,7 @@ pub mod report;
 pub mod rpc;
 pub mod session;
 pub mod states;
+pub mod storage;
 pub mod telemetry;
 pub mod timing;
 pub mod tls;
@@ -78,9 +80,18 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     };
 
     let codec = Evp2Codec;
+    let (links, ends) = Links::new();
+    let hub = bus::Hub1::new(
+        codec.protocol_name(),
+        device_id,
+        bus::Hub1Links {
+            connection: ends.connection.clone(),
+            storage_tokens: ends.storage_tokens,
+            registry_auth: ends.registry_auth,
+        },
+    );
     let conn = evp_daemon::connect_named(
-        evp_daemon::bus_builder(&args)?
-            .serve_at(HUB_PATH, bus::Hub1::new(codec.protocol_name(), device_id)),
+        evp_daemon::bus_builder(&args)?.serve_at(HUB_PATH, hub),
         HUB_NAME,
         true,
     )
@@ -88,7 +99,6 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     info!("serving {HUB_NAME}");
     evp_daemon::notify_ready(&conn, HUB_NAME);
 
-    let (links, ends) = Links::new();
     tokio::spawn(bus::apply_deployments(
         conn.clone(),
         ends.deployments,

@@ -7,8 +7,12 @@ use std::time::Duration;
 
 use common::{WAIT, local_config, wait_connection};
 use evp_hubd::config::HubSection;
-use evp_hubd::core::{self, ApplyOutcome, ConfigurationDelivery, ConnectionState, LinkEnds};
+use evp_hubd::core::{
+    self, ApplyOutcome, ConfigurationDelivery, ConnectionState, LinkEnds, RegistryAuth,
+};
 use evp_hubd::device_config::DeviceConfigStore;
+use evp_hubd::storage::{TOKEN_TIMEOUT, TokenError, TokenRequest};
+use evp_schemas::evp2::storage::StorageToken;
 use evp_schemas::{DeploymentStatus, ReconcileStatus};
 use evp_system_tests::mosquitto::Mosquitto;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -32,6 +36,11 @@ async fn hub_client(port: u16) -> (AsyncClient, mpsc::UnboundedReceiver<(String,
         .subscribe("v1/devices/me/attributes", QoS::AtMostOnce)
         .await
         .unwrap();
+    // The device's own requests: storage tokens.
+    client
+        .subscribe("v1/devices/me/rpc/request/+", QoS::AtMostOnce)
+        .await
+        .unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
     let (ready_tx, ready_rx) = oneshot::channel();
     let mut ready_tx = Some(ready_tx);
@@ -53,7 +62,7 @@ async fn hub_client(port: u16) -> (AsyncClient, mpsc::UnboundedReceiver<(String,
             match ev {
                 Event::Incoming(Packet::SubAck(_)) => {
                     subacks += 1;
-                    if subacks == 2
+                    if subacks == 3
                         && let Some(r) = ready_tx.take()
                     {
                         let _ = r.send(());
@@ -112,9 +121,11 @@ struct Rig {
     configurations: mpsc::Receiver<ConfigurationDelivery>,
     status: watch::Sender<Option<DeploymentStatus>>,
     connection: watch::Receiver<ConnectionState>,
+    storage_tokens: mpsc::Sender<TokenRequest>,
+    registry_auth: watch::Receiver<RegistryAuth>,
     store: DeviceConfigStore,
     session: common::Session,
-    _broker: Mosquitto,
+    broker: Mosquitto,
     /// Last: the broker's files live here.
     _dir: TempDir,
 }
@@ -143,6 +154,8 @@ impl Rig {
             configurations,
             status,
             connection,
+            storage_tokens,
+            registry_auth,
         } = ends;
         let (applied_tx, applied) = mpsc::unbounded_channel::<String>();
         tokio::spawn(async move {
@@ -171,9 +184,11 @@ impl Rig {
             configurations,
             status,
             connection,
+            storage_tokens,
+            registry_auth,
             store,
             session,
-            _broker: broker,
+            broker,
             _dir: dir,
         }
     }
@@ -275,6 +290,61 @@ impl Rig {
             is_report(t, v) && v["state/$agent/configuration-id"] == "cfg-42"
         })
         .await
+    }
+
+    /// Asks a storage token for `instance`'s `storage` (what `Hub1.RequestStorageToken`
+    /// does); the answer comes on the returned receiver.
+    async fn ask_token(
+        &self,
+        instance: &str,
+        storage: &str,
+        remote_name: &str,
+    ) -> oneshot::Receiver<Result<StorageToken, TokenError>> {
+        let (reply, answer) = oneshot::channel();
+        let request = TokenRequest {
+            instance: instance.into(),
+            storage_name: storage.into(),
+            remote_name: remote_name.into(),
+            reply,
+        };
+        self.storage_tokens.send(request).await.unwrap();
+        answer
+    }
+
+    /// Waits for the device's storage-token request; returns its MQTT id and the request.
+    async fn token_request(&mut self) -> (String, Value) {
+        let topic = std::cell::RefCell::new(String::new());
+        let v = self
+            .expect("a storage token request", |t, v| {
+                let is = t.starts_with("v1/devices/me/rpc/request/")
+                    && v["params"].get("storagetoken-request").is_some();
+                if is {
+                    *topic.borrow_mut() = t.to_owned();
+                }
+                is
+            })
+            .await;
+        let id = topic
+            .take()
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        (id, v["params"]["storagetoken-request"].clone())
+    }
+
+    /// The hub answers a storage-token request on a response topic of its choosing (EVP2
+    /// matches by the payload's reqid).
+    async fn answer_token(&self, answer: Value) {
+        self.hub
+            .publish(
+                "v1/devices/me/rpc/response/whatever",
+                QoS::AtMostOnce,
+                false,
+                json!({ "storagetoken-response": answer }).to_string(),
+            )
+            .await
+            .unwrap();
     }
 
     /// Stops the session, asserting that it ends cleanly and leaves `Hub1.Connection`
@@ -467,4 +537,152 @@ async fn reconnects_and_reports_again_after_broker_restart() {
     .await;
     assert_eq!(*ends.connection.borrow(), ConnectionState::Connected);
     session.stop().await;
+}
+
+async fn token(
+    answer: oneshot::Receiver<Result<StorageToken, TokenError>>,
+) -> Result<StorageToken, TokenError> {
+    tokio::time::timeout(WAIT, answer)
+        .await
+        .expect("the session never answered")
+        .expect("the session dropped the request")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_tokens_are_asked_of_the_hub_and_matched_by_reqid() {
+    let mut rig = Rig::answered().await;
+    let answer = rig
+        .ask_token("uploader-1", "", "images/cam1/0001.jpg")
+        .await;
+    let (mqtt_id, request) = rig.token_request().await;
+    assert_eq!(request["reqid"], mqtt_id, "the request id is the topic's");
+    assert_eq!(request["filename"], "images/cam1/0001.jpg");
+    assert_eq!(request["moduleInstanceId"], "uploader-1");
+    assert!(
+        request.get("key").is_none(),
+        "the default storage has no key: {request}"
+    );
+    let reqid = request["reqid"].as_str().unwrap().to_owned();
+    assert!(reqid.parse::<u32>().unwrap() >= 10_001, "{reqid}");
+    // Another request's answer is not this one's.
+    rig.answer_token(json!({"reqid": "1", "status": "ok", "URL": "http://elsewhere/"}))
+        .await;
+    rig.answer_token(json!({"reqid": reqid, "status": "ok",
+        "URL": "https://acct.blob/c/images%2Fcam1%2F0001.jpg?sig=x",
+        "headers": {"x-ms-blob-type": "BlockBlob"}}))
+        .await;
+    let got = token(answer).await.unwrap();
+    assert_eq!(
+        got.url,
+        "https://acct.blob/c/images%2Fcam1%2F0001.jpg?sig=x"
+    );
+    assert_eq!(got.headers["x-ms-blob-type"], "BlockBlob");
+
+    // A named storage is the key; the hub's refusal is the error, with its message.
+    let answer = rig.ask_token("uploader-1", "archive", "f").await;
+    let (_, request) = rig.token_request().await;
+    assert_eq!(request["key"], "archive");
+    rig.answer_token(json!({"reqid": request["reqid"], "status": "error",
+        "errorMessage": "storage archive is full"}))
+        .await;
+    let e = token(answer).await.unwrap_err();
+    assert!(e.to_string().contains("storage archive is full"), "{e}");
+
+    // Unanswered: given up after EVP's 5 s.
+    let asked = std::time::Instant::now();
+    let answer = rig.ask_token("uploader-1", "", "late").await;
+    rig.token_request().await;
+    let e = token(answer).await.unwrap_err();
+    assert!(matches!(e, TokenError::Timeout { .. }), "{e}");
+    assert!(asked.elapsed() >= TOKEN_TIMEOUT);
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multifile_token_serves_while_offline_and_a_restart_keeps_it() {
+    let mut rig = Rig::answered().await;
+    let answer = rig.ask_token("cam", "", "a/1.jpg").await;
+    let (_, request) = rig.token_request().await;
+    rig.answer_token(json!({"reqid": request["reqid"], "status": "ok",
+        "responseType": "multifile", "URL": "https://acct.blob/c?sig=x",
+        "expiresAtMillis": "99999999999999"}))
+        .await;
+    assert_eq!(
+        token(answer).await.unwrap().url,
+        "https://acct.blob/c/a%2F1.jpg?sig=x"
+    );
+
+    rig.broker.stop();
+    assert!(
+        wait_connection(&mut rig.connection, WAIT, |c| *c
+            != ConnectionState::Connected)
+        .await,
+        "the broker's end went unnoticed"
+    );
+    // Offline: the kept container URL, completed with the new name; nothing for another
+    // storage.
+    let offline = token(rig.ask_token("cam", "", "b 2.jpg").await)
+        .await
+        .unwrap();
+    assert_eq!(offline.url, "https://acct.blob/c/b%202.jpg?sig=x");
+    let e = token(rig.ask_token("cam", "other", "x").await)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, TokenError::Offline { .. }), "{e}");
+    // Kept on disk, 0600, in EVP's cache shape.
+    let kept = rig.store.dir().join(evp_hubd::storage::CACHE_FILE);
+    let v: Value = serde_json::from_slice(&std::fs::read(&kept).unwrap()).unwrap();
+    assert_eq!(v[0]["instanceName"], "cam");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&kept).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let (port, kept) = (rig.broker.port, std::fs::read(&kept).unwrap());
+    rig.stop().await;
+
+    // A new session (hubd restarted) with that file, still offline, serves from it.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(evp_hubd::storage::CACHE_FILE), kept).unwrap();
+    let cfg = local_config(port, HubSection::default());
+    let options = core::mqtt_options(&cfg, None);
+    let (session, ends) = common::start(cfg, options, DeviceConfigStore::new(dir.path()));
+    let (reply, answer) = oneshot::channel();
+    let request = TokenRequest {
+        instance: "cam".into(),
+        storage_name: String::new(),
+        remote_name: "c.jpg".into(),
+        reply,
+    };
+    ends.storage_tokens.send(request).await.unwrap();
+    assert_eq!(
+        token(answer).await.unwrap().url,
+        "https://acct.blob/c/c.jpg?sig=x"
+    );
+    session.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hubs_registry_credentials_replace_the_local_ones() {
+    let mut rig = Rig::answered().await;
+    assert!(rig.registry_auth.borrow().is_empty());
+    rig.configure_device().await;
+    assert!(
+        wait_registry_auth(&mut rig.registry_auth, |r| r
+            .get("ghcr.io")
+            .map(String::as_str)
+            == Some("secret"))
+        .await,
+        "Hub1.RegistryAuth never had the hub's credentials"
+    );
+    rig.stop().await;
+}
+
+async fn wait_registry_auth(
+    rx: &mut watch::Receiver<RegistryAuth>,
+    pred: impl FnMut(&RegistryAuth) -> bool,
+) -> bool {
+    tokio::time::timeout(WAIT, rx.wait_for(pred))
+        .await
+        .is_ok_and(|r| r.is_ok())
 }

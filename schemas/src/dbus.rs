@@ -155,6 +155,17 @@ pub trait Hub1 {
     /// Bytes waiting to be sent to the hub.
     #[zbus(property)]
     fn queued_bytes(&self) -> zbus::Result<u64>;
+    /// The EVP storage-token round trip: where `instance` may upload `remote_name` to its
+    /// storage `storage_name` ("" for the default one): `(url, headers, expires_at_ms)`, the
+    /// expiry 0 when the hub gave none.
+    fn request_storage_token(
+        &self,
+        instance: &str,
+        storage_name: &str,
+        remote_name: &str,
+    ) -> zbus::Result<(String, std::collections::HashMap<String, String>, i64)>;
+    /// Registry domain → `X-Registry-Auth` value, for image pulls.
+    fn registry_auth(&self) -> zbus::Result<std::collections::HashMap<String, String>>;
 }
 
 /// reconcilerd: the desired deployment and the device's status against it.

@@ -15,6 +15,7 @@ use crate::deployment::{
 };
 
 pub mod sizes;
+pub mod storage;
 
 /// The name EVP2 reports as `protocolVersion`.
 pub const PROTOCOL_NAME: &str = "EVP2-TB";
@@ -219,7 +220,7 @@ fn decode_direct_command(payload: &[u8]) -> Result<Option<DirectCommand>, Direct
     };
     let Some(request) = params.get("direct-command-request") else {
         // The device's own storage-token request, echoed by a plain broker: not for us.
-        if params.contains_key("storagetoken-request") {
+        if params.contains_key(storage::REQUEST_KEY) {
             return Ok(None);
         }
         return Err(direct_command_error(

@@ -5,7 +5,8 @@
 //!
 //! The file is opened with `openat2(RESOLVE_BENEATH)` below the workspace, so neither `..` nor
 //! a symlink can reach outside it. A cut GET is resumed with `Range` where the server allows
-//! it.
+//! it. An EVP storage upload (`EVP_BLOB_TYPE_EVP_EXT`, and the deprecated `EVP`) learns its URL
+//! and headers from the hub's storage token first ([`StorageTarget`], [`Job::with_token`]).
 
 use std::os::fd::OwnedFd;
 use std::path::{Component, Path, PathBuf};
@@ -73,6 +74,51 @@ pub struct Job {
     pub workspace: PathBuf,
     /// The file below it.
     pub file: PathBuf,
+    /// EVP storage: `url` and `headers` come from the hub's storage token, asked for this
+    /// before the transfer.
+    pub storage: Option<StorageTarget>,
+}
+
+/// What a storage token is asked for (`Hub1.RequestStorageToken`'s arguments).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorageTarget {
+    /// The instance uploading.
+    pub instance: String,
+    /// Its storage name, "" for the default storage (a NULL `storage_name`).
+    pub storage_name: String,
+    /// The module's `remote_name`.
+    pub remote_name: String,
+}
+
+impl Job {
+    /// The job with the storage token's URL and headers; refused when the hub's URL is not
+    /// http(s) or a header cannot be sent.
+    pub fn with_token(
+        mut self,
+        url: String,
+        headers: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Job, String> {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(format!("the storage token's URL {url:?} is not http(s)"));
+        }
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            let bad = || format!("the storage token's header {name:?} cannot be sent");
+            let n = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| bad())?;
+            let v = HeaderValue::from_str(value.trim()).map_err(|_| bad())?;
+            map.append(n, v);
+        }
+        self.url = url;
+        self.headers = map;
+        Ok(self)
+    }
+
+    /// The outcome of a job that failed before any transfer (no storage token): an error
+    /// with `EIO`, as EVP reports it.
+    pub fn failed(&self, why: &str) -> BlobOutcome {
+        warn!(file = %self.file.display(), "blob transfer not started: {why}");
+        outcome(self.kind, BLOB_RESULT_ERROR, EIO, 0)
+    }
 }
 
 /// Why a request was refused before any transfer.
@@ -330,12 +376,16 @@ async fn put(client: &reqwest::Client, job: &Job) -> Result<u32, Failure> {
     Ok(code)
 }
 
-/// Whether `kind` is a blob type transferred here (EVP storage needs the hub's token).
+/// Whether `kind` is a blob type transferred here: every `EVP_BLOB_TYPE`.
 pub fn served_kind(kind: u32) -> bool {
-    use evp_schemas::sdk::{BLOB_TYPE_HTTP, BLOB_TYPE_HTTP_EXT};
+    use evp_schemas::sdk::{BLOB_TYPE_EVP, BLOB_TYPE_EVP_EXT, BLOB_TYPE_HTTP, BLOB_TYPE_HTTP_EXT};
     matches!(
         kind,
-        BLOB_TYPE_AZURE_BLOB | BLOB_TYPE_HTTP | BLOB_TYPE_HTTP_EXT
+        BLOB_TYPE_AZURE_BLOB
+            | BLOB_TYPE_EVP
+            | BLOB_TYPE_HTTP
+            | BLOB_TYPE_EVP_EXT
+            | BLOB_TYPE_HTTP_EXT
     )
 }
 

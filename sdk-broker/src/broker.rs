@@ -28,10 +28,24 @@ use crate::rules::{Closing, Detached, Handled, InstanceRef, Peer, Popped, Rules,
 use crate::settings::Settings;
 use crate::store::ConfigStore;
 
-/// Where the broker's signals go: the bus in the daemon, a channel in tests.
+/// A storage token: where to upload, and the headers to send.
+pub type StorageToken = (String, Vec<(String, String)>);
+
+/// Where the broker's signals go, and whom it asks for storage tokens: hubd on the bus in the
+/// daemon, a channel in tests.
 pub trait Sink: Send + Sync + 'static {
     /// Emits one signal; an error means hubd could not be told.
     fn emit(&self, signal: Signal) -> BoxFuture<'_, Result<(), String>>;
+
+    /// Asks the hub where `target` is uploaded (`Hub1.RequestStorageToken`); an error says
+    /// why there is no token. Without a hub, there never is.
+    fn storage_token<'a>(
+        &'a self,
+        target: &'a crate::blob::StorageTarget,
+    ) -> BoxFuture<'a, Result<StorageToken, String>> {
+        let _ = target;
+        Box::pin(async { Err("no hub to ask for a storage token".to_owned()) })
+    }
 }
 
 /// A [`Sink`] that sends every signal into a channel (for tests and tools).
@@ -442,9 +456,37 @@ impl Broker {
         let peer = peer.clone();
         tokio::spawn(async move {
             let kind = job.kind;
-            let outcome = crate::blob::run(&me.http, job, cancel).await;
+            let outcome = match me.with_storage_token(job, cancel.clone()).await {
+                Ok(Some(job)) => crate::blob::run(&me.http, job, cancel).await,
+                Ok(None) => None,
+                Err(failed) => Some(failed),
+            };
             me.lock().rules.blob_done(&peer, cb, kind, outcome);
         });
+    }
+
+    /// The job with its storage token's URL and headers when it is an EVP storage upload;
+    /// `Ok(None)` when `cancel` came first, `Err` with the outcome when there is no token.
+    async fn with_storage_token(
+        &self,
+        job: crate::blob::Job,
+        mut cancel: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Option<crate::blob::Job>, evp_schemas::sdk::BlobOutcome> {
+        let Some(target) = job.storage.clone() else {
+            return Ok(Some(job));
+        };
+        let token = tokio::select! {
+            t = self.sink.storage_token(&target) => t,
+            _ = cancel.wait_for(|c| *c) => return Ok(None),
+        };
+        let resolved = token.and_then(|(url, headers)| job.clone().with_token(url, headers));
+        match resolved {
+            Ok(job) => Ok(Some(job)),
+            Err(why) => Err(job.failed(&format!(
+                "no storage token for {:?} of {}: {why}",
+                target.remote_name, target.instance
+            ))),
+        }
     }
 
     // ----- background work -----

@@ -30,7 +30,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use evp_daemon::{AgentConfig, DaemonArgs};
-use evp_schemas::dbus::{EvpError, HUB_NAME, HUB_TELEMETRY_NAME, SDK_BROKER_NAME, SDK_BROKER_PATH};
+use evp_schemas::dbus::{
+    EvpError, HUB_NAME, HUB_TELEMETRY_NAME, Hub1Proxy, SDK_BROKER_NAME, SDK_BROKER_PATH,
+};
 use futures_util::future::BoxFuture;
 use tracing::info;
 use zbus::interface;
@@ -191,6 +193,24 @@ impl Sink for BusSink {
                 } => SdkBroker::rpc_response(&emitter, reqid, &instance, status, &response).await,
             };
             r.map_err(|e| e.to_string())
+        })
+    }
+
+    fn storage_token<'a>(
+        &'a self,
+        target: &'a blob::StorageTarget,
+    ) -> BoxFuture<'a, Result<broker::StorageToken, String>> {
+        Box::pin(async move {
+            let hub = Hub1Proxy::builder(&self.conn)
+                .cache_properties(zbus::proxy::CacheProperties::No)
+                .build()
+                .await
+                .map_err(|e| format!("hubd proxy: {e}"))?;
+            let (url, headers, _expires) = hub
+                .request_storage_token(&target.instance, &target.storage_name, &target.remote_name)
+                .await
+                .map_err(|e| evp_schemas::dbus::error_message(&e))?;
+            Ok((url, headers.into_iter().collect()))
         })
     }
 }

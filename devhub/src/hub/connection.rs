@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use evp_schemas::evp2::topics::{
-    ATTRIBUTES, ATTRIBUTES_REQUEST_PREFIX, ATTRIBUTES_RESPONSE_PREFIX, RPC_RESPONSE_FILTER,
-    RPC_RESPONSE_PREFIX, TELEMETRY,
+    ATTRIBUTES, ATTRIBUTES_REQUEST_PREFIX, ATTRIBUTES_RESPONSE_PREFIX, RPC_REQUEST_FILTER,
+    RPC_REQUEST_PREFIX, RPC_RESPONSE_FILTER, RPC_RESPONSE_PREFIX, TELEMETRY,
 };
 use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, QoS};
 use serde_json::{Value, json};
@@ -68,6 +68,8 @@ pub(super) async fn run_events(
         ATTRIBUTES.to_owned(),
         TELEMETRY.to_owned(),
         RPC_RESPONSE_FILTER.to_owned(),
+        // The device's own requests: storage tokens (the hub's direct commands come back too).
+        RPC_REQUEST_FILTER.to_owned(),
     ];
     if shared.options.answer_requests {
         filters.push(ATTRIBUTES_REQUEST_FILTER.to_owned());
@@ -176,6 +178,26 @@ pub(super) fn handle_publish(
                 retain: false,
             });
         }
+    } else if let Some(mqtt_id) = topic.strip_prefix(RPC_REQUEST_PREFIX) {
+        let Ok(payload) = serde_json::from_slice::<Value>(payload) else {
+            return;
+        };
+        let Some(request) = super::storage::request_of(&payload) else {
+            return;
+        };
+        if let Some(how) = lock(&shared.storage).as_ref() {
+            tracing::debug!("answering storage token request {mqtt_id}");
+            let _ = outbox.send(OutboxItem {
+                topic: format!("{RPC_RESPONSE_PREFIX}{mqtt_id}"),
+                payload: super::storage::answer(how, request)
+                    .to_string()
+                    .into_bytes(),
+                retain: false,
+            });
+        }
+        let _ = shared
+            .reports
+            .send(DeviceReport::StorageTokenRequest(request.clone()));
     } else if let Some(mqtt_id) = topic.strip_prefix(RPC_RESPONSE_PREFIX) {
         match serde_json::from_slice::<Value>(payload) {
             Ok(payload) => {

@@ -2,9 +2,12 @@
 //! configuration delivery and `Hub1.Connection`, [`SdkLinks`] to sdk-broker, each built with
 //! its other ends so that `run` and the test rigs wire them alike.
 
+use std::collections::BTreeMap;
+
 use evp_schemas::DeploymentStatus;
 use tokio::sync::{mpsc, watch};
 
+use crate::storage::TokenRequest;
 use crate::telemetry::TelemetryBatch;
 
 /// Configurations waiting for sdk-broker; a hub sends a handful per update, so a full queue
@@ -21,6 +24,13 @@ pub const METHOD_CALL_CHANNEL: usize = 256;
 /// Telemetry batches (one per `Telemetry` signal) waiting for the publisher; bounded, so a
 /// stuck MQTT connection pushes back on the D-Bus side instead of growing hubd.
 pub const TELEMETRY_CHANNEL: usize = 64;
+
+/// `Hub1.RequestStorageToken` calls waiting for the session loop; each waits for the hub at
+/// most [`crate::storage::TOKEN_TIMEOUT`], and sdk-broker bounds how many run at once.
+pub const STORAGE_TOKEN_CHANNEL: usize = 64;
+
+/// Registry domain → `X-Registry-Auth` value, as `Hub1.RegistryAuth` answers it.
+pub type RegistryAuth = BTreeMap<String, String>;
 
 /// The `Hub1.Connection` states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +108,10 @@ pub struct Links {
     pub status: watch::Receiver<Option<DeploymentStatus>>,
     /// The connection state, for `Hub1.Connection`.
     pub connection: watch::Sender<ConnectionState>,
+    /// Storage tokens asked through `Hub1.RequestStorageToken`.
+    pub storage_tokens: mpsc::Receiver<TokenRequest>,
+    /// The registry credentials in effect, for `Hub1.RegistryAuth`.
+    pub registry_auth: watch::Sender<RegistryAuth>,
 }
 
 /// The other ends of [`Links`], for whoever plays reconcilerd, the configuration delivery and
@@ -114,6 +128,10 @@ pub struct LinkEnds {
     pub status: watch::Sender<Option<DeploymentStatus>>,
     /// The connection state hubd publishes.
     pub connection: watch::Receiver<ConnectionState>,
+    /// Where `Hub1.RequestStorageToken` hands its requests.
+    pub storage_tokens: mpsc::Sender<TokenRequest>,
+    /// The registry credentials hubd holds.
+    pub registry_auth: watch::Receiver<RegistryAuth>,
 }
 
 impl Links {
@@ -124,6 +142,8 @@ impl Links {
         let (configurations, configurations_rx) = mpsc::channel(CONFIGURATION_CHANNEL);
         let (status_tx, status) = watch::channel(None);
         let (connection, connection_rx) = watch::channel(ConnectionState::Disconnected);
+        let (storage_tokens_tx, storage_tokens) = mpsc::channel(STORAGE_TOKEN_CHANNEL);
+        let (registry_auth, registry_auth_rx) = watch::channel(RegistryAuth::new());
         (
             Links {
                 deployments,
@@ -131,6 +151,8 @@ impl Links {
                 configurations,
                 status,
                 connection,
+                storage_tokens,
+                registry_auth,
             },
             LinkEnds {
                 deployments: deployments_rx,
@@ -138,6 +160,8 @@ impl Links {
                 configurations: configurations_rx,
                 status: status_tx,
                 connection: connection_rx,
+                storage_tokens: storage_tokens_tx,
+                registry_auth: registry_auth_rx,
             },
         )
     }

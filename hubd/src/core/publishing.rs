@@ -38,6 +38,7 @@ impl Core {
 
     /// Sends what is due: the initial GET, the status report, the instance-state report.
     pub(super) fn tick(&mut self, now: Instant) {
+        self.expire_tokens(now);
         if !self.connected {
             return;
         }
@@ -133,7 +134,7 @@ impl Core {
 
     /// Queues a publish; when the request channel is full (a telemetry flood), waits for room
     /// on a task of its own, a bounded time.
-    fn publish(&self, topic: &str, level: QoS, payload: Vec<u8>) -> Published {
+    pub(super) fn publish(&self, topic: &str, level: QoS, payload: Vec<u8>) -> Published {
         let size = topic.len() + payload.len() + PUBLISH_OVERHEAD;
         if size > MAX_OUTGOING_PACKET {
             error!(
@@ -168,7 +169,7 @@ impl Core {
 
 /// What became of a publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Published {
+pub(super) enum Published {
     /// Handed to the MQTT event loop.
     Queued,
     /// Larger than the MQTT limit; dropped.

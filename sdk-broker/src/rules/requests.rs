@@ -146,10 +146,10 @@ impl Rules {
         }
     }
 
-    /// A blob transfer: the type served (EVP storage needs the hub's token: `EVP_NOTSUP` for
-    /// now), a GET or PUT, an http(s) URL, a file inside the workspace and well-formed
-    /// headers (`EVP_INVAL` otherwise), at most [`blob::MAX_LIVE_BLOBS`] under way
-    /// (`EVP_DENIED` beyond), and room for its callback.
+    /// A blob transfer: a known type, a GET or PUT, an http(s) URL, a file inside the
+    /// workspace and well-formed headers (`EVP_INVAL` otherwise), at most
+    /// [`blob::MAX_LIVE_BLOBS`] under way (`EVP_DENIED` beyond), and room for its callback.
+    /// EVP storage takes only PUT (`EVP_NOTSUP` for GET, as EVP), its URL from the hub.
     fn blob_operation(
         &mut self,
         peer: &Peer,
@@ -165,8 +165,27 @@ impl Rules {
             return Err(EvpResult::NotSup);
         }
         let direction = blob::Direction::from_code(op).ok_or(EvpResult::Inval)?;
-        let url = request.url();
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
+        let storage = match request {
+            BlobRequest::Evp {
+                remote_name,
+                storage_name,
+            } => {
+                if direction == blob::Direction::Get {
+                    return Err(EvpResult::NotSup);
+                }
+                Some(blob::StorageTarget {
+                    instance: name.to_owned(),
+                    storage_name: storage_name.clone().unwrap_or_default(),
+                    remote_name: remote_name.clone(),
+                })
+            }
+            _ => None,
+        };
+        let url = match storage {
+            Some(_) => "",
+            None => request.url(),
+        };
+        if storage.is_none() && !(url.starts_with("http://") || url.starts_with("https://")) {
             warn!(
                 instance = name,
                 url, "blob operation refused: not an http(s) URL"
@@ -202,6 +221,7 @@ impl Rules {
                 headers,
                 workspace,
                 file,
+                storage,
             },
             cb,
         })

@@ -75,6 +75,70 @@ fn blob(kind: u32, op: u32, url: &str, file: &str, headers: &[&str]) -> Request 
     }
 }
 
+/// An EVP storage blob request (`EVP_BLOB_TYPE_EVP_EXT`) of the file "f".
+fn evp_blob(op: u32, remote_name: &str, storage_name: Option<&str>) -> Request {
+    Request::BlobOperation {
+        kind: evp_schemas::sdk::BLOB_TYPE_EVP_EXT,
+        op,
+        request: evp_schemas::sdk::BlobRequest::Evp {
+            remote_name: remote_name.into(),
+            storage_name: storage_name.map(str::to_owned),
+        },
+        filename: "f".into(),
+        cb: cb(1),
+    }
+}
+
+#[test]
+fn an_evp_storage_upload_asks_the_hub_for_its_url() {
+    let (mut rules, peer) = one(settings());
+    let handled = rules.handle(&peer, evp_blob(1, "up/1.jpg", None));
+    assert_eq!(handled.response, Response::Simple(EvpResult::Ok));
+    let Then::Transfer { job, .. } = handled.then else {
+        panic!("no transfer: {:?}", handled.then);
+    };
+    let target = job.storage.as_ref().expect("a storage target");
+    assert_eq!(
+        (
+            target.instance.as_str(),
+            target.storage_name.as_str(),
+            target.remote_name.as_str()
+        ),
+        ("i", "", "up/1.jpg"),
+        "the default storage is asked as \"\""
+    );
+    let job = job
+        .with_token(
+            "https://h/c/up%2F1.jpg?sig".into(),
+            [("x-k".into(), "v".into())],
+        )
+        .unwrap();
+    assert_eq!(job.url, "https://h/c/up%2F1.jpg?sig");
+    assert_eq!(job.headers["x-k"], "v");
+    let named = rules.handle(&peer, evp_blob(1, "r", Some("archive")));
+    let Then::Transfer { job, .. } = named.then else {
+        panic!("no transfer");
+    };
+    assert_eq!(
+        job.storage.map(|t| t.storage_name).as_deref(),
+        Some("archive")
+    );
+    assert!(
+        job_with(&peer, "file:///etc/passwd").is_err(),
+        "only http(s) from the hub"
+    );
+}
+
+/// A storage job of `peer` given the token URL `url`.
+fn job_with(peer: &Peer, url: &str) -> Result<crate::blob::Job, String> {
+    let (mut rules, _) = one(settings());
+    let peer = connect(&mut rules, &peer.instance.name);
+    let Then::Transfer { job, .. } = rules.handle(&peer, evp_blob(1, "r", None)).then else {
+        return Err("no transfer".into());
+    };
+    job.with_token(url.into(), [])
+}
+
 #[test]
 fn ten_blob_transfers_run_at_once_and_each_ends_in_its_callback() {
     use evp_schemas::sdk::{BlobOutcome, BlobReason};
@@ -341,9 +405,11 @@ fn refused_and_unserved_requests_change_nothing() {
         deadline_nsec: 0,
     };
     check_refused(get_event, simple(AgentProtocolError));
-    // Blobs: EVP storage needs the hub's token; a bad operation, URL, file or header is
-    // refused before any transfer.
-    check_refused(blob(3, 0, "http://h/x", "f", &[]), simple(NotSup));
+    // Blobs: an unknown type, and a GET from EVP storage (EVP uploads only), are not
+    // served; a bad operation, URL, file or header is refused before any transfer.
+    check_refused(blob(9, 0, "http://h/x", "f", &[]), simple(NotSup));
+    check_refused(evp_blob(0, "r", None), simple(NotSup));
+    check_refused(evp_blob(7, "r", None), simple(Inval));
     check_refused(blob(2, 7, "http://h/x", "f", &[]), simple(Inval));
     check_refused(blob(2, 0, "ftp://h/x", "f", &[]), simple(Inval));
     check_refused(blob(2, 0, "http://h/x", "/tmp/x", &[]), simple(Inval));
