@@ -228,7 +228,8 @@ impl TokenCache {
             return;
         }
         self.entries.retain(|e| {
-            !(e.instance == instance && e.storage == storage) && !e.response.expired(now_ms)
+            let same = e.instance == instance && e.storage == storage;
+            !same && !e.response.expired(now_ms)
         });
         self.entries.push(CacheEntry {
             instance: instance.to_owned(),

@@ -31,8 +31,10 @@ pub struct Request {
     pub method: String,
     /// Every header, as sent.
     pub headers: Vec<(String, String)>,
-    /// The file name asked for.
+    /// The file name asked for (the path, without its query).
     pub name: String,
+    /// The query, if any (a SAS token's, say).
+    pub query: Option<String>,
     /// Its `Range` header, if any.
     pub range: Option<String>,
     /// `None` while the answer is being sent; then whether the whole body went out (false:
@@ -190,13 +192,18 @@ fn serve(
         return;
     };
     let range = head.header("range").map(str::to_owned);
-    let name = head.path.trim_start_matches('/').to_owned();
+    let (path, query) = match head.path.split_once('?') {
+        Some((path, query)) => (path, Some(query.to_owned())),
+        None => (head.path.as_str(), None),
+    };
+    let name = path.trim_start_matches('/').to_owned();
     let (index, nth_for_file) = {
         let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
         log.push(Request {
             method: head.method.clone(),
             headers: head.headers.clone(),
             name: name.clone(),
+            query,
             range: range.clone(),
             completed: None,
         });

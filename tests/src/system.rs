@@ -446,6 +446,21 @@ pub async fn try_wait_state(
     .await
 }
 
+/// Asks instance `instance` (an `evp-test-blob`) for the blob operation `ask` under `topic`
+/// and returns its outcome, once the hub sees it as the instance's state of that topic.
+pub async fn blob_outcome(sys: &System, instance: &str, topic: &str, ask: Value) -> Value {
+    sys.hub
+        .set_configuration(instance, topic, &ask.to_string())
+        .await
+        .unwrap();
+    let state = wait_state(sys, &format!("state/{instance}/{topic}"), |_| true).await;
+    let text = state
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| state.to_string());
+    serde_json::from_str(&text).unwrap_or(state)
+}
+
 /// Sets the configuration `topic` = `value` of `instance` from the hub and waits until the
 /// hub sees it back as the instance's state of the same topic (an echoing module).
 pub async fn echo_round_trip(sys: &System, instance: &str, topic: &str, value: &str) {

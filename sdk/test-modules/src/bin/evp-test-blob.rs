@@ -1,11 +1,13 @@
 //! Blob operations asked for by configuration (see the crate's table): configuration `<topic>`
 //! = `{"op":"get"|"put","type":T,"url":U,"file":F,"headers":[...]}` starts one; the state
 //! `<topic>` is then its outcome, `{"reason":R,"result":N,"http_status":S,"error":E}` once the
-//! callback came, or `{"refused":"EVP_…"}` when the request was refused at once.
+//! callback came, or `{"refused":"EVP_…"}` when the request was refused at once. EVP storage
+//! (`"type":3`) takes `"remote_name"` and `"storage"` (absent: the default storage) instead of
+//! the URL.
 
 use std::sync::{Arc, Mutex};
 
-use evp_sdk::{BLOB_TYPE_AZURE_BLOB, BLOB_TYPE_HTTP_EXT, BlobRequest};
+use evp_sdk::{BLOB_TYPE_AZURE_BLOB, BLOB_TYPE_EVP_EXT, BLOB_TYPE_HTTP_EXT, BlobRequest};
 use evp_sdk_test_modules::{TICK, connect, finish};
 use serde_json::{Value, json};
 
@@ -46,6 +48,10 @@ fn main() {
         let request = match kind {
             BLOB_TYPE_AZURE_BLOB => BlobRequest::AzureBlob { url },
             BLOB_TYPE_HTTP_EXT => BlobRequest::HttpExt { url, headers },
+            BLOB_TYPE_EVP_EXT => BlobRequest::Evp {
+                remote_name: ask["remote_name"].as_str().unwrap_or_default().to_owned(),
+                storage_name: ask["storage"].as_str().map(str::to_owned),
+            },
             _ => BlobRequest::Http { url },
         };
         eprintln!("{NAME}: {topic}: blob operation {op} of {file}");
