@@ -11,7 +11,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bollard::Docker;
-use bollard::auth::DockerCredentials;
 use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig};
 use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, ImportImageOptions, KillContainerOptions,
@@ -27,6 +26,7 @@ use tracing::{info, warn};
 
 use crate::logs::{self, LogPolicy};
 use crate::record::ProcessHandle;
+use crate::registry::RegistryAuth;
 use crate::runtime::{
     AdoptSpec, Adoption, DEFAULT_WORKSPACE_DIR, ENV_DEFAULT_WORKSPACE, ENV_SDK_SOCKET, Exit,
     Runtime, SDK_SOCKET_FILE, StartSpec, Started, Workload,
@@ -87,8 +87,8 @@ impl std::fmt::Display for Engine {
 pub struct DockerRuntime {
     engine: Engine,
     logs: LogPolicy,
-    /// Registry domain → `X-Registry-Auth` value (base64 of the credentials' JSON).
-    registry_auth: HashMap<String, String>,
+    /// Where pulls find their registry credentials.
+    registry_auth: Arc<RegistryAuth>,
     /// The negotiated client, once the engine answered; dropped when it stops answering.
     client: tokio::sync::Mutex<Option<Docker>>,
     /// Archive path → the image it loaded, so a start finds the image of an archive module.
@@ -162,11 +162,11 @@ fn engine_error(engine: &Engine, e: bollard::errors::Error) -> String {
 }
 
 impl DockerRuntime {
-    /// A runtime for the engine at `engine`, pulling with `registry_auth`.
+    /// A runtime for the engine at `engine`, pulling with the credentials of `registry_auth`.
     pub fn new(
         engine: Engine,
         logs: LogPolicy,
-        registry_auth: HashMap<String, String>,
+        registry_auth: Arc<RegistryAuth>,
         images_file: Option<PathBuf>,
     ) -> DockerRuntime {
         DockerRuntime {
@@ -232,7 +232,7 @@ impl DockerRuntime {
         if present && reference.contains("@sha256:") {
             return Ok(());
         }
-        let credentials = self.credentials_for(reference);
+        let credentials = self.registry_auth.credentials_for(reference).await;
         let options = CreateImageOptions {
             from_image: Some(reference.to_owned()),
             ..Default::default()
@@ -266,21 +266,6 @@ impl DockerRuntime {
                         "module {module_id}: image {reference}: {why}"
                     )))
                 }
-            }
-        }
-    }
-
-    /// The credentials of the registry `reference` names, from the registry-auth map.
-    fn credentials_for(&self, reference: &str) -> Option<DockerCredentials> {
-        let value = self.registry_auth.get(registry_domain(reference))?;
-        match decode_registry_auth(value) {
-            Ok(c) => Some(c),
-            Err(e) => {
-                warn!(
-                    reference,
-                    "the registry-auth entry of its registry is not usable: {e}"
-                );
-                None
             }
         }
     }
@@ -821,27 +806,6 @@ impl CrLf {
     }
 }
 
-/// The registry an image reference names: its first component when that has a `.` or `:` or
-/// is `localhost` (Docker's rule), else Docker Hub.
-fn registry_domain(reference: &str) -> &str {
-    match reference.split_once('/') {
-        Some((first, _)) if first.contains(['.', ':']) || first == "localhost" => first,
-        _ => "docker.io",
-    }
-}
-
-/// An `X-Registry-Auth` value (base64, standard or URL-safe, of the credentials' JSON) as
-/// bollard's credentials, which it encodes again.
-fn decode_registry_auth(value: &str) -> Result<DockerCredentials, String> {
-    use base64::Engine as _;
-    let trimmed = value.trim_end_matches('=');
-    let bytes = base64::engine::general_purpose::STANDARD_NO_PAD
-        .decode(trimmed)
-        .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(trimmed))
-        .map_err(|e| format!("not base64: {e}"))?;
-    serde_json::from_slice(&bytes).map_err(|e| format!("not the JSON of registry credentials: {e}"))
-}
-
 /// The image a `docker load` output line names (`Loaded image: name:tag` or `Loaded image ID:
 /// sha256:…`).
 fn loaded_image(line: &str) -> Option<String> {
@@ -872,34 +836,6 @@ mod tests {
         );
         check(None, Some("http://dockerd:2375"), "http://dockerd:2375");
         check(Some(""), Some(""), "unix:///var/run/docker.sock");
-    }
-
-    #[test]
-    fn the_registry_of_a_reference_follows_dockers_rule() {
-        fn check(reference: &str, expect: &str) {
-            assert_eq!(registry_domain(reference), expect, "{reference}");
-        }
-        check("ghcr.io/acme/cam:1", "ghcr.io");
-        check("localhost:5000/cam", "localhost:5000");
-        check("localhost/cam", "localhost");
-        check("acme/cam:1", "docker.io");
-        check("busybox", "docker.io");
-    }
-
-    #[test]
-    fn registry_auth_values_decode_in_either_base64_alphabet() {
-        use base64::Engine as _;
-        let json = r#"{"username":"u","password":"p?>"}"#;
-        for engine in [
-            base64::engine::general_purpose::STANDARD,
-            base64::engine::general_purpose::URL_SAFE,
-        ] {
-            let c = decode_registry_auth(&engine.encode(json)).unwrap();
-            assert_eq!(c.username.as_deref(), Some("u"));
-            assert_eq!(c.password.as_deref(), Some("p?>"));
-        }
-        assert!(decode_registry_auth("not base64!").is_err());
-        assert!(decode_registry_auth("bm90IGpzb24").is_err());
     }
 
     #[test]

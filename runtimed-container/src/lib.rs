@@ -11,6 +11,7 @@ pub mod process;
 pub mod python;
 pub mod reaper;
 pub mod record;
+pub mod registry;
 pub mod relay;
 pub mod runtime;
 pub mod spawn;
@@ -288,7 +289,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
 }
 
 /// `EVP_REGISTRY_AUTH`: registry domain → `X-Registry-Auth` value, as JSON; unset or
-/// unreadable is none (said in the log).
+/// unreadable is none (said in the log). hubd's map (`Hub1.RegistryAuth`) comes first.
 fn registry_auth_from_env() -> std::collections::HashMap<String, String> {
     let Ok(text) = std::env::var("EVP_REGISTRY_AUTH") else {
         return Default::default();
@@ -312,6 +313,7 @@ pub async fn serve(
         identity::Identities::detect(section.instance_uid_min, section.instance_uid_max);
     // Before any instance starts, so every orphan of a module is re-parented here.
     reaper::start();
+    let registry_auth = Arc::new(registry::RegistryAuth::new(registry_auth_from_env()));
     let (supervisor, events) = Supervisor::with_identities(
         instances_dir.clone(),
         vec![
@@ -319,7 +321,7 @@ pub async fn serve(
             Arc::new(docker::DockerRuntime::new(
                 section.docker_engine(),
                 section.log_policy(),
-                registry_auth_from_env(),
+                Arc::clone(&registry_auth),
                 instances_dir
                     .parent()
                     .map(|data| data.join("docker").join("images.json")),
@@ -348,6 +350,7 @@ pub async fn serve(
         false,
     )
     .await?;
+    registry_auth.ask_hubd_on(conn.clone());
     let publisher = tokio::spawn(publish_events(conn.clone(), events));
     info!(
         kinds = ?supervisor.kinds(),

@@ -399,36 +399,77 @@ fn fake_registry() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     (port, seen)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_pull_carries_the_registry_credentials_of_its_registry() {
+/// `X-Registry-Auth` for `user`:`password`, as a registry-auth map holds it.
+fn registry_auth_value(user: &str, password: &str) -> String {
     use base64::Engine as _;
-    require_engine().unwrap();
-    let (port, seen) = fake_registry();
-    let registry = format!("localhost:{port}");
-    let creds = json!({"username": "fleet", "password": "s3cret"}).to_string();
-    let auth = json!({ registry.clone(): base64::engine::general_purpose::STANDARD.encode(creds) });
-    let sys = System::start_with(Options {
-        env: vec![("EVP_REGISTRY_AUTH".into(), auth.to_string())],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let creds = json!({"username": user, "password": password}).to_string();
+    base64::engine::general_purpose::STANDARD.encode(creds)
+}
+
+/// Deploys an image of `registry` (a [`fake_registry`]) and asserts the registry was sent
+/// Basic `user`:`password` on the device's behalf.
+async fn pull_authenticates(
+    sys: &System,
+    registry: &str,
+    seen: &std::sync::Mutex<Vec<String>>,
+    (user, password): (&str, &str),
+) {
+    use base64::Engine as _;
     let image = format!("{registry}/evp-test/none:1");
     let d = deployment(
         "dep-1",
         &[("dk-auth", "m")],
         &[("m", docker_module(&image, None))],
     );
-    let (status, message) = deploy_until_module_error(&sys, &d, "m").await;
+    let (status, message) = deploy_until_module_error(sys, &d, "m").await;
     assert!(message.contains(&image), "{status}");
     let expected = format!(
         "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode("fleet:s3cret")
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
     );
     assert!(
         seen.lock().unwrap().contains(&expected),
         "the registry saw {:?}",
         seen.lock().unwrap()
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pull_carries_the_registry_credentials_of_its_registry() {
+    require_engine().unwrap();
+    let (port, seen) = fake_registry();
+    let registry = format!("localhost:{port}");
+    let auth = json!({ registry.clone(): registry_auth_value("fleet", "s3cret") });
+    let sys = System::start_with(Options {
+        env: vec![("EVP_REGISTRY_AUTH".into(), auth.to_string())],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    pull_authenticates(&sys, &registry, &seen, ("fleet", "s3cret")).await;
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pull_carries_the_credentials_the_hubs_device_configuration_sets() {
+    require_engine().unwrap();
+    let (port, seen) = fake_registry();
+    let registry = format!("localhost:{port}");
+    // Nothing local: the credentials come from the hub only, through hubd (EVP2 sends all four
+    // keys of the device configuration, null for those it leaves alone).
+    let sys = System::start().await.unwrap();
+    let auth = json!({ registry.clone(): registry_auth_value("from-hub", "h0b") });
+    sys.hub
+        .set_device_config(&json!({
+            "configuration/$agent/report-status-interval-min": null,
+            "configuration/$agent/report-status-interval-max": null,
+            "configuration/$agent/configuration-id": null,
+            "configuration/$agent/registry-auth": auth
+        }))
+        .await
+        .unwrap();
+    let applied = |r: &Value| r["state/$agent/registry-auth"].get(&registry).is_some();
+    sys.hub.wait_for_status(applied, DEADLINE).await.unwrap();
+    pull_authenticates(&sys, &registry, &seen, ("from-hub", "h0b")).await;
     sys.stop().await;
 }
