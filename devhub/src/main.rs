@@ -50,6 +50,10 @@ enum Cmd {
         /// Where the daemons' binaries are (default: next to evp-devhub).
         #[arg(long, value_name = "DIR")]
         bin_dir: Option<PathBuf>,
+        /// Answer modules' EVP storage uploads with URLs under this one (each file at
+        /// `<URL>/<encoded name>`); without it they are refused.
+        #[arg(long, value_name = "URL")]
+        storage_url: Option<String>,
     },
     /// Deploy a manifest file (the manifest, or {"deployment": {...}}).
     Deploy {
@@ -139,6 +143,7 @@ async fn run() -> Result<()> {
             no_sample,
             log_files,
             bin_dir,
+            storage_url,
         } => {
             up(UpArgs {
                 broker,
@@ -147,6 +152,7 @@ async fn run() -> Result<()> {
                 no_sample,
                 log_files,
                 bin_dir,
+                storage_url,
             })
             .await
         }
@@ -256,6 +262,7 @@ struct UpArgs {
     no_sample: bool,
     log_files: bool,
     bin_dir: Option<PathBuf>,
+    storage_url: Option<String>,
 }
 
 /// What `up` runs, kept together so a stop takes everything down in order.
@@ -343,6 +350,15 @@ async fn start_up(args: &UpArgs) -> Result<Running> {
         },
     )
     .await?;
+    hub.set_storage(Some(match args.storage_url.clone() {
+        Some(base_url) => evp_devhub::StorageAnswer::SingleFile {
+            base_url,
+            headers: Default::default(),
+        },
+        None => evp_devhub::StorageAnswer::Refuse(
+            "evp-devhub has no storage: start it with --storage-url".into(),
+        ),
+    }));
 
     // Deployed before the agent starts: its first attribute request gets the sample.
     if !args.no_sample {
