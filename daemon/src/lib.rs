@@ -4,6 +4,7 @@
 
 pub mod backoff;
 pub mod bus;
+pub mod conffile;
 pub mod fs;
 #[cfg(feature = "http")]
 pub mod http;

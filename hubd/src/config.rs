@@ -349,6 +349,16 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
+    #[test]
+    fn the_packaged_agent_toml_shows_every_hub_setting_and_they_parse() {
+        use evp_daemon::conffile::{PACKAGED, fields_of, shown_keys, uncommented};
+        assert_eq!(shown_keys(PACKAGED, "hub"), fields_of::<HubSection>());
+        let all = evp_daemon::AgentConfig::parse(&uncommented(PACKAGED)).unwrap();
+        let section: HubSection = all.section("hub").unwrap();
+        let resolved = resolve(section, |_| None).unwrap();
+        assert_eq!(resolved.mqtt_port, 8883);
+    }
+
     fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         let map: HashMap<String, String> = pairs
             .iter()

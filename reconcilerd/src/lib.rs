@@ -336,6 +336,18 @@ mod tests {
     use super::*;
     use crate::download::ProxyConfig;
 
+    #[test]
+    fn the_packaged_agent_toml_shows_every_reconciler_setting_and_they_parse() {
+        use evp_daemon::conffile::{PACKAGED, fields_of, shown_keys, uncommented};
+        assert_eq!(
+            shown_keys(PACKAGED, "reconciler"),
+            fields_of::<ReconcilerConfig>()
+        );
+        let all = evp_daemon::AgentConfig::parse(&uncommented(PACKAGED)).unwrap();
+        let section: ReconcilerConfig = all.section("reconciler").unwrap();
+        assert_eq!(section.stop_grace_ms, 10_000);
+    }
+
     fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
         move |k| {
             vars.iter()

@@ -389,6 +389,22 @@ mod tests {
     use std::io::{BufRead, BufReader};
     use std::os::unix::fs::PermissionsExt;
     use std::process::{Command, Stdio};
+
+    #[test]
+    fn the_packaged_agent_toml_shows_every_container_setting_and_they_parse() {
+        use evp_daemon::conffile::{PACKAGED, fields_of, shown_keys, uncommented};
+        assert_eq!(
+            shown_keys(PACKAGED, "container"),
+            fields_of::<super::ContainerConfig>()
+        );
+        let all = evp_daemon::AgentConfig::parse(&uncommented(PACKAGED)).unwrap();
+        let section: super::ContainerConfig = all.section("container").unwrap();
+        section.validate().unwrap();
+        assert_eq!(
+            section.python_sdk_path,
+            [std::path::PathBuf::from(super::DEFAULT_PYTHON_SDK_PATH)]
+        );
+    }
     use std::time::Instant;
 
     use evp_schemas::dbus::Runtime1Proxy;

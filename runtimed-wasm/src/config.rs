@@ -114,6 +114,15 @@ impl WasmConfig {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_packaged_agent_toml_shows_every_wasm_setting_with_its_default() {
+        use evp_daemon::conffile::{PACKAGED, fields_of, shown_keys, uncommented};
+        assert_eq!(shown_keys(PACKAGED, "wasm"), fields_of::<WasmConfig>());
+        let all = evp_daemon::AgentConfig::parse(&uncommented(PACKAGED)).unwrap();
+        let section: WasmConfig = all.section("wasm").unwrap();
+        assert_eq!(section, WasmConfig::default());
+    }
+
     fn parse(text: &str) -> WasmConfig {
         evp_daemon::AgentConfig::parse(text)
             .unwrap()

@@ -48,3 +48,34 @@ impl Default for Settings {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_packaged_agent_toml_shows_every_sdk_broker_setting_with_its_default() {
+        use evp_daemon::conffile::{PACKAGED, fields_of, shown_keys, uncommented};
+        // Two keys are read only so that old files still parse: not shown.
+        let ignored = ["allowed_uids", "instance_group"];
+        let fields: Vec<&str> = fields_of::<Settings>()
+            .into_iter()
+            .filter(|f| !ignored.contains(f))
+            .collect();
+        assert_eq!(shown_keys(PACKAGED, crate::SECTION), fields);
+        let all = evp_daemon::AgentConfig::parse(&uncommented(PACKAGED)).unwrap();
+        let section: Settings = all.section(crate::SECTION).unwrap();
+        let default = Settings::default();
+        let key = |s: &Settings| {
+            (
+                (
+                    s.exit_grace_ms,
+                    s.event_queue_bytes,
+                    s.telemetry_queue_bytes,
+                ),
+                (s.state_bytes, s.telemetry_flush_ms, s.rpc_timeout_ms),
+            )
+        };
+        assert_eq!(key(&section), key(&default));
+    }
+}
