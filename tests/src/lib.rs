@@ -4,6 +4,7 @@
 //! are made by the tests themselves; WASM modules are built from `sdk/c` and
 //! `sdk/wasm-threads-module` by [`wasm`].
 
+pub mod booted;
 pub mod certs;
 pub mod docker;
 pub mod http;

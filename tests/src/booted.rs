@@ -1,0 +1,551 @@
+//! A booted device: a Docker container of a Debian bookworm root filesystem with systemd as
+//! PID 1, its own dbus-daemon and mosquitto, into which the agent is installed as a device
+//! gets it (units, bus policy, system users), so the units' sandboxes, the policy and the
+//! users are tested as systemd and dbus-daemon apply them.
+//!
+//! The image is made here with `debootstrap` and `docker import` (no registry is reached); it
+//! is tagged with a hash of its recipe and reused while the engine has it. Making it, and
+//! running the container (it needs CAP_SYS_ADMIN), needs root and the Docker engine: without
+//! either, [`image`] fails and says why, so no test passes by skipping.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use sha2::{Digest, Sha256};
+
+use crate::docker::{docker, require_engine};
+
+/// Where the root filesystem comes from.
+const MIRROR: &str = "http://deb.debian.org/debian";
+/// The suite: this machine's, so the workspace's debug binaries (linked against its glibc)
+/// run inside.
+const SUITE: &str = "bookworm";
+/// What the device has beyond `minbase`: systemd as init, the system bus, the broker hubd
+/// connects to, `ss` (iproute2), `ps` (procps) and `setpriv` (util-linux).
+const PACKAGES: &str = "systemd,systemd-sysv,dbus,mosquitto,iproute2,procps,util-linux";
+/// The image's entry point. systemd needs the cgroup hierarchies writable; the engine mounts
+/// them read-only (and the host's own `/sys/fs/cgroup` must never be bind-mounted instead:
+/// systemd would remount it).
+const ENTRY: &str = "#!/bin/sh\n\
+for d in /sys/fs/cgroup/*/; do mount -o remount,bind,rw \"$d\"; done\n\
+exec /sbin/init\n";
+const ENTRY_PATH: &str = "/usr/local/sbin/evp-booted-init";
+
+/// How long systemd gets to boot, and the agent to start.
+pub const BOOT_DEADLINE: Duration = Duration::from_secs(60);
+
+/// The tag of the image the recipe above makes.
+fn image_tag() -> String {
+    let recipe = format!("{MIRROR}\n{SUITE}\n{PACKAGES}\n{ENTRY}\n{ENTRY_PATH}\nv1");
+    let hash = hex::encode(Sha256::digest(recipe.as_bytes()));
+    format!("evp-booted:{}", &hash[..16])
+}
+
+/// The workspace's `target` folder.
+fn target_dir() -> PathBuf {
+    let bin = crate::bin_dir();
+    bin.parent().map(Path::to_path_buf).unwrap_or(bin)
+}
+
+/// Runs `command`, failing with its name and the end of its output.
+fn run(command: &mut Command) -> Result<String> {
+    let out = command
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
+    ensure!(
+        out.status.success(),
+        "{command:?}: {}: {}",
+        out.status,
+        tail(&[&out.stderr, &out.stdout], 40)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The last `lines` lines of the outputs, joined.
+fn tail(outputs: &[&[u8]], lines: usize) -> String {
+    let text: String = outputs
+        .iter()
+        .map(|o| String::from_utf8_lossy(o).into_owned())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let all: Vec<&str> = text.trim().lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The tag of the booted-device image, made on first use (once per machine while the engine
+/// keeps it; a file lock keeps parallel tests from making it twice).
+pub fn image() -> Result<String> {
+    static MADE: Mutex<Option<String>> = Mutex::new(None);
+    let mut made = MADE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(tag) = &*made {
+        return Ok(tag.clone());
+    }
+    ensure!(
+        nix::unistd::geteuid().is_root(),
+        "the booted-device tests must run as root: debootstrap makes the image, and systemd in \
+         the container needs CAP_SYS_ADMIN (CI runs them as root)"
+    );
+    require_engine()?;
+    let tag = image_tag();
+    let dir = target_dir().join("booted");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let lock_path = dir.join("image.lock");
+    let lock = std::fs::File::create(&lock_path)
+        .with_context(|| format!("creating {}", lock_path.display()))?;
+    lock.lock()
+        .with_context(|| format!("locking {}", lock_path.display()))?;
+    if docker(&["image", "inspect", "--format", "{{.Id}}", &tag]).is_err() {
+        let started = Instant::now();
+        build_image(&tag, &dir)?;
+        eprintln!("booted: made image {tag} in {:?}", started.elapsed());
+    }
+    *made = Some(tag.clone());
+    Ok(tag)
+}
+
+/// debootstrap into `dir/rootfs-<tag>`, the entry script, then `docker import` as `tag`.
+fn build_image(tag: &str, dir: &Path) -> Result<()> {
+    let debootstrap = ["/usr/sbin/debootstrap", "/usr/bin/debootstrap"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .context("debootstrap is not installed (apt-get install debootstrap; .ci/run does)")?;
+    let root = dir.join(format!("rootfs-{}", tag.replace(':', "-")));
+    if root.exists() {
+        // What an interrupted build left.
+        std::fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
+    }
+    run(Command::new(debootstrap)
+        .args(["--variant=minbase", &format!("--include={PACKAGES}"), SUITE])
+        .arg(&root)
+        .arg(MIRROR))
+    .context("debootstrap of the booted-device root filesystem")?;
+    let entry = root.join(ENTRY_PATH.trim_start_matches('/'));
+    std::fs::create_dir_all(entry.parent().context("the entry script has a folder")?)?;
+    std::fs::write(&entry, ENTRY)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o755))?;
+    // Every container gets a machine id of its own at boot: systemd makes one when
+    // /etc/machine-id is empty, and would reuse dbus's instead.
+    std::fs::write(root.join("etc/machine-id"), "")?;
+    let _ = std::fs::remove_file(root.join("var/lib/dbus/machine-id"));
+    for cache in ["var/cache/apt/archives", "var/lib/apt/lists"] {
+        for entry in std::fs::read_dir(root.join(cache))?.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_file()) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+    let mut tar = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .args(["--numeric-owner", "-c", "."])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running tar")?;
+    let tar_out = tar.stdout.take().context("tar's stdout")?;
+    let import = Command::new("docker")
+        .args(["import", "--change", "ENV container=docker", "--change"])
+        .arg(format!(r#"ENTRYPOINT ["{ENTRY_PATH}"]"#))
+        .args(["-", tag])
+        .stdin(tar_out)
+        .output()
+        .context("running docker import")?;
+    let tar_status = tar.wait()?;
+    ensure!(
+        tar_status.success(),
+        "tar of {}: {tar_status}",
+        root.display()
+    );
+    ensure!(
+        import.status.success(),
+        "docker import {tag}: {}",
+        tail(&[&import.stderr], 20)
+    );
+    std::fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
+    Ok(())
+}
+
+/// How [`BootedDevice::install_agent`] installed the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Installed {
+    /// The Debian package (`target/debian/evp-agent_*.deb`), as a device gets it.
+    Package(PathBuf),
+    /// The workspace's debug binaries and `systemd/` files, copied where the package puts them.
+    UnpackagedBuild,
+}
+
+/// A running container of [`image`], removed (`docker rm -f`) when dropped.
+pub struct BootedDevice {
+    name: String,
+}
+
+impl BootedDevice {
+    /// Starts a container of `image` with systemd as PID 1 (not yet booted: see
+    /// [`BootedDevice::wait_running`]).
+    pub fn start(image: &str) -> Result<BootedDevice> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "evp-booted-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let _ = docker(&["rm", "-f", &name]);
+        docker(&[
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--hostname",
+            &name,
+            "--cgroupns=private",
+            "--cap-add",
+            "SYS_ADMIN",
+            "--cap-add",
+            "NET_ADMIN",
+            "--security-opt",
+            "seccomp=unconfined",
+            "--tmpfs",
+            "/run",
+            "--tmpfs",
+            "/run/lock",
+            "--stop-signal",
+            "SIGRTMIN+3",
+            image,
+        ])
+        .with_context(|| format!("starting the booted device {name}"))?;
+        Ok(BootedDevice { name })
+    }
+
+    /// The container's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Waits until systemd has booted: its private socket exists, then
+    /// `systemctl is-system-running --wait` says `running`, or `degraded` (the failed units
+    /// are printed then; the tests check the units they care about).
+    pub fn wait_running(&self) -> Result<()> {
+        let end = Instant::now() + BOOT_DEADLINE;
+        while !self
+            .exec(&["test", "-S", "/run/systemd/private"])?
+            .status
+            .success()
+        {
+            if Instant::now() >= end {
+                bail!(
+                    "{}: no /run/systemd/private after {BOOT_DEADLINE:?}; container output:\n{}",
+                    self.name,
+                    self.container_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let left = end
+            .saturating_duration_since(Instant::now())
+            .as_secs()
+            .max(1);
+        let out = self.exec(&[
+            "timeout",
+            &left.to_string(),
+            "systemctl",
+            "is-system-running",
+            "--wait",
+        ])?;
+        match String::from_utf8_lossy(&out.stdout).trim() {
+            "running" => Ok(()),
+            "degraded" => {
+                eprintln!(
+                    "booted: {} booted degraded:\n{}",
+                    self.name,
+                    self.exec_text(&["systemctl", "--failed", "--no-pager"])
+                );
+                Ok(())
+            }
+            state => bail!(
+                "{}: systemd did not boot (state {state:?}, {}):\n{}",
+                self.name,
+                out.status,
+                self.exec_text(&["systemctl", "--failed", "--no-pager"])
+            ),
+        }
+    }
+
+    /// Runs `args` inside; its output, whatever its exit status.
+    pub fn exec(&self, args: &[&str]) -> Result<Output> {
+        Command::new("docker")
+            .args(["exec", &self.name])
+            .args(args)
+            .output()
+            .with_context(|| format!("docker exec {} {}", self.name, args.join(" ")))
+    }
+
+    /// Runs `args` inside, failing unless it exits with 0; its standard output.
+    pub fn exec_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.exec(args)?;
+        ensure!(
+            out.status.success(),
+            "in {}: {}: {}: {}",
+            self.name,
+            args.join(" "),
+            out.status,
+            tail(&[&out.stderr, &out.stdout], 40)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `sh -c script` inside, failing unless it exits with 0.
+    pub fn sh(&self, script: &str) -> Result<String> {
+        self.exec_ok(&["sh", "-c", script])
+    }
+
+    /// Standard output and error of `args`, for a report (never fails).
+    fn exec_text(&self, args: &[&str]) -> String {
+        match self.exec(args) {
+            Ok(out) => tail(&[&out.stdout, &out.stderr], 200),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    /// Writes `contents` to `path` inside (its folder created), with `mode`.
+    pub fn write_file(&self, path: &str, contents: &[u8], mode: u32) -> Result<()> {
+        use std::io::Write;
+        let script = format!(
+            "mkdir -p \"$(dirname '{path}')\" && cat > '{path}' && chmod {mode:o} '{path}'"
+        );
+        let mut child = Command::new("docker")
+            .args(["exec", "-i", &self.name, "sh", "-c", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("docker exec -i")?;
+        child
+            .stdin
+            .take()
+            .context("docker exec's stdin")?
+            .write_all(contents)?;
+        let out = child.wait_with_output()?;
+        ensure!(
+            out.status.success(),
+            "writing {path} in {}: {}",
+            self.name,
+            tail(&[&out.stderr], 20)
+        );
+        Ok(())
+    }
+
+    /// `docker cp` of `host` to `inside`.
+    pub fn copy_in(&self, host: &Path, inside: &str) -> Result<()> {
+        let from = host.to_string_lossy();
+        docker(&["cp", &from, &format!("{}:{inside}", self.name)]).map(drop)
+    }
+
+    /// `docker cp` of `inside` to `host`.
+    pub fn copy_out(&self, inside: &str, host: &Path) -> Result<()> {
+        let to = host.to_string_lossy();
+        docker(&["cp", &format!("{}:{inside}", self.name), &to]).map(drop)
+    }
+
+    /// The journal of `unit` (`journalctl -u`), or why it could not be read.
+    pub fn journal(&self, unit: &str) -> String {
+        self.exec_text(&[
+            "journalctl",
+            "-u",
+            unit,
+            "--no-pager",
+            "-o",
+            "short-monotonic",
+        ])
+    }
+
+    /// `systemctl status` of `unit` and the last 50 lines of its journal: what a failure
+    /// message shows.
+    pub fn unit_report(&self, unit: &str) -> String {
+        let status = self.exec_text(&["systemctl", "status", "--no-pager", "-l", unit]);
+        let journal = self.exec_text(&[
+            "journalctl",
+            "-u",
+            unit,
+            "--no-pager",
+            "-n",
+            "50",
+            "-o",
+            "short-monotonic",
+        ]);
+        format!("--- systemctl status {unit}\n{status}\n--- journalctl -u {unit} -n 50\n{journal}")
+    }
+
+    /// One property of `unit` (`systemctl show -p PROP --value`).
+    pub fn unit_property(&self, unit: &str, prop: &str) -> Result<String> {
+        let out = self.exec_ok(&["systemctl", "show", "-p", prop, "--value", unit])?;
+        Ok(out.trim().to_owned())
+    }
+
+    /// The processes in `unit`'s control group, read from `/proc/*/cgroup` inside.
+    pub fn pids_of(&self, unit: &str) -> Result<Vec<u32>> {
+        let cgroup = self.unit_property(unit, "ControlGroup")?;
+        if cgroup.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Lines like `/proc/42/cgroup:1:name=systemd:/system.slice/evp-hubd.service`; grep's
+        // status is ignored: processes come and go while it reads.
+        let out = self.exec(&["sh", "-c", "grep -sH '' /proc/[0-9]*/cgroup"])?;
+        let mut pids: Vec<u32> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.rsplit(':').next() == Some(cgroup.as_str()))
+            .filter_map(|l| l.strip_prefix("/proc/")?.split('/').next()?.parse().ok())
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        Ok(pids)
+    }
+
+    /// The real uid of process `pid` inside; fails if its effective, saved or file-system uid
+    /// differs from it.
+    pub fn uid_of(&self, pid: u32) -> Result<u32> {
+        let status = self.exec_ok(&["cat", &format!("/proc/{pid}/status")])?;
+        let uids: Vec<u32> = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .with_context(|| format!("no Uid: in /proc/{pid}/status"))?
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()?;
+        ensure!(
+            uids.len() == 4 && uids.iter().all(|u| *u == uids[0]),
+            "process {pid} has mixed uids {uids:?}"
+        );
+        Ok(uids[0])
+    }
+
+    /// The uid of user `name` inside.
+    pub fn user_id(&self, name: &str) -> Result<u32> {
+        Ok(self.exec_ok(&["id", "-u", name])?.trim().parse()?)
+    }
+
+    /// Installs the agent and starts `evp.target`. The Debian package supersedes the
+    /// unpackaged build: when `target/debian/evp-agent_*.deb` exists (made by
+    /// `packaging/build-deb`), it is installed with `apt-get install`, as on a device;
+    /// otherwise [`BootedDevice::install_unpackaged_build`] copies the build in
+    /// (`EVP_BOOTED_INSTALL=build` chooses the build even when a package exists). Either way
+    /// `/etc/evp/agent.toml` points hubd at the device's own mosquitto (127.0.0.1:1883).
+    pub fn install_agent(&self, bin_dir: &Path) -> Result<Installed> {
+        self.write_file("/etc/evp/agent.toml", AGENT_TOML.as_bytes(), 0o644)?;
+        let package = match std::env::var("EVP_BOOTED_INSTALL").as_deref() {
+            Ok("build") => None,
+            _ => newest_package(&target_dir().join("debian"))?,
+        };
+        match package {
+            Some(deb) => {
+                self.copy_in(&deb, "/tmp/evp-agent.deb")?;
+                self.sh("DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+                     -o Dpkg::Options::=--force-confold /tmp/evp-agent.deb \
+                     && rm /tmp/evp-agent.deb")
+                    .context("installing the evp-agent package")?;
+                self.exec_ok(&["systemctl", "enable", "--now", "evp.target"])?;
+                Ok(Installed::Package(deb))
+            }
+            None => {
+                self.install_unpackaged_build(bin_dir)?;
+                Ok(Installed::UnpackagedBuild)
+            }
+        }
+    }
+
+    /// What stands in for the Debian package while there is none: the workspace's binaries
+    /// from `bin_dir` into /usr/bin, the units, bus policy, sysusers.d and tmpfiles.d files of
+    /// `systemd/` where the package puts them; then the users, the folders, a reload of
+    /// systemd and dbus-daemon, and `systemctl enable --now evp.target`.
+    pub fn install_unpackaged_build(&self, bin_dir: &Path) -> Result<()> {
+        let systemd = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd");
+        self.exec_ok(&["mkdir", "-p", "/tmp/evp-install/bin"])?;
+        for binary in BINARIES {
+            let path = bin_dir.join(binary);
+            ensure!(
+                path.exists(),
+                "{} is missing (cargo build --workspace)",
+                path.display()
+            );
+            self.copy_in(&path, &format!("/tmp/evp-install/bin/{binary}"))?;
+        }
+        self.copy_in(&systemd, "/tmp/evp-install/systemd")?;
+        self.sh("set -e; cd /tmp/evp-install\n\
+             install -m 0755 -t /usr/bin bin/*\n\
+             install -m 0644 -t /usr/lib/systemd/system systemd/*.service systemd/evp.target\n\
+             install -m 0644 -t /usr/share/dbus-1/system.d systemd/dbus/*.conf\n\
+             install -D -m 0644 systemd/sysusers.d/evp.conf /usr/lib/sysusers.d/evp.conf\n\
+             install -D -m 0644 systemd/tmpfiles.d/evp.conf /usr/lib/tmpfiles.d/evp.conf\n\
+             cd / && rm -rf /tmp/evp-install\n\
+             systemd-sysusers\n\
+             systemd-tmpfiles --create\n\
+             systemctl daemon-reload\n\
+             systemctl reload dbus\n\
+             systemctl enable --now evp.target")
+            .context("installing the unpackaged build")?;
+        Ok(())
+    }
+
+    /// What the container wrote to its console (systemd's boot messages).
+    fn container_log(&self) -> String {
+        match Command::new("docker").args(["logs", &self.name]).output() {
+            Ok(out) => tail(&[&out.stdout, &out.stderr], 50),
+            Err(e) => e.to_string(),
+        }
+    }
+}
+
+impl Drop for BootedDevice {
+    /// Removes the container, unless `EVP_BOOTED_KEEP` is set (to look inside after a failure:
+    /// `docker exec -it NAME bash`, then `docker rm -f NAME`).
+    fn drop(&mut self) {
+        if std::env::var_os("EVP_BOOTED_KEEP").is_some() {
+            eprintln!(
+                "booted: EVP_BOOTED_KEEP is set: leaving container {}",
+                self.name
+            );
+            return;
+        }
+        let _ = docker(&["rm", "-f", &self.name]);
+    }
+}
+
+/// The daemons, the command-line tool and the units installed.
+pub const BINARIES: [&str; 6] = [
+    "evp-hubd",
+    "evp-reconcilerd",
+    "evp-runtimed-wasm",
+    "evp-runtimed-container",
+    "evp-sdk-broker",
+    "evpctl",
+];
+
+/// The device's configuration: hubd connects to the device's own mosquitto; short report
+/// intervals, so a test sees a change within a fifth of a second.
+const AGENT_TOML: &str = "# Written by the booted-device tests.\n\
+[hub]\n\
+mqtt_host = \"127.0.0.1\"\n\
+mqtt_port = 1883\n\
+report_status_interval_min_ms = 200\n\
+report_status_interval_max_ms = 10000\n";
+
+/// The newest `evp-agent_*.deb` in `dir`, if any.
+fn newest_package(dir: &Path) -> Result<Option<PathBuf>> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(None);
+    };
+    let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("evp-agent_") && name.ends_with(".deb") {
+            let modified = entry.metadata()?.modified()?;
+            if newest.as_ref().is_none_or(|(m, _)| modified > *m) {
+                newest = Some((modified, entry.path()));
+            }
+        }
+    }
+    Ok(newest.map(|(_, p)| p))
+}

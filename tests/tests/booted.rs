@@ -1,0 +1,182 @@
+//! The agent on a booted device: systemd as PID 1 in a container, the agent installed as a
+//! device gets it, each daemon started by its unit, as its own user, inside its sandbox, on
+//! the device's system bus. What the process-level tests cannot see (a sandbox that forbids a
+//! write, a missing folder, a policy line, a hardening line that breaks a daemon) fails here.
+
+use std::time::{Duration, Instant};
+
+use evp_system_tests::booted::{BOOT_DEADLINE, BootedDevice, image};
+use evp_system_tests::{bin_dir, wait_for};
+
+/// Each unit, its bus name and object, its interface, and the user it runs as.
+const DAEMONS: [(&str, &str, &str, &str, &str); 5] = [
+    (
+        "evp-hubd",
+        "org.evp.Hub1",
+        "/org/evp/Hub1",
+        "org.evp.Hub1",
+        "evp-hub",
+    ),
+    (
+        "evp-reconcilerd",
+        "org.evp.Reconciler1",
+        "/org/evp/Reconciler1",
+        "org.evp.Reconciler1",
+        "evp-reconciler",
+    ),
+    (
+        "evp-runtimed-wasm",
+        "org.evp.Runtime1.Wasm",
+        "/org/evp/Runtime1/Wasm",
+        "org.evp.Runtime1",
+        "evp-wasm",
+    ),
+    (
+        "evp-runtimed-container",
+        "org.evp.Runtime1.Container",
+        "/org/evp/Runtime1/Container",
+        "org.evp.Runtime1",
+        "evp-container",
+    ),
+    (
+        "evp-sdk-broker",
+        "org.evp.SdkBroker1",
+        "/org/evp/SdkBroker1",
+        "org.evp.SdkBroker1",
+        "evp-sdk",
+    ),
+];
+
+/// A booted device with the agent installed and every unit active, its bus names owned.
+async fn device_with_agent() -> BootedDevice {
+    let started = Instant::now();
+    let image = image().unwrap();
+    eprintln!("booted: image ready in {:?}", started.elapsed());
+    let device = BootedDevice::start(&image).unwrap();
+    device.wait_running().unwrap();
+    eprintln!(
+        "booted: {} running after {:?}",
+        device.name(),
+        started.elapsed()
+    );
+    let installed = device.install_agent(&bin_dir()).unwrap();
+    eprintln!(
+        "booted: agent installed ({installed:?}) after {:?}",
+        started.elapsed()
+    );
+    for (unit, name, ..) in DAEMONS {
+        let active = wait_for(&format!("{unit} active"), BOOT_DEADLINE, async || {
+            let state = device.unit_property(unit, "ActiveState").ok()?;
+            matches!(state.as_str(), "active" | "failed").then_some(state)
+        })
+        .await;
+        assert!(
+            active.as_ref().is_ok_and(|s| s == "active"),
+            "{unit} is not active ({active:?}):\n{}",
+            device.unit_report(unit)
+        );
+        let owned = wait_for(&format!("{name} on the bus"), BOOT_DEADLINE, async || {
+            let out = device.exec(&["busctl", "status", name]).ok()?;
+            out.status.success().then_some(())
+        })
+        .await;
+        assert!(
+            owned.is_ok(),
+            "{name} is not on the system bus:\n{}",
+            device.unit_report(unit)
+        );
+    }
+    eprintln!("booted: agent active after {:?}", started.elapsed());
+    device
+}
+
+#[tokio::test]
+async fn the_agent_boots_under_systemd_with_each_daemon_as_its_own_user() {
+    let device = device_with_agent().await;
+    let mut daemon_pids = Vec::new();
+    for (unit, name, path, interface, user) in DAEMONS {
+        let report = || device.unit_report(unit);
+        // Type=notify: active means it said READY=1, and every daemon says so with a status.
+        assert_eq!(device.unit_property(unit, "Type").unwrap(), "notify");
+        assert_eq!(
+            device.unit_property(unit, "NRestarts").unwrap(),
+            "0",
+            "{unit} restarted:\n{}",
+            report()
+        );
+        let status_text = device.unit_property(unit, "StatusText").unwrap();
+        assert!(
+            !status_text.is_empty(),
+            "{unit} sent no STATUS=:\n{}",
+            report()
+        );
+        let pid: u32 = device
+            .unit_property(unit, "MainPID")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_ne!(pid, 0, "{unit} has no main process:\n{}", report());
+        let uid = device.uid_of(pid).unwrap();
+        assert_ne!(uid, 0, "{unit} runs as root");
+        assert_eq!(
+            uid,
+            device.user_id(user).unwrap(),
+            "{unit} (pid {pid}) does not run as {user}"
+        );
+        daemon_pids.push((unit, pid));
+        let xml = device
+            .exec_ok(&["busctl", "introspect", "--xml-interface", name, path])
+            .unwrap_or_else(|e| panic!("introspecting {name}: {e:#}\n{}", report()));
+        assert!(
+            xml.contains(&format!("<interface name=\"{interface}\">")),
+            "{name} {path} has no {interface}:\n{xml}"
+        );
+    }
+    // Every daemon runs as a user of its own.
+    let mut uids: Vec<u32> = daemon_pids
+        .iter()
+        .map(|(_, pid)| device.uid_of(*pid).unwrap())
+        .collect();
+    uids.sort_unstable();
+    uids.dedup();
+    assert_eq!(uids.len(), DAEMONS.len(), "{daemon_pids:?} share users");
+
+    // No evp process listens on TCP or UDP (mosquitto's 1883 is the broker's).
+    let sockets = device.exec_ok(&["ss", "-Hltnup"]).unwrap();
+    let ours: Vec<&str> = sockets.lines().filter(|l| l.contains("\"evp-")).collect();
+    assert!(
+        ours.is_empty(),
+        "evp processes listen:\n{}\n(all:\n{sockets})",
+        ours.join("\n")
+    );
+    assert!(
+        sockets.contains("mosquitto"),
+        "ss shows no mosquitto, so its process filter shows nothing:\n{sockets}"
+    );
+
+    // hubd logs to the journal, and it connected to the device's broker.
+    let connected = wait_for("hubd connected", Duration::from_secs(30), async || {
+        let state = device
+            .exec_ok(&[
+                "busctl",
+                "get-property",
+                "org.evp.Hub1",
+                "/org/evp/Hub1",
+                "org.evp.Hub1",
+                "Connection",
+            ])
+            .ok()?;
+        state.contains("\"connected\"").then_some(())
+    })
+    .await;
+    assert!(
+        connected.is_ok(),
+        "hubd did not connect to 127.0.0.1:1883:\n{}",
+        device.unit_report("evp-hubd")
+    );
+    let journal = device.journal("evp-hubd");
+    assert!(
+        journal.contains("evp-hubd"),
+        "no hubd lines in its journal:\n{journal}"
+    );
+}
