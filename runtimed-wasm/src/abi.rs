@@ -98,7 +98,7 @@ pub fn wasm_type(wamr: &str) -> Result<(Vec<Ty>, Vec<Ty>), BadSignature> {
 }
 
 /// The callbacks the host calls through the table, with their wasm parameter types (none
-/// returns a value, except the blob I/O callback, which this build never calls).
+/// returns a value, except the blob I/O callback, which returns an `EVP_BLOB_IO_RESULT`).
 pub mod callback {
     use super::Ty::{self, I32, I64};
 
@@ -110,6 +110,8 @@ pub mod callback {
     pub const MESSAGE_RECEIVED: &[Ty] = &[I32, I32, I32, I32];
     /// rpc-request: (id, method, params, user); the id is an i64.
     pub const RPC_REQUEST: &[Ty] = &[I64, I32, I32, I32];
+    /// blob io (a memory GET or PUT chunk): (buf, len, user) -> i32 `EVP_BLOB_IO_RESULT`.
+    pub const BLOB_IO: &[Ty] = &[I32, I32, I32];
 }
 
 #[cfg(test)]

@@ -5,6 +5,9 @@
 
 mod blob;
 mod events;
+mod memory_blob;
+
+pub use memory_blob::remove_staging_files;
 
 use std::cell::UnsafeCell;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -205,20 +208,26 @@ macro_rules! check_handle {
 }
 use check_handle;
 
-/// Copies `bytes` into a block from the guest's `malloc`; `None` when it returned NULL.
-fn hand_in(caller: &mut Caller<'_, HostState>, bytes: &[u8]) -> wasmtime::Result<Option<i32>> {
+/// A block of `len` bytes (at least 1) from the guest's `malloc`, its contents as `malloc`
+/// left them; `None` when it returned NULL.
+fn allocate(caller: &mut Caller<'_, HostState>, len: usize) -> wasmtime::Result<Option<i32>> {
     let malloc = exports(caller)?.malloc.ok_or_else(|| {
         wasmtime::format_err!(
             "the module does not export `{}`, which the SDK needs to hand it data",
             abi::MALLOC_EXPORT
         )
     })?;
-    let size = i32::try_from(bytes.len().max(1))
-        .map_err(|_| wasmtime::format_err!("{} bytes do not fit guest memory", bytes.len()))?;
+    let size = i32::try_from(len.max(1))
+        .map_err(|_| wasmtime::format_err!("{len} bytes do not fit guest memory"))?;
     let ptr = malloc.call(&mut *caller, size)?;
-    if ptr == 0 {
+    Ok((ptr != 0).then_some(ptr))
+}
+
+/// Copies `bytes` into a block from the guest's `malloc`; `None` when it returned NULL.
+fn hand_in(caller: &mut Caller<'_, HostState>, bytes: &[u8]) -> wasmtime::Result<Option<i32>> {
+    let Some(ptr) = allocate(caller, bytes.len())? else {
         return Ok(None);
-    }
+    };
     with_memory(caller, |m| guest::write(m, ptr as u32, bytes))?.map_err(|e| {
         wasmtime::format_err!("the module's malloc returned an unusable block: {e}")
     })?;
@@ -252,6 +261,30 @@ fn call_table(
     };
     func.call(&mut *caller, args, &mut [])
         .map_err(|e| e.context(format!("in SDK callback {index}")))
+}
+
+/// Calls the guest function at `index` of table 0 as a blob io callback, `(i32 buf, i32 len,
+/// i32 user) -> i32`, and gives its result; `None` when the index holds no function of that
+/// type (EVP's `call_indirect` fails then, and with it the operation). A trap in it is the
+/// instance's.
+fn call_io_callback(
+    caller: &mut Caller<'_, HostState>,
+    index: u32,
+    args: (i32, i32, i32),
+) -> wasmtime::Result<Option<i32>> {
+    let Some(table) = exports(caller)?.table else {
+        return Ok(None);
+    };
+    let Some(Ref::Func(Some(func))) = table.get(&mut *caller, u64::from(index)) else {
+        return Ok(None);
+    };
+    let Ok(typed) = func.typed::<(i32, i32, i32), i32>(&*caller) else {
+        return Ok(None);
+    };
+    typed
+        .call(&mut *caller, args)
+        .map(Some)
+        .map_err(|e| e.context(format!("in SDK blob io callback {index}")))
 }
 
 /// The linker every instance uses: WASI preview 1 and the `env` SDK functions.

@@ -204,17 +204,29 @@ pub fn start(
         .name(format!("wasm:{}", spec.instance))
         .stack_size(spec.thread_stack)
         .spawn(move || {
+            // A run that ended with memory blob operations under way left staging files.
+            remove_staging_files(&shared);
             let outcome = run(&engine, linker, &module, &shared, ready_tx);
             shared.finish_output();
             // The SDK connection closes before the end is reported: sdk-broker sees the module
             // let go, and a restart's connection takes the instance's slot.
             crate::host::lock(&shared.sdk).close();
+            remove_staging_files(&shared);
             if let Some(outcome) = outcome {
                 on_end(outcome);
             }
         })
         .map_err(|e| format!("starting the instance thread: {e}"))?;
     Ok((control, ready_rx))
+}
+
+/// Removes the staging files of memory blob operations from the instance's workspace.
+fn remove_staging_files(shared: &Shared) {
+    match crate::host::remove_staging_files(&shared.workspace) {
+        Ok(0) => {}
+        Ok(n) => info!(instance = %shared.instance, "removed {n} memory blob staging files"),
+        Err(e) => warn!(instance = %shared.instance, "{e}"),
+    }
 }
 
 /// The instance thread: instantiate, say so, run `_start`. `None` when it never ran (the

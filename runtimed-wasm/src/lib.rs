@@ -1,7 +1,8 @@
 //! runtimed-wasm: owns `org.evp.Runtime1.Wasm` and runs EVP WASM modules, unchanged, in
 //! wasmtime. Each instance is a host thread of this daemon ([`instance`]) whose SDK imports
-//! ([`host`], the ABI in [`abi`], guest memory in [`guest`]) speak to sdk-broker over the
-//! instance's socket ([`session`]), like a remote module; its output goes to the log
+//! ([`host`], the ABI in [`abi`], guest memory in [`guest`], memory blobs staged through the
+//! workspace in [`memory_blob`]) speak to sdk-broker over the instance's socket
+//! ([`session`]), like a remote module; its output goes to the log
 //! ([`output`]), its memory is limited ([`limits`]) and a stop interrupts it through the
 //! engine's epochs ([`engine`]). [`supervisor`] keeps modules ([`module`]: checked and
 //! rewritten by [`loader`], compiled once into [`cache`]) and instances; [`service`] is the
@@ -16,6 +17,7 @@ pub mod host;
 pub mod instance;
 pub mod limits;
 pub mod loader;
+pub mod memory_blob;
 pub mod module;
 pub mod output;
 pub mod service;

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use evp_schemas::sdk::{self as wire, EvpResult, Request};
 use evp_sdk::{Connection, Error};
 
+use crate::memory_blob::MemoryBlobs;
+
 /// How long a refused first connection is tried again (see [`Session::with_conn`]): more than
 /// the few D-Bus round trips between `StartInstance`'s answer and `BindInstance`.
 const REBIND_WAIT: Duration = Duration::from_secs(3);
@@ -107,6 +109,8 @@ pub struct Session {
     pub rpc: Option<Registered>,
     /// The guest copy of the workspace path, made at the first `EVP_getWorkspaceDirectory`.
     pub workspace_ptr: Option<u32>,
+    /// The memory blob operations under way.
+    pub memory_blobs: MemoryBlobs,
 }
 
 /// The callback fields of a request: the guest's table index and user data, which sdk-broker
@@ -139,6 +143,7 @@ impl Session {
             message: None,
             rpc: None,
             workspace_ptr: None,
+            memory_blobs: MemoryBlobs::default(),
         }
     }
 

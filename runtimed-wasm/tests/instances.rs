@@ -276,6 +276,56 @@ async fn the_workspace_is_preopened_at_its_own_path() {
     }
 }
 
+/// The staging files of memory blob operations in `workspace`.
+fn staging_files(workspace: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(workspace)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".evp-memory-blob-"))
+        .collect()
+}
+
+/// An exit ends a memory PUT still being produced and a memory GET under way with EXIT
+/// before the module is told to exit, and removes their staging files; a leftover of an
+/// earlier run is removed at the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exit_ends_memory_blob_operations_and_removes_their_staging_files() {
+    let mut rig = rig();
+    rig.load("m", "memory_blob").await;
+    let workspace = rig.dir.path().join("instances/m/default_workspace");
+    std::fs::create_dir_all(&workspace).unwrap();
+    std::fs::write(workspace.join(".evp-memory-blob-9"), b"old").unwrap();
+    let broker = rig.broker("m");
+    rig.start("m", "m", &broker).await;
+    // Configured once its callback is registered, so no configuration comes twice.
+    broker.wait_state("ready");
+    assert_eq!(staging_files(&workspace), Vec::<String>::new());
+    broker.configure("get", b"");
+    let blobs = broker.wait_blobs(1);
+    assert_eq!(blobs[0].0, 0, "{blobs:?}");
+    assert!(
+        std::path::Path::new(&blobs[0].1).starts_with(&workspace),
+        "{blobs:?}"
+    );
+    broker.configure("put", b"");
+    assert_eq!(broker.wait_state("producing"), b"h");
+    // The first chunk is written once the io callback returned.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while staging_files(&workspace).len() < 2 {
+        assert!(Instant::now() < deadline, "{:?}", staging_files(&workspace));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    broker.exit();
+    // EXIT is reason 1.
+    assert_eq!(broker.wait_state("done"), b"1");
+    assert_eq!(broker.wait_state("getdone"), b"1");
+    rig.wait("m", InstanceState::SelfExiting).await;
+    assert_eq!(staging_files(&workspace), Vec::<String>::new());
+    // The PUT never reached the broker.
+    let blobs = broker.wait_blobs(1);
+    assert_eq!(blobs.len(), 1, "{blobs:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn threads_on_a_shared_memory_run_and_join() {
     let mut rig = rig();

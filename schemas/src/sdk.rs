@@ -212,6 +212,16 @@ reason_enum!(
 );
 
 reason_enum!(
+    /// `EVP_BLOB_OPERATION`: which way a blob goes.
+    BlobOperation {
+        /// From the URL into the file (or the io callback).
+        Get = 0,
+        /// From the file (or the io callback) to the URL.
+        Put = 1,
+    }
+);
+
+reason_enum!(
     /// `EVP_RPC_RESPONSE_STATUS`: how a module answers a direct command.
     RpcStatus {
         /// Answered.
@@ -724,6 +734,8 @@ mod tests {
         assert_eq!(EvpResult::from_code(13), None);
         assert_eq!(StateReason::Denied.code(), 3);
         assert_eq!(RpcStatus::Error.code(), 2);
+        assert_eq!(BlobOperation::from_code(1), Some(BlobOperation::Put));
+        assert_eq!(BlobOperation::from_code(2), None);
         assert_eq!(fb::RequestUnion::streamParamsRequest.0, 8);
         assert_eq!(fb::EventBody::rpcResponse.0, 9);
         assert_eq!(fb::ResponseUnion::streamParamsResponse.0, 3);

@@ -39,25 +39,8 @@ const GET_FILE_MODE: u32 = 0o600;
 /// `EIO`, for failures that carry no errno of their own (a broken connection).
 const EIO: u32 = 5;
 
-/// `EVP_BLOB_OPERATION`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    /// Download into the file.
-    Get,
-    /// Upload the file.
-    Put,
-}
-
-impl Direction {
-    /// `EVP_BLOB_OPERATION_GET` 0, `PUT` 1.
-    pub fn from_code(op: u32) -> Option<Direction> {
-        match op {
-            0 => Some(Direction::Get),
-            1 => Some(Direction::Put),
-            _ => None,
-        }
-    }
-}
+/// `EVP_BLOB_OPERATION`: GET downloads into the file, PUT uploads it.
+pub use evp_schemas::sdk::BlobOperation as Direction;
 
 /// One accepted transfer.
 #[derive(Debug, Clone, PartialEq, Eq)]

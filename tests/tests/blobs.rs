@@ -1,6 +1,7 @@
-//! Blob operations of a spawned module (`evp-test-blob`) through sdk-broker, against HTTP
-//! servers on loopback started here: what arrives is checked byte for byte on the server (PUT)
-//! and in the workspace (GET).
+//! Blob operations of a spawned module (`evp-test-blob`) and of WASM modules (`blob`, and
+//! `memory-blob` for memory operations) through sdk-broker, against HTTP servers on loopback
+//! started here: what arrives is checked byte for byte on the server (PUT) and in the
+//! workspace or the module's io callback (GET).
 
 use std::time::Duration;
 
@@ -22,8 +23,13 @@ async fn blob_op(sys: &System, topic: &str, ask: Value) -> Value {
     serde_json::from_str(&text).unwrap_or(state)
 }
 
+/// `len` bytes, byte i being `(i * 7) % 251` (what the `memory-blob` module PUTs, too).
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 % 251) as u8).collect()
+}
+
 fn served(dir: &std::path::Path, name: &str, len: usize) -> Vec<u8> {
-    let bytes: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+    let bytes = pattern(len);
     std::fs::write(dir.join(name), &bytes).unwrap();
     bytes
 }
@@ -263,5 +269,120 @@ async fn a_wasm_module_gets_and_puts_a_workspace_file_through_sdk_broker() {
         .unwrap();
     assert_eq!(wait("put").await, "reason=0 result=0 http=201 error=0");
     assert!(std::fs::read(root.path().join("back.bin")).unwrap() == payload);
+    sys.stop().await;
+}
+
+/// FNV-1a (32 bits), as the `memory-blob` module folds the bytes its io callback sees.
+fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(2_166_136_261u32, |h, b| {
+        (h ^ u32::from(*b)).wrapping_mul(16_777_619)
+    })
+}
+
+/// Asks instance `wmem` for the memory operation `topic` (its configuration is `value`).
+async fn ask_memory(sys: &System, topic: &str, value: &str) {
+    sys.hub
+        .set_configuration("wmem", topic, value)
+        .await
+        .unwrap();
+}
+
+/// Waits for the outcome of `wmem`'s operation `topic` (`key=value` fields) and checks that
+/// it has the fields `expect` with their values.
+async fn check_memory(sys: &System, topic: &str, expect: &[(&str, &str)]) {
+    let state = wait_state(sys, &format!("state/wmem/{topic}"), |_| true).await;
+    let text = state.as_str().unwrap_or_default();
+    let fields: std::collections::HashMap<&str, &str> = text
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .collect();
+    for (key, value) in expect {
+        assert_eq!(fields.get(key), Some(value), "{key} of {topic}: {text:?}");
+    }
+}
+
+/// The staging files left in a workspace.
+fn staging_files(workspace: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(workspace)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".evp-memory-blob-"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wasm_module_gets_and_puts_blobs_in_memory_through_its_io_callback() {
+    let sys = System::start().await.unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let payload = served(root.path(), "big.bin", 3 * 1024 * 1024 + 17);
+    let server = FileServer::start(root.path().to_path_buf()).unwrap();
+    let mut d = deployment_of("dep-1", &[]);
+    d["modules"]["mblob"] = evp_system_tests::wasm::c_module("memory-blob");
+    d["instanceSpecs"]["wmem"] = json!({"moduleId": "mblob", "publish": {}, "subscribe": {}});
+    deploy_and_wait(&sys, &d).await;
+    let workspace = sys.instance_dir("wmem").join("default_workspace");
+    let done = [("reason", "0"), ("result", "0")];
+
+    // A GET and a PUT at once: the GET's io callback saw exactly the server's bytes, in
+    // order (in chunks: 16 KiB at most each); the server stored exactly the PUT's pattern.
+    let put_len = 1_000_003;
+    ask_memory(&sys, "get", &server.url("big.bin")).await;
+    ask_memory(&sys, "put", &format!("{put_len} {}", server.url("up.bin"))).await;
+    let (len, fnv) = (payload.len().to_string(), fnv1a(&payload).to_string());
+    let calls = payload.len().div_ceil(16 * 1024).to_string();
+    let got = [
+        ("http", "200"),
+        ("len", &len),
+        ("fnv", &fnv),
+        ("calls", &calls),
+    ];
+    check_memory(&sys, "get", &[&done[..], &got].concat()).await;
+    let put_len_text = put_len.to_string();
+    let put = [("http", "201"), ("len", put_len_text.as_str())];
+    check_memory(&sys, "put", &[&done[..], &put].concat()).await;
+    let stored = std::fs::read(root.path().join("up.bin")).unwrap();
+    assert!(
+        stored == pattern(put_len),
+        "uploaded {} bytes, not the pattern",
+        stored.len()
+    );
+
+    // An io callback that answers ERROR ends a PUT with ECANCELED before anything is sent,
+    // and a GET with ECANCELED and the transfer's status.
+    let ecanceled = libc::ECANCELED.to_string();
+    let refused = [
+        ("reason", "0"),
+        ("result", "1"),
+        ("error", &ecanceled),
+        ("calls", "2"),
+    ];
+    ask_memory(
+        &sys,
+        "putfail",
+        &format!("100000 {}", server.url("fail.bin")),
+    )
+    .await;
+    check_memory(&sys, "putfail", &[&refused[..], &[("http", "0")]].concat()).await;
+    assert!(!root.path().join("fail.bin").exists());
+    assert!(server.requests().iter().all(|r| r.name != "fail.bin"));
+    ask_memory(&sys, "getfail", &server.url("big.bin")).await;
+    check_memory(
+        &sys,
+        "getfail",
+        &[&refused[..], &[("http", "200")]].concat(),
+    )
+    .await;
+
+    // A failed transfer is the result as it came, with no io callback; a NULL io callback
+    // discards the blob.
+    ask_memory(&sys, "get404", &server.url("nope")).await;
+    let missing = [("result", "2"), ("http", "404"), ("calls", "0")];
+    check_memory(&sys, "get404", &missing).await;
+    ask_memory(&sys, "discard", &server.url("big.bin")).await;
+    let discarded = [("http", "200"), ("len", "0"), ("calls", "0")];
+    check_memory(&sys, "discard", &[&done[..], &discarded].concat()).await;
+
+    // No staging file is left behind.
+    assert_eq!(staging_files(&workspace), Vec::<String>::new());
     sys.stop().await;
 }

@@ -1,9 +1,19 @@
 //! The blob and stream functions of the SDK. A blob operation on a file goes to sdk-broker
 //! over the instance's socket, as a remote module's does (the workspace is pre-opened at its
 //! host path, so the file name the module gives is the one sdk-broker checks); its callback
-//! comes back as an event (`events.rs`). A memory operation (no file name, the io callback)
-//! answers `EVP_NOTSUP` for now. The `EVP_BlobRequestHttpExt_*` helpers manage a struct in
-//! guest memory. Streams are asked of sdk-broker, which declares none.
+//! comes back as an event (`events.rs`). A memory operation (no file name: the io callback
+//! and `blob_len`) is staged through a hidden file of the workspace, `.evp-memory-blob-<n>`,
+//! which sdk-broker transfers like any other (`memory_blob.rs`, decided by
+//! [`crate::memory_blob`]): a PUT answers `EVP_OK` once checked, its io callback fills the
+//! file in chunks inside the next `EVP_processEvent` calls, and then sdk-broker PUTs it; a
+//! GET is asked of sdk-broker at once (its refusal is the answer) and, once it succeeded, the
+//! file goes to the io callback in chunks inside `EVP_processEvent` (a NULL io callback
+//! discards it). The file is removed and the blob callback gets the result as for a file
+//! operation; an io callback that answers `EVP_BLOB_IO_RESULT_ERROR` ends the operation with
+//! `EVP_BLOB_RESULT_ERROR` and `ECANCELED`, and an exit with EXIT. So the io callbacks come
+//! before the transfer (PUT) or after it (GET), not during it, and the disk holds the blob
+//! meanwhile. The `EVP_BlobRequestHttpExt_*` helpers manage a struct in guest memory. Streams
+//! are asked of sdk-broker, which declares none.
 
 use evp_schemas::sdk::{
     BLOB_TYPE_AZURE_BLOB, BLOB_TYPE_EVP, BLOB_TYPE_EVP_EXT, BLOB_TYPE_HTTP_EXT, BlobRequest,
@@ -11,10 +21,13 @@ use evp_schemas::sdk::{
 };
 use wasmtime::{Caller, Linker};
 
-use super::{HostState, args, check_handle, code, hand_in, read, release, with_memory};
+use super::{
+    HostState, args, check_handle, code, hand_in, memory_blob, read, release, with_memory,
+};
 use crate::abi::{self, IMPORT_MODULE, MAX_BLOB_TYPE};
 use crate::guest::{self, HttpExtRequest};
-use crate::session::wire_callback;
+use crate::memory_blob::{Asked, Direction};
+use crate::session::{guest_callback, wire_callback};
 
 pub(super) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     let m = IMPORT_MODULE;
@@ -45,6 +58,19 @@ pub(super) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<
     Ok(())
 }
 
+/// Where an operation's blob comes from or goes to (`EVP_BlobLocalStore`).
+enum LocalStore {
+    /// A workspace file, by the name the module gave.
+    File(String),
+    /// The io callback's chunks (no file name).
+    Memory {
+        /// The io callback's table index.
+        io_cb: u32,
+        /// The bytes to PUT.
+        blob_len: u32,
+    },
+}
+
 /// `EVP_blobOperation(h, type, op, request, localStore, cb, user)`.
 #[allow(clippy::too_many_arguments)]
 fn blob_operation(
@@ -62,13 +88,16 @@ fn blob_operation(
         return Ok(code(EvpResult::Inval));
     }
     let kind = kind.unsigned_abs();
-    let (filename, request) = args!(&mut caller, |m| {
+    let (store, request) = args!(&mut caller, |m| {
         // EVP_BlobLocalStore: +0 filename (0: a memory operation), +4 io_cb, +8 blob_len.
-        let filename_ptr = guest::u32_at(m, local_store as u32)?;
-        let filename = if filename_ptr == 0 {
-            None
+        let at = local_store as u32;
+        let filename_ptr = guest::u32_at(m, at)?;
+        let store = if filename_ptr == 0 {
+            let io_cb = guest::u32_at(m, at.wrapping_add(4))?;
+            let blob_len = guest::u32_at(m, at.wrapping_add(8))?;
+            LocalStore::Memory { io_cb, blob_len }
         } else {
-            Some(guest::c_string(m, filename_ptr)?)
+            LocalStore::File(guest::c_string(m, filename_ptr)?)
         };
         let at = request as u32;
         let request = match kind {
@@ -99,11 +128,25 @@ fn blob_operation(
                 url: guest::c_string(m, guest::u32_at(m, at)?)?,
             },
         };
-        Ok((filename, request))
+        Ok((store, request))
     });
-    // Memory operations need the io callback called from the transfer: not served yet.
-    let Some(filename) = filename else {
-        return Ok(code(EvpResult::NotSup));
+    let filename = match store {
+        LocalStore::File(filename) => filename,
+        LocalStore::Memory { io_cb, blob_len } => {
+            let Some(direction) = Direction::from_code(op.unsigned_abs()) else {
+                return Ok(code(EvpResult::Inval));
+            };
+            let asked = Asked {
+                direction,
+                kind,
+                request,
+                io_cb,
+                user,
+                cb: guest_callback(&wire_callback(cb, user)),
+                blob_len,
+            };
+            return Ok(memory_blob::start(&mut caller, asked));
+        }
     };
     let request = Request::BlobOperation {
         kind,

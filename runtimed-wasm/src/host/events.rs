@@ -1,6 +1,8 @@
 //! `EVP_processEvent`: one event from sdk-broker, dispatched to the guest's callback inside the
 //! call (host → guest re-entry), with the data it needs copied in with the guest's `malloc`
-//! and freed with its `free` once the callback returned.
+//! and freed with its `free` once the callback returned. The chunks of memory blob operations
+//! (`memory_blob.rs`) are events too: while one waits, the call serves it and sdk-broker's
+//! events in turns, and sdk-broker is only polled.
 
 use std::time::{Duration, Instant};
 
@@ -8,7 +10,7 @@ use evp_schemas::sdk::{Event, EvpResult, Request, RpcStatus};
 use tracing::warn;
 use wasmtime::{Caller, Val};
 
-use super::{HostState, call_table, check_handle, code, hand_in, release};
+use super::{HostState, call_table, check_handle, code, hand_in, memory_blob, release};
 use crate::guest::nul_terminated;
 use crate::session::{Registered, guest_callback, wire_callback};
 
@@ -24,6 +26,13 @@ pub(super) fn process_event(
     timeout_ms: i32,
 ) -> wasmtime::Result<i32> {
     check_handle!(h);
+    let local_first = caller.data().sdk().memory_blobs.local_turn();
+    if local_first && let Some(done) = memory_blob::run_steps(&mut caller)? {
+        return Ok(done);
+    }
+    // With memory blob chunks waiting, sdk-broker is polled, not waited for.
+    let local_waiting = caller.data().sdk().memory_blobs.has_work();
+    let timeout_ms = if local_waiting { 0 } else { timeout_ms };
     let event = if caller.data().threads.is_some() {
         wait_in_slices(&caller, timeout_ms)
     } else {
@@ -31,6 +40,9 @@ pub(super) fn process_event(
         caller.data().sdk().get_event(timeout_ms)
     };
     match event {
+        Ok(Event::None) if local_waiting => {
+            Ok(memory_blob::run_steps(&mut caller)?.unwrap_or(code(EvpResult::TimedOut)))
+        }
         Ok(event) => dispatch(&mut caller, event),
         // A connection that failed (sdk-broker gone, or the instance is being stopped) is the
         // end of the module's SDK, as for the C client: SHOULDEXIT.
@@ -63,7 +75,13 @@ fn dispatch(caller: &mut Caller<'_, HostState>, event: Event) -> wasmtime::Resul
     let reason = |cb, reason: u32| (guest_callback(cb), reason);
     let (target, reason) = match event {
         Event::None => return Ok(code(EvpResult::TimedOut)),
-        Event::Exit => return Ok(code(EvpResult::ShouldExit)),
+        Event::Exit => {
+            // The memory operations still local end with EXIT first, one per call, as
+            // sdk-broker's pending requests did before it said exit.
+            caller.data().sdk().memory_blobs.exit();
+            let done = memory_blob::run_steps(caller)?;
+            return Ok(done.unwrap_or(code(EvpResult::ShouldExit)));
+        }
         Event::Config { topic, blob } => {
             let registered = caller.data().sdk().configuration;
             return deliver(caller, registered, &topic, &blob);
@@ -80,6 +98,9 @@ fn dispatch(caller: &mut Caller<'_, HostState>, event: Event) -> wasmtime::Resul
         Event::Telemetry { cb, reason: r } => reason(&cb, r.code()),
         Event::RpcResponse { cb, reason: r } => reason(&cb, r.code()),
         Event::Blob { cb, reason, result } => {
+            if let Some(id) = crate::memory_blob::operation_of(&cb) {
+                return memory_blob::transfer_done(caller, id, reason, result);
+            }
             return blob_done(caller, guest_callback(&cb), reason.code(), result);
         }
     };
@@ -95,7 +116,7 @@ fn dispatch(caller: &mut Caller<'_, HostState>, event: Event) -> wasmtime::Resul
 
 /// Calls a blob callback `(reason, result, user)` with the result struct handed in:
 /// `EVP_BlobResult*`, 12 bytes: +0 result, +4 http_status, +8 error.
-fn blob_done(
+pub(super) fn blob_done(
     caller: &mut Caller<'_, HostState>,
     target: Option<Registered>,
     reason: u32,

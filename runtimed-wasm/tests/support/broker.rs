@@ -1,6 +1,8 @@
 //! A stand-in for sdk-broker on one instance socket, for tests of runtimed-wasm's instances
 //! without D-Bus: it keeps the states it is sent, delivers configurations and direct commands
-//! the test queues, completes every request with `SENT`, and sends `exit` when told.
+//! the test queues, completes every request with `SENT`, and sends `exit` when told. A blob
+//! GET makes its file and stays under way until the exit, which ends it with EXIT (as
+//! sdk-broker does); a blob PUT is done at once (201).
 
 use std::collections::{HashMap, VecDeque};
 use std::os::unix::net::UnixListener;
@@ -9,8 +11,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use evp_schemas::sdk::{
-    self as wire, Event, EvpResult, MessageSentReason, Request, Response, RpcResponseReason,
-    StateReason, TelemetryReason,
+    self as wire, BlobOutcome, BlobReason, Event, EvpResult, MessageSentReason, Request, Response,
+    RpcResponseReason, StateReason, TelemetryReason,
 };
 
 #[derive(Default)]
@@ -22,6 +24,10 @@ struct Inner {
     telemetry: Vec<(String, String)>,
     rpc_answers: Vec<(u64, String, u32)>,
     connections: usize,
+    /// Blob GETs under way: their callbacks.
+    transfers: Vec<wire::Callback>,
+    /// Every blob operation: its op and file name.
+    blobs: Vec<(u32, String)>,
     /// Connections still to be closed at once, as sdk-broker's peer check closes a connection
     /// from a process the socket is not bound to.
     refuse: usize,
@@ -163,7 +169,30 @@ impl FakeBroker {
                 kind: 0,
                 direction: 0,
             },
-            Request::BlobOperation { .. } => Response::Simple(EvpResult::NotSup),
+            Request::BlobOperation {
+                kind,
+                op,
+                filename,
+                cb,
+                ..
+            } => {
+                if op == 0 {
+                    std::fs::write(&filename, b"partial").unwrap();
+                    inner.transfers.push(cb);
+                } else {
+                    inner.events.push_back(Event::Blob {
+                        cb,
+                        reason: BlobReason::Done,
+                        result: BlobOutcome {
+                            kind,
+                            http_status: 201,
+                            ..Default::default()
+                        },
+                    });
+                }
+                inner.blobs.push((op, filename));
+                ok
+            }
         };
         changed.notify_all();
         response
@@ -199,7 +228,23 @@ impl FakeBroker {
 
     /// Sends `exit` once the queue is empty, as CloseInstance does.
     pub fn exit(&self) {
-        self.push(|i| i.exiting = true);
+        self.push(|i| {
+            i.exiting = true;
+            for cb in std::mem::take(&mut i.transfers) {
+                i.events.push_back(Event::Blob {
+                    cb,
+                    reason: BlobReason::Exit,
+                    result: BlobOutcome::default(),
+                });
+            }
+        });
+    }
+
+    /// Waits for `n` blob operations and returns them: `(op, file name)`.
+    pub fn wait_blobs(&self, n: usize) -> Vec<(u32, String)> {
+        self.wait(&format!("{n} blob operations"), |i| {
+            (i.blobs.len() >= n).then(|| i.blobs.clone())
+        })
     }
 
     /// Waits until `check` holds of the broker's state, and returns what it gave.

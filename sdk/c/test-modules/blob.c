@@ -19,14 +19,6 @@ struct operation {
 	struct EVP_BlobLocalStore store;
 };
 
-static void report(struct EVP_client *h, const char *topic, const char *text)
-{
-	char *copy = copy_text(text, strlen(text));
-	if (copy != NULL &&
-	    EVP_sendState(h, topic, copy, strlen(copy), free_when_sent, copy) != EVP_OK)
-		free(copy);
-}
-
 static void on_done(EVP_BLOB_CALLBACK_REASON reason, const void *result,
 		    void *user)
 {
@@ -39,7 +31,7 @@ static void on_done(EVP_BLOB_CALLBACK_REASON reason, const void *result,
 	else
 		snprintf(text, sizeof(text), "reason=%d", (int)reason);
 	fprintf(stderr, "%s: %s done: %s\n", NAME, op->topic, text);
-	report(op->h, op->topic, text);
+	send_text_state(op->h, op->topic, text);
 	free(op->url);
 	free(op);
 }
@@ -65,7 +57,7 @@ static void on_configuration(const char *topic, const void *config,
 					 put ? EVP_BLOB_OP_PUT : EVP_BLOB_OP_GET,
 					 &op->request, &op->store, on_done, op);
 	if (r != EVP_OK) {
-		report(h, op->topic, result_name(r));
+		send_text_state(h, op->topic, result_name(r));
 		free(op->url);
 		free(op);
 	}

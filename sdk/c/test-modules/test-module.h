@@ -58,6 +58,16 @@ static inline void free_when_sent(EVP_STATE_CALLBACK_REASON reason, void *buffer
 	free(buffer);
 }
 
+/* Sends the state `topic` = a copy of `text`, freed once sent. */
+static inline void send_text_state(struct EVP_client *h, const char *topic,
+				   const char *text)
+{
+	char *copy = copy_text(text, strlen(text));
+	if (copy != NULL &&
+	    EVP_sendState(h, topic, copy, strlen(copy), free_when_sent, copy) != EVP_OK)
+		free(copy);
+}
+
 /* Processes events until the agent asks the module to exit; returns main's
  * status: 0 then, 1 when the SDK fails otherwise. */
 static inline int serve_until_exit(const char *name, struct EVP_client *h)
