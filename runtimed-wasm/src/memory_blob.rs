@@ -22,8 +22,9 @@
 use std::collections::BTreeMap;
 
 use evp_schemas::sdk::{
-    self as wire, BLOB_RESULT_ERROR, BLOB_RESULT_SUCCESS, BLOB_TYPE_AZURE_BLOB, BLOB_TYPE_HTTP,
-    BLOB_TYPE_HTTP_EXT, BlobOutcome, BlobReason, BlobRequest, EvpResult, Request,
+    self as wire, BLOB_RESULT_ERROR, BLOB_RESULT_SUCCESS, BLOB_TYPE_AZURE_BLOB, BLOB_TYPE_EVP,
+    BLOB_TYPE_EVP_EXT, BLOB_TYPE_HTTP, BLOB_TYPE_HTTP_EXT, BlobOutcome, BlobReason, BlobRequest,
+    EvpResult, Request,
 };
 
 use crate::session::Registered;
@@ -104,21 +105,27 @@ pub struct Asked {
 }
 
 /// Why a PUT is refused at once, before anything is staged: what sdk-broker would refuse
-/// when it gets the file (an unserved type, a URL that is not http(s)), and a NULL io
-/// callback, which could not produce the blob. A GET goes to sdk-broker at once, which
-/// answers for it.
+/// when it gets the file (an unknown type, a URL that is not http(s); EVP storage has no URL,
+/// the hub's storage token gives it), and a NULL io callback, which could not produce the
+/// blob. A GET goes to sdk-broker at once, which answers for it.
 pub fn refusal(asked: &Asked) -> Option<EvpResult> {
     if asked.direction == Direction::Get {
         return None;
     }
     if !matches!(
         asked.kind,
-        BLOB_TYPE_AZURE_BLOB | BLOB_TYPE_HTTP | BLOB_TYPE_HTTP_EXT
+        BLOB_TYPE_AZURE_BLOB
+            | BLOB_TYPE_EVP
+            | BLOB_TYPE_HTTP
+            | BLOB_TYPE_EVP_EXT
+            | BLOB_TYPE_HTTP_EXT
     ) {
         return Some(EvpResult::NotSup);
     }
     let url = asked.request.url();
-    if asked.io_cb == 0 || !(url.starts_with("http://") || url.starts_with("https://")) {
+    let http = url.starts_with("http://") || url.starts_with("https://");
+    let storage = matches!(asked.request, BlobRequest::Evp { .. });
+    if asked.io_cb == 0 || !(http || storage) {
         return Some(EvpResult::Inval);
     }
     None

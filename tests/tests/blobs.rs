@@ -6,21 +6,14 @@
 use std::time::Duration;
 
 use evp_system_tests::http::{Behaviour, FileServer};
-use evp_system_tests::system::{System, deploy_and_wait, deployment_of, wait_state};
+use evp_system_tests::system::{
+    System, blob_outcome, deploy_and_wait, deployment_of, wait_state,
+};
 use serde_json::{Value, json};
 
 /// Asks instance `blob` for the operation `ask` under `topic` and waits for its outcome.
 async fn blob_op(sys: &System, topic: &str, ask: Value) -> Value {
-    sys.hub
-        .set_configuration("blob", topic, &ask.to_string())
-        .await
-        .unwrap();
-    let state = wait_state(sys, &format!("state/blob/{topic}"), |_| true).await;
-    let text = state
-        .as_str()
-        .map(str::to_owned)
-        .unwrap_or_else(|| state.to_string());
-    serde_json::from_str(&text).unwrap_or(state)
+    blob_outcome(sys, "blob", topic, ask).await
 }
 
 /// `len` bytes, byte i being `(i * 7) % 251` (what the `memory-blob` module PUTs, too).

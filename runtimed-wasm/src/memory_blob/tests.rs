@@ -283,11 +283,21 @@ fn a_put_needs_a_served_type_an_http_url_and_an_io_callback() {
     assert_eq!(refusal(&ftp), Some(EvpResult::Inval));
     assert_eq!(
         refusal(&Asked {
-            kind: 3,
+            kind: 9,
             ..put.clone()
         }),
         Some(EvpResult::NotSup)
     );
+    // EVP storage: the hub's storage token gives the URL.
+    let storage = Asked {
+        kind: 3,
+        request: BlobRequest::Evp {
+            remote_name: "r".into(),
+            storage_name: None,
+        },
+        ..put.clone()
+    };
+    assert_eq!(refusal(&storage), None);
     // A GET is sdk-broker's to refuse; a NULL io callback discards.
     assert_eq!(refusal(&asked(Direction::Get, 0, 0)), None);
 }
