@@ -321,9 +321,14 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
 }
 
 /// The module cache is read by the runtimes through its group (set-group-id, so files inherit
-/// it); nobody else may look in.
+/// it); nobody else may look in. On a device tmpfiles.d makes it, and an existing one is left
+/// as it is: the unit's `RestrictSUIDSGID=yes` refuses (EPERM) a mkdir with the set-group-id
+/// bit even where the directory exists.
 fn create_shared_dir(dir: &std::path::Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o2750)
