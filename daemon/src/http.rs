@@ -136,29 +136,57 @@ pub fn client(
     // One process-wide TLS provider, chosen explicitly: ring builds without cmake or nasm.
     // Installing it twice is harmless (the second call is refused).
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut builder = reqwest::Client::builder()
-        .tls_backend_rustls()
-        .connect_timeout(CONNECT_TIMEOUT)
-        .read_timeout(read_timeout);
-    if let Some(p) = proxy {
-        let url = format!("http://{}:{}", p.host, p.port);
-        let mut proxy = reqwest::Proxy::all(&url).map_err(|source| ClientError::Proxy {
-            url: url.clone(),
-            source,
-        })?;
-        if let Some(user) = &p.username {
-            proxy = proxy.basic_auth(user, p.password.as_deref().unwrap_or(""));
+    let builder = || -> Result<reqwest::ClientBuilder, ClientError> {
+        let mut builder = reqwest::Client::builder()
+            .tls_backend_rustls()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(read_timeout);
+        if let Some(p) = proxy {
+            let url = format!("http://{}:{}", p.host, p.port);
+            let mut proxy = reqwest::Proxy::all(&url).map_err(|source| ClientError::Proxy {
+                url: url.clone(),
+                source,
+            })?;
+            if let Some(user) = &p.username {
+                proxy = proxy.basic_auth(user, p.password.as_deref().unwrap_or(""));
+            }
+            builder = builder.proxy(proxy);
         }
-        builder = builder.proxy(proxy);
+        Ok(builder)
+    };
+    let extra = match ca_cert {
+        Some(path) => {
+            let bytes = std::fs::read(path).map_err(|source| ClientError::CaRead {
+                path: path.to_owned(),
+                source,
+            })?;
+            parse_ca(path, &bytes)?
+        }
+        None => Vec::new(),
+    };
+    match builder()?.tls_certs_merge(extra.clone()).build() {
+        Ok(client) => Ok(client),
+        // A device without system roots (no ca-certificates package) still serves: HTTP and
+        // file transfers work, HTTPS trusts only the configured CA (none: every HTTPS
+        // transfer fails its handshake, and says so).
+        Err(system) => match builder()?.tls_certs_only(extra).build() {
+            Ok(client) => {
+                let mut why = system.to_string();
+                let mut source = std::error::Error::source(&system);
+                while let Some(cause) = source {
+                    why = format!("{why}: {cause}");
+                    source = cause.source();
+                }
+                tracing::warn!(
+                    "no system TLS roots ({why}): HTTPS transfers trust only the configured \
+                     CA (EVP_TLS_CA_CERT, [reconciler] https_ca_cert); install ca-certificates \
+                     for the public ones"
+                );
+                Ok(client)
+            }
+            Err(_) => Err(ClientError::Build(system)),
+        },
     }
-    if let Some(path) = ca_cert {
-        let bytes = std::fs::read(path).map_err(|source| ClientError::CaRead {
-            path: path.to_owned(),
-            source,
-        })?;
-        builder = builder.tls_certs_merge(parse_ca(path, &bytes)?);
-    }
-    builder.build().map_err(ClientError::Build)
 }
 
 /// The certificates of a CA file: a PEM bundle, or one DER certificate. Each is parsed here,
