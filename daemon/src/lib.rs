@@ -187,8 +187,8 @@ fn shutdown_signals() -> Result<ShutdownSignals> {
     })
 }
 
-/// Tells systemd the daemon serves (`READY=1`) and starts the watchdog pings when
-/// `WATCHDOG_USEC` asks for them. Call it once `name` is owned on `conn`, from the runtime.
+/// Tells systemd the daemon serves (`READY=1`, `STATUS=serving <name>`) and starts the
+/// watchdog pings when `WATCHDOG_USEC` asks for them. Call it once `name` is owned on `conn`, from the runtime.
 /// Each ping follows a round trip to the bus that shows `conn` still owns `name`, so a daemon
 /// cut off from the bus (or whose event loop is stuck) stops pinging and systemd restarts it.
 pub fn notify_ready(conn: &zbus::Connection, name: &'static str) {
@@ -201,7 +201,13 @@ pub fn notify_ready(conn: &zbus::Connection, name: &'static str) {
             }
         }
     }
-    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+    // The status `systemctl status` shows, with READY=1 in one message.
+    let status = format!("serving {name}");
+    let ready = [
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status),
+    ];
+    if let Err(e) = sd_notify::notify(&ready) {
         warn!("sd_notify READY failed: {e}");
     }
     if let Some(period) = sd_notify::watchdog_enabled() {
