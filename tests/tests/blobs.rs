@@ -6,9 +6,7 @@
 use std::time::Duration;
 
 use evp_system_tests::http::{Behaviour, FileServer};
-use evp_system_tests::system::{
-    System, blob_outcome, deploy_and_wait, deployment_of, wait_state,
-};
+use evp_system_tests::system::{System, blob_outcome, deploy_and_wait, deployment_of, wait_state};
 use serde_json::{Value, json};
 
 /// Asks instance `blob` for the operation `ask` under `topic` and waits for its outcome.
