@@ -216,11 +216,16 @@ pub fn notify_ready(conn: &zbus::Connection, name: &'static str) {
         let every = (period / 2).max(Duration::from_millis(100));
         info!(?every, "systemd watchdog enabled");
         let conn = conn.clone();
+        let hang_at = debug_hang_at();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             let mut failing = false;
             loop {
                 tick.tick().await;
+                if hang_at.is_some_and(|at| std::time::Instant::now() >= at) {
+                    warn!("{DEBUG_HANG_VARIABLE}: hanging here; the watchdog pings stop");
+                    std::future::pending::<()>().await;
+                }
                 let check = tokio::time::timeout(every, bus::still_owns(&conn, name)).await;
                 let problem = match check {
                     Ok(Ok(true)) => None,
@@ -245,6 +250,19 @@ pub fn notify_ready(conn: &zbus::Connection, name: &'static str) {
             }
         });
     }
+}
+
+/// Debug builds only: the daemon's watchdog pinger hangs this many milliseconds after READY,
+/// so a test sees systemd's watchdog restart a daemon that stopped answering.
+pub const DEBUG_HANG_VARIABLE: &str = "EVP_DEBUG_HANG_AFTER_MS";
+
+/// When a debug build is to hang ([`DEBUG_HANG_VARIABLE`]); never in a release build.
+fn debug_hang_at() -> Option<std::time::Instant> {
+    if !cfg!(debug_assertions) {
+        return None;
+    }
+    let ms: u64 = std::env::var(DEBUG_HANG_VARIABLE).ok()?.parse().ok()?;
+    Some(std::time::Instant::now() + Duration::from_millis(ms))
 }
 
 /// Waits for SIGTERM or SIGINT, then tells systemd the daemon is stopping.
