@@ -324,9 +324,11 @@ fn copy_module(spec: &StartSpec, uid: u32) -> Result<std::path::PathBuf, String>
     }
     std::fs::copy(&spec.module_location, &temp)
         .map_err(|e| format!("copying {} for uid {uid}: {e}", spec.module_location))?;
-    std::os::unix::fs::chown(&temp, Some(uid), Some(uid)).map_err(|e| fail("chown", e))?;
+    // The mode first: once the file is the instance's, only CAP_FOWNER (which the unit does
+    // not grant) could change it.
     std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(MODULE_COPY_MODE))
         .map_err(|e| fail("chmod", e))?;
+    std::os::unix::fs::chown(&temp, Some(uid), Some(uid)).map_err(|e| fail("chown", e))?;
     std::fs::rename(&temp, &target).map_err(|e| fail("renaming", e))?;
     Ok(target)
 }
