@@ -34,13 +34,19 @@ const ENTRY: &str = "#!/bin/sh\n\
 for d in /sys/fs/cgroup/*/; do mount -o remount,bind,rw \"$d\"; done\n\
 exec /sbin/init\n";
 const ENTRY_PATH: &str = "/usr/local/sbin/evp-booted-init";
+/// mosquitto also listens on the container's address, for a hub driven from the host (the
+/// tests' `HubSide`); hubd connects to it on 127.0.0.1 as to a broker of its own.
+const MOSQUITTO_CONF: &str = "listener 1883\nallow_anonymous true\n";
+const MOSQUITTO_CONF_PATH: &str = "etc/mosquitto/conf.d/evp-booted.conf";
 
 /// How long systemd gets to boot, and the agent to start.
 pub const BOOT_DEADLINE: Duration = Duration::from_secs(60);
 
 /// The tag of the image the recipe above makes.
 fn image_tag() -> String {
-    let recipe = format!("{MIRROR}\n{SUITE}\n{PACKAGES}\n{ENTRY}\n{ENTRY_PATH}\nv1");
+    let recipe = format!(
+        "{MIRROR}\n{SUITE}\n{PACKAGES}\n{ENTRY}\n{ENTRY_PATH}\n{MOSQUITTO_CONF}\n{MOSQUITTO_CONF_PATH}\nv1"
+    );
     let hash = hex::encode(Sha256::digest(recipe.as_bytes()));
     format!("evp-booted:{}", &hash[..16])
 }
@@ -128,6 +134,7 @@ fn build_image(tag: &str, dir: &Path) -> Result<()> {
     std::fs::write(&entry, ENTRY)?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::write(root.join(MOSQUITTO_CONF_PATH), MOSQUITTO_CONF)?;
     // Every container gets a machine id of its own at boot: systemd makes one when
     // /etc/machine-id is empty, and would reuse dbus's instead.
     std::fs::write(root.join("etc/machine-id"), "")?;
@@ -212,6 +219,11 @@ impl BootedDevice {
             "/run",
             "--tmpfs",
             "/run/lock",
+            // The agent's state on a file system that gives a file the group of its
+            // set-group-id folder, as a device's does: the engine's fuse-overlayfs does not,
+            // and the runtimes read the module cache through its group.
+            "--tmpfs",
+            "/var/lib/evp:rw,exec,nosuid,nodev,mode=755,size=1g",
             "--stop-signal",
             "SIGRTMIN+3",
             image,
@@ -223,6 +235,18 @@ impl BootedDevice {
     /// The container's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The device's broker as the host reaches it: `mqtt://<container address>:1883`.
+    pub fn broker_url(&self) -> Result<String> {
+        let ip = docker(&[
+            "inspect",
+            "--format",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            &self.name,
+        ])?;
+        ensure!(!ip.is_empty(), "{} has no network address", self.name);
+        Ok(format!("mqtt://{ip}:1883"))
     }
 
     /// Waits until systemd has booted: its private socket exists, then

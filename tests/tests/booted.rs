@@ -5,8 +5,11 @@
 
 use std::time::{Duration, Instant};
 
+use evp_devhub::hub::HubSide;
 use evp_system_tests::booted::{BOOT_DEADLINE, BootedDevice, image};
 use evp_system_tests::{bin_dir, wait_for};
+use serde_json::json;
+use sha2::{Digest, Sha256};
 
 /// Each unit, its bus name and object, its interface, and the user it runs as.
 const DAEMONS: [(&str, &str, &str, &str, &str); 5] = [
@@ -187,4 +190,135 @@ async fn the_agent_boots_under_systemd_with_each_daemon_as_its_own_user() {
         journal.contains("evp-hubd"),
         "no hubd lines in its journal:\n{journal}"
     );
+}
+
+/// systemd's range for dynamic users, runtimed-container's default instance uids.
+const INSTANCE_UIDS: std::ops::RangeInclusive<u32> = 61184..=65519;
+
+/// Where the sample module is copied on the device; reconcilerd fetches it from there.
+const SAMPLE_PATH: &str = "/usr/local/lib/evp-sample/evp-sample-module";
+
+/// The processes of runtimed-container's unit that run under an instance uid, with it.
+fn instance_processes(device: &BootedDevice) -> Vec<(u32, u32)> {
+    device
+        .pids_of("evp-runtimed-container")
+        .unwrap()
+        .into_iter()
+        .filter_map(|pid| Some((pid, device.uid_of(pid).ok()?)))
+        .filter(|(_, uid)| INSTANCE_UIDS.contains(uid))
+        .collect()
+}
+
+/// Waits for a status report newer than `after` (a [`HubSide::status_count`]) with the
+/// deployment `id` `ok`, instance `sample` included.
+async fn wait_sample_ok(hub: &HubSide, device: &BootedDevice, id: &str, after: u64, why: &str) {
+    let ok = wait_for(&format!("sample ok {why}"), BOOT_DEADLINE, async || {
+        let status = hub.latest_status()?;
+        let d = &status["deploymentStatus"];
+        (hub.status_count() > after
+            && d["deploymentId"] == id
+            && d["reconcileStatus"] == "ok"
+            && d["instances"]["sample"]["status"] == "ok")
+            .then_some(())
+    })
+    .await;
+    if ok.is_err() {
+        let reports: Vec<String> = DAEMONS.iter().map(|d| device.unit_report(d.0)).collect();
+        panic!(
+            "the sample is not ok {why}; last status {:#}\n{}",
+            hub.latest_status().unwrap_or_default(),
+            reports.join("\n")
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_spawned_module_runs_as_its_own_uid_and_outlives_each_daemon_killed() {
+    let device = device_with_agent().await;
+    let sample = bin_dir().join("evp-sample-module");
+    device
+        .exec_ok(&["mkdir", "-p", "/usr/local/lib/evp-sample"])
+        .unwrap();
+    device.copy_in(&sample, SAMPLE_PATH).unwrap();
+    let hash = hex::encode(Sha256::digest(std::fs::read(&sample).unwrap()));
+    let id = "booted-1";
+    let deployment = json!({
+        "deploymentId": id,
+        "instanceSpecs": {"sample": {"moduleId": "sample", "publish": {}, "subscribe": {}}},
+        "modules": {"sample": {
+            "moduleImpl": "spawn", "entryPoint": "main",
+            "downloadUrl": format!("file://{SAMPLE_PATH}"), "hash": hash,
+        }},
+        "publishTopics": {}, "subscribeTopics": {},
+    });
+    let hub = HubSide::connect(&device.broker_url().unwrap())
+        .await
+        .unwrap();
+    hub.deploy(&deployment).await.unwrap();
+    wait_sample_ok(&hub, &device, id, 0, "after the deployment").await;
+
+    // The sample runs under an instance uid: not root, not a daemon's user.
+    let processes = instance_processes(&device);
+    assert_eq!(
+        processes.len(),
+        1,
+        "one sample process under an instance uid in {:?}: {processes:?}\n{}",
+        device.pids_of("evp-runtimed-container").unwrap(),
+        device.unit_report("evp-runtimed-container")
+    );
+    let (pid, uid) = processes[0];
+    for (.., user) in DAEMONS {
+        assert_ne!(
+            uid,
+            device.user_id(user).unwrap(),
+            "the sample runs as {user}"
+        );
+    }
+
+    // Each daemon killed in turn is restarted by systemd; the sample keeps running, except
+    // across sdk-broker, whose restart takes the SDK sockets: reconcilerd then starts every
+    // instance again on new ones (ARCHITECTURE.md, Recovery).
+    let mut sample_pid = pid;
+    for (unit, name, ..) in DAEMONS {
+        let restarts: u32 = device
+            .unit_property(unit, "NRestarts")
+            .unwrap()
+            .parse()
+            .unwrap();
+        let old = device.unit_property(unit, "MainPID").unwrap();
+        device.exec_ok(&["kill", "-9", &old]).unwrap();
+        let restarted = wait_for(&format!("{unit} restarted"), BOOT_DEADLINE, async || {
+            let n: u32 = device.unit_property(unit, "NRestarts").ok()?.parse().ok()?;
+            let main = device.unit_property(unit, "MainPID").ok()?;
+            let state = device.unit_property(unit, "ActiveState").ok()?;
+            let owned = device
+                .exec(&["busctl", "status", name])
+                .ok()?
+                .status
+                .success();
+            (n > restarts && state == "active" && main != old && main != "0" && owned).then_some(())
+        })
+        .await;
+        assert!(
+            restarted.is_ok(),
+            "{unit} was not restarted after kill -9:\n{}",
+            device.unit_report(unit)
+        );
+        let count = hub.status_count();
+        wait_sample_ok(&hub, &device, id, count, &format!("after {unit} restarted")).await;
+        let now = instance_processes(&device);
+        if unit == "evp-sdk-broker" {
+            assert!(
+                now.len() == 1 && now[0].0 != sample_pid,
+                "the sample was not started again on a new socket after sdk-broker: {now:?}"
+            );
+        } else {
+            assert_eq!(
+                now,
+                vec![(sample_pid, uid)],
+                "the sample did not keep running across {unit}'s restart"
+            );
+        }
+        sample_pid = now[0].0;
+    }
 }
