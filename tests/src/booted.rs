@@ -201,34 +201,18 @@ impl BootedDevice {
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
         let _ = docker(&["rm", "-f", &name]);
-        docker(&[
-            "run",
-            "-d",
-            "--name",
-            &name,
-            "--hostname",
-            &name,
-            "--cgroupns=private",
-            "--cap-add",
-            "SYS_ADMIN",
-            "--cap-add",
-            "NET_ADMIN",
-            "--security-opt",
-            "seccomp=unconfined",
-            "--tmpfs",
-            "/run",
-            "--tmpfs",
-            "/run/lock",
-            // The agent's state on a file system that gives a file the group of its
-            // set-group-id folder, as a device's does: the engine's fuse-overlayfs does not,
-            // and the runtimes read the module cache through its group.
-            "--tmpfs",
-            "/var/lib/evp:rw,exec,nosuid,nodev,mode=755,size=1g",
-            "--stop-signal",
-            "SIGRTMIN+3",
-            image,
-        ])
-        .with_context(|| format!("starting the booted device {name}"))?;
+        // systemd as PID 1 without --privileged (the host's bounding set lacks
+        // CAP_SYS_RESOURCE): its own cgroup namespace, SYS_ADMIN to mount, tmpfs for /run.
+        // The agent's state is on a tmpfs too, a file system that gives a file the group of
+        // its set-group-id folder, as a device's does (the engine's fuse-overlayfs does not,
+        // and the runtimes read the module cache through its group).
+        let options = "run -d --cgroupns=private --cap-add SYS_ADMIN --cap-add NET_ADMIN \
+                       --security-opt seccomp=unconfined --tmpfs /run --tmpfs /run/lock \
+                       --tmpfs /var/lib/evp:rw,exec,nosuid,nodev,mode=755,size=1g \
+                       --stop-signal SIGRTMIN+3";
+        let mut args: Vec<&str> = options.split_whitespace().collect();
+        args.extend(["--name", &name, "--hostname", &name, image]);
+        docker(&args).with_context(|| format!("starting the booted device {name}"))?;
         Ok(BootedDevice { name })
     }
 
@@ -455,12 +439,14 @@ impl BootedDevice {
     /// unpackaged build: when `target/debian/evp-agent_*.deb` exists (made by
     /// `packaging/build-deb`), it is installed with `apt-get install`, as on a device;
     /// otherwise [`BootedDevice::install_unpackaged_build`] copies the build in
-    /// (`EVP_BOOTED_INSTALL=build` chooses the build even when a package exists). Either way
-    /// `/etc/evp/agent.toml` points hubd at the device's own mosquitto (127.0.0.1:1883).
+    /// (`EVP_BOOTED_INSTALL=build` chooses the build even when a package exists,
+    /// `EVP_BOOTED_INSTALL=/path/to.deb` that package). Either way `/etc/evp/agent.toml`
+    /// points hubd at the device's own mosquitto (127.0.0.1:1883).
     pub fn install_agent(&self, bin_dir: &Path) -> Result<Installed> {
         self.write_file("/etc/evp/agent.toml", AGENT_TOML.as_bytes(), 0o644)?;
-        let package = match std::env::var("EVP_BOOTED_INSTALL").as_deref() {
-            Ok("build") => None,
+        let package = match std::env::var("EVP_BOOTED_INSTALL") {
+            Ok(choice) if choice == "build" => None,
+            Ok(deb) if deb.ends_with(".deb") => Some(PathBuf::from(deb)),
             _ => newest_package(&target_dir().join("debian"))?,
         };
         match package {
