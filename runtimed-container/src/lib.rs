@@ -366,6 +366,7 @@ pub async fn serve(
         error!("{}; stopping", evp_daemon::BusLost(RUNTIME_CONTAINER_NAME));
     }
 
+    registry_auth.stop_asking_hubd();
     let on_exit = section.on_exit();
     supervisor.shutdown(on_exit).await;
     if tokio::time::timeout(EVENT_FLUSH_TIMEOUT, publisher)

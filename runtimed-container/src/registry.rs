@@ -6,7 +6,7 @@
 //! hubd names none for, and all of them when hubd cannot answer.
 
 use std::collections::HashMap;
-use std::sync::OnceLock;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use bollard::auth::DockerCredentials;
@@ -22,8 +22,9 @@ const HUB_ANSWER_WAIT: Duration = Duration::from_secs(2);
 pub struct RegistryAuth {
     /// This daemon's `EVP_REGISTRY_AUTH`.
     local: HashMap<String, String>,
-    /// The bus hubd is asked on, once connected.
-    bus: OnceLock<zbus::Connection>,
+    /// The bus hubd is asked on, while the daemon serves (held here, the connection would
+    /// outlive the daemon's run and keep its bus name).
+    bus: Mutex<Option<zbus::Connection>>,
 }
 
 impl RegistryAuth {
@@ -31,23 +32,36 @@ impl RegistryAuth {
     pub fn new(local: HashMap<String, String>) -> RegistryAuth {
         RegistryAuth {
             local,
-            bus: OnceLock::new(),
+            bus: Mutex::new(None),
         }
     }
 
     /// From now on, hubd is asked on `conn` first.
     pub fn ask_hubd_on(&self, conn: zbus::Connection) {
-        let _ = self.bus.set(conn);
+        *self.bus.lock().unwrap_or_else(PoisonError::into_inner) = Some(conn);
+    }
+
+    /// From now on, only the local map serves (the daemon stops serving).
+    pub fn stop_asking_hubd(&self) {
+        self.bus
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
     }
 
     /// The map in effect: hubd's entries over the local ones.
     async fn current(&self) -> HashMap<String, String> {
         let mut map = self.local.clone();
-        let Some(conn) = self.bus.get() else {
+        let conn = self
+            .bus
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let Some(conn) = conn else {
             return map;
         };
         let asked = async {
-            Hub1Proxy::builder(conn)
+            Hub1Proxy::builder(&conn)
                 .cache_properties(zbus::proxy::CacheProperties::No)
                 .build()
                 .await?
