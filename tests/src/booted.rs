@@ -25,8 +25,10 @@ const MIRROR: &str = "http://deb.debian.org/debian";
 /// run inside.
 const SUITE: &str = "bookworm";
 /// What the device has beyond `minbase`: systemd as init, the system bus, the broker hubd
-/// connects to, `ss` (iproute2), `ps` (procps) and `setpriv` (util-linux).
-const PACKAGES: &str = "systemd,systemd-sysv,dbus,mosquitto,iproute2,procps,util-linux";
+/// connects to, `ss` (iproute2), `ps` (procps), `setpriv` (util-linux) and `nc -U`
+/// (netcat-openbsd, a client of the SDK sockets).
+const PACKAGES: &str =
+    "systemd,systemd-sysv,dbus,mosquitto,iproute2,procps,util-linux,netcat-openbsd";
 /// The image's entry point. systemd needs the cgroup hierarchies writable; the engine mounts
 /// them read-only (and the host's own `/sys/fs/cgroup` must never be bind-mounted instead:
 /// systemd would remount it).
@@ -179,7 +181,7 @@ fn build_image(tag: &str, dir: &Path) -> Result<()> {
 /// How [`BootedDevice::install_agent`] installed the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Installed {
-    /// The Debian package (`target/debian/evp-agent_*.deb`), as a device gets it.
+    /// A Debian package ([`package`], or `EVP_BOOTED_INSTALL`'s), as a device gets it.
     Package(PathBuf),
     /// The workspace's debug binaries and `systemd/` files, copied where the package puts them.
     UnpackagedBuild,
@@ -435,35 +437,35 @@ impl BootedDevice {
         Ok(self.exec_ok(&["id", "-u", name])?.trim().parse()?)
     }
 
-    /// Installs the agent and starts `evp.target`. The Debian package supersedes the
-    /// unpackaged build: when `target/debian/evp-agent_*.deb` exists (made by
-    /// `packaging/build-deb`), it is installed with `apt-get install`, as on a device;
-    /// otherwise [`BootedDevice::install_unpackaged_build`] copies the build in
-    /// (`EVP_BOOTED_INSTALL=build` chooses the build even when a package exists,
-    /// `EVP_BOOTED_INSTALL=/path/to.deb` that package). Either way `/etc/evp/agent.toml`
-    /// points hubd at the device's own mosquitto (127.0.0.1:1883).
+    /// Installs the agent as a device gets it: the Debian package of the workspace's debug
+    /// binaries ([`package`] of the workspace's version), with `apt-get install`, which enables
+    /// and starts `evp.target`. `EVP_BOOTED_INSTALL=/path/to.deb` installs that package
+    /// instead, and `EVP_BOOTED_INSTALL=build` copies the unpackaged build in
+    /// ([`BootedDevice::install_unpackaged_build`]). Either way `/etc/evp/agent.toml` points
+    /// hubd at the device's own mosquitto (127.0.0.1:1883), and is kept as the operator's.
     pub fn install_agent(&self, bin_dir: &Path) -> Result<Installed> {
         self.write_file("/etc/evp/agent.toml", AGENT_TOML.as_bytes(), 0o644)?;
-        let package = match std::env::var("EVP_BOOTED_INSTALL") {
-            Ok(choice) if choice == "build" => None,
-            Ok(deb) if deb.ends_with(".deb") => Some(PathBuf::from(deb)),
-            _ => newest_package(&target_dir().join("debian"))?,
-        };
-        match package {
-            Some(deb) => {
-                self.copy_in(&deb, "/tmp/evp-agent.deb")?;
-                self.sh("DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-                     -o Dpkg::Options::=--force-confold /tmp/evp-agent.deb \
-                     && rm /tmp/evp-agent.deb")
-                    .context("installing the evp-agent package")?;
-                self.exec_ok(&["systemctl", "enable", "--now", "evp.target"])?;
-                Ok(Installed::Package(deb))
-            }
-            None => {
+        let deb = match std::env::var("EVP_BOOTED_INSTALL") {
+            Ok(choice) if choice == "build" => {
                 self.install_unpackaged_build(bin_dir)?;
-                Ok(Installed::UnpackagedBuild)
+                return Ok(Installed::UnpackagedBuild);
             }
-        }
+            Ok(deb) if deb.ends_with(".deb") => PathBuf::from(deb),
+            _ => package(WORKSPACE_VERSION)?,
+        };
+        self.install_package(&deb)?;
+        Ok(Installed::Package(deb))
+    }
+
+    /// `apt-get install` of the package `deb` (a first install or an upgrade), keeping the
+    /// device's `/etc/evp/agent.toml`.
+    pub fn install_package(&self, deb: &Path) -> Result<()> {
+        self.copy_in(deb, "/tmp/evp-agent.deb")?;
+        self.sh("DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+             -o Dpkg::Options::=--force-confold /tmp/evp-agent.deb \
+             && rm /tmp/evp-agent.deb")
+            .with_context(|| format!("installing {}", deb.display()))?;
+        Ok(())
     }
 
     /// What stands in for the Debian package while there is none: the workspace's binaries
@@ -542,20 +544,62 @@ mqtt_port = 1883\n\
 report_status_interval_min_ms = 200\n\
 report_status_interval_max_ms = 10000\n";
 
-/// The newest `evp-agent_*.deb` in `dir`, if any.
-fn newest_package(dir: &Path) -> Result<Option<PathBuf>> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(None);
-    };
-    let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("evp-agent_") && name.ends_with(".deb") {
-            let modified = entry.metadata()?.modified()?;
-            if newest.as_ref().is_none_or(|(m, _)| modified > *m) {
-                newest = Some((modified, entry.path()));
+/// The workspace's version, the package [`BootedDevice::install_agent`] installs.
+pub const WORKSPACE_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The Debian package `version` of the workspace's debug binaries
+/// (`packaging/build-deb --debug --version V --out target/booted/deb`), made at most once per
+/// test run: under a file lock (parallel test binaries), and again only when a binary or a
+/// packaged file is newer than the package.
+pub fn package(version: &str) -> Result<PathBuf> {
+    static MADE: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let mut made = MADE.lock().unwrap_or_else(|e| e.into_inner());
+    let out = target_dir().join("booted/deb");
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let arch = run(Command::new("dpkg").arg("--print-architecture"))?;
+    let deb = out.join(format!("evp-agent_{version}_{}.deb", arch.trim()));
+    if made.iter().any(|v| v == version) {
+        return Ok(deb);
+    }
+    let lock_path = out.join("build.lock");
+    let lock = std::fs::File::create(&lock_path)
+        .with_context(|| format!("creating {}", lock_path.display()))?;
+    lock.lock()
+        .with_context(|| format!("locking {}", lock_path.display()))?;
+    let built = std::fs::metadata(&deb).and_then(|m| m.modified()).ok();
+    if built.is_none_or(|b| newest_input().is_ok_and(|n| n > b)) {
+        let started = Instant::now();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/build-deb");
+        run(Command::new(&script)
+            .args(["--debug", "--version", version, "--out"])
+            .arg(&out))
+        .context("packaging/build-deb --debug")?;
+        eprintln!("booted: built {} in {:?}", deb.display(), started.elapsed());
+    }
+    made.push(version.to_owned());
+    Ok(deb)
+}
+
+/// When the newest of what goes into the package changed: the debug binaries, and the files
+/// of `systemd/`, `packaging/` and `sdk/python/evp`.
+fn newest_input() -> Result<std::time::SystemTime> {
+    fn walk(path: &Path, newest: &mut std::time::SystemTime) -> Result<()> {
+        let meta = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
+        *newest = (*newest).max(meta.modified()?);
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(path)? {
+                walk(&entry?.path(), newest)?;
             }
         }
+        Ok(())
     }
-    Ok(newest.map(|(_, p)| p))
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut newest = std::time::UNIX_EPOCH;
+    for dir in ["systemd", "packaging", "sdk/python/evp"] {
+        walk(&root.join(dir), &mut newest)?;
+    }
+    for binary in BINARIES {
+        walk(&crate::bin_dir().join(binary), &mut newest)?;
+    }
+    Ok(newest)
 }
