@@ -137,7 +137,10 @@ pub fn env_nonempty(name: &str) -> Option<String> {
 }
 
 /// Sends logs to journald when systemd connected stderr to the journal, to stderr otherwise.
-/// `RUST_LOG` sets the filter; the default is `info`.
+/// `RUST_LOG` sets the filter; the default is `info`. A log's fields are journal fields of the
+/// same name upper-cased, unprefixed (`instance` is `INSTANCE`, so
+/// `journalctl INSTANCE=sample` finds an instance's lines); none is named like a field journald
+/// or tracing-journald sets (`MESSAGE`, `PRIORITY`, `TARGET`, `CODE_*`, `SYSLOG_*`).
 pub fn init_logging(name: &'static str) {
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     if std::env::var_os("JOURNAL_STREAM").is_some() {
@@ -145,7 +148,11 @@ pub fn init_logging(name: &'static str) {
             Ok(layer) => {
                 tracing_subscriber::registry()
                     .with(filter())
-                    .with(layer.with_syslog_identifier(name.to_owned()))
+                    .with(
+                        layer
+                            .with_field_prefix(None)
+                            .with_syslog_identifier(name.to_owned()),
+                    )
                     .init();
                 return;
             }
