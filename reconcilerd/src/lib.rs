@@ -198,7 +198,7 @@ impl ReconcilerService {
             .save(&deployment)
             .map_err(|e| EvpError::Io(e.to_string()))?;
         info!(
-            deployment = deployment.deployment_id.as_deref().unwrap_or("-"),
+            deployment_id = deployment.deployment_id.as_deref().unwrap_or("-"),
             instances = deployment.instance_specs.len(),
             "deployment accepted"
         );
@@ -258,7 +258,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     };
     if let Some(d) = &initial {
         info!(
-            deployment = d.deployment_id.as_deref().unwrap_or("-"),
+            deployment_id = d.deployment_id.as_deref().unwrap_or("-"),
             "resuming the last desired deployment from disk"
         );
     }

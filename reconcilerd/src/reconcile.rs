@@ -679,7 +679,7 @@ impl Reconciler {
         self.applied = true;
         let status = self.render().reconcile_status;
         info!(
-            deployment = desired.deployment_id.as_deref().unwrap_or("-"),
+            deployment_id = desired.deployment_id.as_deref().unwrap_or("-"),
             status = status.map(ReconcileStatus::as_str).unwrap_or("-"),
             "reconcile pass done"
         );

@@ -619,6 +619,7 @@ impl Supervisor {
             Err(message) => return Err(self.start_failed(instance, generation, message)),
         };
         let pid = started.pid;
+        info!(instance, module = module_id, pid, uid = ?uid, "instance started");
 
         let mut state = self.lock();
         let stopping = match state.instances.get_mut(instance) {

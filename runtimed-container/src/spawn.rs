@@ -258,7 +258,7 @@ pub(crate) fn spawn(spec: StartSpec, logs: &LogPolicy, launch: Launch) -> Result
         tracked.insert(pid);
         (child, pid)
     };
-    info!(instance = %spec.instance, pid, uid = ?spec.uid, module = %spec.module_location, "instance spawned");
+    info!(instance = %spec.instance, pid, uid = ?spec.uid, location = %spec.module_location, "instance spawned");
     // The child is not reaped before `wait` below, so its /proc entry is there even if it
     // already exited.
     let handle = match process::stat(pid) {

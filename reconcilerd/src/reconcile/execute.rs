@@ -9,7 +9,7 @@ use evp_schemas::dbus::{self, Runtime1Proxy, SdkBroker1Proxy};
 use evp_schemas::instance::StartOptions;
 use futures_util::StreamExt;
 use tokio::sync::watch;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{Desired, Reconciler, Running};
 use crate::plan::{ModuleSource, Placement, Runtime, Step};
@@ -133,9 +133,21 @@ impl Reconciler {
                     batch.retain(|(_, p)| {
                         p.runtime().is_some() && !failed_loads.contains(&p.module_id)
                     });
+                    let deployment_id = rx
+                        .borrow()
+                        .deployment
+                        .as_ref()
+                        .and_then(|d| d.deployment_id.clone());
                     for (rt, instance, placement, result) in self.start_all(batch).await {
                         match result {
                             Ok(()) => {
+                                info!(
+                                    instance = %instance,
+                                    module = %placement.module_id,
+                                    deployment_id = deployment_id.as_deref().unwrap_or("-"),
+                                    runtime = rt.name(),
+                                    "instance started"
+                                );
                                 started_on.insert(rt);
                                 self.running.insert(
                                     instance,
