@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use sha2::{Digest, Sha256};
 
+use evp_devhub::hub::HubSide;
+
 use crate::docker::{docker, require_engine};
 
 /// Where the root filesystem comes from.
@@ -602,4 +604,224 @@ fn newest_input() -> Result<std::time::SystemTime> {
         walk(&crate::bin_dir().join(binary), &mut newest)?;
     }
     Ok(newest)
+}
+
+/// Each unit, its bus name and object, its interface, and the user it runs as.
+pub const DAEMONS: [(&str, &str, &str, &str, &str); 5] = [
+    (
+        "evp-hubd",
+        "org.evp.Hub1",
+        "/org/evp/Hub1",
+        "org.evp.Hub1",
+        "evp-hub",
+    ),
+    (
+        "evp-reconcilerd",
+        "org.evp.Reconciler1",
+        "/org/evp/Reconciler1",
+        "org.evp.Reconciler1",
+        "evp-reconciler",
+    ),
+    (
+        "evp-runtimed-wasm",
+        "org.evp.Runtime1.Wasm",
+        "/org/evp/Runtime1/Wasm",
+        "org.evp.Runtime1",
+        "evp-wasm",
+    ),
+    (
+        "evp-runtimed-container",
+        "org.evp.Runtime1.Container",
+        "/org/evp/Runtime1/Container",
+        "org.evp.Runtime1",
+        "evp-container",
+    ),
+    (
+        "evp-sdk-broker",
+        "org.evp.SdkBroker1",
+        "/org/evp/SdkBroker1",
+        "org.evp.SdkBroker1",
+        "evp-sdk",
+    ),
+];
+
+/// systemd's range for dynamic users, runtimed-container's default instance uids.
+pub const INSTANCE_UIDS: std::ops::RangeInclusive<u32> = 61184..=65519;
+
+/// Where the sample module is copied on the device; reconcilerd fetches it from there.
+pub const SAMPLE_PATH: &str = "/usr/local/lib/evp-sample/evp-sample-module";
+
+/// A booted device with the agent installed ([`BootedDevice::install_agent`]) and every unit
+/// active, its bus name owned; each phase's time on stderr.
+pub async fn device_with_agent() -> BootedDevice {
+    let started = Instant::now();
+    let image = image().unwrap();
+    eprintln!("booted: image ready in {:?}", started.elapsed());
+    let device = BootedDevice::start(&image).unwrap();
+    device.wait_running().unwrap();
+    eprintln!(
+        "booted: {} running after {:?}",
+        device.name(),
+        started.elapsed()
+    );
+    let installed = device.install_agent(&crate::bin_dir()).unwrap();
+    eprintln!(
+        "booted: agent installed ({installed:?}) after {:?}",
+        started.elapsed()
+    );
+    device.wait_serving().await;
+    eprintln!("booted: agent active after {:?}", started.elapsed());
+    device
+}
+
+impl BootedDevice {
+    /// Waits until every unit is active and its bus name owned; panics with the unit's
+    /// report otherwise.
+    pub async fn wait_serving(&self) {
+        for (unit, name, ..) in DAEMONS {
+            let active = crate::wait_for(&format!("{unit} active"), BOOT_DEADLINE, async || {
+                let state = self.unit_property(unit, "ActiveState").ok()?;
+                matches!(state.as_str(), "active" | "failed").then_some(state)
+            })
+            .await;
+            assert!(
+                active.as_ref().is_ok_and(|s| s == "active"),
+                "{unit} is not active ({active:?}):\n{}",
+                self.unit_report(unit)
+            );
+            let owned = crate::wait_for(&format!("{name} on the bus"), BOOT_DEADLINE, async || {
+                self.owns(name).then_some(())
+            })
+            .await;
+            assert!(
+                owned.is_ok(),
+                "{name} is not on the system bus:\n{}",
+                self.unit_report(unit)
+            );
+        }
+    }
+
+    /// Whether bus name `name` has an owner (`busctl status`).
+    pub fn owns(&self, name: &str) -> bool {
+        self.exec(&["busctl", "status", name])
+            .is_ok_and(|o| o.status.success())
+    }
+
+    /// `unit`'s main process, 0 when it has none.
+    pub fn main_pid(&self, unit: &str) -> Result<u32> {
+        Ok(self.unit_property(unit, "MainPID")?.parse()?)
+    }
+
+    /// The processes of runtimed-container's unit that run under an instance uid, with it.
+    pub fn instance_processes(&self) -> Vec<(u32, u32)> {
+        self.pids_of("evp-runtimed-container")
+            .unwrap()
+            .into_iter()
+            .filter_map(|pid| Some((pid, self.uid_of(pid).ok()?)))
+            .filter(|(_, uid)| INSTANCE_UIDS.contains(uid))
+            .collect()
+    }
+
+    /// The process (pid, uid) of `instance`: the instance process whose SDK socket is
+    /// `<instance>.sock`.
+    pub fn instance_process(&self, instance: &str) -> Option<(u32, u32)> {
+        let socket = format!(
+            "{}=/run/evp/sdk/{instance}.sock",
+            evp_schemas::instance::ENV_SDK_SOCKET
+        );
+        self.instance_processes().into_iter().find(|(pid, _)| {
+            self.exec(&["cat", &format!("/proc/{pid}/environ")])
+                .is_ok_and(|o| o.stdout.split(|b| *b == 0).any(|v| v == socket.as_bytes()))
+        })
+    }
+
+    /// Copies the workspace's sample module to [`SAMPLE_PATH`]; its SHA-256.
+    pub fn copy_sample(&self) -> Result<String> {
+        let sample = crate::bin_dir().join("evp-sample-module");
+        self.exec_ok(&["mkdir", "-p", "/usr/local/lib/evp-sample"])?;
+        self.copy_in(&sample, SAMPLE_PATH)?;
+        Ok(hex::encode(Sha256::digest(std::fs::read(&sample)?)))
+    }
+
+    /// The journal of `unit` as JSON entries (`journalctl -u UNIT -o json`).
+    pub fn journal_json(&self, unit: &str) -> Result<Vec<serde_json::Value>> {
+        let out = self.exec_ok(&["journalctl", "-u", unit, "--no-pager", "-o", "json"])?;
+        Ok(out
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect())
+    }
+}
+
+/// A deployment `id` of `instances`, each an instance of the sample module (SHA-256 `hash`,
+/// at [`SAMPLE_PATH`]).
+pub fn sample_deployment(id: &str, instances: &[&str], hash: &str) -> serde_json::Value {
+    let specs: serde_json::Map<String, serde_json::Value> = instances
+        .iter()
+        .map(|i| {
+            let spec = serde_json::json!({"moduleId": "sample", "publish": {}, "subscribe": {}});
+            ((*i).to_owned(), spec)
+        })
+        .collect();
+    serde_json::json!({
+        "deploymentId": id,
+        "instanceSpecs": specs,
+        "modules": {"sample": {
+            "moduleImpl": "spawn", "entryPoint": "main",
+            "downloadUrl": format!("file://{SAMPLE_PATH}"), "hash": hash,
+        }},
+        "publishTopics": {}, "subscribeTopics": {},
+    })
+}
+
+/// Waits for a status report newer than `after` (a [`HubSide::status_count`]) with the
+/// deployment `id` `ok` and each of `instances` `ok`; panics with every unit's report
+/// otherwise.
+pub async fn wait_instances_ok(
+    hub: &HubSide,
+    device: &BootedDevice,
+    id: &str,
+    instances: &[&str],
+    after: u64,
+    why: &str,
+) {
+    let ok = crate::wait_for(
+        &format!("{instances:?} ok {why}"),
+        BOOT_DEADLINE,
+        async || {
+            let status = hub.latest_status()?;
+            let d = &status["deploymentStatus"];
+            (hub.status_count() > after
+                && d["deploymentId"] == id
+                && d["reconcileStatus"] == "ok"
+                && instances
+                    .iter()
+                    .all(|i| d["instances"][i]["status"] == "ok"))
+            .then_some(())
+        },
+    )
+    .await;
+    if ok.is_err() {
+        let reports: Vec<String> = DAEMONS.iter().map(|d| device.unit_report(d.0)).collect();
+        panic!(
+            "{instances:?} not ok {why}; last status {:#}\n{}",
+            hub.latest_status().unwrap_or_default(),
+            reports.join("\n")
+        );
+    }
+}
+
+/// A device with the agent, a hub driver on its broker, and the deployment `id` of the
+/// sample's `instances` applied and `ok`.
+pub async fn device_running_samples(id: &str, instances: &[&str]) -> (BootedDevice, HubSide) {
+    let device = device_with_agent().await;
+    let hash = device.copy_sample().unwrap();
+    let hub = HubSide::connect(&device.broker_url().unwrap())
+        .await
+        .unwrap();
+    hub.deploy(&sample_deployment(id, instances, &hash))
+        .await
+        .unwrap();
+    wait_instances_ok(&hub, &device, id, instances, 0, "after the deployment").await;
+    (device, hub)
 }

@@ -3,95 +3,12 @@
 //! the device's system bus. What the process-level tests cannot see (a sandbox that forbids a
 //! write, a missing folder, a policy line, a hardening line that breaks a daemon) fails here.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use evp_devhub::hub::HubSide;
-use evp_system_tests::booted::{BOOT_DEADLINE, BootedDevice, image};
-use evp_system_tests::{bin_dir, wait_for};
-use serde_json::json;
-use sha2::{Digest, Sha256};
-
-/// Each unit, its bus name and object, its interface, and the user it runs as.
-const DAEMONS: [(&str, &str, &str, &str, &str); 5] = [
-    (
-        "evp-hubd",
-        "org.evp.Hub1",
-        "/org/evp/Hub1",
-        "org.evp.Hub1",
-        "evp-hub",
-    ),
-    (
-        "evp-reconcilerd",
-        "org.evp.Reconciler1",
-        "/org/evp/Reconciler1",
-        "org.evp.Reconciler1",
-        "evp-reconciler",
-    ),
-    (
-        "evp-runtimed-wasm",
-        "org.evp.Runtime1.Wasm",
-        "/org/evp/Runtime1/Wasm",
-        "org.evp.Runtime1",
-        "evp-wasm",
-    ),
-    (
-        "evp-runtimed-container",
-        "org.evp.Runtime1.Container",
-        "/org/evp/Runtime1/Container",
-        "org.evp.Runtime1",
-        "evp-container",
-    ),
-    (
-        "evp-sdk-broker",
-        "org.evp.SdkBroker1",
-        "/org/evp/SdkBroker1",
-        "org.evp.SdkBroker1",
-        "evp-sdk",
-    ),
-];
-
-/// A booted device with the agent installed and every unit active, its bus names owned.
-async fn device_with_agent() -> BootedDevice {
-    let started = Instant::now();
-    let image = image().unwrap();
-    eprintln!("booted: image ready in {:?}", started.elapsed());
-    let device = BootedDevice::start(&image).unwrap();
-    device.wait_running().unwrap();
-    eprintln!(
-        "booted: {} running after {:?}",
-        device.name(),
-        started.elapsed()
-    );
-    let installed = device.install_agent(&bin_dir()).unwrap();
-    eprintln!(
-        "booted: agent installed ({installed:?}) after {:?}",
-        started.elapsed()
-    );
-    for (unit, name, ..) in DAEMONS {
-        let active = wait_for(&format!("{unit} active"), BOOT_DEADLINE, async || {
-            let state = device.unit_property(unit, "ActiveState").ok()?;
-            matches!(state.as_str(), "active" | "failed").then_some(state)
-        })
-        .await;
-        assert!(
-            active.as_ref().is_ok_and(|s| s == "active"),
-            "{unit} is not active ({active:?}):\n{}",
-            device.unit_report(unit)
-        );
-        let owned = wait_for(&format!("{name} on the bus"), BOOT_DEADLINE, async || {
-            let out = device.exec(&["busctl", "status", name]).ok()?;
-            out.status.success().then_some(())
-        })
-        .await;
-        assert!(
-            owned.is_ok(),
-            "{name} is not on the system bus:\n{}",
-            device.unit_report(unit)
-        );
-    }
-    eprintln!("booted: agent active after {:?}", started.elapsed());
-    device
-}
+use evp_system_tests::booted::{
+    BOOT_DEADLINE, DAEMONS, device_running_samples, device_with_agent, wait_instances_ok,
+};
+use evp_system_tests::wait_for;
 
 #[tokio::test]
 async fn the_agent_boots_under_systemd_with_each_daemon_as_its_own_user() {
@@ -192,73 +109,13 @@ async fn the_agent_boots_under_systemd_with_each_daemon_as_its_own_user() {
     );
 }
 
-/// systemd's range for dynamic users, runtimed-container's default instance uids.
-const INSTANCE_UIDS: std::ops::RangeInclusive<u32> = 61184..=65519;
-
-/// Where the sample module is copied on the device; reconcilerd fetches it from there.
-const SAMPLE_PATH: &str = "/usr/local/lib/evp-sample/evp-sample-module";
-
-/// The processes of runtimed-container's unit that run under an instance uid, with it.
-fn instance_processes(device: &BootedDevice) -> Vec<(u32, u32)> {
-    device
-        .pids_of("evp-runtimed-container")
-        .unwrap()
-        .into_iter()
-        .filter_map(|pid| Some((pid, device.uid_of(pid).ok()?)))
-        .filter(|(_, uid)| INSTANCE_UIDS.contains(uid))
-        .collect()
-}
-
-/// Waits for a status report newer than `after` (a [`HubSide::status_count`]) with the
-/// deployment `id` `ok`, instance `sample` included.
-async fn wait_sample_ok(hub: &HubSide, device: &BootedDevice, id: &str, after: u64, why: &str) {
-    let ok = wait_for(&format!("sample ok {why}"), BOOT_DEADLINE, async || {
-        let status = hub.latest_status()?;
-        let d = &status["deploymentStatus"];
-        (hub.status_count() > after
-            && d["deploymentId"] == id
-            && d["reconcileStatus"] == "ok"
-            && d["instances"]["sample"]["status"] == "ok")
-            .then_some(())
-    })
-    .await;
-    if ok.is_err() {
-        let reports: Vec<String> = DAEMONS.iter().map(|d| device.unit_report(d.0)).collect();
-        panic!(
-            "the sample is not ok {why}; last status {:#}\n{}",
-            hub.latest_status().unwrap_or_default(),
-            reports.join("\n")
-        );
-    }
-}
-
 #[tokio::test]
 async fn a_spawned_module_runs_as_its_own_uid_and_outlives_each_daemon_killed() {
-    let device = device_with_agent().await;
-    let sample = bin_dir().join("evp-sample-module");
-    device
-        .exec_ok(&["mkdir", "-p", "/usr/local/lib/evp-sample"])
-        .unwrap();
-    device.copy_in(&sample, SAMPLE_PATH).unwrap();
-    let hash = hex::encode(Sha256::digest(std::fs::read(&sample).unwrap()));
     let id = "booted-1";
-    let deployment = json!({
-        "deploymentId": id,
-        "instanceSpecs": {"sample": {"moduleId": "sample", "publish": {}, "subscribe": {}}},
-        "modules": {"sample": {
-            "moduleImpl": "spawn", "entryPoint": "main",
-            "downloadUrl": format!("file://{SAMPLE_PATH}"), "hash": hash,
-        }},
-        "publishTopics": {}, "subscribeTopics": {},
-    });
-    let hub = HubSide::connect(&device.broker_url().unwrap())
-        .await
-        .unwrap();
-    hub.deploy(&deployment).await.unwrap();
-    wait_sample_ok(&hub, &device, id, 0, "after the deployment").await;
+    let (device, hub) = device_running_samples(id, &["sample"]).await;
 
     // The sample runs under an instance uid: not root, not a daemon's user.
-    let processes = instance_processes(&device);
+    let processes = device.instance_processes();
     assert_eq!(
         processes.len(),
         1,
@@ -305,8 +162,9 @@ async fn a_spawned_module_runs_as_its_own_uid_and_outlives_each_daemon_killed() 
             device.unit_report(unit)
         );
         let count = hub.status_count();
-        wait_sample_ok(&hub, &device, id, count, &format!("after {unit} restarted")).await;
-        let now = instance_processes(&device);
+        let why = format!("after {unit} restarted");
+        wait_instances_ok(&hub, &device, id, &["sample"], count, &why).await;
+        let now = device.instance_processes();
         if unit == "evp-sdk-broker" {
             assert!(
                 now.len() == 1 && now[0].0 != sample_pid,
