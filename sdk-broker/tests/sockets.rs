@@ -239,14 +239,15 @@ async fn every_request_over_a_real_socket() {
     let p = path.clone();
     client(move || {
         let mut s = UnixStream::connect(&p).unwrap();
-        // EVP storage (EVP_EXT): not served yet.
+        // A GET from EVP storage (EVP_EXT): EVP uploads only.
         let blob = Request::BlobOperation {
             kind: 3,
             op: 0,
-            request: evp_schemas::sdk::BlobRequest::Http {
-                url: "http://example.invalid/x".into(),
+            request: evp_schemas::sdk::BlobRequest::Evp {
+                remote_name: "x".into(),
+                storage_name: None,
             },
-            filename: "/tmp/x".into(),
+            filename: "x".into(),
             cb: wire::Callback::default(),
         };
         raw_send(&mut s, 1000, &blob.encode());
