@@ -57,10 +57,15 @@ fn every_daemon_notifies_systemd_and_stops_cleanly_on_sigterm() {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        assert_eq!(
-            next_message(&socket, daemon, &log).trim(),
-            "READY=1",
-            "{daemon}"
+        // READY=1 and the status `systemctl status` shows, in one message.
+        let ready = next_message(&socket, daemon, &log);
+        let lines: Vec<&str> = ready.trim().lines().collect();
+        assert_eq!(lines.first(), Some(&"READY=1"), "{daemon}: {ready:?}");
+        assert!(
+            lines
+                .get(1)
+                .is_some_and(|l| l.starts_with("STATUS=serving org.evp.")),
+            "{daemon}: {ready:?}"
         );
         assert_eq!(
             next_message(&socket, daemon, &log).trim(),
