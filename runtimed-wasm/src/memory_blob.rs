@@ -123,7 +123,7 @@ pub fn refusal(asked: &Asked) -> Option<EvpResult> {
         return Some(EvpResult::NotSup);
     }
     let url = asked.request.url();
-    let http = url.starts_with("http://") || url.starts_with("https://");
+    let http = wire::is_http_url(url);
     let storage = matches!(asked.request, BlobRequest::Evp { .. });
     if asked.io_cb == 0 || !(http || storage) {
         return Some(EvpResult::Inval);

@@ -402,7 +402,7 @@ pub use event::{
     BLOB_RESULT_ERROR, BLOB_RESULT_ERROR_HTTP, BLOB_RESULT_SUCCESS, BLOB_TYPE_AZURE_BLOB,
     BLOB_TYPE_EVP, BLOB_TYPE_EVP_EXT, BLOB_TYPE_HTTP, BlobOutcome, Event, Response,
 };
-pub use request::{BLOB_TYPE_HTTP_EXT, BlobRequest, Request};
+pub use request::{BLOB_TYPE_HTTP_EXT, BlobRequest, Request, is_http_url};
 
 #[cfg(test)]
 mod tests {

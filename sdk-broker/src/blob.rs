@@ -6,7 +6,7 @@
 //! The file is opened with `openat2(RESOLVE_BENEATH)` below the workspace, so neither `..` nor
 //! a symlink can reach outside it. A cut GET is resumed with `Range` where the server allows
 //! it. An EVP storage upload (`EVP_BLOB_TYPE_EVP_EXT`, and the deprecated `EVP`) learns its URL
-//! and headers from the hub's storage token first ([`StorageTarget`], [`Job::with_token`]).
+//! and headers from the hub's storage token first ([`StorageTarget`], [`Job::set_token`]).
 
 use std::os::fd::OwnedFd;
 use std::path::{Component, Path, PathBuf};
@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use evp_schemas::sdk::{
     BLOB_RESULT_ERROR, BLOB_RESULT_ERROR_HTTP, BLOB_RESULT_SUCCESS, BLOB_TYPE_AZURE_BLOB,
-    BlobOutcome, BlobRequest,
+    BlobOutcome, BlobRequest, is_http_url,
 };
 use futures_util::StreamExt;
 use reqwest::header::{ACCEPT_RANGES, CONTENT_LENGTH, HeaderMap, HeaderName, HeaderValue, RANGE};
@@ -74,26 +74,25 @@ pub struct StorageTarget {
 }
 
 impl Job {
-    /// The job with the storage token's URL and headers; refused when the hub's URL is not
-    /// http(s) or a header cannot be sent.
-    pub fn with_token(
-        mut self,
+    /// Takes the storage token's URL and headers; refused (the job unchanged) when the hub's
+    /// URL is not http(s) or a header cannot be sent.
+    pub fn set_token(
+        &mut self,
         url: String,
         headers: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Job, String> {
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
+    ) -> Result<(), String> {
+        if !is_http_url(&url) {
             return Err(format!("the storage token's URL {url:?} is not http(s)"));
         }
         let mut map = HeaderMap::new();
         for (name, value) in headers {
-            let bad = || format!("the storage token's header {name:?} cannot be sent");
-            let n = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| bad())?;
-            let v = HeaderValue::from_str(value.trim()).map_err(|_| bad())?;
+            let (n, v) = header(&name, &value)
+                .ok_or_else(|| format!("the storage token's header {name:?} cannot be sent"))?;
             map.append(n, v);
         }
         self.url = url;
         self.headers = map;
-        Ok(self)
+        Ok(())
     }
 
     /// The outcome of a job that failed before any transfer (no storage token): an error
@@ -150,10 +149,10 @@ pub fn parse_headers(request: &BlobRequest, direction: Direction) -> Result<Head
     let mut out = HeaderMap::new();
     if let BlobRequest::HttpExt { headers, .. } = request {
         for h in headers {
-            let bad = || Refused::BadHeader(h.clone());
-            let (name, value) = h.split_once(':').ok_or_else(bad)?;
-            let name = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| bad())?;
-            let value = HeaderValue::from_str(value.trim()).map_err(|_| bad())?;
+            let (name, value) = h
+                .split_once(':')
+                .and_then(|(name, value)| header(name, value))
+                .ok_or_else(|| Refused::BadHeader(h.clone()))?;
             out.append(name, value);
         }
     }
@@ -164,6 +163,14 @@ pub fn parse_headers(request: &BlobRequest, direction: Direction) -> Result<Head
         );
     }
     Ok(out)
+}
+
+/// A header as a transfer sends it, spaces around the name and value trimmed; `None` when
+/// either cannot be sent.
+fn header(name: &str, value: &str) -> Option<(HeaderName, HeaderValue)> {
+    let name = HeaderName::from_bytes(name.trim().as_bytes()).ok()?;
+    let value = HeaderValue::from_str(value.trim()).ok()?;
+    Some((name, value))
 }
 
 /// Runs `job`; `cancel` turning true (the instance is exiting) ends it early with `None`.

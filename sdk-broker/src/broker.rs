@@ -469,7 +469,7 @@ impl Broker {
     /// `Ok(None)` when `cancel` came first, `Err` with the outcome when there is no token.
     async fn with_storage_token(
         &self,
-        job: crate::blob::Job,
+        mut job: crate::blob::Job,
         mut cancel: tokio::sync::watch::Receiver<bool>,
     ) -> Result<Option<crate::blob::Job>, evp_schemas::sdk::BlobOutcome> {
         let Some(target) = job.storage.clone() else {
@@ -479,9 +479,8 @@ impl Broker {
             t = self.sink.storage_token(&target) => t,
             _ = cancel.wait_for(|c| *c) => return Ok(None),
         };
-        let resolved = token.and_then(|(url, headers)| job.clone().with_token(url, headers));
-        match resolved {
-            Ok(job) => Ok(Some(job)),
+        match token.and_then(|(url, headers)| job.set_token(url, headers)) {
+            Ok(()) => Ok(Some(job)),
             Err(why) => Err(job.failed(&format!(
                 "no storage token for {:?} of {}: {why}",
                 target.remote_name, target.instance

@@ -44,6 +44,11 @@ impl BlobRequest {
     }
 }
 
+/// Whether a blob transfer may go to `url`: http or https, the schemes EVP transfers with.
+pub fn is_http_url(url: &str) -> bool {
+    url.starts_with("http://") || url.starts_with("https://")
+}
+
 /// `EVP_BLOB_TYPE_HTTP_EXT`: the EVP C SDK sends these requests with the `http` union tag
 /// and an HttpExt-shaped table (SDK.md §4.4).
 pub const BLOB_TYPE_HTTP_EXT: u32 = 4;

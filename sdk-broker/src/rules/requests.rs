@@ -165,7 +165,7 @@ impl Rules {
             return Err(EvpResult::NotSup);
         }
         let direction = blob::Direction::from_code(op).ok_or(EvpResult::Inval)?;
-        let storage = match request {
+        let (url, storage) = match request {
             BlobRequest::Evp {
                 remote_name,
                 storage_name,
@@ -173,25 +173,26 @@ impl Rules {
                 if direction == blob::Direction::Get {
                     return Err(EvpResult::NotSup);
                 }
-                Some(blob::StorageTarget {
+                // The URL comes with the hub's storage token, before the transfer.
+                let target = blob::StorageTarget {
                     instance: name.to_owned(),
                     storage_name: storage_name.clone().unwrap_or_default(),
                     remote_name: remote_name.clone(),
-                })
+                };
+                (String::new(), Some(target))
             }
-            _ => None,
+            other => {
+                let url = other.url();
+                if !evp_schemas::sdk::is_http_url(url) {
+                    warn!(
+                        instance = name,
+                        url, "blob operation refused: not an http(s) URL"
+                    );
+                    return Err(EvpResult::Inval);
+                }
+                (url.to_owned(), None)
+            }
         };
-        let url = match storage {
-            Some(_) => "",
-            None => request.url(),
-        };
-        if storage.is_none() && !(url.starts_with("http://") || url.starts_with("https://")) {
-            warn!(
-                instance = name,
-                url, "blob operation refused: not an http(s) URL"
-            );
-            return Err(EvpResult::Inval);
-        }
         let workspace = self.instances_dir.join(name).join(blob::WORKSPACE_DIR);
         let checked = blob::confine(filename, &workspace)
             .and_then(|file| Ok((file, blob::parse_headers(request, direction)?)));
@@ -217,7 +218,7 @@ impl Rules {
             job: blob::Job {
                 kind,
                 direction,
-                url: url.to_owned(),
+                url,
                 headers,
                 workspace,
                 file,

@@ -107,12 +107,12 @@ fn an_evp_storage_upload_asks_the_hub_for_its_url() {
         ("i", "", "up/1.jpg"),
         "the default storage is asked as \"\""
     );
-    let job = job
-        .with_token(
-            "https://h/c/up%2F1.jpg?sig".into(),
-            [("x-k".into(), "v".into())],
-        )
-        .unwrap();
+    let mut job = job;
+    job.set_token(
+        "https://h/c/up%2F1.jpg?sig".into(),
+        [("x-k".into(), "v".into())],
+    )
+    .unwrap();
     assert_eq!(job.url, "https://h/c/up%2F1.jpg?sig");
     assert_eq!(job.headers["x-k"], "v");
     let named = rules.handle(&peer, evp_blob(1, "r", Some("archive")));
@@ -123,8 +123,10 @@ fn an_evp_storage_upload_asks_the_hub_for_its_url() {
         job.storage.as_ref().map(|t| t.storage_name.as_str()),
         Some("archive")
     );
-    let refused = job.with_token("file:///etc/passwd".into(), []);
+    let mut job = job;
+    let refused = job.set_token("file:///etc/passwd".into(), []);
     assert!(refused.is_err(), "only http(s) from the hub");
+    assert!(job.url.is_empty(), "a refused token changes nothing");
 }
 
 #[test]
