@@ -129,14 +129,9 @@ impl Waiting {
 
     /// The requests whose deadline passed at `now`, with their ids.
     pub fn expire(&mut self, now: Instant) -> Vec<(u32, TokenRequest)> {
-        let late: Vec<u32> = self
-            .sent
-            .iter()
-            .filter(|(_, s)| s.deadline <= now)
-            .map(|(id, _)| *id)
-            .collect();
-        late.into_iter()
-            .filter_map(|id| self.sent.remove(&id).map(|s| (id, s.request)))
+        self.sent
+            .extract_if(.., |_, s| s.deadline <= now)
+            .map(|(id, s)| (id, s.request))
             .collect()
     }
 
