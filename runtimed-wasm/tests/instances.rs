@@ -281,7 +281,7 @@ fn staging_files(workspace: &std::path::Path) -> Vec<String> {
     std::fs::read_dir(workspace)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(".evp-memory-blob-"))
+        .filter(|n| evp_runtimed_wasm::memory_blob::is_staging_name(n))
         .collect()
 }
 
