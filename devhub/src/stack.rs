@@ -210,6 +210,10 @@ pub struct StackConfig {
     /// runtimed-container's `[container] python_sdk_path`: by default the workspace's
     /// `sdk/python` when the binaries are a workspace build (`target/<profile>`).
     pub python_sdk_path: Option<PathBuf>,
+    /// reconcilerd's `[reconciler] file_url_dirs`: `/` by default, since a development hub is
+    /// the developer's own and deploys modules from anywhere on the machine (a device allows
+    /// none unless configured).
+    pub file_url_dirs: Vec<PathBuf>,
 }
 
 /// Short report intervals for a responsive dev loop: a change shows within a fifth of a
@@ -252,6 +256,7 @@ impl StackConfig {
             daemons: DAEMONS.to_vec(),
             instance_uids: None,
             python_sdk_path,
+            file_url_dirs: vec![PathBuf::from("/")],
         })
     }
 
@@ -305,6 +310,12 @@ impl StackConfig {
             );
         }
         top.insert("container".into(), toml::Value::Table(container));
+        let mut reconciler = toml::Table::new();
+        reconciler.insert(
+            "file_url_dirs".into(),
+            toml::Value::Array(self.file_url_dirs.iter().cloned().map(path).collect()),
+        );
+        top.insert("reconciler".into(), toml::Value::Table(reconciler));
         format!(
             "# Written by evp-devhub for a development stack.\n{}",
             toml::to_string(&top).unwrap_or_default()

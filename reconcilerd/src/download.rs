@@ -5,6 +5,7 @@
 //! [`tasks`]. Tested against HTTP(S) servers and a proxy on loopback in
 //! `reconcilerd/tests/download.rs`.
 
+pub mod local;
 mod tasks;
 
 pub use evp_daemon::http::{ClientError, ProxyConfig};
@@ -44,6 +45,9 @@ pub enum FetchError {
     /// The URL scheme is not `http`, `https` or `file`.
     #[error("unsupported download URL {0:?}")]
     UnsupportedScheme(String),
+    /// A `file://` URL the device may not read ([`local`]).
+    #[error("{0}")]
+    LocalFile(#[from] local::LocalFileError),
     /// Reading the source file or writing the cache failed.
     #[error("Error when saving module: {0}")]
     Io(#[from] std::io::Error),
@@ -52,7 +56,10 @@ pub enum FetchError {
 impl FetchError {
     /// Whether trying again later may help; an unsupported URL never will.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, FetchError::UnsupportedScheme(_))
+        !matches!(
+            self,
+            FetchError::UnsupportedScheme(_) | FetchError::LocalFile(_)
+        )
     }
 }
 
@@ -71,6 +78,8 @@ pub struct DownloadConfig {
     pub retry_base: Duration,
     /// Longest retry delay.
     pub retry_max: Duration,
+    /// The directories `file://` URLs may name ([`local`]); none by default.
+    pub file_url_dirs: Vec<PathBuf>,
 }
 
 impl Default for DownloadConfig {
@@ -82,6 +91,7 @@ impl Default for DownloadConfig {
             ca_cert: None,
             retry_base: Duration::from_secs(1),
             retry_max: Duration::from_secs(60),
+            file_url_dirs: Vec::new(),
         }
     }
 }
@@ -120,6 +130,7 @@ pub struct Downloader {
     cache: ModuleCache,
     http: reqwest::Client,
     permits: Arc<Semaphore>,
+    file_url_dirs: Arc<[PathBuf]>,
     /// One lock per hash: two modules with the same content never write the same partial.
     locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
@@ -136,6 +147,7 @@ impl Downloader {
             cache,
             http,
             permits: Arc::new(Semaphore::new(config.max_concurrent.max(1))),
+            file_url_dirs: config.file_url_dirs.clone().into(),
             locks: Arc::default(),
         })
     }
@@ -158,6 +170,10 @@ impl Downloader {
         if sha256.len() != SHA256_HEX_LEN || !sha256.chars().all(|c| c.is_ascii_hexdigit()) {
             return Err(FetchError::HashMismatch);
         }
+        // Refused even when the hash is cached, so the rule does not depend on the cache.
+        if url.starts_with("file://") {
+            local::check_url(url, &self.file_url_dirs)?;
+        }
         let target = self.cache.path_of(&sha256);
         if target.exists() {
             return Ok(target);
@@ -177,8 +193,9 @@ impl Downloader {
             .map_err(|_| FetchError::Transfer("the downloader was shut down".into()))?;
         let partial = self.cache.partial_of(&sha256);
         let meta = self.cache.partial_meta_of(&sha256);
-        let written = if let Some(path) = url.strip_prefix("file://") {
-            copy_file(Path::new(path), &partial, progress).await
+        let written = if url.starts_with("file://") {
+            let input = local::open(url, &self.file_url_dirs).await?;
+            copy_file(input, &partial, progress).await
         } else if url.starts_with("http://") || url.starts_with("https://") {
             self.download(url, &sha256, &partial, &meta, progress).await
         } else {
@@ -338,13 +355,12 @@ async fn restart_partial(
     Ok(())
 }
 
-/// Copies a local file into `partial` (from 0), returning its hex SHA-256.
+/// Copies an opened local file into `partial` (from 0), returning its hex SHA-256.
 async fn copy_file(
-    src: &Path,
+    mut input: tokio::fs::File,
     partial: &Path,
     progress: &(dyn Fn(Progress) + Send + Sync),
 ) -> Result<String, FetchError> {
-    let mut input = tokio::fs::File::open(src).await?;
     let total = input.metadata().await.ok().map(|m| m.len());
     if partial.exists() {
         set_mode(partial, PARTIAL_MODE)?;
@@ -406,8 +422,9 @@ fn validator(headers: &HeaderMap) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// `Content-Range: bytes <start>-<end>/<total or *>` → (start, total).
-fn content_range(headers: &HeaderMap) -> Option<(u64, Option<u64>)> {
+/// `Content-Range: bytes <start>-<end>/<total or *>` → (start, total). Public for the fuzz
+/// target (fuzz/fuzz_targets/download_headers.rs).
+pub fn content_range(headers: &HeaderMap) -> Option<(u64, Option<u64>)> {
     let v = headers.get(CONTENT_RANGE)?.to_str().ok()?;
     let rest = v.trim().strip_prefix("bytes ")?;
     let (range, total) = rest.split_once('/')?;

@@ -89,6 +89,11 @@ pub struct ReconcilerConfig {
     /// win when set.
     #[serde(default)]
     pub https_ca_cert: Option<PathBuf>,
+    /// The directories a hub's `file://` module URLs may name (absolute; the file must be a
+    /// regular file really inside one, symlinks resolved). None by default: a hub cannot make
+    /// the device read a local file unless the operator said where modules may be side-loaded.
+    #[serde(default)]
+    pub file_url_dirs: Vec<PathBuf>,
 }
 
 impl Default for ReconcilerConfig {
@@ -152,6 +157,7 @@ impl ReconcilerConfig {
             ca_cert,
             retry_base: Duration::from_millis(self.download_retry_base_ms),
             retry_max: Duration::from_millis(self.download_retry_max_ms),
+            file_url_dirs: self.file_url_dirs.clone(),
         })
     }
 

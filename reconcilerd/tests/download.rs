@@ -482,7 +482,10 @@ async fn file_urls_are_copied_and_wrong_hashes_leave_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("m.bin");
     std::fs::write(&src, b"module").unwrap();
-    let f = fixture(DownloadConfig::default());
+    let f = fixture(DownloadConfig {
+        file_url_dirs: vec![dir.path().to_owned()],
+        ..Default::default()
+    });
     let url = format!("file://{}", src.display());
     let e = f
         .downloader
@@ -506,6 +509,49 @@ async fn file_urls_are_copied_and_wrong_hashes_leave_nothing() {
         .fetch("ftp://x/y", &sha(b"module2"), &no_progress)
         .await;
     assert!(matches!(e, Err(FetchError::UnsupportedScheme(_))));
+}
+
+#[tokio::test]
+async fn file_urls_outside_the_allowed_directories_are_refused_and_copy_nothing() {
+    let allowed = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("secret");
+    std::fs::write(&secret, b"secret").unwrap();
+    std::os::unix::fs::symlink(&secret, allowed.path().join("link")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", allowed.path().join("zero")).unwrap();
+    let f = fixture(DownloadConfig {
+        file_url_dirs: vec![allowed.path().to_owned()],
+        ..Default::default()
+    });
+    let at = |p: &std::path::Path| format!("file://{}", p.display());
+    let cases = [
+        (at(&secret), "may only come from [reconciler] file_url_dirs"),
+        (
+            format!("file://{}/../{}", allowed.path().display(), "x"),
+            "without '.' or '..'",
+        ),
+        (at(&allowed.path().join("link")), "outside [reconciler]"),
+        (at(&allowed.path().join("zero")), "outside [reconciler]"),
+        (at(allowed.path()), "not a regular file"),
+    ];
+    for (url, why) in cases {
+        let e = f
+            .downloader
+            .fetch(&url, &sha(b"secret"), &no_progress)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains(why), "{url}: {e}");
+        assert!(!e.is_retryable(), "{url}: {e}");
+    }
+    assert!(cache_files(&f.cache_dir).is_empty());
+    // The default allows no file:// URL at all.
+    let none = fixture(DownloadConfig::default());
+    let e = none
+        .downloader
+        .fetch(&at(&secret), &sha(b"secret"), &no_progress)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("none configured"), "{e}");
 }
 
 fn downloads(f: &Fixture) -> (Downloads, mpsc::UnboundedReceiver<DownloadEvent>) {

@@ -13,6 +13,12 @@ use serde::{Deserialize, Serialize};
 /// its SDK socket path, which must fit `sockaddr_un` (108 bytes) under `/run/evp/sdk/`.
 pub const MAX_INSTANCE_NAME_LEN: usize = 80;
 
+/// Most entries of each of a manifest's maps (instances, modules, publish and subscribe
+/// topics). A gateway runs tens of instances; runtimed-wasm runs at most 1,000 (`[wasm]
+/// max_instances`) and the status report of 1,000 instances already needs shortening to fit one
+/// MQTT message, so a larger manifest is refused whole rather than half started.
+pub const MAX_MANIFEST_ENTRIES: usize = 1_000;
+
 /// A whole desired deployment: the module instances that should run and the modules they use.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -326,6 +332,19 @@ impl Deployment {
     /// run for other reasons (a runtime missing, a download failing) is not invalid: it gets an
     /// error status and the rest of the deployment goes on.
     pub fn validate(&self) -> Result<(), ValidationError> {
+        for (field, len) in [
+            ("instanceSpecs", self.instance_specs.len()),
+            ("modules", self.modules.len()),
+            ("publishTopics", self.publish_topics.len()),
+            ("subscribeTopics", self.subscribe_topics.len()),
+        ] {
+            if len > MAX_MANIFEST_ENTRIES {
+                return Err(ValidationError::new(
+                    format!("deployment.{field}"),
+                    format!("has {len} entries; the limit is {MAX_MANIFEST_ENTRIES}"),
+                ));
+            }
+        }
         self.validate_strings()?;
         for (id, module) in &self.modules {
             let at = |field: &str| format!("deployment.modules.{id}.{field}");
@@ -652,6 +671,21 @@ mod tests {
             assert!(validate_instance_name(bad).is_err(), "{bad:?} accepted");
         }
         assert!(validate_instance_name("sender-1").is_ok());
+    }
+
+    #[test]
+    fn a_manifest_over_the_entry_bound_is_refused_naming_the_map() {
+        let at_limit = |n: usize| {
+            let mut d = one_instance();
+            d.instance_specs = (0..n)
+                .map(|i| (format!("i{i}"), d.instance_specs["i"].clone()))
+                .collect();
+            d
+        };
+        assert!(at_limit(MAX_MANIFEST_ENTRIES).validate().is_ok());
+        let e = at_limit(10_000).validate().unwrap_err();
+        assert_eq!(e.path, "deployment.instanceSpecs");
+        assert_eq!(e.message, "has 10000 entries; the limit is 1000");
     }
 
     #[test]

@@ -538,13 +538,16 @@ pub const BINARIES: [&str; 6] = [
 ];
 
 /// The device's configuration: hubd connects to the device's own mosquitto; short report
-/// intervals, so a test sees a change within a fifth of a second.
+/// intervals, so a test sees a change within a fifth of a second; file:// modules from the
+/// sample's directory only.
 const AGENT_TOML: &str = "# Written by the booted-device tests.\n\
 [hub]\n\
 mqtt_host = \"127.0.0.1\"\n\
 mqtt_port = 1883\n\
 report_status_interval_min_ms = 200\n\
-report_status_interval_max_ms = 10000\n";
+report_status_interval_max_ms = 10000\n\
+[reconciler]\n\
+file_url_dirs = [\"/usr/local/lib/evp-sample\"]\n";
 
 /// The workspace's version, the package [`BootedDevice::install_agent`] installs.
 pub const WORKSPACE_VERSION: &str = env!("CARGO_PKG_VERSION");

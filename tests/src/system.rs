@@ -97,11 +97,10 @@ impl System {
         config.env.extend(options.env.iter().cloned());
         config.supervise = options.supervise;
         if !options.extra_toml.is_empty() {
-            config.agent_toml = Some(format!(
-                "{}\n{}\n",
-                config.render_agent_toml(),
-                options.extra_toml
-            ));
+            config.agent_toml = Some(merged_toml(
+                &config.render_agent_toml(),
+                &options.extra_toml,
+            )?);
         }
         if let Some(p) = &pki {
             let ca = if options.wrong_ca { &p.other_ca } else { &p.ca };
@@ -316,6 +315,22 @@ impl UidBlock {
         }
         anyhow::bail!("every block of test uids is held by a running test")
     }
+}
+
+/// `extra` over `base`, table by table: a test's `[reconciler]` adds to the stack's own rather
+/// than repeating the table (which TOML refuses).
+pub fn merged_toml(base: &str, extra: &str) -> Result<String> {
+    let mut top: toml::Table = base.parse().context("the stack's agent.toml")?;
+    let extra: toml::Table = extra.parse().context("the test's extra agent.toml")?;
+    for (key, value) in extra {
+        match (top.get_mut(&key), value) {
+            (Some(toml::Value::Table(have)), toml::Value::Table(more)) => have.extend(more),
+            (_, value) => {
+                top.insert(key, value);
+            }
+        }
+    }
+    Ok(toml::to_string(&top)?)
 }
 
 /// Lets every user through `dir` (mode 0711) without letting them list it.
