@@ -123,9 +123,10 @@ pub enum Request {
 
 impl Request {
     /// Checks every string of the request that sdk-broker passes on over D-Bus (a state
-    /// topic, telemetry keys and values, an RPC response) or matches against the deployment
-    /// (a message topic): a NUL in one would make dbus-daemon disconnect sdk-broker, so the
-    /// request is refused (`EVP_INVAL`) before anything is done with it.
+    /// topic, telemetry keys and values, an RPC response, an EVP storage blob's names, which
+    /// `Hub1.RequestStorageToken` carries) or matches against the deployment (a message
+    /// topic): a NUL in one would make dbus-daemon disconnect sdk-broker, so the request is
+    /// refused (`EVP_INVAL`) before anything is done with it.
     pub fn check_bus_strings(&self) -> Result<(), crate::bus_string::BusStringError> {
         use crate::bus_string::check_bus_string;
         match self {
@@ -138,6 +139,19 @@ impl Request {
             Request::SendRpcResponse {
                 response: Some(r), ..
             } => check_bus_string("the RPC response", r),
+            Request::BlobOperation {
+                request:
+                    BlobRequest::Evp {
+                        remote_name,
+                        storage_name,
+                    },
+                ..
+            } => check_bus_string("the blob's remote name", remote_name).and_then(|()| {
+                check_bus_string(
+                    "the blob's storage name",
+                    storage_name.as_deref().unwrap_or_default(),
+                )
+            }),
             _ => Ok(()),
         }
     }
@@ -474,4 +488,49 @@ fn http_ext_under_http_tag(table: flatbuffers::Table<'_>) -> Result<BlobRequest,
         url: ext.url().to_owned(),
         headers: ext.headers().iter().map(str::to_owned).collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by fuzz/fuzz_targets/sdk_request.rs: an EVP storage PUT whose storage name is a
+    /// NUL passed the check, and `Hub1.RequestStorageToken` would have carried it, so
+    /// dbus-daemon would have disconnected sdk-broker. The module's frame, as the fuzzer left it.
+    #[test]
+    fn an_evp_storage_blob_with_a_nul_in_its_names_is_refused() {
+        let hex = [
+            "100000000000000008000e000700080008000000000000041800000000001200",
+            "2c0008000c000700100014001800200012000000000000020300000001000000",
+            "5c0000001800000002000000000000fdffff00ffffffffff0000000031000000",
+            "2f7661722f6c69622f6576702f696e7374616e6365732f696e73742d312f6465",
+            "6661756c745f776f726b73706163652f6600000008000c000400080008000000",
+            "14000000040000000100000000000000000000000000000000",
+        ]
+        .concat();
+        let payload = hex::decode(hex).unwrap();
+        let request = Request::decode(&payload).unwrap();
+        let Request::BlobOperation {
+            request: BlobRequest::Evp { storage_name, .. },
+            ..
+        } = &request
+        else {
+            panic!("{request:?}");
+        };
+        assert_eq!(storage_name.as_deref(), Some("\0"));
+        let e = request.check_bus_strings().unwrap_err();
+        assert_eq!(e.field, "the blob's storage name");
+        let remote = Request::BlobOperation {
+            kind: 3,
+            op: 1,
+            request: BlobRequest::Evp {
+                remote_name: "cam\0.jpg".into(),
+                storage_name: None,
+            },
+            filename: "f".into(),
+            cb: Callback::default(),
+        };
+        let e = remote.check_bus_strings().unwrap_err();
+        assert_eq!((e.field.as_str(), e.at), ("the blob's remote name", 3));
+    }
 }
