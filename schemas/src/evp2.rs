@@ -658,7 +658,19 @@ pub fn decode_device_config(v: &Value) -> Result<DeviceConfig, ValidationError> 
     };
     let registry_auth = match get("registry-auth")? {
         Value::Null => None,
-        x => Some(string_map(x, &format!("{path}.{}", key("registry-auth")))?),
+        x => {
+            let at = format!("{path}.{}", key("registry-auth"));
+            let auth = string_map(x, &at)?;
+            // Hub1.RegistryAuth hands them to runtimed-container as D-Bus strings.
+            for (registry, credentials) in &auth {
+                crate::bus_string::check_bus_string("the registry name", registry)
+                    .and_then(|()| {
+                        crate::bus_string::check_bus_string("its credentials", credentials)
+                    })
+                    .map_err(|e| ValidationError::new(format!("{at}.{registry}"), e.to_string()))?;
+            }
+            Some(auth)
+        }
     };
     Ok(DeviceConfig {
         report_status_interval_min: min,
@@ -767,6 +779,22 @@ mod tests {
         );
         assert_eq!(c.configuration_id.as_deref(), Some("cfg-42"));
         assert_eq!(c.registry_auth.as_ref().unwrap()["ghcr.io"], "base64-auth");
+    }
+
+    /// Found by fuzz/fuzz_targets/evp2_attributes.rs: credentials with a NUL were taken, and
+    /// `Hub1.RegistryAuth` would have carried them (dbus-daemon disconnects hubd).
+    #[test]
+    fn registry_auth_with_a_nul_is_refused() {
+        let p = br#"{"desiredDeviceConfig":{"desiredDeviceConfig":{"configuration/$agent/report-status-interval-min":1,"configuration/$agent/report-status-interval-max":4,"configuration/$agent/configuration-id":"c","configuration/$agent/registry-auth":{"ghcr.io":"se\u0000cret"}}}}"#;
+        let changes = Evp2Codec.decode_attribute_update(p);
+        let [DesiredChange::Invalid(e)] = changes.as_slice() else {
+            panic!("{changes:?}");
+        };
+        assert_eq!(
+            e.path,
+            "desiredDeviceConfig.desiredDeviceConfig.configuration/$agent/registry-auth.ghcr.io"
+        );
+        assert!(e.message.contains("credentials contains a NUL"), "{e}");
     }
 
     #[test]

@@ -138,12 +138,28 @@ impl StorageTokenResponse {
     /// The token for the file `remote_name`, or why there is none (the hub's own message
     /// when it refused).
     pub fn token_for(&self, remote_name: &str) -> Result<StorageToken, String> {
+        use crate::bus_string::{check_bus_string, escape_nul};
         if let Some(message) = &self.error_message {
-            return Err(format!("the hub refused the storage token: {message}"));
+            // It becomes the message of a D-Bus error: no NUL, and bounded.
+            let message = crate::text::shorten(message, crate::deployment::MAX_ERROR_MESSAGE);
+            return Err(format!(
+                "the hub refused the storage token: {}",
+                escape_nul(&message)
+            ));
         }
         let Some(url) = self.url.as_deref().filter(|u| !u.is_empty()) else {
             return Err("the hub's storage token has no URL".into());
         };
+        // The URL and headers are `Hub1.RequestStorageToken`'s answer, D-Bus strings.
+        check_bus_string("the hub's storage token URL", url)
+            .and_then(|()| {
+                self.headers.iter().try_for_each(|(name, value)| {
+                    check_bus_string("a header of the hub's storage token", name).and_then(|()| {
+                        check_bus_string("a header of the hub's storage token", value)
+                    })
+                })
+            })
+            .map_err(|e| e.to_string())?;
         let url = match self.response_type {
             ResponseType::SingleFile => url.to_owned(),
             ResponseType::MultiFile => {
@@ -247,6 +263,37 @@ mod tests {
         ] {
             assert!(decode_response(payload.as_bytes()).is_none(), "{payload}");
         }
+    }
+
+    /// Found by fuzz/fuzz_targets/evp2_storage_token.rs: a NUL in the hub's URL, a header or
+    /// its refusal reached `Hub1.RequestStorageToken`'s answer (dbus-daemon disconnects hubd).
+    #[test]
+    fn a_nul_from_the_hub_never_reaches_the_token() {
+        let url = br#"{"storagetoken-response":{"reqid":"1","URL":"https://h/x\u0000y","headers":{"a":"b"}}}"#;
+        let e = decode_response(url)
+            .unwrap()
+            .unwrap()
+            .token_for("f")
+            .unwrap_err();
+        assert!(e.contains("URL contains a NUL"), "{e}");
+        let header =
+            json!({RESPONSE_KEY: {"reqid": "1", "URL": "https://h/x", "headers": {"a": "b\0"}}});
+        let e = decode_response(header.to_string().as_bytes())
+            .unwrap()
+            .unwrap()
+            .token_for("f")
+            .unwrap_err();
+        assert!(
+            e.contains("header of the hub's storage token contains a NUL"),
+            "{e}"
+        );
+        let refused = br#"{"storagetoken-response":{"reqid":"1","errorMessage":"no\u0000"}}"#;
+        let e = decode_response(refused)
+            .unwrap()
+            .unwrap()
+            .token_for("f")
+            .unwrap_err();
+        assert_eq!(e, "the hub refused the storage token: no\\0");
     }
 
     #[test]
