@@ -71,8 +71,9 @@ pub struct Observed<'a> {
     pub loaded: &'a BTreeMap<String, Module>,
     /// Hashes whose verified file is in the module cache.
     pub cached: &'a BTreeSet<String>,
-    /// Hashes a download task is fetching (or waiting to retry).
-    pub downloading: &'a BTreeSet<String>,
+    /// Hashes a download task is fetching (or waiting to retry, or gave up on), with the URL
+    /// it fetches from.
+    pub downloading: &'a BTreeMap<String, String>,
     /// Runtimes whose instances were read since they last appeared on the bus; nothing is
     /// loaded on or started on another.
     pub synced: &'a BTreeSet<Runtime>,
@@ -196,7 +197,7 @@ pub fn plan(desired: &Deployment, observed: Observed<'_>) -> Plan {
 
     // Downloads nothing wants any more; the others carry on untouched.
     let wanted: BTreeSet<String> = desired.modules.values().filter_map(cached_hash).collect();
-    for hash in observed.downloading {
+    for hash in observed.downloading.keys() {
         if !wanted.contains(hash) {
             steps.push(Step::CancelDownload { hash: hash.clone() });
         }
@@ -237,9 +238,8 @@ pub fn plan(desired: &Deployment, observed: Observed<'_>) -> Plan {
             (Some(url), _) => {
                 let hash = module.hash.clone().unwrap_or_default().to_ascii_lowercase();
                 if !observed.cached.contains(&hash) {
-                    if !observed.downloading.contains(&hash) {
-                        fetches.entry(hash).or_insert_with(|| url.clone());
-                    }
+                    // The first module id's URL, so two ids of one hash never take turns.
+                    fetches.entry(hash).or_insert_with(|| url.clone());
                     continue;
                 }
                 (ModuleSource::Cached, hash)
@@ -257,9 +257,11 @@ pub fn plan(desired: &Deployment, observed: Observed<'_>) -> Plan {
             hash,
         });
     }
+    // A task from another URL is replaced: the hub may have corrected it.
     steps.extend(
         fetches
             .into_iter()
+            .filter(|(hash, url)| observed.downloading.get(hash) != Some(url))
             .map(|(hash, url)| Step::Fetch { hash, url }),
     );
     steps.extend(loads);
@@ -343,7 +345,7 @@ mod tests {
         foreign: Vec<(Runtime, String)>,
         loaded: BTreeMap<String, Module>,
         cached: BTreeSet<String>,
-        downloading: BTreeSet<String>,
+        downloading: BTreeMap<String, String>,
         synced: BTreeSet<Runtime>,
     }
 
@@ -354,7 +356,7 @@ mod tests {
                 foreign: Vec::new(),
                 loaded: BTreeMap::new(),
                 cached: BTreeSet::new(),
-                downloading: BTreeSet::new(),
+                downloading: BTreeMap::new(),
                 synced: Runtime::ALL.into_iter().collect(),
             }
         }
@@ -501,7 +503,7 @@ mod tests {
     fn download_in_flight_and_no_longer_wanted_is_cancelled() {
         let new = deployment(&[("n", "spawn bb")], &[("b", "n")]);
         let mut w = World::empty();
-        w.downloading.insert("aa".into());
+        w.downloading.insert("aa".into(), "http://hub/m".into());
         check(&new, &w, "cancel aa\nfetch bb");
     }
 
@@ -509,8 +511,24 @@ mod tests {
     fn download_in_flight_and_still_wanted_carries_on() {
         let d = deployment(&[("m", "spawn aa")], &[("a", "m")]);
         let mut w = World::empty();
-        w.downloading.insert("aa".into());
+        w.downloading.insert("aa".into(), "http://hub/m".into());
         check(&d, &w, "");
+    }
+
+    #[test]
+    fn download_from_another_url_is_fetched_again_from_the_wanted_one() {
+        let d = deployment(&[("m", "spawn aa")], &[("a", "m")]);
+        let mut w = World::empty();
+        w.downloading
+            .insert("aa".into(), "file:///etc/shadow".into());
+        check(&d, &w, "fetch aa");
+        // Two module ids of one hash: the first id's URL, and no fetch while it is fetched.
+        let two = deployment(
+            &[("m", "spawn aa"), ("n", "spawn aa")],
+            &[("a", "m"), ("b", "n")],
+        );
+        w.downloading.insert("aa".into(), "http://hub/m".into());
+        check(&two, &w, "");
     }
 
     #[test]

@@ -650,7 +650,11 @@ impl Reconciler {
             .filter_map(cached_hash)
             .filter(|h| self.downloads.cache().contains(h))
             .collect();
-        let downloading: BTreeSet<String> = self.downloads.hashes().map(str::to_owned).collect();
+        let downloading: BTreeMap<String, String> = self
+            .downloads
+            .urls()
+            .map(|(h, u)| (h.to_owned(), u.to_owned()))
+            .collect();
         let plan = plan::plan(
             &desired,
             Observed {

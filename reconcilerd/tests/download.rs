@@ -477,8 +477,9 @@ async fn the_same_content_under_two_ids_is_fetched_once() {
     assert_eq!(server.seen().len(), 1);
 }
 
-#[tokio::test]
-async fn file_urls_are_copied_and_wrong_hashes_leave_nothing() {
+/// A module file `m.bin` holding `module` in a directory file:// URLs may name, and a fixture
+/// that allows it.
+fn allowed_module_file() -> (tempfile::TempDir, std::path::PathBuf, Fixture) {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("m.bin");
     std::fs::write(&src, b"module").unwrap();
@@ -486,6 +487,12 @@ async fn file_urls_are_copied_and_wrong_hashes_leave_nothing() {
         file_url_dirs: vec![dir.path().to_owned()],
         ..Default::default()
     });
+    (dir, src, f)
+}
+
+#[tokio::test]
+async fn file_urls_are_copied_and_wrong_hashes_leave_nothing() {
+    let (_dir, src, f) = allowed_module_file();
     let url = format!("file://{}", src.display());
     let e = f
         .downloader
@@ -565,6 +572,26 @@ fn downloads(f: &Fixture) -> (Downloads, mpsc::UnboundedReceiver<DownloadEvent>)
         ..Default::default()
     };
     (Downloads::new(f.downloader.clone(), &config, sink), rx)
+}
+
+#[tokio::test]
+async fn a_corrected_url_replaces_a_download_that_failed_for_good() {
+    let (_dir, src, f) = allowed_module_file();
+    let (mut d, mut rx) = downloads(&f);
+    let hash = sha(b"module");
+    d.ensure(&hash, "file:///etc/shadow");
+    wait_event(&mut rx, "the refusal", |e| {
+        matches!(e, DownloadEvent::Failed { retry_in: None, .. })
+    })
+    .await;
+    // The same URL again changes nothing; the corrected one is fetched.
+    d.ensure(&hash, "file:///etc/shadow");
+    d.ensure(&hash, &format!("file://{}", src.display()));
+    wait_event(&mut rx, "the download", |e| {
+        matches!(e, DownloadEvent::Done { .. })
+    })
+    .await;
+    assert!(f.downloader.cache().path_of(&hash).exists());
 }
 
 /// Waits for the first event that `pick` accepts, failing after the deadline.

@@ -90,10 +90,16 @@ impl Downloads {
         self.downloader.cache()
     }
 
-    /// Makes sure a task fetches `hash` (from `url`); an existing one carries on untouched.
+    /// Makes sure a task fetches `hash` from `url`; an existing one from the same URL carries
+    /// on untouched. One from another URL is replaced, so a URL the hub corrected is used even
+    /// after the old one failed for good (a refused `file://` path, an unsupported scheme).
     pub fn ensure(&mut self, hash: &str, url: &str) {
-        if self.tasks.contains_key(hash) {
-            return;
+        if let Some(task) = self.tasks.get(hash) {
+            if task.url == url {
+                return;
+            }
+            task.handle.abort();
+            info!(old = %task.url, url, sha256 = %hash, "module URL changed: fetching from the new one");
         }
         self.next_id += 1;
         let id = self.next_id;
@@ -156,9 +162,9 @@ impl Downloads {
         self.tasks.contains_key(hash)
     }
 
-    /// The hashes that have a task.
-    pub fn hashes(&self) -> impl Iterator<Item = &str> {
-        self.tasks.keys().map(String::as_str)
+    /// The hashes that have a task, with the URL each fetches from.
+    pub fn urls(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.tasks.iter().map(|(h, t)| (h.as_str(), t.url.as_str()))
     }
 
     /// Forgets the task of `hash` after it reported `Done`.

@@ -73,7 +73,8 @@ impl Reconciler {
                 }
                 Step::Fetch { hash, url } => {
                     self.downloads.ensure(&hash, &url);
-                    self.downloading.entry(hash).or_default();
+                    // A fetch from a new URL does not show the old URL's failure meanwhile.
+                    self.downloading.insert(hash, Default::default());
                 }
                 Step::Load {
                     runtime,
