@@ -5,6 +5,7 @@
 pub mod backoff;
 pub mod bus;
 pub mod conffile;
+pub mod crash;
 pub mod fs;
 #[cfg(feature = "http")]
 pub mod http;

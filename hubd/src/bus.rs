@@ -21,6 +21,7 @@ use crate::core::{
     ApplyOutcome, ConfigurationDelivery, ConnectionState, DeploymentRequest, MethodCall,
     RegistryAuth, SdkEvent, SdkLinks,
 };
+use crate::spool::task::SpoolReport;
 use crate::storage::{TokenError, TokenRequest};
 use crate::telemetry::TelemetryBatch;
 
@@ -59,6 +60,7 @@ pub struct Hub1 {
     device_id: String,
     storage_tokens: mpsc::Sender<TokenRequest>,
     registry_auth: watch::Receiver<RegistryAuth>,
+    spool: watch::Receiver<SpoolReport>,
 }
 
 /// What the `org.evp.Hub1` object reads from and hands to the session loop (the
@@ -71,6 +73,8 @@ pub struct Hub1Links {
     pub storage_tokens: mpsc::Sender<TokenRequest>,
     /// The registry credentials in effect.
     pub registry_auth: watch::Receiver<RegistryAuth>,
+    /// The spool's figures.
+    pub spool: watch::Receiver<SpoolReport>,
 }
 
 impl Hub1 {
@@ -82,6 +86,7 @@ impl Hub1 {
             device_id,
             storage_tokens: links.storage_tokens,
             registry_auth: links.registry_auth,
+            spool: links.spool,
         }
     }
 }
@@ -117,11 +122,11 @@ impl Hub1 {
         self.device_id.clone()
     }
 
-    /// Bytes waiting to be sent to the hub. Always 0: this build has no offline queue yet
-    /// (reports are rebuilt from the current state after a reconnect instead).
+    /// Bytes accepted for the hub and not yet acknowledged by its broker: the spool's
+    /// direct-command answers and telemetry (reports are rebuilt, never queued).
     #[zbus(property)]
     async fn queued_bytes(&self) -> u64 {
-        0
+        self.spool.borrow().queued_bytes
     }
 
     /// Where to upload `remote_name` for `instance` (EVP_BLOB_TYPE_EVP_EXT): the URL, its

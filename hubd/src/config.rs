@@ -17,6 +17,12 @@ pub const DEFAULT_STATUS_QOS: u8 = 1;
 /// The shortest forced re-send accepted in agent.toml: more than ten identical reports a
 /// second would only flood the broker, whatever a benchmark wants to measure.
 pub const MIN_FORCED_INTERVAL_MS: i64 = 100;
+/// Default MQTT keep-alive, seconds. EVP uses 400 s, so a dead link goes unnoticed for
+/// up to 13 minutes; 60 s notices it within 2 minutes for one ping a minute.
+pub const DEFAULT_KEEP_ALIVE_S: u64 = 60;
+/// Smallest spool: room for two of the largest MQTT messages.
+const MIN_SPOOL_BYTES: u64 = 2 * 131_072;
+
 /// EVP's upper bound of both report intervals, seconds (one day).
 const EVP_MAX_INTERVAL_S: i64 = 86_400;
 
@@ -51,6 +57,16 @@ pub struct HubSection {
     pub report_status_interval_max_ms: Option<i64>,
     /// QoS of the status report (0, 1 or 2).
     pub mqtt_qos_status: Option<u8>,
+    /// MQTT keep-alive, seconds: a link that stops carrying packets is noticed within twice
+    /// this (a PINGREQ goes out every keep-alive; one still unanswered at the next ends the
+    /// connection).
+    pub mqtt_keep_alive_s: Option<u64>,
+    /// Bytes the spool may hold on disk while the hub is away.
+    pub spool_max_bytes: Option<u64>,
+    /// Bytes of one instance's telemetry the spool may hold.
+    pub spool_instance_max_bytes: Option<u64>,
+    /// Longest time a spooled record waiting for the hub stays unsynced, ms.
+    pub spool_sync_ms: Option<u64>,
 }
 
 /// TLS material to use for MQTT.
@@ -98,6 +114,10 @@ pub struct HubConfig {
     pub configuration_id: Option<String>,
     /// `EVP_REGISTRY_AUTH`: registry → credentials, until the hub sets its own.
     pub registry_auth: Option<BTreeMap<String, String>>,
+    /// MQTT keep-alive.
+    pub keep_alive: Duration,
+    /// The spool's bounds and sync policy.
+    pub spool: crate::spool::Limits,
 }
 
 impl fmt::Debug for HubConfig {
@@ -121,6 +141,8 @@ impl fmt::Debug for HubConfig {
                     .as_ref()
                     .map(|m| m.keys().collect::<Vec<_>>()),
             )
+            .field("keep_alive", &self.keep_alive)
+            .field("spool", &self.spool)
             .finish()
     }
 }
@@ -319,6 +341,32 @@ pub fn resolve(
         ),
         None => None,
     };
+    let keep_alive_s = section.mqtt_keep_alive_s.unwrap_or(DEFAULT_KEEP_ALIVE_S);
+    if !(1..=u64::from(u16::MAX)).contains(&keep_alive_s) {
+        return Err(invalid(
+            "mqtt_keep_alive_s",
+            format!("{keep_alive_s} is outside 1..=65535 (MQTT's two-byte keep-alive)"),
+        ));
+    }
+    let defaults = crate::spool::Limits::default();
+    let spool = crate::spool::Limits {
+        max_bytes: section.spool_max_bytes.unwrap_or(defaults.max_bytes),
+        instance_max_bytes: section
+            .spool_instance_max_bytes
+            .unwrap_or(defaults.instance_max_bytes),
+        sync_every: section
+            .spool_sync_ms
+            .map_or(defaults.sync_every, Duration::from_millis),
+    };
+    if spool.max_bytes < MIN_SPOOL_BYTES {
+        return Err(invalid(
+            "spool_max_bytes",
+            format!(
+                "{} is below {MIN_SPOOL_BYTES} (two MQTT messages)",
+                spool.max_bytes
+            ),
+        ));
+    }
     Ok(HubConfig {
         mqtt_host,
         mqtt_port,
@@ -332,6 +380,8 @@ pub fn resolve(
         status_qos,
         configuration_id,
         registry_auth,
+        keep_alive: Duration::from_secs(keep_alive_s),
+        spool,
     })
 }
 

@@ -18,11 +18,13 @@ use tracing::{debug, info, warn};
 
 use crate::config::HubConfig;
 use crate::device_config::{AgentSettings, DeviceConfigStore};
+use crate::outbox::Outbox;
 use crate::report::{self, Rejection};
 use crate::rpc::{self, PendingCommands};
 use crate::session::Session;
+use crate::spool::Spool;
+use crate::spool::task::{Response, SpoolInputs, SpoolReport};
 use crate::storage::{TokenCache, Waiting};
-use crate::telemetry;
 use crate::timing::{BACKOFF_RESET_AFTER, ReportTimer, reconnect_backoff};
 use crate::tls::TlsMaterial;
 
@@ -36,8 +38,6 @@ pub use links::{
     SDK_EVENT_CHANNEL, STORAGE_TOKEN_CHANNEL, SdkEnds, SdkEvent, SdkLinks, TELEMETRY_CHANNEL,
 };
 
-/// MQTT keep-alive (EVP: 400 s).
-const KEEP_ALIVE: Duration = Duration::from_secs(400);
 /// Largest MQTT packet hubd sends: EVP's 128 KiB send buffer, which hubs are sized for.
 pub const MAX_OUTGOING_PACKET: usize = sizes::MAX_PACKET;
 /// Largest MQTT packet hubd accepts. Larger than EVP's 128 KiB receive buffer so a big
@@ -51,11 +51,13 @@ pub const PUBLISH_OVERHEAD: usize = sizes::PUBLISH_OVERHEAD;
 /// rate with 64 and 512. The small size bounds what it holds to 64 messages of at most
 /// [`MAX_OUTGOING_PACKET`] (8 MiB at worst; telemetry messages are typically small).
 pub const REQUEST_CHANNEL: usize = 64;
-/// How long a report or answer waits for room in a full request channel before it is dropped
-/// (and, for reports, tried again).
-const PUBLISH_WAIT: Duration = Duration::from_secs(10);
 /// MQTT events waiting for the session loop.
 const EVENT_CHANNEL: usize = 256;
+/// The instance name of the agent's own states in the instance-state report
+/// (`state/$agent/<topic>`): a `$` cannot start an instance name from the hub.
+pub const AGENT_STATE: &str = "$agent";
+/// The agent's state that counts telemetry the spool dropped, per instance.
+pub const TELEMETRY_DROPPED: &str = "telemetryDropped";
 /// Retry delay of a report that could not be queued for sending.
 const REPORT_RETRY: Duration = Duration::from_secs(1);
 /// How long a clean shutdown waits for the DISCONNECT to go out.
@@ -69,7 +71,7 @@ pub fn mqtt_options(cfg: &HubConfig, tls: Option<&TlsMaterial>) -> MqttOptions {
         .or_else(|| cfg.client_id.clone())
         .unwrap_or_default();
     let mut o = MqttOptions::new(client_id, cfg.mqtt_host.clone(), cfg.mqtt_port);
-    o.set_keep_alive(KEEP_ALIVE)
+    o.set_keep_alive(cfg.keep_alive)
         .set_clean_session(true)
         .set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET)
         .set_request_channel_capacity(REQUEST_CHANNEL);
@@ -95,6 +97,8 @@ enum MqttEvent {
 /// stops after the DISCONNECT went out (or at once when not connected and `stop` is set).
 async fn drive(
     mut eventloop: EventLoop,
+    outbox: Outbox,
+    acks: mpsc::UnboundedSender<u64>,
     events: mpsc::Sender<MqttEvent>,
     connection: watch::Sender<ConnectionState>,
     mut stop: watch::Receiver<bool>,
@@ -120,6 +124,7 @@ async fn drive(
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 info!("connected to the MQTT broker {broker}");
                 up_since = Some(Instant::now());
+                outbox.connected();
                 connection.send_replace(ConnectionState::Connected);
                 if events.send(MqttEvent::Connected).await.is_err() {
                     break;
@@ -134,9 +139,16 @@ async fn drive(
                     break;
                 }
             }
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => outbox.outgoing_publish(pkid),
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                if let Some(tag) = outbox.puback(ack.pkid) {
+                    let _ = acks.send(tag);
+                }
+            }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
             Ok(_) => {}
             Err(e) => {
+                outbox.lost(&mut eventloop);
                 connection.send_replace(ConnectionState::Disconnected);
                 if *stop.borrow() {
                     break;
@@ -173,7 +185,7 @@ fn qos(level: u8) -> QoS {
 struct Core {
     cfg: HubConfig,
     codec: Evp2Codec,
-    client: AsyncClient,
+    outbox: Outbox,
     store: DeviceConfigStore,
     hub_device_config: Option<DeviceConfig>,
     settings: AgentSettings,
@@ -204,6 +216,10 @@ struct Core {
     token_cache: TokenCache,
     /// The registry credentials in effect, for `Hub1.RegistryAuth`.
     registry_auth: watch::Sender<RegistryAuth>,
+    /// Direct-command answers, through the spool.
+    responses: mpsc::UnboundedSender<Response>,
+    /// Whether the spool may drain: set once a new connection's reports are out.
+    drain: watch::Sender<bool>,
 }
 
 /// Runs the MQTT session until `shutdown` completes, then disconnects cleanly.
@@ -245,24 +261,52 @@ pub async fn run_with_sdk(
         connection,
         mut storage_tokens,
         registry_auth,
+        spool: spool_report,
     } = links;
+    let spool_dir = store.dir().join("spool");
+    let spool = Spool::open(&spool_dir, cfg.spool)
+        .map_err(|e| anyhow::anyhow!("opening the spool: {e}"))?;
+    if spool.queued_bytes() > 0 {
+        info!(
+            "the spool holds {} bytes for the hub from an earlier run",
+            spool.queued_bytes()
+        );
+    }
     let (client, eventloop) = AsyncClient::new(options, REQUEST_CHANNEL);
+    let outbox = Outbox::new(client);
     let (events_tx, mut events) = mpsc::channel(EVENT_CHANNEL);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mqtt_state = connection.subscribe();
-    let telemetry_task = tokio::spawn(telemetry::publish(
-        client.clone(),
-        move || *mqtt_state.borrow() == ConnectionState::Connected,
-        telemetry_batches,
+    let (acks_tx, acks) = mpsc::unbounded_channel();
+    let (responses_tx, responses) = mpsc::unbounded_channel();
+    let (drain_tx, drain) = watch::channel(false);
+    let mut spool_seen = spool_report.subscribe();
+    let spool_task = tokio::spawn(crate::spool::task::run(
+        spool,
+        outbox.clone(),
+        SpoolInputs {
+            telemetry: telemetry_batches,
+            responses,
+            acks,
+            drain,
+            stop: stop_rx.clone(),
+        },
+        spool_report,
     ));
-    let mut driver = tokio::spawn(drive(eventloop, events_tx, connection, stop_rx));
+    let mut driver = tokio::spawn(drive(
+        eventloop,
+        outbox.clone(),
+        acks_tx,
+        events_tx,
+        connection,
+        stop_rx,
+    ));
     let settings = AgentSettings::new(&cfg, device_config.as_ref());
     registry_auth.send_replace(settings.registry_auth.clone());
     let token_cache = TokenCache::load(store.dir());
     let mut core = Core {
         cfg,
         codec: Evp2Codec,
-        client,
+        outbox,
         store,
         hub_device_config: device_config,
         settings,
@@ -286,7 +330,10 @@ pub async fn run_with_sdk(
         tokens: Waiting::default(),
         token_cache,
         registry_auth,
+        responses: responses_tx,
+        drain: drain_tx,
     };
+    core.on_spool_report(&spool_seen.borrow_and_update());
     let mut status_open = true;
     let mut outcomes_open = true;
     let mut sdk_open = true;
@@ -342,16 +389,29 @@ pub async fn run_with_sdk(
                 Some(t) => core.on_token_request(t, Instant::now()),
                 None => tokens_open = false,
             },
+            r = spool_seen.changed() => match r {
+                Ok(()) => core.on_spool_report(&spool_seen.borrow_and_update()),
+                Err(_) => {
+                    failure = Some(anyhow::anyhow!("the spooler stopped unexpectedly"));
+                    break;
+                }
+            },
             _ = sleep => {}
         }
         core.tick(Instant::now());
     }
-    telemetry_task.abort();
-    // Clean exit: DISCONNECT when connected, then let the driver finish.
+    // Clean exit: DISCONNECT when connected, then let the driver finish; the spooler syncs
+    // and writes its cursor.
     if core.connected {
-        let _ = core.client.try_disconnect();
+        let _ = core.outbox.client().try_disconnect();
     }
     let _ = stop_tx.send(true);
+    if tokio::time::timeout(DISCONNECT_GRACE, spool_task)
+        .await
+        .is_err()
+    {
+        warn!("the spooler did not stop within {DISCONNECT_GRACE:?}");
+    }
     if tokio::time::timeout(DISCONNECT_GRACE, &mut driver)
         .await
         .is_err()
@@ -401,13 +461,14 @@ impl Core {
                     topics::RPC_REQUEST_FILTER,
                     topics::RPC_RESPONSE_FILTER,
                 ] {
-                    if let Err(e) = self.client.try_subscribe(filter, QoS::AtMostOnce) {
+                    if let Err(e) = self.outbox.client().try_subscribe(filter, QoS::AtMostOnce) {
                         warn!("subscribing to {filter}: {e}");
                     }
                 }
             }
             MqttEvent::Disconnected => {
                 self.connected = false;
+                self.drain.send_replace(false);
                 self.tokens_offline(Instant::now());
                 self.report_wake = None;
                 self.states_wake = None;
@@ -567,7 +628,7 @@ impl Core {
                 match e.reqid {
                     Some(reqid) => {
                         warn!("RPC request {mqtt_id}: {e}; answered with an error");
-                        self.respond(mqtt_id, &rpc::error_response(reqid, e.to_string()));
+                        self.respond("", mqtt_id, &rpc::error_response(reqid, e.to_string()));
                     }
                     None => warn!("RPC request {mqtt_id}: {e}; not answered (no reqid)"),
                 }
@@ -579,7 +640,7 @@ impl Core {
                 "direct command {} {} answered by hubd",
                 cmd.reqid, cmd.method
             );
-            self.respond(mqtt_id, &rpc::agent_method(&cmd));
+            self.respond("", mqtt_id, &rpc::agent_method(&cmd));
             return;
         }
         if let Err(e) = self.pending.insert(cmd.reqid, &cmd.instance, mqtt_id, now) {
@@ -587,7 +648,11 @@ impl Core {
                 "direct command {} on request {mqtt_id} refused: {e}",
                 cmd.reqid
             );
-            self.respond(mqtt_id, &rpc::error_response(cmd.reqid, e.to_string()));
+            self.respond(
+                &cmd.instance,
+                mqtt_id,
+                &rpc::error_response(cmd.reqid, e.to_string()),
+            );
             return;
         }
         let reqid = cmd.reqid;
@@ -603,14 +668,20 @@ impl Core {
         };
         if let Err(e) = self.calls.try_send(call) {
             self.pending.take(reqid, now);
-            let message = match e {
-                mpsc::error::TrySendError::Full(_) => {
-                    "too many direct commands are waiting for sdk-broker"
+            let (message, call) = match e {
+                mpsc::error::TrySendError::Full(c) => {
+                    ("too many direct commands are waiting for sdk-broker", c)
                 }
-                mpsc::error::TrySendError::Closed(_) => "sdk-broker is not reachable from hubd",
+                mpsc::error::TrySendError::Closed(c) => {
+                    ("sdk-broker is not reachable from hubd", c)
+                }
             };
             warn!("direct command {reqid}: {message}");
-            self.respond(mqtt_id, &rpc::error_response(reqid, message));
+            self.respond(
+                &call.instance,
+                mqtt_id,
+                &rpc::error_response(reqid, message),
+            );
         }
     }
 
@@ -649,15 +720,29 @@ impl Core {
                     error_message: None,
                     response: (!response.is_empty()).then_some(response),
                 };
-                self.respond(&mqtt_id, &answer);
+                self.respond(&instance, &mqtt_id, &answer);
             }
             SdkEvent::CallFailed { reqid, message } => {
                 let Some(mqtt_id) = self.pending.take(reqid, now) else {
                     return;
                 };
                 warn!("direct command {reqid} not delivered to sdk-broker: {message}");
-                self.respond(&mqtt_id, &rpc::error_response(reqid, message));
+                self.respond("", &mqtt_id, &rpc::error_response(reqid, message));
             }
+        }
+    }
+
+    /// The spool's drop counts become the agent's state `telemetryDropped` (a JSON object of
+    /// instance → messages lost since the device was installed), once there is a loss.
+    fn on_spool_report(&mut self, report: &SpoolReport) {
+        if report.dropped.is_empty() {
+            return;
+        }
+        let value = serde_json::to_vec(&report.dropped).unwrap_or_default();
+        let key = (AGENT_STATE.to_owned(), TELEMETRY_DROPPED.to_owned());
+        if self.states.get(&key) != Some(&value) {
+            self.states.insert(key, value);
+            self.states_payload = None;
         }
     }
 
@@ -667,8 +752,9 @@ impl Core {
             return;
         };
         let before = self.states.len();
-        self.states
-            .retain(|(instance, _), _| status.instances.contains_key(instance));
+        self.states.retain(|(instance, _), _| {
+            instance == AGENT_STATE || status.instances.contains_key(instance)
+        });
         if self.states.len() != before {
             let left: BTreeSet<&String> = self.states.keys().map(|(i, _)| i).collect();
             debug!("states of departed instances dropped; states kept for {left:?}");

@@ -7,6 +7,8 @@
 //! - [`session`] and [`timing`]: the pure state machines of the session and of report timing.
 //! - [`device_config`] and [`report`]: the hub's device configuration and the status report.
 //! - [`rpc`] and [`telemetry`]: direct commands and their answers, telemetry messages.
+//! - [`spool`] and [`outbox`]: what must reach the hub, kept on disk until acknowledged, and
+//!   the publishes paired with their PUBACKs.
 //! - [`storage`]: storage tokens for modules' EVP_EXT uploads, and those kept for offline use.
 //! - [`core`]: the MQTT session loop, independent of D-Bus.
 //! - [`bus`]: `org.evp.Hub1` and the D-Bus links to reconcilerd and sdk-broker.
@@ -15,9 +17,11 @@ pub mod bus;
 pub mod config;
 pub mod core;
 pub mod device_config;
+pub mod outbox;
 pub mod report;
 pub mod rpc;
 pub mod session;
+pub mod spool;
 pub mod states;
 pub mod storage;
 pub mod telemetry;
@@ -88,6 +92,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
             connection: ends.connection.clone(),
             storage_tokens: ends.storage_tokens,
             registry_auth: ends.registry_auth,
+            spool: ends.spool,
         },
     );
     let conn = evp_daemon::connect_named(

@@ -11,6 +11,7 @@ use evp_hubd::core::{
     self, ApplyOutcome, ConfigurationDelivery, ConnectionState, LinkEnds, RegistryAuth,
 };
 use evp_hubd::device_config::DeviceConfigStore;
+use evp_hubd::spool::task::SpoolReport;
 use evp_hubd::storage::{TOKEN_TIMEOUT, TokenError, TokenRequest};
 use evp_schemas::evp2::storage::StorageToken;
 use evp_schemas::{DeploymentStatus, ReconcileStatus};
@@ -123,6 +124,8 @@ struct Rig {
     connection: watch::Receiver<ConnectionState>,
     storage_tokens: mpsc::Sender<TokenRequest>,
     registry_auth: watch::Receiver<RegistryAuth>,
+    /// The spool's figures (`Hub1.QueuedBytes`).
+    _spool: watch::Receiver<SpoolReport>,
     store: DeviceConfigStore,
     session: common::Session,
     broker: Mosquitto,
@@ -156,6 +159,7 @@ impl Rig {
             connection,
             storage_tokens,
             registry_auth,
+            spool,
         } = ends;
         let (applied_tx, applied) = mpsc::unbounded_channel::<String>();
         tokio::spawn(async move {
@@ -186,6 +190,7 @@ impl Rig {
             connection,
             storage_tokens,
             registry_auth,
+            _spool: spool,
             store,
             session,
             broker,

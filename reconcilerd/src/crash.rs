@@ -11,7 +11,7 @@
 //! not synced).
 
 /// Environment variable naming the write point at which a debug build aborts.
-pub const CRASH_AT_ENV: &str = "EVP_TEST_CRASH_AT";
+pub use evp_daemon::crash::CRASH_AT_ENV;
 
 /// The write points the hook knows.
 pub const POINTS: [&str; 5] = [
@@ -23,17 +23,7 @@ pub const POINTS: [&str; 5] = [
 ];
 
 /// Aborts the process if `EVP_TEST_CRASH_AT` names `point` (debug builds only).
-#[cfg(debug_assertions)]
 pub fn point(point: &str) {
     debug_assert!(POINTS.contains(&point), "unknown crash point {point}");
-    if std::env::var(CRASH_AT_ENV).is_ok_and(|v| v == point) {
-        // stderr is unbuffered: the line is out before the abort.
-        eprintln!("evp-reconcilerd: {CRASH_AT_ENV}={point}: aborting as asked");
-        std::process::abort();
-    }
+    evp_daemon::crash::point("evp-reconcilerd", point);
 }
-
-/// Release builds have no crash hook.
-#[cfg(not(debug_assertions))]
-#[inline(always)]
-pub fn point(_point: &str) {}

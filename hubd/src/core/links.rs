@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use evp_schemas::DeploymentStatus;
 use tokio::sync::{mpsc, watch};
 
+use crate::spool::task::SpoolReport;
 use crate::storage::TokenRequest;
 use crate::telemetry::TelemetryBatch;
 
@@ -112,6 +113,8 @@ pub struct Links {
     pub storage_tokens: mpsc::Receiver<TokenRequest>,
     /// The registry credentials in effect, for `Hub1.RegistryAuth`.
     pub registry_auth: watch::Sender<RegistryAuth>,
+    /// The spool's figures, for `Hub1.QueuedBytes`.
+    pub spool: watch::Sender<SpoolReport>,
 }
 
 /// The other ends of [`Links`], for whoever plays reconcilerd, the configuration delivery and
@@ -132,6 +135,8 @@ pub struct LinkEnds {
     pub storage_tokens: mpsc::Sender<TokenRequest>,
     /// The registry credentials hubd holds.
     pub registry_auth: watch::Receiver<RegistryAuth>,
+    /// The spool's figures.
+    pub spool: watch::Receiver<SpoolReport>,
 }
 
 impl Links {
@@ -144,6 +149,7 @@ impl Links {
         let (connection, connection_rx) = watch::channel(ConnectionState::Disconnected);
         let (storage_tokens_tx, storage_tokens) = mpsc::channel(STORAGE_TOKEN_CHANNEL);
         let (registry_auth, registry_auth_rx) = watch::channel(RegistryAuth::new());
+        let (spool, spool_rx) = watch::channel(SpoolReport::default());
         (
             Links {
                 deployments,
@@ -153,6 +159,7 @@ impl Links {
                 connection,
                 storage_tokens,
                 registry_auth,
+                spool,
             },
             LinkEnds {
                 deployments: deployments_rx,
@@ -162,6 +169,7 @@ impl Links {
                 connection: connection_rx,
                 storage_tokens: storage_tokens_tx,
                 registry_auth: registry_auth_rx,
+                spool: spool_rx,
             },
         )
     }

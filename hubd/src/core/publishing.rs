@@ -5,25 +5,20 @@ use std::time::Instant;
 
 use evp_schemas::evp2::{sizes, topics};
 use evp_schemas::{DirectCommandResponse, HubCodec};
-use rumqttc::{ClientError, QoS, Request};
+use rumqttc::QoS;
 use tracing::{debug, error, warn};
 
-use super::{Core, MAX_OUTGOING_PACKET, PUBLISH_OVERHEAD, PUBLISH_WAIT, REPORT_RETRY, qos};
+use super::{Core, MAX_OUTGOING_PACKET, PUBLISH_OVERHEAD, REPORT_RETRY, qos};
 use crate::report;
 use crate::rpc;
+use crate::spool::task::Response;
 use crate::states;
 use crate::timing::ReportDecision;
 
 impl Core {
-    /// Publishes a direct-command answer on `v1/devices/me/rpc/response/<mqtt_id>`.
-    pub(super) fn respond(&self, mqtt_id: &str, answer: &DirectCommandResponse) {
-        if !self.connected {
-            warn!(
-                "answer to direct command {} dropped: MQTT is not connected",
-                answer.reqid
-            );
-            return;
-        }
+    /// Hands a direct-command answer for `v1/devices/me/rpc/response/<mqtt_id>` to the spool,
+    /// which sends it at QoS 1 now, or once the hub is back.
+    pub(super) fn respond(&self, instance: &str, mqtt_id: &str, answer: &DirectCommandResponse) {
         let topic = format!("{}{mqtt_id}", topics::RPC_RESPONSE_PREFIX);
         let (payload, too_big) =
             rpc::answer_payload(&self.codec, answer, sizes::max_payload(topic.len()));
@@ -33,7 +28,17 @@ impl Core {
                 answer.reqid
             );
         }
-        self.publish(&topic, QoS::AtMostOnce, payload);
+        let response = Response {
+            instance: instance.to_owned(),
+            topic,
+            payload,
+        };
+        if self.responses.send(response).is_err() {
+            error!(
+                "answer to direct command {} dropped: the spooler stopped",
+                answer.reqid
+            );
+        }
     }
 
     /// Sends what is due: the initial GET, the status report, the instance-state report.
@@ -81,6 +86,10 @@ impl Core {
             ReportDecision::Idle => None,
         };
         self.tick_states(now);
+        // The spool drains once this connection's reports are out (they go first).
+        if self.timer.has_sent() && !*self.drain.borrow() {
+            self.drain.send_replace(true);
+        }
     }
 
     /// The instance-state report: the same timing rules as the status report, with its own
@@ -132,8 +141,7 @@ impl Core {
         };
     }
 
-    /// Queues a publish; when the request channel is full (a telemetry flood), waits for room
-    /// on a task of its own, a bounded time.
+    /// Queues a publish (through the outbox, so that PUBACKs pair with the spool's records).
     pub(super) fn publish(&self, topic: &str, level: QoS, payload: Vec<u8>) -> Published {
         let size = topic.len() + payload.len() + PUBLISH_OVERHEAD;
         if size > MAX_OUTGOING_PACKET {
@@ -142,25 +150,10 @@ impl Core {
             );
             return Published::TooBig;
         }
-        match self.client.try_publish(topic, level, false, payload) {
+        match self.outbox.publish(topic, level, payload, None) {
             Ok(()) => Published::Queued,
-            Err(ClientError::TryRequest(Request::Publish(p))) => {
-                let client = self.client.clone();
-                let topic = topic.to_owned();
-                tokio::spawn(async move {
-                    let wait = client.publish_bytes(topic.as_str(), level, false, p.payload);
-                    match tokio::time::timeout(PUBLISH_WAIT, wait).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => warn!("publish on {topic} not queued: {e}"),
-                        Err(_) => {
-                            warn!("publish on {topic} dropped: no room for it in {PUBLISH_WAIT:?}")
-                        }
-                    }
-                });
-                Published::Queued
-            }
             Err(e) => {
-                warn!("publish on {topic} not queued: {e}");
+                debug!("publish on {topic} not queued ({e:?}): tried again later");
                 Published::NotQueued
             }
         }
@@ -174,6 +167,6 @@ pub(super) enum Published {
     Queued,
     /// Larger than the MQTT limit; dropped.
     TooBig,
-    /// The request channel is full or closed.
+    /// Not connected, or the request channel is full or closed.
     NotQueued,
 }
