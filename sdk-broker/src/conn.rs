@@ -12,7 +12,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use evp_schemas::sdk::{
     EvpResult, HEADER_LEN, Header, HeaderError, MAX_PAYLOAD, Request, Response, encode_frame,
@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 
 use crate::peer::{self, Binding, Refusal};
 use crate::rules::{InstanceRef, Peer, Popped};
+use crate::wait::Wait;
 
 /// Socket mode: anyone who can reach it may connect, since who may use it is decided from the
 /// peer's credentials (its uid and pid against `BindInstance`), not by the file mode: instances
@@ -481,15 +482,19 @@ impl<'a> Conn<'a> {
     }
 
     /// Waits for an event until the absolute `CLOCK_REALTIME` deadline (a deadline in the past
-    /// is a poll), watching for the peer closing meanwhile.
+    /// is a poll), counted on the monotonic clock from the request's arrival ([`Wait`]),
+    /// watching for the peer closing meanwhile.
     async fn get_event(
         &mut self,
         deadline_sec: u64,
         deadline_nsec: u64,
     ) -> Result<evp_schemas::sdk::Event, ConnEnd> {
-        let deadline = Duration::from_secs(deadline_sec)
-            .checked_add(Duration::from_nanos(deadline_nsec))
-            .and_then(|d| SystemTime::UNIX_EPOCH.checked_add(d));
+        let wait = Wait::of_deadline(
+            deadline_sec,
+            deadline_nsec,
+            SystemTime::now(),
+            Instant::now(),
+        );
         let mut peer_quiet = true;
         loop {
             let notified = self.notify.notified();
@@ -501,16 +506,14 @@ impl<'a> Conn<'a> {
                 Popped::Gone => return Err(ConnEnd::Gone),
                 Popped::Empty => {}
             }
-            let wait = match deadline {
-                Some(d) => match d.duration_since(SystemTime::now()) {
-                    Ok(left) if !left.is_zero() => left.min(MAX_WAIT),
-                    _ => return Ok(evp_schemas::sdk::Event::None),
-                },
+            let slice = match wait.left(Instant::now()) {
+                Some(left) if left.is_zero() => return Ok(evp_schemas::sdk::Event::None),
+                Some(left) => left.min(MAX_WAIT),
                 None => MAX_WAIT,
             };
             tokio::select! {
                 _ = &mut notified => {}
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep(slice) => {}
                 closed = peer_closed(self.stream.get_ref()), if peer_quiet => {
                     if closed? {
                         return Err(ConnEnd::Closed);

@@ -24,6 +24,7 @@ pub mod peer;
 mod rules;
 pub mod settings;
 pub mod store;
+mod wait;
 
 use std::sync::Arc;
 use std::time::Duration;
