@@ -10,11 +10,13 @@
 //!   attribute requests, PATCHes, and what the device reports.
 //! - [`stack::Stack`]: the five daemons as child processes on a bus, with readiness, signals,
 //!   and optional supervision.
+//! - [`lock::DataDirLock`]: one `evp-devhub up` per data directory.
 //! - [`manifest`]: deployment documents: filling in module hashes, the bundled sample.
 
 pub mod broker;
 pub mod bus;
 pub mod hub;
+pub mod lock;
 pub mod manifest;
 pub mod stack;
 

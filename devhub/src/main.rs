@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use evp_devhub::hub::{DeviceReport, HubError, HubSide, HubSideOptions, fetch_status};
+use evp_devhub::lock::DataDirLock;
 use evp_devhub::stack::{DaemonOutput, Stack, StackConfig, default_bin_dir};
 use evp_devhub::{DEFAULT_BROKER_URL, DEVHUB_STATUS_TOPIC, EmbeddedBroker, PrivateBus, manifest};
 use serde_json::Value;
@@ -267,6 +268,8 @@ struct UpArgs {
 
 /// What `up` runs, kept together so a stop takes everything down in order.
 struct Running {
+    /// Held for the process's life: a second `up` on the same data directory stops at once.
+    _lock: DataDirLock,
     bus: PrivateBus,
     /// Kept for the process's life: rumqttd cannot be stopped.
     _broker: Option<EmbeddedBroker>,
@@ -327,6 +330,7 @@ async fn start_up(args: &UpArgs) -> Result<Running> {
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let dir = std::fs::canonicalize(&args.data_dir)
         .with_context(|| format!("resolving {}", args.data_dir.display()))?;
+    let lock = DataDirLock::take(&dir)?;
     let bin_dir = match &args.bin_dir {
         Some(d) => d.clone(),
         None => default_bin_dir().context("finding the folder of evp-devhub")?,
@@ -379,6 +383,7 @@ async fn start_up(args: &UpArgs) -> Result<Running> {
     };
     let stack = Stack::launch(config).await?;
     Ok(Running {
+        _lock: lock,
         bus,
         _broker: broker,
         hub,

@@ -72,3 +72,50 @@ fn devhub_up_runs_the_sample_and_stops_cleanly() {
     let left = ours();
     assert!(left.is_empty(), "still running after Ctrl-C: {left:?}");
 }
+
+#[test]
+fn a_second_devhub_up_on_the_same_data_dir_stops_at_once_naming_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("devhub");
+    let up = || {
+        let mut c = Command::new(bin_dir().join("evp-devhub"));
+        c.args(["up", "--no-sample", "--port", "0", "--data-dir"])
+            .arg(&data)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        c
+    };
+    let mut first = up()
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("evp-devhub is built by `cargo build --workspace`");
+    let pid = first.id().to_string();
+    // The lock is taken, and the pid written, before anything else starts.
+    let lock = data.join("devhub.lock");
+    let end = std::time::Instant::now() + DEADLINE;
+    while std::fs::read_to_string(&lock).map_or(true, |s| s.trim() != pid) {
+        assert!(
+            std::time::Instant::now() < end,
+            "the first evp-devhub never wrote its lock"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let started = std::time::Instant::now();
+    let second = up().stderr(Stdio::piped()).output().unwrap();
+    let took = started.elapsed();
+    let still_running = first.try_wait().unwrap().is_none();
+    kill(Pid::from_raw(first.id() as i32), Signal::SIGINT).unwrap();
+    let status = first.wait().unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "the second one ran: {stderr}");
+    assert!(
+        stderr.contains(&format!("pid {pid}")) && stderr.contains("in use"),
+        "{stderr}"
+    );
+    assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
+    assert!(still_running, "the first one must be left alone");
+    assert!(
+        status.success(),
+        "the first evp-devhub exited with {status}"
+    );
+}
