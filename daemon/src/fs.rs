@@ -60,8 +60,8 @@ pub fn temp_path(path: &Path) -> PathBuf {
 
 /// Replaces `path` with `bytes` so that after a power cut it holds either the old or the new
 /// content, never a mix: writes [`temp_path`] (created with `mode`, less the umask), syncs it,
-/// renames it over `path` and syncs the directory. `hook`, when given, is called at each
-/// [`WritePoint`].
+/// renames it over `path` and syncs the directory. A write that fails before the rename
+/// removes its temporary file. `hook`, when given, is called at each [`WritePoint`].
 pub fn write_atomic(
     path: &Path,
     bytes: &[u8],
@@ -89,7 +89,7 @@ pub fn write_atomic(
     };
     let temp = temp_path(path);
     let mut at = |point| hook.as_mut().map_or(Ok(()), |h| h(point));
-    {
+    let written = (|| {
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -101,8 +101,14 @@ pub fn write_atomic(
         at(WritePoint::TempWritten).map_err(fail("writing", &temp))?;
         file.sync_all().map_err(fail("syncing", &temp))?;
         at(WritePoint::TempSynced).map_err(fail("syncing", &temp))?;
+        std::fs::rename(&temp, path).map_err(fail("renaming into place", path))
+    })();
+    if let Err(e) = written {
+        // A half-written temporary file (a full disk: ENOSPC) would hold the space that the
+        // next attempt needs; the target is untouched either way.
+        let _ = std::fs::remove_file(&temp);
+        return Err(e);
     }
-    std::fs::rename(&temp, path).map_err(fail("renaming into place", path))?;
     at(WritePoint::Renamed).map_err(fail("renaming into place", path))?;
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
@@ -252,6 +258,7 @@ mod tests {
                 expect,
                 "stopped at {stop_at:?}"
             );
+            assert!(!temp_path(&path).exists(), "a failed write leaves no temp");
         }
         check(WritePoint::TempWritten, b"old content");
         check(WritePoint::TempSynced, b"old content");
