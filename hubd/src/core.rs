@@ -7,14 +7,14 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use evp_schemas::codec::DeviceConfig;
+use evp_schemas::codec::{DeviceConfig, IncomingDropped, Losses};
 use evp_schemas::evp2::{Evp2Codec, sizes, topics};
 use evp_schemas::{
     Deployment, DeploymentStatus, DesiredChange, DirectCommandResponse, HubCodec, RpcStatus,
 };
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS, Transport};
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::HubConfig;
 use crate::device_config::{AgentSettings, DeviceConfigStore};
@@ -40,9 +40,14 @@ pub use links::{
 
 /// Largest MQTT packet hubd sends: EVP's 128 KiB send buffer, which hubs are sized for.
 pub const MAX_OUTGOING_PACKET: usize = sizes::MAX_PACKET;
-/// Largest MQTT packet hubd accepts. Larger than EVP's 128 KiB receive buffer so a big
-/// manifest, or the device's own report echoed by a plain broker, never drops the connection.
-const MAX_INCOMING_PACKET: usize = 1 << 20;
+/// Largest MQTT packet hubd reads. rumqttc ends the connection on a larger one, and a retained
+/// one would then end every connection after it, so this is far above anything hubd uses:
+/// such a message is read (the memory is transient) and dropped by [`MAX_INCOMING_PAYLOAD`].
+const MAX_INCOMING_PACKET: usize = 16 << 20;
+/// Largest payload hubd acts on: above EVP's 128 KiB receive buffer, so a big manifest or the
+/// device's own report echoed by a plain broker still counts; a larger one is dropped, logged
+/// and counted in the status report (`state/$agent/incoming-dropped`).
+pub const MAX_INCOMING_PAYLOAD: usize = 1 << 20;
 /// Bytes of an MQTT PUBLISH besides topic and payload.
 pub const PUBLISH_OVERHEAD: usize = sizes::PUBLISH_OVERHEAD;
 /// Requests waiting for rumqttc's event loop, which writes one per poll. A publisher that
@@ -53,11 +58,6 @@ pub const PUBLISH_OVERHEAD: usize = sizes::PUBLISH_OVERHEAD;
 pub const REQUEST_CHANNEL: usize = 64;
 /// MQTT events waiting for the session loop.
 const EVENT_CHANNEL: usize = 256;
-/// The instance name of the agent's own states in the instance-state report
-/// (`state/$agent/<topic>`): a `$` cannot start an instance name from the hub.
-pub const AGENT_STATE: &str = "$agent";
-/// The agent's state that counts telemetry the spool dropped, per instance.
-pub const TELEMETRY_DROPPED: &str = "telemetryDropped";
 /// Retry delay of a report that could not be queued for sending.
 const REPORT_RETRY: Duration = Duration::from_secs(1);
 /// How long a clean shutdown waits for the DISCONNECT to go out.
@@ -109,6 +109,7 @@ async fn drive(
         eventloop.mqtt_options.broker_address().1
     );
     let mut backoff = reconnect_backoff();
+    let mut refused_backoff = crate::timing::refused_backoff();
     let mut up_since: Option<Instant> = None;
     loop {
         let polled = if up_since.is_some() {
@@ -156,12 +157,20 @@ async fn drive(
                 if let Some(since) = up_since.take() {
                     if since.elapsed() >= BACKOFF_RESET_AFTER {
                         backoff.reset();
+                        refused_backoff.reset();
                     }
                     if events.send(MqttEvent::Disconnected).await.is_err() {
                         break;
                     }
                 }
-                let delay = backoff.next_delay();
+                // A host that answers (a refused TCP connection) has its link up and its broker
+                // restarting: it is tried again soon, so the device is back within seconds of
+                // the broker. Anything else backs off to EVP's 64 s.
+                let delay = if crate::timing::broker_host_answered(&e) {
+                    refused_backoff.next_delay()
+                } else {
+                    backoff.next_delay()
+                };
                 warn!("MQTT connection to {broker}: {e}; next attempt in {delay:.1?}");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -220,6 +229,8 @@ struct Core {
     responses: mpsc::UnboundedSender<Response>,
     /// Whether the spool may drain: set once a new connection's reports are out.
     drain: watch::Sender<bool>,
+    /// What the status report counts as lost.
+    losses: Losses,
 }
 
 /// Runs the MQTT session until `shutdown` completes, then disconnects cleanly.
@@ -332,6 +343,7 @@ pub async fn run_with_sdk(
         registry_auth,
         responses: responses_tx,
         drain: drain_tx,
+        losses: Losses::default(),
     };
     core.on_spool_report(&spool_seen.borrow_and_update());
     let mut status_open = true;
@@ -472,6 +484,19 @@ impl Core {
                 self.tokens_offline(Instant::now());
                 self.report_wake = None;
                 self.states_wake = None;
+            }
+            MqttEvent::Publish { topic, payload } if payload.len() > MAX_INCOMING_PAYLOAD => {
+                let count = self.losses.incoming.as_ref().map_or(0, |d| d.count) + 1;
+                error!(
+                    "dropped a {}-byte message on {topic}: larger than the {MAX_INCOMING_PAYLOAD} \
+                     bytes hubd accepts ({count} dropped so far)",
+                    payload.len(),
+                );
+                self.losses.incoming = Some(IncomingDropped {
+                    count,
+                    last_topic: topic,
+                    last_bytes: payload.len() as u64,
+                });
             }
             MqttEvent::Publish { topic, payload } => self.on_publish(&topic, &payload),
         }
@@ -732,18 +757,9 @@ impl Core {
         }
     }
 
-    /// The spool's drop counts become the agent's state `telemetryDropped` (a JSON object of
-    /// instance → messages lost since the device was installed), once there is a loss.
+    /// The spool's drop counts go into the status report.
     fn on_spool_report(&mut self, report: &SpoolReport) {
-        if report.dropped.is_empty() {
-            return;
-        }
-        let value = serde_json::to_vec(&report.dropped).unwrap_or_default();
-        let key = (AGENT_STATE.to_owned(), TELEMETRY_DROPPED.to_owned());
-        if self.states.get(&key) != Some(&value) {
-            self.states.insert(key, value);
-            self.states_payload = None;
-        }
+        self.losses.telemetry.clone_from(&report.dropped);
     }
 
     /// Forgets the states of instances that are not in the deployment status any more.
@@ -752,9 +768,8 @@ impl Core {
             return;
         };
         let before = self.states.len();
-        self.states.retain(|(instance, _), _| {
-            instance == AGENT_STATE || status.instances.contains_key(instance)
-        });
+        self.states
+            .retain(|(instance, _), _| status.instances.contains_key(instance));
         if self.states.len() != before {
             let left: BTreeSet<&String> = self.states.keys().map(|(i, _)| i).collect();
             debug!("states of departed instances dropped; states kept for {left:?}");

@@ -1,7 +1,7 @@
 //! Building the status report: system info, the settings in effect, and reconcilerd's
 //! deployment status with a refused deployment laid over it.
 
-use evp_schemas::codec::SystemInfo;
+use evp_schemas::codec::{Losses, SystemInfo};
 use evp_schemas::text::shorten;
 use evp_schemas::{DeploymentStatus, HubCodec, ReconcileStatus, StatusReport};
 
@@ -43,6 +43,7 @@ pub fn build(
     settings: &AgentSettings,
     status: Option<&DeploymentStatus>,
     rejection: Option<&Rejection>,
+    losses: &Losses,
 ) -> StatusReport {
     let deployment = match rejection {
         Some(r) => {
@@ -63,6 +64,7 @@ pub fn build(
         configuration_id: settings.configuration_id.clone(),
         registries_with_auth: settings.registry_auth.keys().cloned().collect(),
         deployment,
+        losses: losses.clone(),
     }
 }
 
@@ -170,6 +172,7 @@ mod tests {
             configuration_id: None,
             registries_with_auth: Vec::new(),
             deployment: Some(status),
+            losses: Default::default(),
         }
     }
 
@@ -232,18 +235,24 @@ mod tests {
         };
         let info = system_info();
         assert!(info.agent_version.starts_with('v'));
-        let r = build(&info, &settings, Some(&running), Some(&rejection));
+        let r = build(
+            &info,
+            &settings,
+            Some(&running),
+            Some(&rejection),
+            &Losses::default(),
+        );
         let v = Evp2Codec.encode_status_report(&r);
         let d = &v["deploymentStatus"];
         assert_eq!(d["reconcileStatus"], "error");
         assert_eq!(d["deploymentId"], "dep-2");
         assert_eq!(d["failureMessage"], "deployment.modules: is required");
         assert_eq!(d["instances"]["i"]["status"], "ok");
-        let r = build(&info, &settings, Some(&running), None);
+        let r = build(&info, &settings, Some(&running), None, &Losses::default());
         let v = Evp2Codec.encode_status_report(&r);
         assert_eq!(v["deploymentStatus"]["reconcileStatus"], "ok");
         assert_eq!(v["state/$agent/report-status-interval-min"], 3);
-        let r = build(&info, &settings, None, None);
+        let r = build(&info, &settings, None, None, &Losses::default());
         assert!(
             Evp2Codec
                 .encode_status_report(&r)

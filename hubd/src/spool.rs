@@ -17,7 +17,8 @@
 //! Bounds: [`Limits::max_bytes`] in all, [`Limits::instance_max_bytes`] per instance. An
 //! instance over its quota loses its newest telemetry; a full spool loses its oldest telemetry,
 //! a whole segment (1/16 of the spool) at a time. Every loss is counted per instance
-//! ([`Spool::dropped`]); hubd reports the counts to the hub as `state/$agent/telemetryDropped`.
+//! ([`Spool::dropped`]); the status report carries the counts as
+//! `state/$agent/telemetry-dropped`.
 
 mod segment;
 mod stream;

@@ -77,6 +77,22 @@ pub fn reconnect_backoff() -> evp_daemon::Backoff {
     evp_daemon::Backoff::new(BACKOFF_BASE, BACKOFF_MAX)
 }
 
+/// Longest reconnect delay while the broker's host refuses TCP connections. Its link is up
+/// and the broker restarting; 64 s there kept devices away for most of a minute after it was
+/// back. Jitter still spreads a fleet (a quarter of 8 s).
+const REFUSED_BACKOFF_MAX: Duration = Duration::from_secs(8);
+
+/// The schedule while the broker's host refuses connections: 1, 2, 4, 8, 8 ... s, jittered.
+pub fn refused_backoff() -> evp_daemon::Backoff {
+    evp_daemon::Backoff::new(BACKOFF_BASE, REFUSED_BACKOFF_MAX)
+}
+
+/// Whether a connection attempt failed because the broker's host answered with a refusal (a
+/// TCP RST): the network is fine, the broker is not listening yet.
+pub fn broker_host_answered(error: &rumqttc::ConnectionError) -> bool {
+    matches!(error, rumqttc::ConnectionError::Io(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,6 +147,33 @@ mod tests {
         t.sent(t0, "a".into());
         t.reset();
         assert_eq!(t.decide(t0, "a", iv(3, Some(180))), ReportDecision::SendNow);
+    }
+
+    #[test]
+    fn only_a_refused_tcp_connection_retries_on_the_short_schedule() {
+        use rumqttc::ConnectionError as E;
+        use std::io::{Error, ErrorKind};
+        assert!(broker_host_answered(&E::Io(Error::from(
+            ErrorKind::ConnectionRefused
+        ))));
+        for other in [
+            E::Io(Error::from(ErrorKind::TimedOut)),
+            E::Io(Error::from(ErrorKind::HostUnreachable)),
+            E::NetworkTimeout,
+            E::ConnectionRefused(rumqttc::ConnectReturnCode::NotAuthorized),
+        ] {
+            assert!(!broker_host_answered(&other), "{other}");
+        }
+        let mut b = refused_backoff();
+        let delays: Vec<Duration> = (0..8).map(|_| b.next_delay()).collect();
+        assert!(
+            delays.iter().all(|d| *d <= REFUSED_BACKOFF_MAX),
+            "{delays:?}"
+        );
+        assert!(
+            delays[7] >= REFUSED_BACKOFF_MAX * 3 / 4,
+            "jittered, not shortened: {delays:?}"
+        );
     }
 
     #[test]

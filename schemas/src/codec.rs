@@ -87,6 +87,29 @@ pub struct StatusReport {
     pub registries_with_auth: Vec<String>,
     /// The deployment status; `None` before reconcilerd ever answered.
     pub deployment: Option<DeploymentStatus>,
+    /// What the device could not keep or take, so the hub's operator sees every loss.
+    pub losses: Losses,
+}
+
+/// Losses a status report counts (`state/$agent/telemetry-dropped`,
+/// `state/$agent/incoming-dropped` in EVP2), each left out while nothing was lost.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Losses {
+    /// Telemetry messages the spool dropped, per instance, since the device was installed.
+    pub telemetry: BTreeMap<String, u64>,
+    /// Hub messages dropped for their size since hubd started.
+    pub incoming: Option<IncomingDropped>,
+}
+
+/// Hub messages dropped for their size.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IncomingDropped {
+    /// How many.
+    pub count: u64,
+    /// The last one's topic.
+    pub last_topic: String,
+    /// The last one's payload size.
+    pub last_bytes: u64,
 }
 
 /// One telemetry entry as sdk-broker batches it: `(instance, key, JSON value text)`.

@@ -140,6 +140,18 @@ impl HubCodec for Evp2Codec {
                 .collect();
             out.insert("state/$agent/registry-auth".into(), Value::Object(redacted));
         }
+        if !report.losses.telemetry.is_empty() {
+            out.insert(
+                "state/$agent/telemetry-dropped".into(),
+                json!(report.losses.telemetry),
+            );
+        }
+        if let Some(d) = &report.losses.incoming {
+            out.insert(
+                "state/$agent/incoming-dropped".into(),
+                json!({"count": d.count, "lastTopic": d.last_topic, "lastBytes": d.last_bytes}),
+            );
+        }
         if let Some(status) = &report.deployment {
             out.insert("deploymentStatus".into(), encode_deployment_status(status));
         }
@@ -850,6 +862,7 @@ mod tests {
             configuration_id: Some("c".into()),
             registries_with_auth: vec![],
             deployment: Some(DeploymentStatus::default()),
+            losses: Default::default(),
         };
         let encoded = Evp2Codec.encode_status_report(&report).to_string();
         assert!(
@@ -886,6 +899,14 @@ mod tests {
             configuration_id: None,
             registries_with_auth: vec!["ghcr.io".into()],
             deployment: Some(status),
+            losses: crate::codec::Losses {
+                telemetry: [("noisy".to_owned(), 7)].into(),
+                incoming: Some(crate::codec::IncomingDropped {
+                    count: 1,
+                    last_topic: "v1/devices/me/attributes".into(),
+                    last_bytes: 2_000_000,
+                }),
+            },
         };
         let v = Evp2Codec.encode_status_report(&report);
         assert_eq!(v["systemInfo"]["protocolVersion"], "EVP2-TB");
@@ -896,6 +917,8 @@ mod tests {
         );
         assert_eq!(v["deploymentStatus"]["reconcileStatus"], "ok");
         assert_eq!(v["state/$agent/registry-auth"]["ghcr.io"], "[redacted]");
+        assert_eq!(v["state/$agent/telemetry-dropped"], json!({"noisy": 7}));
+        assert_eq!(v["state/$agent/incoming-dropped"]["lastBytes"], 2_000_000);
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod docker;
 pub mod http;
 pub mod mosquitto;
 pub mod python;
+pub mod relay;
 pub mod system;
 pub mod wasm;
 

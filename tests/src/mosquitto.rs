@@ -30,7 +30,7 @@ pub struct Mosquitto {
 }
 
 /// The mosquitto binary: the Debian locations first, then `PATH`.
-fn binary() -> Result<PathBuf> {
+pub fn binary() -> Result<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     ["/usr/sbin", "/usr/bin"]
         .into_iter()

@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use crate::DEADLINE;
 use crate::certs::{self, Pki};
 use crate::mosquitto::{Mosquitto, TlsFiles};
+use crate::relay::Relay;
 
 /// How a [`System`] is set up.
 #[derive(Debug, Clone, Default)]
@@ -27,6 +28,8 @@ pub struct Options {
     pub env: Vec<(String, String)>,
     /// Restart a daemon that fails, as systemd's `Restart=on-failure` does.
     pub supervise: bool,
+    /// The device reaches the broker through a [`Relay`] the test can cut (plain MQTT only).
+    pub relay: bool,
 }
 
 /// A device under test.
@@ -47,6 +50,8 @@ pub struct System {
     pub pki: Option<Pki>,
     /// The uids this device's instances get, held for its lifetime.
     pub uids: UidBlock,
+    /// The device's way to the broker, with [`Options::relay`].
+    pub relay: Option<Relay>,
 }
 
 /// Client id of the device, and CN of its certificate.
@@ -80,7 +85,15 @@ impl System {
         let hub = HubSide::connect(&mosquitto.url())
             .await
             .context("connecting the hub driver")?;
-        let device_port = mosquitto.tls_port.unwrap_or(mosquitto.port);
+        let relay = if options.relay {
+            Some(Relay::start(mosquitto.port).await?)
+        } else {
+            None
+        };
+        let device_port = match &relay {
+            Some(r) => r.port,
+            None => mosquitto.tls_port.unwrap_or(mosquitto.port),
+        };
         let mut config = StackConfig::new(
             dir.path().join("device"),
             bus.address(),
@@ -137,6 +150,7 @@ impl System {
             conn,
             pki,
             uids,
+            relay,
         })
     }
 

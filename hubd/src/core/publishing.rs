@@ -64,6 +64,7 @@ impl Core {
             &self.settings,
             self.status.as_ref(),
             self.rejection.as_ref(),
+            &self.losses,
         );
         let (payload, shrunk) = report::fit(&self.codec, &report, sizes::MAX_ATTRIBUTES_PAYLOAD);
         self.report_wake = match self.timer.decide(now, &payload, self.settings.intervals) {

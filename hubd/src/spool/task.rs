@@ -243,7 +243,7 @@ impl DropLog {
         {
             warn!(
                 "{} telemetry messages dropped: the spool is full, or an instance is over its \
-                 quota (counted per instance in state/$agent/telemetryDropped)",
+                 quota (counted per instance in state/$agent/telemetry-dropped)",
                 self.count
             );
             self.count = 0;
