@@ -226,6 +226,8 @@ impl Broker {
         tokio::spawn(async move { me.flusher().await });
         let me = Arc::clone(self);
         tokio::spawn(async move { me.rpc_expiry().await });
+        let me = Arc::clone(self);
+        tokio::spawn(async move { me.config_collection().await });
     }
 
     /// The settings in force.
@@ -377,7 +379,7 @@ impl Broker {
     pub fn set_routing(&self, routing_json: &str) -> Result<(), BrokerError> {
         let routing = Routing::from_json(routing_json)?;
         debug!(instances = routing.instances.len(), "routing replaced");
-        self.lock().rules.set_routing(routing);
+        self.lock().rules.set_routing(routing, Instant::now());
         Ok(())
     }
 
@@ -400,7 +402,7 @@ impl Broker {
         }
         self.lock()
             .rules
-            .deliver_configuration(instance, topic, value, |topics| {
+            .deliver_configuration(instance, topic, value, Instant::now(), |topics| {
                 self.store.save(instance, topics)
             })
             .map_err(BrokerError::Persist)
@@ -531,6 +533,26 @@ impl Broker {
             tokio::time::sleep(CHECK_EVERY).await;
             let answers = self.lock().rules.expire_commands(Instant::now());
             self.emit_all(answers).await;
+        }
+    }
+
+    /// Removes the configurations of instances out of the deployment for the grace
+    /// (`orphan_config_grace_ms`), from memory and disk.
+    async fn config_collection(self: Arc<Self>) {
+        let every = Duration::from_millis(self.settings.orphan_config_grace_ms / 4)
+            .clamp(Duration::from_millis(50), Duration::from_secs(60));
+        loop {
+            tokio::time::sleep(every).await;
+            let core = &mut *self.lock();
+            for instance in core.rules.collect_configs(Instant::now()) {
+                match self.store.remove(&instance) {
+                    Ok(()) => info!(
+                        instance,
+                        "configuration collected: the instance is not deployed"
+                    ),
+                    Err(e) => warn!(instance, "collecting its configuration: {e:#}"),
+                }
+            }
         }
     }
 

@@ -20,6 +20,7 @@ pub mod blob;
 pub mod broker;
 mod conn;
 pub mod limits;
+mod orphans;
 pub mod peer;
 mod rules;
 pub mod settings;

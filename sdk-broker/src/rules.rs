@@ -23,6 +23,7 @@ use tokio::sync::Notify;
 use tracing::debug;
 
 use crate::limits;
+use crate::orphans::Orphans;
 use crate::settings::Settings;
 use instance::{Instance, PendingState};
 pub(crate) use requests::{Handled, Then};
@@ -227,6 +228,8 @@ pub(crate) struct Rules {
     nul_logged: HashSet<(String, String)>,
     /// `<data_dir>/instances`: each instance's workspace is `<name>/default_workspace` below.
     instances_dir: std::path::PathBuf,
+    /// Which kept configurations belong to instances out of the deployment.
+    orphans: Orphans,
 }
 
 impl Rules {
@@ -236,6 +239,7 @@ impl Rules {
         configs: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
     ) -> Rules {
         Rules {
+            orphans: Orphans::new(Duration::from_millis(settings.orphan_config_grace_ms)),
             settings,
             instances: HashMap::new(),
             configs,
@@ -386,19 +390,35 @@ impl Rules {
         exiting
     }
 
-    /// `SetRouting`: replaces the message routes of every instance.
-    pub(crate) fn set_routing(&mut self, routing: Routing) {
+    /// `SetRouting`: replaces the message routes of every instance. Its instances are the
+    /// deployment's: the configurations of the others start their grace at `now`.
+    pub(crate) fn set_routing(&mut self, routing: Routing, now: Instant) {
+        let deployed = routing.instances.keys().cloned().collect();
+        self.orphans
+            .deployment(deployed, self.configs.keys().map(String::as_str), now);
         self.routing = routing;
     }
 
-    /// `DeliverConfiguration`: keeps the value (`persist` writes an instance's topics before
-    /// they are kept; its error changes nothing), and queues it to the module now when it is
-    /// connected, replacing a queued value of the same topic.
+    /// Forgets the configurations whose instance has been out of the deployment for the grace
+    /// at `now` (see [`Orphans`]), and returns their instances (whose files are to go).
+    pub(crate) fn collect_configs(&mut self, now: Instant) -> Vec<String> {
+        let instances = &self.instances;
+        let due = self.orphans.due(now, |name| instances.contains_key(name));
+        for name in &due {
+            self.configs.remove(name);
+        }
+        due
+    }
+
+    /// `DeliverConfiguration` at `now`: keeps the value (`persist` writes an instance's topics
+    /// before they are kept; its error changes nothing), and queues it to the module now when
+    /// it is connected, replacing a queued value of the same topic.
     pub(crate) fn deliver_configuration<E>(
         &mut self,
         instance: &str,
         topic: &str,
         value: &[u8],
+        now: Instant,
         persist: impl FnOnce(&BTreeMap<String, Vec<u8>>) -> Result<(), E>,
     ) -> Result<(), E> {
         let mut topics = self.configs.get(instance).cloned().unwrap_or_default();
@@ -407,6 +427,7 @@ impl Rules {
             persist(&topics)?;
             self.configs.insert(instance.to_owned(), topics);
         }
+        self.orphans.configured(instance, now);
         if let Some(inst) = self.instances.get_mut(instance)
             && inst.conn.is_some()
             && !inst.exiting

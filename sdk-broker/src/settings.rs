@@ -28,6 +28,10 @@ pub struct Settings {
     /// How long a direct command waits for the module's answer before the broker answers
     /// `status: error` itself.
     pub rpc_timeout_ms: u64,
+    /// How long the configuration of an instance that is not deployed is kept (counted from
+    /// the later of its leaving the deployment and its last value): a hub may send an
+    /// instance's configuration before its deployment.
+    pub orphan_config_grace_ms: u64,
 }
 
 impl Default for Settings {
@@ -45,6 +49,8 @@ impl Default for Settings {
             // A few ms: batches form under load, yet a lone value goes out at once.
             telemetry_flush_ms: 5,
             rpc_timeout_ms: 15_000,
+            // An hour: far longer than a deployment takes to follow its configuration.
+            orphan_config_grace_ms: 3_600_000,
         }
     }
 }
@@ -74,6 +80,7 @@ mod tests {
                     s.telemetry_queue_bytes,
                 ),
                 (s.state_bytes, s.telemetry_flush_ms, s.rpc_timeout_ms),
+                s.orphan_config_grace_ms,
             )
         };
         assert_eq!(key(&section), key(&default));

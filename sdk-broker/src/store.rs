@@ -72,6 +72,19 @@ impl ConfigStore {
     }
 }
 
+impl ConfigStore {
+    /// Removes the stored configuration of `instance` (none stored is no error).
+    pub fn remove(&self, instance: &str) -> Result<()> {
+        let path = self.dir.join(format!("{instance}.{EXT}"));
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("removing {}", path.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 fn read(path: &std::path::Path) -> Result<BTreeMap<String, Vec<u8>>> {
     let text = std::fs::read(path)?;
     let doc: BTreeMap<String, String> = serde_json::from_slice(&text)?;
@@ -95,5 +108,13 @@ mod tests {
         let all = ConfigStore::open(dir.path().to_owned()).unwrap().load_all();
         assert_eq!(all.len(), 1);
         assert_eq!(all["inst-1"], topics);
+        store.remove("inst-1").unwrap();
+        store.remove("inst-1").unwrap();
+        assert!(
+            ConfigStore::open(dir.path().to_owned())
+                .unwrap()
+                .load_all()
+                .is_empty()
+        );
     }
 }

@@ -551,7 +551,10 @@ fn routed() -> (Rules, [Peer; 4]) {
         "deaf": {"publish": {}, "subscribe": {}}
     }});
     let mut rules = Rules::new(settings(), BTreeMap::new());
-    rules.set_routing(Routing::from_json(&routing.to_string()).unwrap());
+    rules.set_routing(
+        Routing::from_json(&routing.to_string()).unwrap(),
+        Instant::now(),
+    );
     let peers = ["sender", "rx-1", "rx-2", "deaf"].map(|i| connect(&mut rules, i));
     (rules, peers)
 }
@@ -627,7 +630,7 @@ fn configuration_is_kept_persisted_coalesced_and_delivered_again() {
     let opened = rules.open("i");
     let mut persisted = Vec::new();
     let mut deliver = |rules: &mut Rules, topic: &str, value: &[u8]| {
-        rules.deliver_configuration("i", topic, value, |topics| {
+        rules.deliver_configuration("i", topic, value, Instant::now(), |topics| {
             persisted.push(topics.clone());
             Ok::<(), ()>(())
         })
@@ -647,7 +650,7 @@ fn configuration_is_kept_persisted_coalesced_and_delivered_again() {
     deliver(&mut rules, "b", b"4").unwrap();
     assert_eq!(events(&mut rules, &peer), [config("b", b"4")]);
     // A value that cannot be persisted is not kept.
-    let failed = rules.deliver_configuration("i", "c", b"5", |_| Err("disk full"));
+    let failed = rules.deliver_configuration("i", "c", b"5", Instant::now(), |_| Err("disk full"));
     assert_eq!(failed, Err("disk full"));
     // Asking again, or connecting again, delivers what is kept.
     let resend = rules.handle(&peer, Request::RequestResendConfig);
