@@ -9,6 +9,7 @@ pub mod crash;
 pub mod fs;
 #[cfg(feature = "http")]
 pub mod http;
+pub mod rlimit;
 
 pub use backoff::Backoff;
 pub use bus::{
@@ -142,7 +143,18 @@ pub fn env_nonempty(name: &str) -> Option<String> {
 /// same name upper-cased, unprefixed (`instance` is `INSTANCE`, so
 /// `journalctl INSTANCE=sample` finds an instance's lines); none is named like a field journald
 /// or tracing-journald sets (`MESSAGE`, `PRIORITY`, `TARGET`, `CODE_*`, `SYSLOG_*`).
+///
+/// It also raises the open-file soft limit to the hard one, and logs the limit in force:
+/// every instance costs descriptors ([`rlimit`]).
 pub fn init_logging(name: &'static str) {
+    init_subscriber(name);
+    match rlimit::raise_nofile() {
+        Ok(l) => tracing::info!("open files: soft limit {}, hard limit {}", l.soft, l.hard),
+        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
+    }
+}
+
+fn init_subscriber(name: &'static str) {
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         match tracing_journald::layer() {
