@@ -170,11 +170,59 @@ fn destination(signal: &Signal) -> &'static str {
 #[derive(Debug)]
 struct BusSink {
     conn: zbus::Connection,
+    /// Whether hubd's telemetry connection is on the bus. A signal to a name nobody owns is
+    /// dropped by dbus-daemon without a word, so while hubd restarts telemetry waits here
+    /// (and, behind it, in each instance's bounded queue: the module meets `EVP_AGAIN`)
+    /// instead of being lost with a SENT callback.
+    hub_telemetry: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Longest wait for hubd's telemetry name to come back before a batch is sent anyway (and
+/// lost): systemd restarts hubd within seconds; this only bounds a hubd that is gone for good.
+const HUB_AWAY_WAIT: Duration = Duration::from_secs(30);
+
+/// Follows whether `name` has an owner on the bus; `true` until the bus first answered.
+fn follow_owner(conn: &zbus::Connection, name: &'static str) -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(true);
+    let conn = conn.clone();
+    tokio::spawn(async move {
+        let follow = async {
+            let dbus = zbus::fdo::DBusProxy::new(&conn).await?;
+            // Subscribed before asking, so no change falls between the two.
+            let mut changes = dbus
+                .receive_name_owner_changed_with_args(&[(0, name)])
+                .await?;
+            let bus_name = zbus::names::BusName::try_from(name)?;
+            tx.send_replace(dbus.name_has_owner(bus_name).await?);
+            while let Some(change) = futures_util::StreamExt::next(&mut changes).await {
+                if let Ok(args) = change.args() {
+                    tx.send_replace(args.new_owner().is_some());
+                }
+            }
+            Ok::<(), zbus::Error>(())
+        };
+        if let Err(e) = follow.await {
+            tracing::warn!("not following {name} on the bus: {e}");
+        }
+    });
+    rx
 }
 
 impl Sink for BusSink {
     fn emit(&self, signal: Signal) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
+            if matches!(signal, Signal::Telemetry(_)) && !*self.hub_telemetry.borrow() {
+                info!("hubd's telemetry name is not on the bus: telemetry waits for it");
+                let mut present = self.hub_telemetry.clone();
+                if tokio::time::timeout(HUB_AWAY_WAIT, present.wait_for(|p| *p))
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        "hubd's telemetry name stayed away {HUB_AWAY_WAIT:?}: sending anyway"
+                    );
+                }
+            }
             let to =
                 zbus::names::BusName::try_from(destination(&signal)).map_err(|e| e.to_string())?;
             let emitter = SignalEmitter::new(&self.conn, SDK_BROKER_PATH)
@@ -232,7 +280,10 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         settings,
         config.common.run_dir.clone(),
         config.common.data_dir.clone(),
-        Arc::new(BusSink { conn: conn.clone() }),
+        Arc::new(BusSink {
+            conn: conn.clone(),
+            hub_telemetry: follow_owner(&conn, HUB_TELEMETRY_NAME),
+        }),
         &http,
     )?;
     broker.start();
