@@ -200,9 +200,14 @@ impl ReconcilerService {
     async fn apply_deployment(&self, deployment_json: &str) -> Result<(), EvpError> {
         let deployment = Deployment::from_json(deployment_json)
             .map_err(|e| EvpError::InvalidManifest(e.to_string()))?;
-        self.store
-            .save(&deployment)
-            .map_err(|e| EvpError::Io(e.to_string()))?;
+        if let Err(e) = self.store.save(&deployment) {
+            let unsaved = store::Unusable::unsaved(&deployment, &e);
+            error!("{}", unsaved.message);
+            let message = unsaved.message.clone();
+            // Reported (hubd passes the status on) while hubd tries again; what runs is kept.
+            self.desired_tx.send_modify(|d| d.unusable = Some(unsaved));
+            return Err(EvpError::Io(message));
+        }
         info!(
             deployment_id = deployment.deployment_id.as_deref().unwrap_or("-"),
             instances = deployment.instance_specs.len(),

@@ -37,7 +37,8 @@ pub struct Desired {
     pub deployment: Option<Deployment>,
     /// An operator paused deployment changes.
     pub paused: bool,
-    /// The deployment on disk could not be used; reported while no deployment is wanted.
+    /// A deployment that could not be taken (the one on disk, or one that could not be
+    /// persisted); reported until the hub's next is taken.
     pub unusable: Option<crate::store::Unusable>,
 }
 

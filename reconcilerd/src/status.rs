@@ -43,7 +43,8 @@ pub struct InstanceView<'a> {
 pub struct StatusInputs<'a> {
     /// The deployment being applied.
     pub target: Option<&'a Deployment>,
-    /// The persisted deployment that could not be used at start, while no other came.
+    /// The deployment that could not be taken: the one on disk at start, or one from the hub
+    /// that could not be persisted; until the hub's next is taken.
     pub unusable: Option<&'a Unusable>,
     /// Changes are held.
     pub paused: bool,
@@ -205,12 +206,23 @@ pub fn render(s: &StatusInputs<'_>) -> DeploymentStatus {
     } else {
         ReconcileStatus::Ok
     };
-    DeploymentStatus {
+    let status = DeploymentStatus {
         deployment_id: d.deployment_id.clone(),
         reconcile_status: Some(reconcile_status),
         failure_message: None,
         instances,
         modules,
+    };
+    match s.unusable {
+        // A deployment the hub sent that could not be taken (not persisted): reported with its
+        // id, as hubd reports a refused one, next to what still runs.
+        Some(u) => DeploymentStatus {
+            deployment_id: u.deployment_id.clone(),
+            reconcile_status: Some(ReconcileStatus::Error),
+            failure_message: Some(bounded(u.message.clone())),
+            ..status
+        },
+        None => status,
     }
 }
 
@@ -445,13 +457,21 @@ mod tests {
 
     #[test]
     fn unusable_persisted_deployment_is_an_error_with_its_id_until_another_comes() {
-        let mut w = one();
+        let mut w = one().running(InstanceState::Ok, None);
+        w.unusable = Some(Unusable {
+            deployment_id: Some("d2".into()),
+            message: "deployment d2 not applied: ENOSPC".into(),
+        });
+        // One the hub sent that could not be persisted: its id and error, next to what runs.
+        let got = w.render();
+        assert_eq!(got["deploymentId"], "d2");
+        assert_eq!(got["reconcileStatus"], "error");
+        assert_eq!(got["failureMessage"], "deployment d2 not applied: ENOSPC");
+        assert_eq!(got["instances"]["a"]["status"], "ok", "{got}");
         w.unusable = Some(Unusable {
             deployment_id: Some("old".into()),
             message: "deployment.modules.m\\0: NUL".into(),
         });
-        let id_of = |w: &World| w.render()["deploymentId"].clone();
-        assert_eq!(id_of(&w), json!("d1"), "a deployment that came wins");
         w.target = None;
         let got = w.render();
         assert_eq!(got["deploymentId"], "old");

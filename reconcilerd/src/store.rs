@@ -32,6 +32,29 @@ pub struct Unusable {
     pub message: String,
 }
 
+impl Unusable {
+    /// `deployment` came from the hub but could not be persisted (`e`): it is not taken, the
+    /// previous one keeps running, and hubd hands it again (its retry of a failed
+    /// `ApplyDeployment`), so the device takes it by itself once the disk has room.
+    pub fn unsaved(deployment: &Deployment, e: &StoreError) -> Unusable {
+        let StoreError::Write { source, .. } = e;
+        let full = source.raw_os_error() == Some(libc::ENOSPC);
+        Unusable {
+            deployment_id: deployment.deployment_id.clone(),
+            message: format!(
+                "deployment {} not applied: {e}{}; the previous deployment keeps running, and \
+                 the write is tried again",
+                deployment.deployment_id.as_deref().unwrap_or("(no id)"),
+                if full {
+                    " (ENOSPC: the data directory's file system is full)"
+                } else {
+                    ""
+                }
+            ),
+        }
+    }
+}
+
 /// The desired deployment on disk, `<dir>/desired.json`.
 #[derive(Debug, Clone)]
 pub struct DesiredStore {
@@ -199,6 +222,27 @@ mod tests {
         assert_eq!(e.deployment_id.as_deref(), Some("d\\0"));
         assert!(e.message.contains("NUL"), "{}", e.message);
         assert!(!e.message.contains('\0'));
+    }
+
+    #[test]
+    fn a_deployment_that_cannot_be_written_is_reported_with_its_id_and_enospc_named() {
+        let d = Deployment {
+            deployment_id: Some("d2".into()),
+            ..Default::default()
+        };
+        let e = StoreError::Write {
+            path: PathBuf::from("/data/deployment/desired.json"),
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        let u = Unusable::unsaved(&d, &e);
+        assert_eq!(u.deployment_id.as_deref(), Some("d2"));
+        assert!(u.message.contains("ENOSPC"), "{}", u.message);
+        assert!(u.message.contains("desired.json"), "{}", u.message);
+        let denied = StoreError::Write {
+            path: PathBuf::from("/data/deployment/desired.json"),
+            source: std::io::Error::from_raw_os_error(libc::EACCES),
+        };
+        assert!(!Unusable::unsaved(&d, &denied).message.contains("ENOSPC"));
     }
 
     #[test]

@@ -30,6 +30,9 @@ pub struct Options {
     pub supervise: bool,
     /// The device reaches the broker through a [`Relay`] the test can cut (plain MQTT only).
     pub relay: bool,
+    /// The daemons' data directory is a tmpfs of this many bytes, mounted before they start
+    /// (root only), so a test can fill it.
+    pub data_dir_tmpfs: Option<u64>,
 }
 
 /// A device under test.
@@ -52,6 +55,8 @@ pub struct System {
     pub uids: UidBlock,
     /// The device's way to the broker, with [`Options::relay`].
     pub relay: Option<Relay>,
+    /// The tmpfs mounted on the data directory ([`Options::data_dir_tmpfs`]), unmounted on drop.
+    tmpfs: Option<PathBuf>,
 }
 
 /// Client id of the device, and CN of its certificate.
@@ -133,6 +138,10 @@ impl System {
                 config.bin_dir.join(bin).display()
             );
         }
+        let tmpfs = match options.data_dir_tmpfs {
+            Some(bytes) => Some(mount_tmpfs(&config.data_dir(), bytes)?),
+            None => None,
+        };
         let stack = Stack::launch(config)
             .await
             .context("starting the daemons")?;
@@ -151,6 +160,7 @@ impl System {
             pki,
             uids,
             relay,
+            tmpfs,
         })
     }
 
@@ -279,11 +289,40 @@ impl Drop for System {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
+        if let Some(mount) = &self.tmpfs {
+            // Lazily: a module killed just above may still hold a file there.
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(mount)
+                .status();
+        }
         if std::env::var_os("EVP_KEEP_TEST_DIRS").is_some() {
             let path = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
             eprintln!("kept {}", path.keep().display());
         }
     }
+}
+
+/// Mounts a tmpfs of `bytes` on `dir` (made first); the mount point is returned.
+fn mount_tmpfs(dir: &Path, bytes: u64) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let status = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={bytes},mode=0755"),
+            "tmpfs",
+        ])
+        .arg(dir)
+        .status()
+        .context("running mount")?;
+    anyhow::ensure!(
+        status.success(),
+        "mount -t tmpfs on {}: {status}",
+        dir.display()
+    );
+    Ok(dir.to_owned())
 }
 
 /// A block of uids of the runtime's default range (61184–65519) for one device's instances,
