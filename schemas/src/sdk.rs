@@ -397,6 +397,8 @@ const BUILDER_START: usize = 256;
 
 mod event;
 mod request;
+#[cfg(test)]
+mod seeds;
 
 pub use event::{
     BLOB_RESULT_ERROR, BLOB_RESULT_ERROR_HTTP, BLOB_RESULT_SUCCESS, BLOB_TYPE_AZURE_BLOB,
@@ -540,7 +542,8 @@ mod tests {
                 name: Some("s".into()),
             },
         ];
-        for r in requests {
+        for (i, r) in requests.into_iter().enumerate() {
+            seeds::save("sdk_request", &format!("{i:02}-{}", r.name()), &r.encode());
             assert_eq!(Request::decode(&r.encode()).unwrap(), r);
         }
     }
@@ -605,18 +608,23 @@ mod tests {
                 reason: RpcResponseReason::Sent,
             },
         ];
-        for e in events {
+        for (i, e) in events.into_iter().enumerate() {
             let r = Response::GetEvent(e);
+            seeds::save("sdk_response", &format!("event-{i:02}"), &r.encode());
             assert_eq!(Response::decode(&r.encode()).unwrap(), r);
         }
-        for r in [
+        for (i, r) in [
             Response::Simple(EvpResult::TooBig),
             Response::StreamParams {
                 result: EvpResult::Inval,
                 kind: 0,
                 direction: 1,
             },
-        ] {
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            seeds::save("sdk_response", &format!("{i:02}"), &r.encode());
             assert_eq!(Response::decode(&r.encode()).unwrap(), r);
         }
     }
@@ -657,6 +665,7 @@ mod tests {
             },
         );
         b.finish_minimal(root);
+        seeds::save("sdk_request", "http-ext-under-http-tag", b.finished_data());
         match Request::decode(b.finished_data()).unwrap() {
             Request::BlobOperation { request, .. } => assert_eq!(
                 request,
