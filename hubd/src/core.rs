@@ -3,7 +3,7 @@
 //! telemetry. It talks to the rest of the device only through [`Links`] and [`SdkLinks`], so
 //! it runs (and is tested) without D-Bus.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,7 @@ use crate::rpc::{self, PendingCommands};
 use crate::session::Session;
 use crate::spool::Spool;
 use crate::spool::task::{Response, SpoolInputs, SpoolReport};
+use crate::states::{States, StatesFile};
 use crate::storage::{TokenCache, Waiting};
 use crate::timing::{BACKOFF_RESET_AFTER, ReportTimer, reconnect_backoff};
 use crate::tls::TlsMaterial;
@@ -58,6 +59,9 @@ pub const PUBLISH_OVERHEAD: usize = sizes::PUBLISH_OVERHEAD;
 pub const REQUEST_CHANNEL: usize = 64;
 /// MQTT events waiting for the session loop.
 const EVENT_CHANNEL: usize = 256;
+/// States that change while the hub is away are written at most this often (only the latest
+/// matters, and each write is a file, an fsync and a rename).
+const STATES_SAVE_DELAY: Duration = Duration::from_secs(1);
 /// Retry delay of a report that could not be queued for sending.
 const REPORT_RETRY: Duration = Duration::from_secs(1);
 /// How long a clean shutdown waits for the DISCONNECT to go out.
@@ -202,7 +206,13 @@ struct Core {
     session: Session,
     timer: ReportTimer,
     report_wake: Option<Instant>,
-    states: BTreeMap<(String, String), Vec<u8>>,
+    states: States,
+    /// Where the states are kept while the hub is away.
+    states_file: StatesFile,
+    /// When the states changed while offline and are not on disk yet: when to write them.
+    states_save_at: Option<Instant>,
+    /// Whether the file holds states the hub has not been sent yet.
+    states_on_disk: bool,
     states_timer: ReportTimer,
     states_wake: Option<Instant>,
     /// The encoded instance-state report (all its messages joined, to compare, and each
@@ -314,6 +324,7 @@ pub async fn run_with_sdk(
     let settings = AgentSettings::new(&cfg, device_config.as_ref());
     registry_auth.send_replace(settings.registry_auth.clone());
     let token_cache = TokenCache::load(store.dir());
+    let states_file = StatesFile::new(&spool_dir);
     let mut core = Core {
         cfg,
         codec: Evp2Codec,
@@ -325,7 +336,10 @@ pub async fn run_with_sdk(
         session: Session::new(),
         timer: ReportTimer::new(),
         report_wake: None,
-        states: BTreeMap::new(),
+        states: states_file.load(),
+        states_on_disk: false,
+        states_file,
+        states_save_at: None,
         states_timer: ReportTimer::new(),
         states_wake: None,
         states_payload: None,
@@ -439,7 +453,7 @@ impl Core {
         // Storage token requests time out whether connected or not.
         let tokens = self.tokens.next_deadline();
         if !self.connected {
-            return tokens;
+            return [tokens, self.states_save_at].into_iter().flatten().min();
         }
         [
             self.session.get_due(now),
@@ -480,6 +494,10 @@ impl Core {
             }
             MqttEvent::Disconnected => {
                 self.connected = false;
+                if !self.states.is_empty() {
+                    // The last report may not have made it: kept until the next one goes.
+                    self.states_save_at = Some(Instant::now());
+                }
                 self.drain.send_replace(false);
                 self.tokens_offline(Instant::now());
                 self.report_wake = None;
@@ -723,6 +741,9 @@ impl Core {
                 if self.states.get(&key) != Some(&value) {
                     self.states.insert(key, value);
                     self.states_payload = None;
+                    if !self.connected {
+                        self.states_save_at.get_or_insert(now + STATES_SAVE_DELAY);
+                    }
                 }
             }
             SdkEvent::RpcResponse {

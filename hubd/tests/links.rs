@@ -212,11 +212,11 @@ async fn client(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_retained_message_too_large_is_dropped_and_reported_and_the_session_stays_up() {
+async fn messages_too_large_are_dropped_and_reported_and_the_session_stays_up() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start(dir.path(), None).unwrap();
     // The hub leaves a 2 MB attribute message retained: every subscriber gets it at once.
-    let (hub, mut seen) = client("hub", broker.port, 4 << 20, &["v1/devices/me/attributes"]).await;
+    let (hub, mut seen) = client("hub", broker.port, 16 << 20, &["v1/devices/me/attributes"]).await;
     let huge = json!({ "junk": "x".repeat(2_000_000) }).to_string();
     hub.publish(
         "v1/devices/me/attributes",
@@ -265,6 +265,33 @@ async fn a_retained_message_too_large_is_dropped_and_reported_and_the_session_st
     assert_eq!(dropped["count"], 1, "{dropped}");
     assert_eq!(dropped["lastTopic"], "v1/devices/me/attributes");
     assert_eq!(dropped["lastBytes"], huge.len());
+
+    // A 10 MiB PATCH from a misbehaving hub: dropped the same way.
+    let ten_mib = json!({ "deployment": "x".repeat(10 << 20) }).to_string();
+    hub.publish(
+        "v1/devices/me/attributes",
+        QoS::AtLeastOnce,
+        false,
+        ten_mib.clone(),
+    )
+    .await
+    .unwrap();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let (topic, v) = seen.recv().await.unwrap();
+            if topic == "v1/devices/me/attributes"
+                && v["state/$agent/incoming-dropped"]["count"] == 2
+            {
+                assert_eq!(
+                    v["state/$agent/incoming-dropped"]["lastBytes"],
+                    ten_mib.len()
+                );
+                return;
+            }
+        }
+    })
+    .await
+    .expect("a status report counting the 10 MiB message");
 
     // The session goes on: a deployment after it is applied on the same connection.
     let d = json!({

@@ -45,6 +45,7 @@ impl Core {
     pub(super) fn tick(&mut self, now: Instant) {
         self.expire_tokens(now);
         if !self.connected {
+            self.save_states_if_due(now);
             return;
         }
         if self.session.get_due(now).is_some_and(|at| at <= now) {
@@ -132,6 +133,10 @@ impl Core {
                 }
                 if queued {
                     self.states_timer.sent(now, payload);
+                    if self.states_on_disk {
+                        self.states_file.remove();
+                        self.states_on_disk = false;
+                    }
                     self.settings.intervals.max.map(|max| now + max)
                 } else {
                     Some(now + REPORT_RETRY)
@@ -140,6 +145,18 @@ impl Core {
             ReportDecision::WaitUntil(at) => Some(at),
             ReportDecision::Idle => None,
         };
+    }
+
+    /// Writes the states kept for the hub once their delay is up.
+    fn save_states_if_due(&mut self, now: Instant) {
+        if self.states_save_at.is_none_or(|at| at > now) {
+            return;
+        }
+        self.states_save_at = None;
+        match self.states_file.save(&self.states) {
+            Ok(()) => self.states_on_disk = true,
+            Err(e) => warn!("instance states not kept on disk: {e}"),
+        }
     }
 
     /// Queues a publish (through the outbox, so that PUBACKs pair with the spool's records).
