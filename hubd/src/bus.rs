@@ -580,11 +580,31 @@ pub async fn call_methods(
 /// commands called on it, and its telemetry followed on `telemetry_conn`, a connection of its
 /// own (see [`follow_telemetry`]). Spawns the tasks; call it within a Tokio runtime.
 pub fn link_sdk_broker(conn: &zbus::Connection, telemetry_conn: zbus::Connection) -> SdkLinks {
+    link_sdk_broker_subscribed(conn, telemetry_conn, None)
+}
+
+/// [`link_sdk_broker`] with the `Telemetry` subscription already made ([`telemetry_signals`]),
+/// so that nothing sent to the telemetry name once it is taken falls before it.
+pub fn link_sdk_broker_subscribed(
+    conn: &zbus::Connection,
+    telemetry_conn: zbus::Connection,
+    telemetry: Option<zbus::proxy::SignalStream<'static>>,
+) -> SdkLinks {
     let (sdk, ends) = SdkLinks::new();
     tokio::spawn(follow_sdk_broker(conn.clone(), ends.events.clone()));
     tokio::spawn(call_methods(conn.clone(), ends.calls, ends.events));
-    tokio::spawn(follow_telemetry(telemetry_conn, ends.telemetry));
+    tokio::spawn(follow_telemetry(telemetry_conn, ends.telemetry, telemetry));
     sdk
+}
+
+/// Subscribes `conn` to sdk-broker's `Telemetry` signals. zbus drops a message no stream waits
+/// for, so hubd subscribes before it takes `org.evp.Hub1.Telemetry`: sdk-broker sends a new
+/// hubd what the previous one may not have read as soon as the name is taken.
+pub async fn telemetry_signals(
+    conn: &zbus::Connection,
+) -> zbus::Result<zbus::proxy::SignalStream<'static>> {
+    let proxy = sdk_broker_proxy(conn).await;
+    proxy.inner().receive_signal("Telemetry").await
 }
 
 /// A `Telemetry` signal's body, read in place.
@@ -610,10 +630,14 @@ impl TelemetryBatch for SignalBatch {
 pub async fn follow_telemetry(
     conn: zbus::Connection,
     batches: mpsc::Sender<Box<dyn TelemetryBatch>>,
+    mut subscribed: Option<zbus::proxy::SignalStream<'static>>,
 ) {
     loop {
-        let proxy = sdk_broker_proxy(&conn).await;
-        let mut signals = match proxy.inner().receive_signal("Telemetry").await {
+        let subscription = match subscribed.take() {
+            Some(s) => Ok(s),
+            None => telemetry_signals(&conn).await,
+        };
+        let mut signals = match subscription {
             Ok(s) => s,
             Err(e) => {
                 warn!("subscribing to sdk-broker's Telemetry: {e}");

@@ -118,12 +118,18 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     // holds up the signals and calls on the main one; it has a name of its own so that
     // sdk-broker can send telemetry to it alone.
     let telemetry_conn = evp_daemon::bus_builder(&args)?
-        .name(HUB_TELEMETRY_NAME)
         .build()
         .await
-        .context("connecting to D-Bus for telemetry as org.evp.Hub1.Telemetry")?;
+        .context("connecting to D-Bus for telemetry")?;
     evp_daemon::exit_when_closed(&telemetry_conn, "hubd's telemetry");
-    let sdk = bus::link_sdk_broker(&conn, telemetry_conn);
+    let subscribed = bus::telemetry_signals(&telemetry_conn)
+        .await
+        .context("subscribing to sdk-broker's Telemetry")?;
+    telemetry_conn
+        .request_name(HUB_TELEMETRY_NAME)
+        .await
+        .with_context(|| format!("taking {HUB_TELEMETRY_NAME} on D-Bus"))?;
+    let sdk = bus::link_sdk_broker_subscribed(&conn, telemetry_conn, Some(subscribed));
     let follower = conn.clone();
     tokio::spawn(async move {
         if let Err(e) = bus::follow_connection(follower, ends.connection).await {

@@ -19,6 +19,7 @@
 pub mod blob;
 pub mod broker;
 mod conn;
+mod hub_link;
 pub mod limits;
 mod orphans;
 pub mod peer;
@@ -170,59 +171,58 @@ fn destination(signal: &Signal) -> &'static str {
 #[derive(Debug)]
 struct BusSink {
     conn: zbus::Connection,
-    /// Whether hubd's telemetry connection is on the bus. A signal to a name nobody owns is
-    /// dropped by dbus-daemon without a word, so while hubd restarts telemetry waits here
-    /// (and, behind it, in each instance's bounded queue: the module meets `EVP_AGAIN`)
-    /// instead of being lost with a SENT callback.
-    hub_telemetry: tokio::sync::watch::Receiver<bool>,
+    /// hubd's telemetry name, followed (see [`hub_link`]).
+    hub_telemetry: tokio::sync::watch::Receiver<hub_link::Owner>,
+    /// Telemetry sent lately, for a new hubd.
+    recent: std::sync::Mutex<hub_link::Recent>,
 }
 
 /// Longest wait for hubd's telemetry name to come back before a batch is sent anyway (and
 /// lost): systemd restarts hubd within seconds; this only bounds a hubd that is gone for good.
 const HUB_AWAY_WAIT: Duration = Duration::from_secs(30);
 
-/// Follows whether `name` has an owner on the bus; `true` until the bus first answered.
-fn follow_owner(conn: &zbus::Connection, name: &'static str) -> tokio::sync::watch::Receiver<bool> {
-    let (tx, rx) = tokio::sync::watch::channel(true);
-    let conn = conn.clone();
-    tokio::spawn(async move {
-        let follow = async {
-            let dbus = zbus::fdo::DBusProxy::new(&conn).await?;
-            // Subscribed before asking, so no change falls between the two.
-            let mut changes = dbus
-                .receive_name_owner_changed_with_args(&[(0, name)])
-                .await?;
-            let bus_name = zbus::names::BusName::try_from(name)?;
-            tx.send_replace(dbus.name_has_owner(bus_name).await?);
-            while let Some(change) = futures_util::StreamExt::next(&mut changes).await {
-                if let Ok(args) = change.args() {
-                    tx.send_replace(args.new_owner().is_some());
-                }
+impl BusSink {
+    /// Sends `entries` to hubd's telemetry name once it is on the bus; a new hubd first gets
+    /// again what the previous one may not have read.
+    async fn telemetry(
+        &self,
+        emitter: &SignalEmitter<'_>,
+        entries: hub_link::Batch,
+    ) -> zbus::Result<()> {
+        if !self.hub_telemetry.borrow().present {
+            info!("hubd's telemetry name is not on the bus: telemetry waits for it");
+            let mut owner = self.hub_telemetry.clone();
+            if tokio::time::timeout(HUB_AWAY_WAIT, owner.wait_for(|o| o.present))
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "hubd's telemetry name stayed away {HUB_AWAY_WAIT:?}: sending anyway"
+                );
             }
-            Ok::<(), zbus::Error>(())
-        };
-        if let Err(e) = follow.await {
-            tracing::warn!("not following {name} on the bus: {e}");
         }
-    });
-    rx
+        let owner = *self.hub_telemetry.borrow();
+        let lock = || self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let replay = lock().replay_for(&owner);
+        if !replay.is_empty() {
+            info!(
+                "a new hubd: sending again {} telemetry batches of the last moments",
+                replay.len()
+            );
+        }
+        for batch in replay {
+            SdkBroker::telemetry(emitter, &batch).await?;
+            lock().sent(std::time::Instant::now(), batch);
+        }
+        SdkBroker::telemetry(emitter, &entries).await?;
+        lock().sent(std::time::Instant::now(), entries);
+        Ok(())
+    }
 }
 
 impl Sink for BusSink {
     fn emit(&self, signal: Signal) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
-            if matches!(signal, Signal::Telemetry(_)) && !*self.hub_telemetry.borrow() {
-                info!("hubd's telemetry name is not on the bus: telemetry waits for it");
-                let mut present = self.hub_telemetry.clone();
-                if tokio::time::timeout(HUB_AWAY_WAIT, present.wait_for(|p| *p))
-                    .await
-                    .is_err()
-                {
-                    tracing::warn!(
-                        "hubd's telemetry name stayed away {HUB_AWAY_WAIT:?}: sending anyway"
-                    );
-                }
-            }
             let to =
                 zbus::names::BusName::try_from(destination(&signal)).map_err(|e| e.to_string())?;
             let emitter = SignalEmitter::new(&self.conn, SDK_BROKER_PATH)
@@ -234,7 +234,7 @@ impl Sink for BusSink {
                     topic,
                     value,
                 } => SdkBroker::state_reported(&emitter, &instance, &topic, &value).await,
-                Signal::Telemetry(entries) => SdkBroker::telemetry(&emitter, &entries).await,
+                Signal::Telemetry(entries) => self.telemetry(&emitter, entries).await,
                 Signal::RpcResponse {
                     reqid,
                     instance,
@@ -282,7 +282,8 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         config.common.data_dir.clone(),
         Arc::new(BusSink {
             conn: conn.clone(),
-            hub_telemetry: follow_owner(&conn, HUB_TELEMETRY_NAME),
+            hub_telemetry: hub_link::follow_owner(&conn, HUB_TELEMETRY_NAME),
+            recent: Default::default(),
         }),
         &http,
     )?;

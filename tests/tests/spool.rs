@@ -390,14 +390,10 @@ async fn crash_at(point: &str, offline: bool) {
         "{point}: out of order"
     );
     assert_eq!(order.last(), Some(&(COUNT - 1)), "{point}");
-    // What hubd had accepted survives. Only the signals on their way to hubd in the instant
-    // it died (unread in its D-Bus socket) can be missing; sdk-broker holds telemetry while
-    // hubd is away, so that is one short run at most.
+    // Nothing is missing: what hubd had spooled survives, and what it had not read yet when it
+    // died sdk-broker sends again to the new hubd (duplicates allowed, losses not).
     let missing: Vec<u64> = (0..COUNT).filter(|n| !order.contains(n)).collect();
-    assert!(
-        missing.len() <= 20 && missing.windows(2).all(|w| w[1] == w[0] + 1),
-        "{point}: lost {missing:?}"
-    );
+    assert!(missing.is_empty(), "{point}: lost {missing:?}");
     sys.stop().await;
 }
 
