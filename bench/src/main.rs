@@ -8,6 +8,7 @@
 mod blob;
 mod cpu;
 mod memory;
+mod spool;
 mod wasm;
 
 use std::time::{Duration, Instant};
@@ -120,6 +121,29 @@ enum Scenario {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// hubd's spool, the device reaching the broker through a relay the bench cuts: the drain
+    /// rate of a backlog, hubd's writes and fsyncs under a steady flow online and offline, and
+    /// the recovery after an outage (evp-test-ticker instances; strace for the syscalls).
+    Spool {
+        /// Telemetry messages in the drain's backlog.
+        #[arg(long, default_value_t = 20_000)]
+        backlog: u64,
+        /// Tickers (at 1 ms each) that build the backlog.
+        #[arg(long, default_value_t = 4)]
+        burst_tickers: u64,
+        /// Tickers of the steady flow.
+        #[arg(long, default_value_t = 3)]
+        steady_tickers: u64,
+        /// Messages per second of one steady ticker (a divisor of 1000).
+        #[arg(long, default_value_t = 50)]
+        rate: u64,
+        /// Seconds of each disk measurement, online and offline.
+        #[arg(long, default_value_t = 30)]
+        window_s: u64,
+        /// Seconds of the outage the recovery is measured after.
+        #[arg(long, default_value_t = 60)]
+        outage_s: u64,
+    },
     /// The telemetry scenario with the flooder a WASM instance
     /// (sdk/c/bench-modules/telemetry-flood.c).
     WasmTelemetry {
@@ -181,6 +205,24 @@ async fn main() -> Result<()> {
         Scenario::WasmTelemetry { messages, runs } => {
             let flooder = wasm::bench_module("telemetry-flood")?;
             telemetry("wasm-telemetry", flooder, messages, runs).await?
+        }
+        Scenario::Spool {
+            backlog,
+            burst_tickers,
+            steady_tickers,
+            rate,
+            window_s,
+            outage_s,
+        } => {
+            spool::run(spool::Params {
+                backlog,
+                burst_tickers,
+                steady_tickers,
+                rate,
+                window: Duration::from_secs(window_s),
+                outage: Duration::from_secs(outage_s),
+            })
+            .await?
         }
         Scenario::BlobPut { mib, runs } => blob::put(mib, runs).await?,
         Scenario::WasmLoad { runs } => wasm::load(runs).await?,
@@ -401,7 +443,12 @@ impl Subscriber {
 
 /// The remote flooder, `evp-test-telemetry-flood`, as a deployment's module entry.
 fn spawn_flooder() -> Result<Value> {
-    let flood = evp_system_tests::bin_dir().join("evp-test-telemetry-flood");
+    spawn_module("evp-test-telemetry-flood")
+}
+
+/// The test module `binary` (built beside this executable) as a spawn module entry.
+fn spawn_module(binary: &str) -> Result<Value> {
+    let flood = evp_system_tests::bin_dir().join(binary);
     let bytes = std::fs::read(&flood).with_context(|| {
         format!(
             "{}: run `cargo build --release --workspace`",
