@@ -59,9 +59,10 @@ pub const PUBLISH_OVERHEAD: usize = sizes::PUBLISH_OVERHEAD;
 pub const REQUEST_CHANNEL: usize = 64;
 /// MQTT events waiting for the session loop.
 const EVENT_CHANNEL: usize = 256;
-/// States that change while the hub is away are written at most this often (only the latest
-/// matters, and each write is a file, an fsync and a rename).
-const STATES_SAVE_DELAY: Duration = Duration::from_secs(1);
+/// States that change while the hub is away are written at most this often: only the latest
+/// matters, and each write is a file, two fsyncs and a rename (a power cut loses at most the
+/// states of this window; the same bound as the spool's cursor).
+const STATES_SAVE_DELAY: Duration = Duration::from_secs(5);
 /// Retry delay of a report that could not be queued for sending.
 const REPORT_RETRY: Duration = Duration::from_secs(1);
 /// How long a clean shutdown waits for the DISCONNECT to go out.

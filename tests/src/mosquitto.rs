@@ -47,8 +47,11 @@ impl Mosquitto {
     pub fn start(dir: &Path, tls: Option<&TlsFiles>) -> Result<Mosquitto> {
         let binary = binary()?;
         let port = crate::free_port()?;
+        // No bound on the messages queued for a slow subscriber (mosquitto drops beyond 1000
+        // by default): a draining spool outruns the hub driver, and a test must see it all.
         let mut conf = format!(
-            "persistence false\nlog_dest stderr\nallow_anonymous true\nlistener {port} 127.0.0.1\n"
+            "persistence false\nlog_dest stderr\nallow_anonymous true\nmax_queued_messages 0\n\
+             listener {port} 127.0.0.1\n"
         );
         // Run as root, mosquitto drops to its own user, which could not read the test's files.
         if nix::unistd::geteuid().is_root() {
