@@ -116,3 +116,86 @@ impl Outbox {
         self.lock().on_wire.remove(&pkid)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttc::MqttOptions;
+
+    fn outbox() -> (Outbox, EventLoop) {
+        let (client, eventloop) = AsyncClient::new(MqttOptions::new("t", "127.0.0.1", 1), 8);
+        (Outbox::new(client), eventloop)
+    }
+
+    #[test]
+    fn pubacks_give_back_the_tags_in_the_order_the_publishes_left() {
+        let (o, _eventloop) = outbox();
+        assert_eq!(
+            o.publish("t", QoS::AtLeastOnce, b"x".to_vec(), Some(1)),
+            Err(Refused::NotConnected)
+        );
+        o.connected();
+        o.publish("t", QoS::AtLeastOnce, b"a".to_vec(), Some(10))
+            .unwrap();
+        o.publish("t", QoS::AtMostOnce, b"q0".to_vec(), None)
+            .unwrap();
+        o.publish("t", QoS::AtLeastOnce, b"report".to_vec(), None)
+            .unwrap();
+        o.publish("t", QoS::AtLeastOnce, b"b".to_vec(), Some(11))
+            .unwrap();
+        // The event loop numbers them as it takes them: QoS 0 goes out as pkid 0.
+        for pkid in [1, 0, 2, 3] {
+            o.outgoing_publish(pkid);
+        }
+        assert_eq!(o.puback(3), Some(11));
+        assert_eq!(o.puback(2), None, "a report is not the spool's");
+        assert_eq!(o.puback(1), Some(10));
+        assert_eq!(o.puback(1), None, "once");
+    }
+
+    #[test]
+    fn a_lost_connection_forgets_every_pairing_and_empties_the_channel() {
+        let (o, mut eventloop) = outbox();
+        o.connected();
+        o.publish("t", QoS::AtLeastOnce, b"a".to_vec(), Some(1))
+            .unwrap();
+        o.publish("t", QoS::AtLeastOnce, b"b".to_vec(), Some(2))
+            .unwrap();
+        o.outgoing_publish(1);
+        o.lost(&mut eventloop);
+        assert!(eventloop.pending.is_empty());
+        assert_eq!(o.puback(1), None);
+        assert_eq!(
+            o.publish("t", QoS::AtLeastOnce, b"c".to_vec(), Some(3)),
+            Err(Refused::NotConnected)
+        );
+        o.connected();
+        o.publish("t", QoS::AtLeastOnce, b"c".to_vec(), Some(3))
+            .unwrap();
+        // The first publish of the new connection pairs with its own tag, not a stale one.
+        o.outgoing_publish(1);
+        assert_eq!(o.puback(1), Some(3));
+    }
+
+    #[test]
+    fn a_full_channel_is_refused_without_a_tag() {
+        let (o, _eventloop) = outbox();
+        o.connected();
+        for n in 0..8 {
+            o.publish("t", QoS::AtLeastOnce, vec![n], Some(u64::from(n)))
+                .unwrap();
+        }
+        assert_eq!(
+            o.publish("t", QoS::AtLeastOnce, b"x".to_vec(), Some(99)),
+            Err(Refused::Full)
+        );
+        for pkid in 1..=8 {
+            o.outgoing_publish(pkid);
+        }
+        assert_eq!(
+            o.puback(8),
+            Some(7),
+            "the refused one took no place in the order"
+        );
+    }
+}
