@@ -87,11 +87,18 @@ impl Received {
     }
 
     async fn wait_distinct(&self, instance: &str, n: usize, timeout: Duration) {
-        wait_for(&format!("{n} values of {instance}"), timeout, async || {
+        let waited = wait_for(&format!("{n} values of {instance}"), timeout, async || {
             (self.distinct(instance) >= n).then_some(())
         })
-        .await
-        .unwrap();
+        .await;
+        if let Err(e) = waited {
+            let got: std::collections::BTreeSet<u64> = self.of(instance).into_iter().collect();
+            let missing: Vec<u64> = (0..n as u64)
+                .filter(|v| !got.contains(v))
+                .take(20)
+                .collect();
+            panic!("{e}: {} received, the first missing {missing:?}", got.len());
+        }
     }
 }
 
