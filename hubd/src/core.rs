@@ -325,6 +325,7 @@ pub async fn run_with_sdk(
     let settings = AgentSettings::new(&cfg, device_config.as_ref());
     registry_auth.send_replace(settings.registry_auth.clone());
     let token_cache = TokenCache::load(store.dir());
+    let system_info = report::system_info(cfg.device_id.as_deref());
     let states_file = StatesFile::new(&spool_dir);
     let mut core = Core {
         cfg,
@@ -333,7 +334,7 @@ pub async fn run_with_sdk(
         store,
         hub_device_config: device_config,
         settings,
-        system_info: report::system_info(),
+        system_info,
         session: Session::new(),
         timer: ReportTimer::new(),
         report_wake: None,

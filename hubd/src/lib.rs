@@ -17,6 +17,7 @@ pub mod bus;
 pub mod config;
 pub mod core;
 pub mod device_config;
+pub mod identity;
 pub mod outbox;
 pub mod report;
 pub mod rpc;
@@ -45,7 +46,11 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let agent = AgentConfig::load(&args)?;
     let section: HubSection = agent.section("hub")?;
-    let cfg = config::resolve(section, evp_daemon::env_nonempty)?;
+    let mut cfg = config::resolve(section, evp_daemon::env_nonempty)?;
+    // The permanent id stands in for what is not configured (a TLS CN still wins for MQTT).
+    let permanent = identity::load_or_create(&agent.data_subdir("hub")?)?;
+    cfg.device_id.get_or_insert_with(|| permanent.clone());
+    cfg.client_id.get_or_insert(permanent);
     info!(?cfg, "hub settings");
     let tls = match &cfg.tls {
         Some(files) => {

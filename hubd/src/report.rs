@@ -7,8 +7,8 @@ use evp_schemas::{DeploymentStatus, HubCodec, ReconcileStatus, StatusReport};
 
 use crate::device_config::AgentSettings;
 
-/// The device's description of itself, from `uname`.
-pub fn system_info() -> SystemInfo {
+/// The device's description of itself, from `uname`, with its id.
+pub fn system_info(device_id: Option<&str>) -> SystemInfo {
     let (os, arch) = match nix::sys::utsname::uname() {
         Ok(u) => (
             u.sysname().to_string_lossy().into_owned(),
@@ -22,6 +22,7 @@ pub fn system_info() -> SystemInfo {
         arch,
         agent_version: format!("v{}", env!("CARGO_PKG_VERSION")),
         commit_hash: option_env!("EVP_COMMIT_HASH").map(str::to_owned),
+        device_id: device_id.map(str::to_owned),
     }
 }
 
@@ -166,7 +167,7 @@ mod tests {
             );
         }
         StatusReport {
-            system_info: system_info(),
+            system_info: system_info(None),
             interval_min_s: 3,
             interval_max_s: 180,
             configuration_id: None,
@@ -233,7 +234,7 @@ mod tests {
             deployment_id: Some("dep-2".into()),
             message: "deployment.modules: is required".into(),
         };
-        let info = system_info();
+        let info = system_info(None);
         assert!(info.agent_version.starts_with('v'));
         let r = build(
             &info,

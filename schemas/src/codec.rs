@@ -70,6 +70,8 @@ pub struct SystemInfo {
     pub agent_version: String,
     /// The commit the agent was built from, when known.
     pub commit_hash: Option<String>,
+    /// The device's id (`Hub1.DeviceId`), when known.
+    pub device_id: Option<String>,
 }
 
 /// Everything a status report carries, before a dialect encodes it.

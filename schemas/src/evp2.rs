@@ -118,6 +118,9 @@ impl HubCodec for Evp2Codec {
         if let Some(hash) = &info.commit_hash {
             system_info["evp_agent_commit_hash"] = json!(hash);
         }
+        if let Some(id) = &info.device_id {
+            system_info["deviceId"] = json!(id);
+        }
         let mut out = Map::new();
         out.insert("systemInfo".into(), system_info);
         out.insert(
@@ -856,6 +859,7 @@ mod tests {
                 arch: "x86_64".into(),
                 agent_version: "v0.1.0".into(),
                 commit_hash: None,
+                device_id: None,
             },
             interval_min_s: 3,
             interval_max_s: 180,
@@ -893,6 +897,7 @@ mod tests {
                 arch: "x86_64".into(),
                 agent_version: "v0.1.0".into(),
                 commit_hash: Some("abc".into()),
+                device_id: Some("d-1".into()),
             },
             interval_min_s: 3,
             interval_max_s: 180,
@@ -910,6 +915,7 @@ mod tests {
         };
         let v = Evp2Codec.encode_status_report(&report);
         assert_eq!(v["systemInfo"]["protocolVersion"], "EVP2-TB");
+        assert_eq!(v["systemInfo"]["deviceId"], "d-1");
         assert_eq!(v["state/$agent/report-status-interval-max"], 180);
         assert_eq!(
             v["deploymentStatus"]["instances"]["i"]["status"],
