@@ -3,7 +3,7 @@
 //! telemetry. It talks to the rest of the device only through [`Links`] and [`SdkLinks`], so
 //! it runs (and is tested) without D-Bus.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,7 @@ use crate::report::{self, Rejection};
 use crate::rpc::{self, PendingCommands};
 use crate::session::Session;
 use crate::spool::Spool;
-use crate::spool::task::{Response, SpoolInputs, SpoolReport};
+use crate::spool::task::{Response, SpoolInputs, SpoolOutputs};
 use crate::states::{States, StatesFile};
 use crate::storage::{TokenCache, Waiting};
 use crate::timing::{BACKOFF_RESET_AFTER, ReportTimer, reconnect_backoff};
@@ -301,7 +301,7 @@ pub async fn run_with_sdk(
     let (acks_tx, acks) = mpsc::unbounded_channel();
     let (responses_tx, responses) = mpsc::unbounded_channel();
     let (drain_tx, drain) = watch::channel(false);
-    let mut spool_seen = spool_report.subscribe();
+    let (dropped_tx, mut dropped) = watch::channel(BTreeMap::new());
     let spool_task = tokio::spawn(crate::spool::task::run(
         spool,
         outbox.clone(),
@@ -312,7 +312,10 @@ pub async fn run_with_sdk(
             drain,
             stop: stop_rx.clone(),
         },
-        spool_report,
+        SpoolOutputs {
+            report: spool_report,
+            dropped: dropped_tx,
+        },
     ));
     let mut driver = tokio::spawn(drive(
         eventloop,
@@ -361,7 +364,9 @@ pub async fn run_with_sdk(
         drain: drain_tx,
         losses: Losses::default(),
     };
-    core.on_spool_report(&spool_seen.borrow_and_update());
+    core.losses
+        .telemetry
+        .clone_from(&dropped.borrow_and_update());
     let mut status_open = true;
     let mut outcomes_open = true;
     let mut sdk_open = true;
@@ -417,8 +422,8 @@ pub async fn run_with_sdk(
                 Some(t) => core.on_token_request(t, Instant::now()),
                 None => tokens_open = false,
             },
-            r = spool_seen.changed() => match r {
-                Ok(()) => core.on_spool_report(&spool_seen.borrow_and_update()),
+            r = dropped.changed() => match r {
+                Ok(()) => core.losses.telemetry.clone_from(&dropped.borrow_and_update()),
                 Err(_) => {
                     failure = Some(anyhow::anyhow!("the spooler stopped unexpectedly"));
                     break;
@@ -778,11 +783,6 @@ impl Core {
                 self.respond("", &mqtt_id, &rpc::error_response(reqid, message));
             }
         }
-    }
-
-    /// The spool's drop counts go into the status report.
-    fn on_spool_report(&mut self, report: &SpoolReport) {
-        self.losses.telemetry.clone_from(&report.dropped);
     }
 
     /// Forgets the states of instances that are not in the deployment status any more.

@@ -240,7 +240,7 @@ impl Stream {
             let Some(seg) = self.segments.iter().find(|s| s.last_seq >= want) else {
                 return Ok(None);
             };
-            let (first, path) = (seg.first_seq, seg.path.clone());
+            let (first, last, path) = (seg.first_seq, seg.last_seq, seg.path.clone());
             if self.reader.as_ref().is_none_or(|(f, _)| *f != first) {
                 let reader =
                     Reader::open(&path).map_err(|e| SpoolError::io("reading", &path, e))?;
@@ -252,37 +252,19 @@ impl Stream {
             match reader.next_record() {
                 Ok(Some(r)) if r.seq < want => continue,
                 Ok(Some(r)) => return Ok(Some(r)),
-                Ok(None) => {
-                    // The end of what this segment holds: its last records were cut (a torn
-                    // write found at start), or it is done; go on with the next one.
-                    let last = self
-                        .segments
-                        .iter()
-                        .find(|s| s.first_seq == first)
-                        .map_or(want, |s| s.last_seq);
-                    if last >= want {
-                        warn!(
-                            "spool segment {} ends before seq {last}: skipping the missing records",
-                            path.display()
-                        );
-                        self.sent_upto = last;
-                    }
-                    self.reader = None;
-                }
-                Err(e) => {
-                    warn!(
-                        "spool segment {}: {e}; skipping what is left of it",
-                        path.display()
-                    );
-                    let last = self
-                        .segments
-                        .iter()
-                        .find(|s| s.first_seq == first)
-                        .map_or(want, |s| s.last_seq);
-                    self.sent_upto = self.sent_upto.max(last);
-                    self.reader = None;
-                }
+                // The segment ends before the seqs it was written with (its tail was cut at
+                // start, a torn write) or cannot be read on: what it lacks is skipped.
+                Ok(None) => warn!(
+                    "spool segment {} ends before seq {last}: skipping the missing records",
+                    path.display()
+                ),
+                Err(e) => warn!(
+                    "spool segment {}: {e}; skipping what is left of it",
+                    path.display()
+                ),
             }
+            self.sent_upto = self.sent_upto.max(last);
+            self.reader = None;
         }
     }
 

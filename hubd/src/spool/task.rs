@@ -61,13 +61,18 @@ pub struct SpoolInputs {
     pub stop: watch::Receiver<bool>,
 }
 
+/// Where the spooler says what it holds and what it lost.
+#[derive(Debug)]
+pub struct SpoolOutputs {
+    /// Every change (`Hub1.QueuedBytes` reads it): a change per batch while telemetry flows.
+    pub report: watch::Sender<SpoolReport>,
+    /// The drop counts alone, which change rarely: the session reports them, and waking it
+    /// for every batch would be waste.
+    pub dropped: watch::Sender<BTreeMap<String, u64>>,
+}
+
 /// Runs the spooler until `inputs.stop` is set or every input closed.
-pub async fn run(
-    mut spool: Spool,
-    outbox: Outbox,
-    mut inputs: SpoolInputs,
-    report: watch::Sender<SpoolReport>,
-) {
+pub async fn run(mut spool: Spool, outbox: Outbox, mut inputs: SpoolInputs, outputs: SpoolOutputs) {
     let codec = Evp2Codec;
     let mut held: Option<(u64, Record)> = None;
     let mut retry_at: Option<Instant> = None;
@@ -77,7 +82,7 @@ pub async fn run(
     let mut telemetry_open = true;
     let mut responses_open = true;
     let mut messages = Vec::new();
-    publish_report(&spool, &report);
+    publish_report(&spool, &outputs);
     loop {
         let wake = [retry_at, sync_at, cursor_at].into_iter().flatten().min();
         let sleep = async {
@@ -143,29 +148,21 @@ pub async fn run(
         if *inputs.drain.borrow() {
             retry_at = drain(&mut spool, &outbox, &mut held).then(|| now + FULL_RETRY);
         }
-        if spool.needs_sync() {
-            let at = *sync_at.get_or_insert(now + spool.limits.sync_every);
-            if at <= now {
-                if let Err(e) = spool.sync() {
-                    error!("spool: {e}");
-                }
-                sync_at = None;
-            }
-        } else {
-            sync_at = None;
+        if due(
+            &mut sync_at,
+            spool.needs_sync(),
+            now,
+            spool.limits.sync_every,
+        ) && let Err(e) = spool.sync()
+        {
+            error!("spool: {e}");
         }
-        if spool.cursor_behind() {
-            let at = *cursor_at.get_or_insert(now + CURSOR_EVERY);
-            if at <= now {
-                if let Err(e) = spool.write_cursor() {
-                    error!("spool: {e}");
-                }
-                cursor_at = None;
-            }
-        } else {
-            cursor_at = None;
+        if due(&mut cursor_at, spool.cursor_behind(), now, CURSOR_EVERY)
+            && let Err(e) = spool.write_cursor()
+        {
+            error!("spool: {e}");
         }
-        publish_report(&spool, &report);
+        publish_report(&spool, &outputs);
     }
     if let Err(e) = spool.sync().and_then(|()| spool.write_cursor()) {
         error!("spool at shutdown: {e}");
@@ -174,6 +171,20 @@ pub async fn run(
         "spooler stopped with {} bytes waiting for the hub",
         spool.queued_bytes()
     );
+}
+
+/// Whether deferred work is due now: work `needed` is done `delay` after it first was, so
+/// what piles up meanwhile costs one write. `at` holds that moment until then.
+fn due(at: &mut Option<Instant>, needed: bool, now: Instant, delay: Duration) -> bool {
+    if !needed {
+        *at = None;
+        return false;
+    }
+    if *at.get_or_insert(now + delay) > now {
+        return false;
+    }
+    *at = None;
+    true
 }
 
 /// Publishes while the window has room; whether a full request channel stopped it (so a
@@ -214,8 +225,15 @@ fn drain(spool: &mut Spool, outbox: &Outbox, held: &mut Option<(u64, Record)>) -
     false
 }
 
-fn publish_report(spool: &Spool, report: &watch::Sender<SpoolReport>) {
-    report.send_if_modified(|r| {
+fn publish_report(spool: &Spool, outputs: &SpoolOutputs) {
+    outputs.dropped.send_if_modified(|d| {
+        let changed = d != spool.dropped();
+        if changed {
+            d.clone_from(spool.dropped());
+        }
+        changed
+    });
+    outputs.report.send_if_modified(|r| {
         let queued = spool.queued_bytes();
         let changed = r.queued_bytes != queued || &r.dropped != spool.dropped();
         if changed {
