@@ -269,6 +269,44 @@ impl System {
         Ok(())
     }
 
+    /// Restarts `daemon` with `EVP_TEST_CRASH_AT=point`, so that (a debug build) it aborts
+    /// right after that write point, as a power cut there would leave the disk; returns its
+    /// exit count, for [`System::wait_crashed_at`].
+    pub async fn arm_crash_at(&self, daemon: &str, point: &str) -> Result<u64> {
+        self.stack
+            .set_env(daemon, vec![("EVP_TEST_CRASH_AT".into(), point.into())])?;
+        self.stack
+            .kill(daemon, evp_devhub::stack::Signal::SIGTERM)?;
+        self.stack.wait_exit(daemon, DEADLINE).await?;
+        self.stack.start(daemon).await?;
+        Ok(self.stack.exits(daemon)?)
+    }
+
+    /// Waits until `daemon` exited again after `exits` and checks that its log says it
+    /// aborted at `point`; then starts it again without the hook ("power back").
+    pub async fn wait_crashed_at(&self, daemon: &str, point: &str, exits: u64) -> Result<()> {
+        crate::wait_for(
+            &format!("{daemon} to abort at {point}"),
+            DEADLINE,
+            async || (self.stack.exits(daemon).ok()? > exits).then_some(()),
+        )
+        .await?;
+        let log =
+            std::fs::read_to_string(self.stack.config().log_dir().join(format!("{daemon}.log")))?;
+        anyhow::ensure!(
+            log.contains(&format!("EVP_TEST_CRASH_AT={point}")),
+            "{daemon} died, but not at {point}"
+        );
+        Ok(())
+    }
+
+    /// Starts `daemon` again without the crash hook.
+    pub async fn start_disarmed(&self, daemon: &str) -> Result<()> {
+        self.stack.set_env(daemon, Vec::new())?;
+        self.stack.start(daemon).await?;
+        Ok(())
+    }
+
     /// Stops everything, and kills any module the daemons left behind.
     pub async fn stop(self) {
         self.stack.stop_all().await;

@@ -4,7 +4,6 @@
 //! holds only whole verified files, and the device converges with unchanged instances
 //! untouched. A cold start with the broker down runs the last deployment from disk.
 
-use evp_devhub::stack::Signal;
 use evp_schemas::dbus::Reconciler1Proxy;
 use evp_system_tests::system::{System, deployment, instance_status};
 use evp_system_tests::{DEADLINE, wait_for};
@@ -47,27 +46,9 @@ async fn cut_power_at(point: &str) {
 
     // The next reconcilerd dies right after `point` while applying the new deployment.
     let rd = "evp-reconcilerd";
-    sys.stack
-        .set_env(rd, vec![("EVP_TEST_CRASH_AT".into(), point.into())])
-        .unwrap();
-    sys.stack.kill(rd, Signal::SIGTERM).unwrap();
-    sys.stack.wait_exit(rd, DEADLINE).await.unwrap();
-    sys.stack.start(rd).await.unwrap();
-    let exits = sys.stack.exits(rd).unwrap();
+    let exits = sys.arm_crash_at(rd, point).await.unwrap();
     sys.deploy(&new).await.unwrap();
-    wait_for(
-        &format!("reconcilerd to abort at {point}"),
-        DEADLINE,
-        async || (sys.stack.exits(rd).ok()? > exits).then_some(()),
-    )
-    .await
-    .unwrap();
-    let log =
-        std::fs::read_to_string(sys.stack.config().log_dir().join(format!("{rd}.log"))).unwrap();
-    assert!(
-        log.contains(&format!("EVP_TEST_CRASH_AT={point}")),
-        "reconcilerd died, but not at {point}"
-    );
+    sys.wait_crashed_at(rd, point, exits).await.unwrap();
 
     // What a power cut at that step leaves on disk.
     let desired = std::fs::read_to_string(sys.data_dir().join("deployment/desired.json")).unwrap();
@@ -94,8 +75,7 @@ async fn cut_power_at(point: &str) {
     }
 
     // Power back: the device converges on the new deployment, `one` never restarted.
-    sys.stack.set_env(rd, Vec::new()).unwrap();
-    sys.stack.start(rd).await.unwrap();
+    sys.start_disarmed(rd).await.unwrap();
     converged_on_disk_and_bus(&sys, "dep-new", &["one", "two"]).await;
     assert_eq!(
         sys.instance_pids("one"),

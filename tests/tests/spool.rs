@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use evp_devhub::stack::Signal;
 use evp_schemas::dbus::{Hub1Proxy, SdkBroker1Proxy};
 use evp_system_tests::system::{Options, System, deploy_and_wait, deployment_of};
 use evp_system_tests::{DEADLINE, wait_for};
@@ -353,35 +352,18 @@ async fn crash_at(point: &str, offline: bool) {
     let sys = start("[hub]\nspool_max_bytes = 262144\n", &["t1"]).await;
     let received = Received::follow(&sys).await;
     let hub = hub1(&sys).await;
-    sys.stack
-        .set_env(HUBD, vec![("EVP_TEST_CRASH_AT".into(), point.into())])
-        .unwrap();
-    sys.stack.kill(HUBD, Signal::SIGTERM).unwrap();
-    sys.stack.wait_exit(HUBD, DEADLINE).await.unwrap();
-    sys.stack.start(HUBD).await.unwrap();
+    let exits = sys.arm_crash_at(HUBD, point).await.unwrap();
     wait_connection(&hub, true, DEADLINE).await;
-    let exits = sys.stack.exits(HUBD).unwrap();
     let relay = sys.relay.as_ref().unwrap();
     if offline {
         relay.down();
         wait_connection(&hub, false, DEADLINE).await;
     }
     tick(&sys, "t1", COUNT, 10).await;
-    wait_for(&format!("hubd to abort at {point}"), DEADLINE, async || {
-        (sys.stack.exits(HUBD).ok()? > exits).then_some(())
-    })
-    .await
-    .unwrap();
-    let log =
-        std::fs::read_to_string(sys.stack.config().log_dir().join(format!("{HUBD}.log"))).unwrap();
-    assert!(
-        log.contains(&format!("EVP_TEST_CRASH_AT={point}")),
-        "hubd died, but not at {point}"
-    );
+    sys.wait_crashed_at(HUBD, point, exits).await.unwrap();
 
     // Power back: hubd reads its spool and sends what it holds.
-    sys.stack.set_env(HUBD, Vec::new()).unwrap();
-    sys.stack.start(HUBD).await.unwrap();
+    sys.start_disarmed(HUBD).await.unwrap();
     if offline {
         relay.up().await.unwrap();
     }
