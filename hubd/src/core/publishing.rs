@@ -75,7 +75,7 @@ impl Core {
                 }
                 let level = qos(self.cfg.status_qos);
                 match self.publish(topics::ATTRIBUTES, level, payload.clone().into_bytes()) {
-                    Published::NotQueued => Some(now + REPORT_RETRY),
+                    Published::NotQueued | Published::Offline => Some(now + REPORT_RETRY),
                     // Too big is recorded as sent: trying again would only fail again, until
                     // the report changes.
                     Published::Queued | Published::TooBig => {
@@ -128,8 +128,9 @@ impl Core {
             ReportDecision::SendNow => {
                 let mut queued = true;
                 for m in messages {
-                    queued &= self.publish(topics::ATTRIBUTES, QoS::AtMostOnce, m.into_bytes())
-                        != Published::NotQueued;
+                    queued &= self
+                        .publish(topics::ATTRIBUTES, QoS::AtMostOnce, m.into_bytes())
+                        .was_taken();
                 }
                 if queued {
                     self.states_timer.sent(now, payload);
@@ -170,6 +171,8 @@ impl Core {
         }
         match self.outbox.publish(topic, level, payload, None) {
             Ok(()) => Published::Queued,
+            // The driver saw the connection go before the session did.
+            Err(crate::outbox::Refused::NotConnected) => Published::Offline,
             Err(e) => {
                 debug!("publish on {topic} not queued ({e:?}): tried again later");
                 Published::NotQueued
@@ -185,6 +188,15 @@ pub(super) enum Published {
     Queued,
     /// Larger than the MQTT limit; dropped.
     TooBig,
-    /// Not connected, or the request channel is full or closed.
+    /// The request channel is full or closed.
     NotQueued,
+    /// The connection is gone (the session hears of it next).
+    Offline,
+}
+
+impl Published {
+    /// Handed over, or never to be (too big): nothing to try again.
+    pub(super) fn was_taken(self) -> bool {
+        matches!(self, Published::Queued | Published::TooBig)
+    }
 }

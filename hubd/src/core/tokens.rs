@@ -18,27 +18,7 @@ impl Core {
     /// A module asks where to upload `remote_name`.
     pub(super) fn on_token_request(&mut self, request: TokenRequest, now: Instant) {
         if !self.connected {
-            let kept = self.token_cache.lookup(
-                &request.instance,
-                &request.storage_name,
-                storage::now_ms(),
-            );
-            let answer = match kept {
-                Some(kept) => {
-                    info!(
-                        instance = request.instance,
-                        storage = request.storage_name,
-                        "offline: the storage token comes from the kept multifile answer"
-                    );
-                    kept.token_for(&request.remote_name)
-                        .map_err(TokenError::Refused)
-                }
-                None => Err(TokenError::Offline {
-                    instance: request.instance.clone(),
-                    storage: request.storage_name.clone(),
-                }),
-            };
-            let _ = request.reply.send(answer);
+            self.answer_offline(request);
             return;
         }
         if self.tokens.is_full() {
@@ -64,11 +44,37 @@ impl Core {
                 );
                 self.tokens.insert(reqid, request, now);
             }
+            // Gone between the driver and the session: answered as offline, from the kept
+            // multifile answers, as a request waiting when the connection drops is.
+            Published::Offline => self.answer_offline(request),
             Published::TooBig | Published::NotQueued => {
                 let why = "the MQTT client did not take it".to_owned();
                 let _ = request.reply.send(Err(TokenError::NotSent(why)));
             }
         }
+    }
+
+    /// Answers `request` without the hub: a kept `multifile` answer, or `Offline`.
+    fn answer_offline(&self, request: TokenRequest) {
+        let kept =
+            self.token_cache
+                .lookup(&request.instance, &request.storage_name, storage::now_ms());
+        let answer = match kept {
+            Some(kept) => {
+                info!(
+                    instance = request.instance,
+                    storage = request.storage_name,
+                    "offline: the storage token comes from the kept multifile answer"
+                );
+                kept.token_for(&request.remote_name)
+                    .map_err(TokenError::Refused)
+            }
+            None => Err(TokenError::Offline {
+                instance: request.instance.clone(),
+                storage: request.storage_name.clone(),
+            }),
+        };
+        let _ = request.reply.send(answer);
     }
 
     /// An answer on `v1/devices/me/rpc/response/+` that is a storage token's.
