@@ -67,6 +67,17 @@ pub struct HubSection {
     pub spool_instance_max_bytes: Option<u64>,
     /// Longest time a spooled record waiting for the hub stays unsynced, ms.
     pub spool_sync_ms: Option<u64>,
+    /// HTTP proxy the MQTT connection tunnels through (CONNECT), host name or address.
+    pub mqtt_proxy_host: Option<String>,
+    /// Its port.
+    pub mqtt_proxy_port: Option<u16>,
+    /// Basic-auth user for the proxy.
+    pub mqtt_proxy_username: Option<String>,
+    /// Basic-auth password for the proxy.
+    pub mqtt_proxy_password: Option<String>,
+    /// More brokers of the same hub, `"host:port"` each, tried in turn after
+    /// `mqtt_host`:`mqtt_port` when it cannot be reached.
+    pub mqtt_failover_brokers: Option<Vec<String>>,
 }
 
 /// TLS material to use for MQTT.
@@ -76,6 +87,84 @@ pub struct TlsFiles {
     pub ca_cert: PathBuf,
     /// Client certificate and key, for mutual TLS; `None` for server-authenticated TLS only.
     pub client: Option<(PathBuf, PathBuf)>,
+}
+
+/// One broker address: what a connection attempt dials, and the name its TLS certificate must
+/// carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Broker {
+    /// Host name or address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+impl fmt::Display for Broker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl Broker {
+    /// `host:port` (`[v6 address]:port` for an IPv6 address); `what` names the setting in the
+    /// error.
+    pub fn parse(what: &str, text: &str) -> Result<Broker, ConfigError> {
+        let bad = |why: &str| invalid(what, format!("{text:?} {why}"));
+        let (host, port) = text
+            .trim()
+            .rsplit_once(':')
+            .ok_or_else(|| bad("is not host:port"))?;
+        let host = match host.strip_prefix('[') {
+            Some(v6) => v6
+                .strip_suffix(']')
+                .ok_or_else(|| bad("opens a [ it does not close"))?,
+            None if host.contains(':') => {
+                return Err(bad("needs brackets around its IPv6 address: [addr]:port"));
+            }
+            None => host,
+        };
+        if host.is_empty() {
+            return Err(bad("has no host"));
+        }
+        let port: u16 = port
+            .parse()
+            .map_err(|e| bad(&format!("has no valid port: {e}")))?;
+        if port == 0 {
+            return Err(bad("has port 0"));
+        }
+        Ok(Broker {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+/// The HTTP CONNECT proxy the MQTT connection goes through.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MqttProxy {
+    /// Where the proxy listens.
+    pub address: Broker,
+    /// Basic-auth user and password, when the proxy wants them.
+    pub basic_auth: Option<(String, String)>,
+}
+
+impl fmt::Debug for MqttProxy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MqttProxy")
+            .field("address", &self.address.to_string())
+            .field(
+                "basic_auth",
+                &self
+                    .basic_auth
+                    .as_ref()
+                    .map(|(user, _)| (user, "[redacted]")),
+            )
+            .finish()
+    }
 }
 
 /// The report intervals before any device configuration from the hub.
@@ -118,6 +207,23 @@ pub struct HubConfig {
     pub keep_alive: Duration,
     /// The spool's bounds and sync policy.
     pub spool: crate::spool::Limits,
+    /// The HTTP proxy MQTT goes through, when configured.
+    pub proxy: Option<MqttProxy>,
+    /// Brokers tried in turn after `mqtt_host`:`mqtt_port`.
+    pub failover_brokers: Vec<Broker>,
+}
+
+impl HubConfig {
+    /// Every broker, in the order they are tried: the configured host first.
+    pub fn brokers(&self) -> Vec<Broker> {
+        let first = Broker {
+            host: self.mqtt_host.clone(),
+            port: self.mqtt_port,
+        };
+        std::iter::once(first)
+            .chain(self.failover_brokers.iter().cloned())
+            .collect()
+    }
 }
 
 impl fmt::Debug for HubConfig {
@@ -143,6 +249,15 @@ impl fmt::Debug for HubConfig {
             )
             .field("keep_alive", &self.keep_alive)
             .field("spool", &self.spool)
+            .field("proxy", &self.proxy)
+            .field(
+                "failover_brokers",
+                &self
+                    .failover_brokers
+                    .iter()
+                    .map(Broker::to_string)
+                    .collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -204,6 +319,7 @@ pub fn resolve(
     if env("EVP_IOT_PLATFORM").is_some_and(|p| p.trim().eq_ignore_ascii_case("EVP1")) {
         return Err(ConfigError::Evp1NotSupported);
     }
+    let proxy = resolve_proxy(&section, &env)?;
     let mqtt_host = env("EVP_MQTT_HOST")
         .or(section.mqtt_host)
         .filter(|h| !h.is_empty())
@@ -367,6 +483,12 @@ pub fn resolve(
             ),
         ));
     }
+    let failover_brokers = section
+        .mqtt_failover_brokers
+        .iter()
+        .flatten()
+        .map(|b| Broker::parse("mqtt_failover_brokers", b))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(HubConfig {
         mqtt_host,
         mqtt_port,
@@ -382,7 +504,58 @@ pub fn resolve(
         registry_auth,
         keep_alive: Duration::from_secs(keep_alive_s),
         spool,
+        proxy,
+        failover_brokers,
     })
+}
+
+/// The MQTT proxy (EVP's rule: used when both host and port are set, Basic auth when both user
+/// and password are), except that half a setting is an error here rather than ignored.
+fn resolve_proxy(
+    section: &HubSection,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<Option<MqttProxy>, ConfigError> {
+    let host = env("EVP_MQTT_PROXY_HOST").or_else(|| section.mqtt_proxy_host.clone());
+    let port = match env("EVP_MQTT_PROXY_PORT") {
+        Some(p) => Some(parse_env::<u16>("EVP_MQTT_PROXY_PORT", &p)?),
+        None => section.mqtt_proxy_port,
+    };
+    let username = env("EVP_MQTT_PROXY_USERNAME").or_else(|| section.mqtt_proxy_username.clone());
+    let password = env("EVP_MQTT_PROXY_PASSWORD").or_else(|| section.mqtt_proxy_password.clone());
+    let basic_auth = match (username, password) {
+        (Some(user), Some(password)) => Some((user, password)),
+        (None, None) => None,
+        (Some(_), None) | (None, Some(_)) => {
+            return Err(invalid(
+                "mqtt_proxy_username, mqtt_proxy_password (EVP_MQTT_PROXY_USERNAME, \
+                 EVP_MQTT_PROXY_PASSWORD)",
+                "are set one without the other: Basic auth needs both",
+            ));
+        }
+    };
+    match (host.filter(|h| !h.trim().is_empty()), port) {
+        (Some(host), Some(port)) if port != 0 => Ok(Some(MqttProxy {
+            address: Broker { host, port },
+            basic_auth,
+        })),
+        (Some(_), Some(_)) => Err(invalid(
+            "mqtt_proxy_port (EVP_MQTT_PROXY_PORT)",
+            "0 is not a port",
+        )),
+        (Some(host), None) => Err(invalid(
+            "mqtt_proxy_port (EVP_MQTT_PROXY_PORT)",
+            format!("is required with the MQTT proxy host {host:?}"),
+        )),
+        (None, Some(_)) => Err(invalid(
+            "mqtt_proxy_host (EVP_MQTT_PROXY_HOST)",
+            "is required with the MQTT proxy port",
+        )),
+        (None, None) if basic_auth.is_some() => Err(invalid(
+            "mqtt_proxy_username (EVP_MQTT_PROXY_USERNAME)",
+            "is set without an MQTT proxy host and port",
+        )),
+        (None, None) => Ok(None),
+    }
 }
 
 /// The intervals from a minimum and a maximum in ms (-1: never), with EVP's rule that a
@@ -621,6 +794,98 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("mqtt_qos_status"), "{e}");
+    }
+
+    #[test]
+    fn the_mqtt_proxy_takes_host_and_port_and_both_halves_of_basic_auth() {
+        let base = "[hub]\nmqtt_host=\"h\"\nmqtt_port=1\n";
+        let c = resolve(
+            section(&format!(
+                "{base}mqtt_proxy_host=\"t\"\nmqtt_proxy_port=1\nmqtt_proxy_username=\"tu\"\n\
+                 mqtt_proxy_password=\"tp\"\n"
+            )),
+            env_of(&[
+                ("EVP_MQTT_PROXY_HOST", "proxy"),
+                ("EVP_MQTT_PROXY_PORT", "3128"),
+                ("EVP_MQTT_PROXY_PASSWORD", "secret"),
+            ]),
+        )
+        .unwrap();
+        let proxy = c.proxy.clone().unwrap();
+        assert_eq!(proxy.address.to_string(), "proxy:3128");
+        assert_eq!(
+            proxy.basic_auth,
+            Some(("tu".to_string(), "secret".to_string())),
+            "each value from where it is set, the environment winning"
+        );
+        assert!(!format!("{c:?}").contains("secret"), "{c:?}");
+        let none = resolve(section(base), env_of(&[])).unwrap();
+        assert_eq!(none.proxy, None);
+        for (env, key) in [
+            (&[("EVP_MQTT_PROXY_HOST", "p")][..], "mqtt_proxy_port"),
+            (&[("EVP_MQTT_PROXY_PORT", "3128")][..], "mqtt_proxy_host"),
+            (&[("EVP_MQTT_PROXY_PORT", "x")][..], "EVP_MQTT_PROXY_PORT"),
+            (
+                &[
+                    ("EVP_MQTT_PROXY_HOST", "p"),
+                    ("EVP_MQTT_PROXY_PORT", "3128"),
+                    ("EVP_MQTT_PROXY_USERNAME", "u"),
+                ][..],
+                "mqtt_proxy_password",
+            ),
+            (
+                &[
+                    ("EVP_MQTT_PROXY_USERNAME", "u"),
+                    ("EVP_MQTT_PROXY_PASSWORD", "p"),
+                ][..],
+                "mqtt_proxy_username",
+            ),
+        ] {
+            let e = resolve(section(base), env_of(env)).unwrap_err();
+            assert!(e.to_string().contains(key), "{env:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn failover_brokers_follow_the_configured_one_and_bad_ones_are_named() {
+        let c = resolve(
+            section(
+                "[hub]\nmqtt_host=\"a\"\nmqtt_port=1\n\
+                 mqtt_failover_brokers=[\"b.example:8883\", \" [::1]:2 \"]\n",
+            ),
+            env_of(&[]),
+        )
+        .unwrap();
+        let all: Vec<String> = c.brokers().iter().map(Broker::to_string).collect();
+        assert_eq!(all, ["a:1", "b.example:8883", "[::1]:2"]);
+        assert_eq!(
+            c.brokers()[2].host,
+            "::1",
+            "dialled and verified without brackets"
+        );
+        assert_eq!(
+            resolve(
+                section("[hub]\nmqtt_host=\"a\"\nmqtt_port=1\n"),
+                env_of(&[])
+            )
+            .unwrap()
+            .brokers()
+            .len(),
+            1
+        );
+        for bad in ["b", "b:", ":1", "b:0", "b:70000", "::1:2", "[::1:2"] {
+            let e = resolve(
+                section(&format!(
+                    "[hub]\nmqtt_host=\"a\"\nmqtt_port=1\nmqtt_failover_brokers=[\"{bad}\"]\n"
+                )),
+                env_of(&[]),
+            )
+            .unwrap_err();
+            assert!(
+                e.to_string().starts_with("mqtt_failover_brokers: ") && e.to_string().contains(bad),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

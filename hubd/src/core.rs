@@ -12,12 +12,13 @@ use evp_schemas::evp2::{Evp2Codec, sizes, topics};
 use evp_schemas::{
     Deployment, DeploymentStatus, DesiredChange, DirectCommandResponse, HubCodec, RpcStatus,
 };
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS, Transport};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::config::HubConfig;
 use crate::device_config::{AgentSettings, DeviceConfigStore};
+use crate::failover::{Failover, Failure};
 use crate::outbox::Outbox;
 use crate::report::{self, Rejection};
 use crate::rpc::{self, PendingCommands};
@@ -26,12 +27,14 @@ use crate::spool::Spool;
 use crate::spool::task::{Response, SpoolInputs, SpoolOutputs};
 use crate::states::{States, StatesFile};
 use crate::storage::{TokenCache, Waiting};
-use crate::timing::{BACKOFF_RESET_AFTER, ReportTimer, reconnect_backoff};
-use crate::tls::TlsMaterial;
+use crate::timing::ReportTimer;
 
+mod dial;
 mod links;
 mod publishing;
 mod tokens;
+
+pub use dial::{connection_options, mqtt_options};
 
 pub use links::{
     ApplyOutcome, CONFIGURATION_CHANNEL, ConfigurationDelivery, ConnectionState, DeploymentRequest,
@@ -68,29 +71,6 @@ const REPORT_RETRY: Duration = Duration::from_secs(1);
 /// How long a clean shutdown waits for the DISCONNECT to go out.
 const DISCONNECT_GRACE: Duration = Duration::from_secs(3);
 
-/// The MQTT options of the configuration, and the client id they use.
-pub fn mqtt_options(cfg: &HubConfig, tls: Option<&TlsMaterial>) -> MqttOptions {
-    // The TLS client certificate's CN wins, then the configured id, else empty (EVP's order).
-    let client_id = tls
-        .and_then(|t| t.client_cn.clone())
-        .or_else(|| cfg.client_id.clone())
-        .unwrap_or_default();
-    let mut o = MqttOptions::new(client_id, cfg.mqtt_host.clone(), cfg.mqtt_port);
-    o.set_keep_alive(cfg.keep_alive)
-        .set_clean_session(true)
-        .set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET)
-        .set_request_channel_capacity(REQUEST_CHANNEL);
-    if let Some(user) = &cfg.username {
-        o.set_credentials(user.clone(), cfg.password.clone().unwrap_or_default());
-    }
-    if let Some(t) = tls {
-        o.set_transport(Transport::tls_with_config(
-            rumqttc::TlsConfiguration::Rustls(t.config.clone()),
-        ));
-    }
-    o
-}
-
 #[derive(Debug)]
 enum MqttEvent {
     Connected,
@@ -98,9 +78,11 @@ enum MqttEvent {
     Publish { topic: String, payload: Vec<u8> },
 }
 
-/// Drives rumqttc's event loop: reconnects with backoff, forwards what the session needs, and
-/// stops after the DISCONNECT went out (or at once when not connected and `stop` is set).
+/// Drives rumqttc's event loop: reconnects with backoff, to the next broker when there are
+/// several, forwards what the session needs, and stops after the DISCONNECT went out (or at
+/// once when not connected and `stop` is set).
 async fn drive(
+    cfg: HubConfig,
     mut eventloop: EventLoop,
     outbox: Outbox,
     acks: mpsc::UnboundedSender<u64>,
@@ -108,13 +90,12 @@ async fn drive(
     connection: watch::Sender<ConnectionState>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let broker = format!(
-        "{}:{}",
-        eventloop.mqtt_options.broker_address().0,
-        eventloop.mqtt_options.broker_address().1
-    );
-    let mut backoff = reconnect_backoff();
-    let mut refused_backoff = crate::timing::refused_backoff();
+    let brokers = cfg.brokers();
+    let mut failover = Failover::new(brokers.len());
+    let via = match &cfg.proxy {
+        Some(p) => format!(" through the proxy {}", p.address),
+        None => String::new(),
+    };
     let mut up_since: Option<Instant> = None;
     loop {
         let polled = if up_since.is_some() {
@@ -128,8 +109,12 @@ async fn drive(
         };
         match polled {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                info!("connected to the MQTT broker {broker}");
+                info!(
+                    "connected to the MQTT broker {}{via}",
+                    brokers[failover.current()]
+                );
                 up_since = Some(Instant::now());
+                failover.connected();
                 outbox.connected();
                 connection.send_replace(ConnectionState::Connected);
                 if events.send(MqttEvent::Connected).await.is_err() {
@@ -159,26 +144,36 @@ async fn drive(
                 if *stop.borrow() {
                     break;
                 }
-                if let Some(since) = up_since.take() {
-                    if since.elapsed() >= BACKOFF_RESET_AFTER {
-                        backoff.reset();
-                        refused_backoff.reset();
+                let failure = match up_since.take() {
+                    Some(since) => {
+                        if events.send(MqttEvent::Disconnected).await.is_err() {
+                            break;
+                        }
+                        Failure::Dropped {
+                            up_for: since.elapsed(),
+                        }
                     }
-                    if events.send(MqttEvent::Disconnected).await.is_err() {
-                        break;
-                    }
-                }
-                // A host that answers (a refused TCP connection) has its link up and its broker
-                // restarting: it is tried again soon, so the device is back within seconds of
-                // the broker. Anything else backs off to EVP's 64 s.
-                let delay = if crate::timing::broker_host_answered(&e) {
-                    refused_backoff.next_delay()
-                } else {
-                    backoff.next_delay()
+                    // A host that answers (a refused TCP connection) has its link up and its
+                    // broker restarting: it is tried again soon. Anything else backs off to
+                    // EVP's 64 s.
+                    None if dial::host_refused(&e) => Failure::Refused,
+                    None => Failure::Other,
                 };
-                warn!("MQTT connection to {broker}: {e}; next attempt in {delay:.1?}");
+                let failed = &brokers[failover.current()];
+                let what = dial::describe(&e, failed, cfg.proxy.as_ref());
+                let next = failover.next(failure, evp_daemon::backoff::random_jitter());
+                let target = &brokers[next.broker];
+                if target != failed {
+                    eventloop.mqtt_options = connection_options(
+                        &cfg,
+                        eventloop.mqtt_options.client_id(),
+                        eventloop.mqtt_options.transport(),
+                        target,
+                    );
+                }
+                warn!("{what}; next attempt to {target} in {:.1?}", next.delay);
                 tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
+                    _ = tokio::time::sleep(next.delay) => {}
                     _ = stop.wait_for(|s| *s) => break,
                 }
             }
@@ -318,6 +313,7 @@ pub async fn run_with_sdk(
         },
     ));
     let mut driver = tokio::spawn(drive(
+        cfg.clone(),
         eventloop,
         outbox.clone(),
         acks_tx,

@@ -4,7 +4,8 @@
 //!
 //! - [`config`]: the `[hub]` settings and EVP's environment variables.
 //! - [`tls`]: MQTT over TLS.
-//! - [`session`] and [`timing`]: the pure state machines of the session and of report timing.
+//! - [`session`], [`timing`] and [`failover`]: the pure state machines of the session, of
+//!   report timing and of the reconnect schedule across brokers.
 //! - [`device_config`] and [`report`]: the hub's device configuration and the status report.
 //! - [`rpc`] and [`telemetry`]: direct commands and their answers, telemetry messages.
 //! - [`spool`] and [`outbox`]: what must reach the hub, kept on disk until acknowledged, and
@@ -17,6 +18,7 @@ pub mod bus;
 pub mod config;
 pub mod core;
 pub mod device_config;
+pub mod failover;
 pub mod identity;
 pub mod outbox;
 pub mod report;

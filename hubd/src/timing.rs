@@ -87,12 +87,6 @@ pub fn refused_backoff() -> evp_daemon::Backoff {
     evp_daemon::Backoff::new(BACKOFF_BASE, REFUSED_BACKOFF_MAX)
 }
 
-/// Whether a connection attempt failed because the broker's host answered with a refusal (a
-/// TCP RST): the network is fine, the broker is not listening yet.
-pub fn broker_host_answered(error: &rumqttc::ConnectionError) -> bool {
-    matches!(error, rumqttc::ConnectionError::Io(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,20 +144,7 @@ mod tests {
     }
 
     #[test]
-    fn only_a_refused_tcp_connection_retries_on_the_short_schedule() {
-        use rumqttc::ConnectionError as E;
-        use std::io::{Error, ErrorKind};
-        assert!(broker_host_answered(&E::Io(Error::from(
-            ErrorKind::ConnectionRefused
-        ))));
-        for other in [
-            E::Io(Error::from(ErrorKind::TimedOut)),
-            E::Io(Error::from(ErrorKind::HostUnreachable)),
-            E::NetworkTimeout,
-            E::ConnectionRefused(rumqttc::ConnectReturnCode::NotAuthorized),
-        ] {
-            assert!(!broker_host_answered(&other), "{other}");
-        }
+    fn the_refused_schedule_is_capped_and_jittered() {
         let mut b = refused_backoff();
         let delays: Vec<Duration> = (0..8).map(|_| b.next_delay()).collect();
         assert!(
