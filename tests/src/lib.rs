@@ -9,6 +9,7 @@ pub mod certs;
 pub mod docker;
 pub mod http;
 pub mod mosquitto;
+pub mod proxy;
 pub mod python;
 pub mod relay;
 pub mod system;

@@ -20,21 +20,9 @@ pub struct Relay {
 impl Relay {
     /// A relay to 127.0.0.1:`target`, up.
     pub async fn start(target: u16) -> Result<Relay> {
-        let port = crate::free_port()?;
-        let (up, _) = watch::channel(true);
-        let up = Arc::new(up);
-        let task = tokio::spawn(serve(port, target, Arc::clone(&up)));
-        let relay = Relay { port, up, task };
-        relay.wait_listening().await?;
-        Ok(relay)
-    }
-
-    async fn wait_listening(&self) -> Result<()> {
-        crate::wait_for("the relay to listen", crate::DEADLINE, async || {
-            TcpStream::connect(("127.0.0.1", self.port)).await.ok()
-        })
-        .await
-        .map(drop)
+        let (port, up, task) =
+            Cuttable::start(move |device, cut| forward(device, target, cut)).await?;
+        Ok(Relay { port, up, task })
     }
 
     /// Cuts the device off: open connections are reset and new ones refused.
@@ -45,7 +33,7 @@ impl Relay {
     /// Lets the device through again.
     pub async fn up(&self) -> Result<()> {
         self.up.send_replace(true);
-        self.wait_listening().await
+        wait_listening(self.port).await
     }
 }
 
@@ -55,7 +43,44 @@ impl Drop for Relay {
     }
 }
 
-async fn serve(port: u16, target: u16, up: Arc<watch::Sender<bool>>) {
+/// A loopback listener that serves each connection with a handler while up, and while down
+/// refuses connections (RST, as a host whose server is not listening) and has the handlers
+/// reset theirs: the relay's and the test proxy's way of being cut.
+pub(crate) struct Cuttable;
+
+impl Cuttable {
+    /// Listens on a free port and serves each connection with `handle(stream, cut)`, where
+    /// `cut` turns false when the listener is cut; the port, the switch and the serving task.
+    pub(crate) async fn start<F, Fut>(
+        handle: F,
+    ) -> Result<(u16, Arc<watch::Sender<bool>>, JoinHandle<()>)>
+    where
+        F: Fn(TcpStream, watch::Receiver<bool>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let port = crate::free_port()?;
+        let (up, _) = watch::channel(true);
+        let up = Arc::new(up);
+        let task = tokio::spawn(serve(port, Arc::clone(&up), handle));
+        wait_listening(port).await?;
+        Ok((port, up, task))
+    }
+}
+
+/// Returns once 127.0.0.1:`port` accepts connections.
+pub(crate) async fn wait_listening(port: u16) -> Result<()> {
+    crate::wait_for("the relay to listen", crate::DEADLINE, async || {
+        TcpStream::connect(("127.0.0.1", port)).await.ok()
+    })
+    .await
+    .map(drop)
+}
+
+async fn serve<F, Fut>(port: u16, up: Arc<watch::Sender<bool>>, handle: F)
+where
+    F: Fn(TcpStream, watch::Receiver<bool>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let mut state = up.subscribe();
     loop {
         if state.wait_for(|u| *u).await.is_err() {
@@ -77,8 +102,7 @@ async fn serve(port: u16, target: u16, up: Arc<watch::Sender<bool>>) {
             tokio::select! {
                 accepted = listener.accept() => {
                     let Ok((device, _)) = accepted else { continue };
-                    let cut = up.subscribe();
-                    tokio::spawn(forward(device, target, cut));
+                    tokio::spawn(handle(device, up.subscribe()));
                 }
                 r = state.wait_for(|u| !*u) => {
                     if r.is_err() {
@@ -91,12 +115,15 @@ async fn serve(port: u16, target: u16, up: Arc<watch::Sender<bool>>) {
     }
 }
 
-async fn forward(mut device: TcpStream, target: u16, mut cut: watch::Receiver<bool>) {
-    let Ok(mut broker) = TcpStream::connect(("127.0.0.1", target)).await else {
-        return;
-    };
+/// Copies between `device` and `upstream` until either closes or `cut` turns false, when the
+/// device is reset.
+pub(crate) async fn pipe(
+    mut device: TcpStream,
+    mut upstream: TcpStream,
+    mut cut: watch::Receiver<bool>,
+) {
     tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut device, &mut broker) => {}
+        _ = tokio::io::copy_bidirectional(&mut device, &mut upstream) => {}
         _ = cut.wait_for(|u| !*u) => {
             // SO_LINGER 0: the device sees a reset, as from a broker that went away. A zero
             // linger resets at once, so the drop that follows never blocks.
@@ -104,4 +131,11 @@ async fn forward(mut device: TcpStream, target: u16, mut cut: watch::Receiver<bo
             let _ = device.set_linger(Some(std::time::Duration::ZERO));
         }
     }
+}
+
+async fn forward(device: TcpStream, target: u16, cut: watch::Receiver<bool>) {
+    let Ok(broker) = TcpStream::connect(("127.0.0.1", target)).await else {
+        return;
+    };
+    pipe(device, broker, cut).await;
 }

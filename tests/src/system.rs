@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use crate::DEADLINE;
 use crate::certs::{self, Pki};
 use crate::mosquitto::{Mosquitto, TlsFiles};
+use crate::proxy::ConnectProxy;
 use crate::relay::Relay;
 
 /// How a [`System`] is set up.
@@ -30,6 +31,9 @@ pub struct Options {
     pub supervise: bool,
     /// The device reaches the broker through a [`Relay`] the test can cut (plain MQTT only).
     pub relay: bool,
+    /// The device reaches the broker through a [`ConnectProxy`] (`EVP_MQTT_PROXY_*`, Basic
+    /// auth as [`PROXY_USER`] with [`PROXY_PASSWORD`]; `env` may override them).
+    pub proxy: bool,
     /// The daemons' data directory is a tmpfs of this many bytes, mounted before they start
     /// (root only), so a test can fill it.
     pub data_dir_tmpfs: Option<u64>,
@@ -55,12 +59,18 @@ pub struct System {
     pub uids: UidBlock,
     /// The device's way to the broker, with [`Options::relay`].
     pub relay: Option<Relay>,
+    /// The device's proxy, with [`Options::proxy`].
+    pub proxy: Option<ConnectProxy>,
     /// The tmpfs mounted on the data directory ([`Options::data_dir_tmpfs`]), unmounted on drop.
     tmpfs: Option<PathBuf>,
 }
 
 /// Client id of the device, and CN of its certificate.
 pub const DEVICE: &str = "device-under-test";
+/// The user the device's proxy ([`Options::proxy`]) lets through.
+pub const PROXY_USER: &str = "device-proxy-user";
+/// Its password.
+pub const PROXY_PASSWORD: &str = "proxy-pass: with colon";
 
 impl System {
     /// A device on a plain MQTT connection.
@@ -112,6 +122,19 @@ impl System {
         // Reports as fast as the agent allows, so tests wait on conditions, not on clocks.
         config.report_status_interval_min_ms = 0;
         config.env.push(("EVP_MQTT_CLIENTID".into(), DEVICE.into()));
+        let proxy = if options.proxy {
+            let proxy = ConnectProxy::start(PROXY_USER, PROXY_PASSWORD).await?;
+            config.env.extend([
+                ("EVP_MQTT_PROXY_HOST".into(), "127.0.0.1".into()),
+                ("EVP_MQTT_PROXY_PORT".into(), proxy.port.to_string()),
+                ("EVP_MQTT_PROXY_USERNAME".into(), PROXY_USER.into()),
+                ("EVP_MQTT_PROXY_PASSWORD".into(), PROXY_PASSWORD.into()),
+            ]);
+            Some(proxy)
+        } else {
+            None
+        };
+        // Last, so that a test's own values win.
         config.env.extend(options.env.iter().cloned());
         config.supervise = options.supervise;
         if !options.extra_toml.is_empty() {
@@ -160,6 +183,7 @@ impl System {
             pki,
             uids,
             relay,
+            proxy,
             tmpfs,
         })
     }
@@ -630,6 +654,50 @@ pub async fn exchange_a_thousand_messages(sys: &System, mut d: Value) {
     let sent: Value = serde_json::from_str(sent.as_str().unwrap_or_default()).unwrap();
     assert_eq!(sent, json!({"sent": 1000, "errors": 0}));
     wait_state(sys, "state/rx/received", |v| v == "1000").await;
+}
+
+/// `org.evp.Hub1` of `sys`, its properties read afresh at every call.
+pub async fn hub1(sys: &System) -> evp_schemas::dbus::Hub1Proxy<'static> {
+    evp_schemas::dbus::Hub1Proxy::builder(&sys.conn)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .unwrap()
+}
+
+/// Waits up to `timeout` for `Hub1.Connection` to be `connected` (or anything else).
+pub async fn wait_connection(
+    hub: &evp_schemas::dbus::Hub1Proxy<'_>,
+    connected: bool,
+    timeout: std::time::Duration,
+) {
+    crate::wait_for(
+        &format!("Hub1.Connection connected={connected}"),
+        timeout,
+        async || {
+            let c = hub.connection().await.ok()?;
+            ((c == "connected") == connected).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+}
+
+/// Waits for the first line of `daemon`'s log that holds every one of `words`.
+pub async fn wait_log_line(sys: &System, daemon: &str, words: &[&str]) -> String {
+    let log = sys.stack.config().log_dir().join(format!("{daemon}.log"));
+    crate::wait_for(
+        &format!("{daemon} to log {words:?}"),
+        DEADLINE,
+        async || {
+            let text = std::fs::read_to_string(&log).ok()?;
+            text.lines()
+                .find(|l| words.iter().all(|w| l.contains(w)))
+                .map(str::to_owned)
+        },
+    )
+    .await
+    .unwrap()
 }
 
 /// Waits for a telemetry message with `key` (`<instance>/<key>`) among the reports of

@@ -7,8 +7,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use evp_schemas::dbus::{Hub1Proxy, SdkBroker1Proxy};
-use evp_system_tests::system::{Options, System, deploy_and_wait, deployment_of};
+use evp_schemas::dbus::SdkBroker1Proxy;
+use evp_system_tests::system::{
+    Options, System, deploy_and_wait, deployment_of, hub1, wait_connection,
+};
 use evp_system_tests::{DEADLINE, wait_for};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
@@ -106,27 +108,6 @@ impl Received {
 fn first_arrivals(values: &[u64]) -> Vec<u64> {
     let mut seen = std::collections::HashSet::new();
     values.iter().copied().filter(|v| seen.insert(*v)).collect()
-}
-
-async fn hub1(sys: &System) -> Hub1Proxy<'static> {
-    Hub1Proxy::builder(&sys.conn)
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await
-        .unwrap()
-}
-
-async fn wait_connection(hub: &Hub1Proxy<'_>, connected: bool, timeout: Duration) {
-    wait_for(
-        &format!("Hub1.Connection connected={connected}"),
-        timeout,
-        async || {
-            let c = hub.connection().await.ok()?;
-            ((c == "connected") == connected).then_some(())
-        },
-    )
-    .await
-    .unwrap();
 }
 
 async fn start(extra_toml: &str, instances: &[&str]) -> System {

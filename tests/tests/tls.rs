@@ -1,8 +1,7 @@
 //! MQTT over mutual TLS against mosquitto configured to require client certificates, with a
 //! PKI the test makes: the device connects and works, and a broker it cannot verify is refused.
 
-use evp_system_tests::system::{Options, System, deployment, instance_status};
-use evp_system_tests::{DEADLINE, wait_for};
+use evp_system_tests::system::{Options, System, deployment, instance_status, wait_log_line};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn device_works_over_mutual_tls() {
@@ -46,19 +45,7 @@ async fn broker_with_a_certificate_from_another_ca_is_refused() {
     })
     .await
     .unwrap();
-    let log = sys.stack.config().log_dir().join("evp-hubd.log");
-    let line = wait_for(
-        "hubd to refuse the broker's certificate",
-        DEADLINE,
-        async || {
-            let text = std::fs::read_to_string(&log).ok()?;
-            text.lines()
-                .find(|l| l.contains("invalid peer certificate"))
-                .map(str::to_owned)
-        },
-    )
-    .await
-    .unwrap();
+    let line = wait_log_line(&sys, "evp-hubd", &["invalid peer certificate"]).await;
     assert!(line.contains("UnknownIssuer"), "{line}");
     let hub = evp_schemas::dbus::Hub1Proxy::new(&sys.conn).await.unwrap();
     assert_ne!(hub.connection().await.unwrap(), "connected");
