@@ -5,6 +5,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use evp_schemas::Protocol;
 use serde::Deserialize;
 
 /// Default minimum time between two status reports (EVP's `EVP_REPORT_STATUS_INTERVAL_MIN_SEC`
@@ -31,6 +32,8 @@ const EVP_MAX_INTERVAL_S: i64 = 86_400;
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HubSection {
+    /// The hub's dialect, `evp2` (the default) or `evp1`; `EVP_IOT_PLATFORM` wins.
+    pub protocol: Option<Protocol>,
     /// Broker host name or address; also the TLS server name.
     pub mqtt_host: Option<String>,
     /// Broker port.
@@ -179,6 +182,8 @@ pub struct Intervals {
 /// hubd's validated settings.
 #[derive(Clone, PartialEq, Eq)]
 pub struct HubConfig {
+    /// The hub's dialect.
+    pub protocol: Protocol,
     /// Broker host.
     pub mqtt_host: String,
     /// Broker port.
@@ -229,6 +234,7 @@ impl HubConfig {
 impl fmt::Debug for HubConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HubConfig")
+            .field("protocol", &self.protocol)
             .field("mqtt_host", &self.mqtt_host)
             .field("mqtt_port", &self.mqtt_port)
             .field("client_id", &self.client_id)
@@ -265,11 +271,6 @@ impl fmt::Debug for HubConfig {
 /// Why the settings cannot be used; found at start-up, before anything connects.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
-    /// `EVP_IOT_PLATFORM=EVP1`.
-    #[error(
-        "EVP_IOT_PLATFORM=EVP1: EVP1 is not supported by this build yet (unset it, or set TB, for EVP2)"
-    )]
-    Evp1NotSupported,
     /// A required setting is missing from both places.
     #[error(
         "no MQTT broker {what}: set `{key}` in the [hub] section of agent.toml or the environment variable {env}"
@@ -316,9 +317,10 @@ pub fn resolve(
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<HubConfig, ConfigError> {
     let env = |name: &str| env(name).filter(|v| !v.is_empty());
-    if env("EVP_IOT_PLATFORM").is_some_and(|p| p.trim().eq_ignore_ascii_case("EVP1")) {
-        return Err(ConfigError::Evp1NotSupported);
-    }
+    let protocol = env("EVP_IOT_PLATFORM")
+        .map(|p| Protocol::from_iot_platform(&p))
+        .or(section.protocol)
+        .unwrap_or_default();
     let proxy = resolve_proxy(&section, &env)?;
     let mqtt_host = env("EVP_MQTT_HOST")
         .or(section.mqtt_host)
@@ -490,6 +492,7 @@ pub fn resolve(
         .map(|b| Broker::parse("mqtt_failover_brokers", b))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(HubConfig {
+        protocol,
         mqtt_host,
         mqtt_port,
         client_id,
@@ -692,23 +695,31 @@ mod tests {
     }
 
     #[test]
-    fn evp1_is_refused_and_anything_else_is_evp2() {
+    fn the_protocol_comes_from_the_environment_then_agent_toml_and_defaults_to_evp2() {
         let base = [("EVP_MQTT_HOST", "h"), ("EVP_MQTT_PORT", "1")];
-        let e = resolve(
-            HubSection::default(),
-            env_of(&[base[0], base[1], ("EVP_IOT_PLATFORM", "evp1")]),
-        )
-        .unwrap_err();
-        assert_eq!(e, ConfigError::Evp1NotSupported);
-        assert!(
-            e.to_string()
-                .contains("EVP1 is not supported by this build yet")
+        let protocol = |toml: &str, platform: Option<&str>| {
+            let mut env = base.to_vec();
+            env.extend(platform.map(|p| ("EVP_IOT_PLATFORM", p)));
+            resolve(section(toml), env_of(&env)).map(|c| c.protocol)
+        };
+        assert_eq!(protocol("", None), Ok(Protocol::Evp2));
+        assert_eq!(
+            protocol("[hub]\nprotocol = \"evp1\"\n", None),
+            Ok(Protocol::Evp1)
         );
-        resolve(
-            HubSection::default(),
-            env_of(&[base[0], base[1], ("EVP_IOT_PLATFORM", "whatever")]),
-        )
-        .unwrap();
+        assert_eq!(protocol("", Some("evp1")), Ok(Protocol::Evp1));
+        assert_eq!(protocol("", Some(" EVP1 ")), Ok(Protocol::Evp1));
+        assert_eq!(
+            protocol("[hub]\nprotocol = \"evp1\"\n", Some("TB")),
+            Ok(Protocol::Evp2),
+            "EVP_IOT_PLATFORM wins, and anything but EVP1 is EVP2"
+        );
+        assert_eq!(protocol("", Some("whatever")), Ok(Protocol::Evp2));
+        let e = evp_daemon::AgentConfig::parse("[hub]\nprotocol = \"evp3\"\n")
+            .unwrap()
+            .section::<HubSection>("hub")
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("evp3"), "{e:#}");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use evp_schemas::codec::{DeviceConfig, IncomingDropped, Losses};
-use evp_schemas::evp2::{Evp2Codec, sizes, topics};
+use evp_schemas::evp2::{sizes, topics};
 use evp_schemas::{
     Deployment, DeploymentStatus, DesiredChange, DirectCommandResponse, HubCodec, RpcStatus,
 };
@@ -29,6 +29,7 @@ use crate::states::{States, StatesFile};
 use crate::storage::{TokenCache, Waiting};
 use crate::timing::ReportTimer;
 
+mod commands;
 mod dial;
 mod links;
 mod publishing;
@@ -193,7 +194,8 @@ fn qos(level: u8) -> QoS {
 /// The session loop's state.
 struct Core {
     cfg: HubConfig,
-    codec: Evp2Codec,
+    /// The hub's dialect (`[hub] protocol`).
+    codec: &'static dyn HubCodec,
     outbox: Outbox,
     store: DeviceConfigStore,
     hub_device_config: Option<DeviceConfig>,
@@ -237,6 +239,8 @@ struct Core {
     drain: watch::Sender<bool>,
     /// What the status report counts as lost.
     losses: Losses,
+    /// Attributes the hub sent that its dialect does not have, each logged once.
+    not_in_dialect: BTreeSet<String>,
 }
 
 /// Runs the MQTT session until `shutdown` completes, then disconnects cleanly.
@@ -327,8 +331,8 @@ pub async fn run_with_sdk(
     let system_info = report::system_info(cfg.device_id.as_deref());
     let states_file = StatesFile::new(&spool_dir);
     let mut core = Core {
+        codec: cfg.protocol.codec(),
         cfg,
-        codec: Evp2Codec,
         outbox,
         store,
         hub_device_config: device_config,
@@ -359,6 +363,7 @@ pub async fn run_with_sdk(
         responses: responses_tx,
         drain: drain_tx,
         losses: Losses::default(),
+        not_in_dialect: BTreeSet::new(),
     };
     core.losses
         .telemetry
@@ -547,8 +552,8 @@ impl Core {
             }
         } else if let Some(id) = topic.strip_prefix(topics::RPC_REQUEST_PREFIX) {
             self.on_rpc_request(id, payload, Instant::now());
-        } else if topic.starts_with(topics::RPC_RESPONSE_PREFIX) {
-            match evp_schemas::evp2::storage::decode_response(payload) {
+        } else if let Some(id) = topic.strip_prefix(topics::RPC_RESPONSE_PREFIX) {
+            match self.codec.decode_storage_token_response(id, payload) {
                 Some(answer) => self.on_token_answer(answer),
                 // Our own direct-command answers, echoed by a plain broker.
                 None => debug!("ignoring {topic} ({} bytes)", payload.len()),
@@ -623,6 +628,14 @@ impl Core {
                 );
             }
             DesiredChange::Invalid(e) => warn!("ignored part of an attribute update: {e}"),
+            DesiredChange::NotInDialect(key) => {
+                if self.not_in_dialect.insert(key.clone()) {
+                    warn!(
+                        "the hub sent {key}, which {} does not have: ignored (logged once)",
+                        self.codec.protocol_name()
+                    );
+                }
+            }
         }
     }
 
@@ -659,75 +672,6 @@ impl Core {
                     });
                 }
             }
-        }
-    }
-
-    /// A direct command on MQTT request `mqtt_id`.
-    fn on_rpc_request(&mut self, mqtt_id: &str, payload: &[u8], now: Instant) {
-        let cmd = match self.codec.decode_direct_command(payload) {
-            Ok(Some(cmd)) => cmd,
-            Ok(None) => {
-                debug!("ignoring RPC request {mqtt_id}: not a direct command (our own, echoed)");
-                return;
-            }
-            Err(e) => {
-                match e.reqid {
-                    Some(reqid) => {
-                        warn!("RPC request {mqtt_id}: {e}; answered with an error");
-                        self.respond("", mqtt_id, &rpc::error_response(reqid, e.to_string()));
-                    }
-                    None => warn!("RPC request {mqtt_id}: {e}; not answered (no reqid)"),
-                }
-                return;
-            }
-        };
-        if cmd.method.starts_with(rpc::AGENT_METHOD_PREFIX) {
-            debug!(
-                "direct command {} {} answered by hubd",
-                cmd.reqid, cmd.method
-            );
-            self.respond("", mqtt_id, &rpc::agent_method(&cmd));
-            return;
-        }
-        if let Err(e) = self.pending.insert(cmd.reqid, &cmd.instance, mqtt_id, now) {
-            warn!(
-                "direct command {} on request {mqtt_id} refused: {e}",
-                cmd.reqid
-            );
-            self.respond(
-                &cmd.instance,
-                mqtt_id,
-                &rpc::error_response(cmd.reqid, e.to_string()),
-            );
-            return;
-        }
-        let reqid = cmd.reqid;
-        debug!(
-            "direct command {reqid} {} for {} (request {mqtt_id})",
-            cmd.method, cmd.instance
-        );
-        let call = MethodCall {
-            instance: cmd.instance,
-            reqid,
-            method: cmd.method,
-            params: cmd.params,
-        };
-        if let Err(e) = self.calls.try_send(call) {
-            self.pending.take(reqid, now);
-            let (message, call) = match e {
-                mpsc::error::TrySendError::Full(c) => {
-                    ("too many direct commands are waiting for sdk-broker", c)
-                }
-                mpsc::error::TrySendError::Closed(c) => {
-                    ("sdk-broker is not reachable from hubd", c)
-                }
-            };
-            warn!("direct command {reqid}: {message}");
-            self.respond(
-                &call.instance,
-                mqtt_id,
-                &rpc::error_response(reqid, message),
-            );
         }
     }
 

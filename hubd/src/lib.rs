@@ -1,4 +1,4 @@
-//! evp-agent hubd: the only MQTT connection to the hub. It speaks EVP2-TB, hands the hub's
+//! evp-agent hubd: the only MQTT connection to the hub. It speaks EVP2-TB or EVP1, hands the hub's
 //! deployments to reconcilerd and its configurations to sdk-broker, reports reconcilerd's
 //! status back, and serves `org.evp.Hub1`.
 //!
@@ -33,9 +33,8 @@ pub mod tls;
 
 use anyhow::{Context, Result};
 use evp_daemon::{AgentConfig, DaemonArgs};
-use evp_schemas::HubCodec;
+use evp_schemas::Protocol;
 use evp_schemas::dbus::{HUB_NAME, HUB_PATH, HUB_TELEMETRY_NAME};
-use evp_schemas::evp2::Evp2Codec;
 use tracing::{error, info, warn};
 
 use crate::config::HubSection;
@@ -83,6 +82,11 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         .unwrap_or_default();
     let store = DeviceConfigStore::new(agent.data_subdir("hub")?);
     let device_config = match store.load() {
+        // EVP1 has no device configuration: one kept from an EVP2 hub does not apply.
+        Ok(Some(_)) if cfg.protocol == Protocol::Evp1 => {
+            info!("EVP1: the device configuration kept from an EVP2 hub is not used");
+            None
+        }
         Ok(c) => c,
         Err(e) => {
             warn!("{e}; starting without the hub's device configuration");
@@ -90,7 +94,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         }
     };
 
-    let codec = Evp2Codec;
+    let codec = cfg.protocol.codec();
     let (links, ends) = Links::new();
     let hub = bus::Hub1::new(
         codec.protocol_name(),

@@ -1,7 +1,7 @@
 //! Building the status report: system info, the settings in effect, and reconcilerd's
 //! deployment status with a refused deployment laid over it.
 
-use evp_schemas::codec::{Losses, SystemInfo};
+use evp_schemas::codec::{Losses, SystemInfo, Uname};
 use evp_schemas::text::shorten;
 use evp_schemas::{DeploymentStatus, HubCodec, ReconcileStatus, StatusReport};
 
@@ -9,13 +9,23 @@ use crate::device_config::AgentSettings;
 
 /// The device's description of itself, from `uname`, with its id.
 pub fn system_info(device_id: Option<&str>) -> SystemInfo {
-    let (os, arch) = match nix::sys::utsname::uname() {
+    let text = |s: &std::ffi::OsStr| s.to_string_lossy().into_owned();
+    let (os, arch, uname) = match nix::sys::utsname::uname() {
         Ok(u) => (
-            u.sysname().to_string_lossy().into_owned(),
-            u.machine().to_string_lossy().into_owned(),
+            text(u.sysname()),
+            text(u.machine()),
+            Uname {
+                nodename: text(u.nodename()),
+                release: text(u.release()),
+                version: text(u.version()),
+            },
         ),
         // uname(2) does not fail on Linux; the compile-time names are a fair fallback.
-        Err(_) => (std::env::consts::OS.into(), std::env::consts::ARCH.into()),
+        Err(_) => (
+            std::env::consts::OS.into(),
+            std::env::consts::ARCH.into(),
+            Uname::default(),
+        ),
     };
     SystemInfo {
         os,
@@ -23,6 +33,7 @@ pub fn system_info(device_id: Option<&str>) -> SystemInfo {
         agent_version: format!("v{}", env!("CARGO_PKG_VERSION")),
         commit_hash: option_env!("EVP_COMMIT_HASH").map(str::to_owned),
         device_id: device_id.map(str::to_owned),
+        uname,
     }
 }
 
@@ -79,7 +90,7 @@ const SHORT_ID: usize = 256;
 /// lists, its failure message saying why. Never nothing: the hub always learns the deployment
 /// id and its reconcile status. The second value says what was left out, for the log.
 pub fn fit(
-    codec: &impl HubCodec,
+    codec: &dyn HubCodec,
     report: &StatusReport,
     max_payload: usize,
 ) -> (String, Option<String>) {

@@ -176,11 +176,12 @@ pub fn error_response(reqid: u64, message: impl Into<String>) -> DirectCommandRe
 /// answer itself, or, when it is too big to send, an error answer saying so (the hub learns
 /// why instead of waiting for nothing). The second value is that reason, for the log.
 pub fn answer_payload(
-    codec: &impl HubCodec,
+    codec: &dyn HubCodec,
+    instance: &str,
     answer: &DirectCommandResponse,
     max_payload: usize,
 ) -> (Vec<u8>, Option<String>) {
-    let payload = codec.encode_direct_command_response(answer);
+    let payload = codec.encode_direct_command_response(instance, answer);
     if payload.len() <= max_payload {
         return (payload, None);
     }
@@ -189,7 +190,10 @@ pub fn answer_payload(
         payload.len()
     );
     let error = error_response(answer.reqid, why.clone());
-    (codec.encode_direct_command_response(&error), Some(why))
+    (
+        codec.encode_direct_command_response(instance, &error),
+        Some(why),
+    )
 }
 
 /// The agent's answer to one of its own `$agent/...` methods. `$agent/get` reports
@@ -336,14 +340,14 @@ mod tests {
             error_message: None,
             response: Some(response.into()),
         };
-        let (payload, why) = answer_payload(&Evp2Codec, &answer("{}"), 1000);
+        let (payload, why) = answer_payload(&Evp2Codec, "i", &answer("{}"), 1000);
         assert_eq!(
             payload,
-            Evp2Codec.encode_direct_command_response(&answer("{}"))
+            Evp2Codec.encode_direct_command_response("i", &answer("{}"))
         );
         assert_eq!(why, None);
         // 200 control characters are 1,200 bytes once escaped.
-        let (payload, why) = answer_payload(&Evp2Codec, &answer(&"\u{1}".repeat(200)), 1000);
+        let (payload, why) = answer_payload(&Evp2Codec, "i", &answer(&"\u{1}".repeat(200)), 1000);
         let v: Value = serde_json::from_slice(&payload).unwrap();
         let r = &v["direct-command-response"];
         assert_eq!(

@@ -33,7 +33,7 @@ impl TelemetryBatch for Vec<(String, String, String)> {
 /// value is not JSON, or that alone exceed `max_payload`, are dropped with a warning; returns
 /// how many were.
 pub fn encode_batch(
-    codec: &impl HubCodec,
+    codec: &dyn HubCodec,
     entries: &[TelemetryEntry<'_>],
     max_payload: usize,
     out: &mut Vec<(String, Vec<u8>)>,

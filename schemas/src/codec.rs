@@ -6,7 +6,59 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::deployment::{Deployment, ValidationError};
+use crate::evp2::storage::{StorageTokenRequest, StorageTokenResponse};
 use crate::status::DeploymentStatus;
+
+/// The hub dialects: agent.toml's `[hub] protocol`, or EVP's `EVP_IOT_PLATFORM`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// EVP2 over ThingsBoard (`EVP2-TB`), the default.
+    #[default]
+    Evp2,
+    /// EVP1, the older dialect on the same topics.
+    Evp1,
+}
+
+impl Protocol {
+    /// The dialect `EVP_IOT_PLATFORM` selects: `EVP1` (any case) is EVP1, any other value
+    /// EVP2 (EVP's rule since its default changed to EVP2).
+    pub fn from_iot_platform(value: &str) -> Protocol {
+        if value.trim().eq_ignore_ascii_case("EVP1") {
+            Protocol::Evp1
+        } else {
+            Protocol::Evp2
+        }
+    }
+
+    /// Its codec.
+    pub fn codec(self) -> &'static dyn HubCodec {
+        match self {
+            Protocol::Evp2 => &crate::evp2::Evp2Codec,
+            Protocol::Evp1 => &crate::evp1::Evp1Codec,
+        }
+    }
+
+    /// Its name in agent.toml and on `evp-devhub`'s command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Evp2 => "evp2",
+            Protocol::Evp1 => "evp1",
+        }
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Protocol, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "evp2" => Ok(Protocol::Evp2),
+            "evp1" => Ok(Protocol::Evp1),
+            _ => Err(format!("{s:?} is not a hub protocol (evp2 or evp1)")),
+        }
+    }
+}
 
 /// One thing the hub wants changed, decoded from an attribute update.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,6 +94,9 @@ pub enum DesiredChange {
     },
     /// Part of the update could not be used; the message says which part and why.
     Invalid(ValidationError),
+    /// An attribute this dialect does not have (EVP1's hubs send no `desiredDeviceConfig`):
+    /// ignored, as the dialect's agent ignores it. Holds the attribute's key.
+    NotInDialect(String),
 }
 
 /// The agent settings a hub may push (`desiredDeviceConfig`); `None` means "use the local
@@ -72,6 +127,19 @@ pub struct SystemInfo {
     pub commit_hash: Option<String>,
     /// The device's id (`Hub1.DeviceId`), when known.
     pub device_id: Option<String>,
+    /// `uname` nodename, release and version, which EVP1 reports (`systemInfo.utsname`).
+    pub uname: Uname,
+}
+
+/// The parts of `uname` beyond sysname and machine ([`SystemInfo::os`], [`SystemInfo::arch`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Uname {
+    /// The host name.
+    pub nodename: String,
+    /// The kernel release, e.g. `6.1.0-18-amd64`.
+    pub release: String,
+    /// The kernel version string, e.g. `#1 SMP PREEMPT_DYNAMIC Debian 6.1.76-1`.
+    pub version: String,
 }
 
 /// Everything a status report carries, before a dialect encodes it.
@@ -229,16 +297,37 @@ pub trait HubCodec: Send + Sync {
         states: &BTreeMap<(String, String), Vec<u8>>,
     ) -> serde_json::Value;
 
-    /// Decodes a server-side RPC request. `Ok(None)` is a request that is not a direct command
-    /// (such as the device's own storage-token request, echoed by a plain broker), which must
-    /// never be answered.
+    /// Decodes a server-side RPC request that came on `v1/devices/me/rpc/request/<mqtt_id>`
+    /// (EVP1's request id is `mqtt_id`; EVP2's is in the payload). `Ok(None)` is a request
+    /// that is not a direct command (such as the device's own storage-token request, echoed
+    /// by a plain broker), which must never be answered.
     fn decode_direct_command(
         &self,
+        mqtt_id: &str,
         payload: &[u8],
     ) -> Result<Option<DirectCommand>, DirectCommandError>;
 
-    /// Encodes the answer to a direct command.
-    fn encode_direct_command_response(&self, response: &DirectCommandResponse) -> Vec<u8>;
+    /// Encodes the answer of `instance` (empty when the agent answers for none) to a direct
+    /// command.
+    fn encode_direct_command_response(
+        &self,
+        instance: &str,
+        response: &DirectCommandResponse,
+    ) -> Vec<u8>;
+
+    /// Encodes the device's storage-token request, sent on
+    /// `v1/devices/me/rpc/request/<reqid>`.
+    fn encode_storage_token_request(&self, request: &StorageTokenRequest<'_>) -> Vec<u8>;
+
+    /// Decodes a payload from `v1/devices/me/rpc/response/<mqtt_id>`: `None` when it is not a
+    /// storage-token answer (the device's own direct-command answers, echoed by a plain
+    /// broker). The answer's `reqid` says which request it answers, whichever way the dialect
+    /// carries it.
+    fn decode_storage_token_response(
+        &self,
+        mqtt_id: &str,
+        payload: &[u8],
+    ) -> Option<Result<StorageTokenResponse, ValidationError>>;
 
     /// Appends `entry` to the telemetry payload being built in `payload` (empty: none yet).
     /// A value that is not JSON is refused and leaves `payload` as it was.

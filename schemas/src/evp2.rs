@@ -72,39 +72,11 @@ impl HubCodec for Evp2Codec {
     }
 
     fn decode_attribute_update(&self, payload: &[u8]) -> Vec<DesiredChange> {
-        match serde_json::from_slice::<Value>(payload) {
-            Ok(Value::Object(map)) => decode_attributes(&map),
-            Ok(_) => vec![DesiredChange::Invalid(ValidationError::new(
-                "attributes",
-                "is not a JSON object",
-            ))],
-            Err(e) => vec![DesiredChange::Invalid(ValidationError::new(
-                "attributes",
-                format!("is not JSON: {e}"),
-            ))],
-        }
+        decode_update_as(payload, &EVP2_ATTRIBUTES)
     }
 
     fn decode_attribute_response(&self, payload: &[u8]) -> Vec<DesiredChange> {
-        match serde_json::from_slice::<Value>(payload) {
-            Ok(Value::Object(map)) => match map.get("shared") {
-                Some(Value::Object(shared)) => decode_attributes(shared),
-                // No `shared` key: the hub has no shared attributes for this device.
-                None | Some(Value::Null) => Vec::new(),
-                Some(_) => vec![DesiredChange::Invalid(ValidationError::new(
-                    "shared",
-                    "is not a JSON object",
-                ))],
-            },
-            Ok(_) => vec![DesiredChange::Invalid(ValidationError::new(
-                "attributes response",
-                "is not a JSON object",
-            ))],
-            Err(e) => vec![DesiredChange::Invalid(ValidationError::new(
-                "attributes response",
-                format!("is not JSON: {e}"),
-            ))],
-        }
+        decode_get_answer_as(payload, &EVP2_ATTRIBUTES)
     }
 
     fn encode_status_report(&self, report: &StatusReport) -> Value {
@@ -176,13 +148,31 @@ impl HubCodec for Evp2Codec {
 
     fn decode_direct_command(
         &self,
+        _mqtt_id: &str,
         payload: &[u8],
     ) -> Result<Option<DirectCommand>, DirectCommandError> {
         decode_direct_command(payload)
     }
 
-    fn encode_direct_command_response(&self, response: &DirectCommandResponse) -> Vec<u8> {
+    fn encode_direct_command_response(
+        &self,
+        _instance: &str,
+        response: &DirectCommandResponse,
+    ) -> Vec<u8> {
         encode_direct_command_response(response)
+    }
+
+    fn encode_storage_token_request(&self, request: &storage::StorageTokenRequest<'_>) -> Vec<u8> {
+        request.encode()
+    }
+
+    fn decode_storage_token_response(
+        &self,
+        _mqtt_id: &str,
+        payload: &[u8],
+    ) -> Option<Result<storage::StorageTokenResponse, ValidationError>> {
+        // EVP2 matches the answer by its payload's `reqid`, whatever the topic's id.
+        storage::decode_response(payload)
     }
 
     fn push_telemetry_entry(
@@ -347,7 +337,7 @@ fn push_telemetry_entry(
     Ok(())
 }
 
-fn encode_deployment_status(status: &crate::status::DeploymentStatus) -> Value {
+pub(crate) fn encode_deployment_status(status: &crate::status::DeploymentStatus) -> Value {
     let instances: Map<String, Value> = status
         .instances
         .iter()
@@ -383,7 +373,76 @@ fn encode_deployment_status(status: &crate::status::DeploymentStatus) -> Value {
     out
 }
 
-fn decode_attributes(map: &Map<String, Value>) -> Vec<DesiredChange> {
+/// `payload` as a JSON object, or the one change saying why it is not (`what` names it).
+fn payload_object(payload: &[u8], what: &str) -> Result<Map<String, Value>, Vec<DesiredChange>> {
+    match serde_json::from_slice::<Value>(payload) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(vec![DesiredChange::Invalid(ValidationError::new(
+            what,
+            "is not a JSON object",
+        ))]),
+        Err(e) => Err(vec![DesiredChange::Invalid(ValidationError::new(
+            what,
+            format!("is not JSON: {e}"),
+        ))]),
+    }
+}
+
+/// Decodes an attribute update (a PATCH) under `rules`.
+pub(crate) fn decode_update_as(payload: &[u8], rules: &AttributeRules) -> Vec<DesiredChange> {
+    payload_object(payload, "attributes")
+        .map_or_else(|e| e, |map| decode_attributes_as(&map, rules))
+}
+
+/// Decodes the answer to the initial attribute request (its `shared` object) under `rules`.
+pub(crate) fn decode_get_answer_as(payload: &[u8], rules: &AttributeRules) -> Vec<DesiredChange> {
+    let map = match payload_object(payload, "attributes response") {
+        Ok(map) => map,
+        Err(e) => return e,
+    };
+    match map.get("shared") {
+        Some(Value::Object(shared)) => decode_attributes_as(shared, rules),
+        // No `shared` key: the hub has no shared attributes for this device.
+        None | Some(Value::Null) => Vec::new(),
+        Some(_) => vec![DesiredChange::Invalid(ValidationError::new(
+            "shared",
+            "is not a JSON object",
+        ))],
+    }
+}
+
+/// How a dialect reads the shared attributes whose names both dialects use.
+pub(crate) struct AttributeRules {
+    /// The `deployment` attribute's value (not null) as a change.
+    pub deployment: fn(&Value) -> DesiredChange,
+    /// A configuration's string as the bytes the module gets, or why it cannot be.
+    pub config_value: fn(&str) -> Result<Vec<u8>, String>,
+    /// Whether the dialect has `desiredDeviceConfig`.
+    pub device_config: bool,
+}
+
+/// EVP2's rules: the manifest is an object, configurations are raw text.
+const EVP2_ATTRIBUTES: AttributeRules = AttributeRules {
+    deployment: deployment_change,
+    config_value: |s| Ok(s.as_bytes().to_vec()),
+    device_config: true,
+};
+
+fn deployment_change(v: &Value) -> DesiredChange {
+    match decode_deployment(v) {
+        Ok(d) => DesiredChange::Deployment(d),
+        Err(error) => DesiredChange::RejectedDeployment {
+            deployment_id: v
+                .get("deploymentId")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            error,
+        },
+    }
+}
+
+/// Decodes a PATCH (or the `shared` object of the GET answer) under `rules`.
+fn decode_attributes_as(map: &Map<String, Value>, rules: &AttributeRules) -> Vec<DesiredChange> {
     let mut changes = Vec::new();
     let mut configs = Vec::new();
     let mut config_error = None;
@@ -391,17 +450,10 @@ fn decode_attributes(map: &Map<String, Value>) -> Vec<DesiredChange> {
         if key == "deployment" {
             changes.push(match value {
                 Value::Null => DesiredChange::DeploymentRemoved,
-                v => match decode_deployment(v) {
-                    Ok(d) => DesiredChange::Deployment(d),
-                    Err(error) => DesiredChange::RejectedDeployment {
-                        deployment_id: v
-                            .get("deploymentId")
-                            .and_then(Value::as_str)
-                            .map(str::to_owned),
-                        error,
-                    },
-                },
+                v => (rules.deployment)(v),
             });
+        } else if key == "desiredDeviceConfig" && !rules.device_config {
+            changes.push(DesiredChange::NotInDialect(key.clone()));
         } else if key == "desiredDeviceConfig" {
             changes.push(match decode_device_config(value) {
                 Ok(c) => DesiredChange::DeviceConfig(c),
@@ -412,13 +464,16 @@ fn decode_attributes(map: &Map<String, Value>) -> Vec<DesiredChange> {
                 (Some((instance, topic)), _) if let Err(e) = bus_safe(&instance, &topic) => {
                     changes.push(DesiredChange::Invalid(ValidationError::new(key.clone(), e)));
                 }
-                (Some((instance, topic)), Value::String(s)) => {
-                    configs.push(DesiredChange::Configuration {
+                (Some((instance, topic)), Value::String(s)) => match (rules.config_value)(s) {
+                    Ok(value) => configs.push(DesiredChange::Configuration {
                         instance,
                         topic,
-                        value: s.clone().into_bytes(),
-                    })
-                }
+                        value,
+                    }),
+                    Err(e) => {
+                        changes.push(DesiredChange::Invalid(ValidationError::new(key.clone(), e)))
+                    }
+                },
                 (None, _) => {
                     changes.push(DesiredChange::Invalid(ValidationError::new(
                         key.clone(),
@@ -486,12 +541,15 @@ fn split_instance_topic(rest: &str) -> Option<(String, String)> {
     Some((instance.to_owned(), topic.to_owned()))
 }
 
-fn object<'a>(v: &'a Value, path: &str) -> Result<&'a Map<String, Value>, ValidationError> {
+pub(crate) fn object<'a>(
+    v: &'a Value,
+    path: &str,
+) -> Result<&'a Map<String, Value>, ValidationError> {
     v.as_object()
         .ok_or_else(|| ValidationError::new(path, format!("must be an object, found {}", kind(v))))
 }
 
-fn required<'a>(
+pub(crate) fn required<'a>(
     map: &'a Map<String, Value>,
     key: &str,
     path: &str,
@@ -500,7 +558,7 @@ fn required<'a>(
         .ok_or_else(|| ValidationError::new(format!("{path}.{key}"), "is required"))
 }
 
-fn string(v: &Value, path: &str) -> Result<String, ValidationError> {
+pub(crate) fn string(v: &Value, path: &str) -> Result<String, ValidationError> {
     v.as_str()
         .map(str::to_owned)
         .ok_or_else(|| ValidationError::new(path, format!("must be a string, found {}", kind(v))))
@@ -513,7 +571,7 @@ fn string_map(v: &Value, path: &str) -> Result<BTreeMap<String, String>, Validat
         .collect()
 }
 
-fn kind(v: &Value) -> &'static str {
+pub(crate) fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -860,6 +918,7 @@ mod tests {
                 agent_version: "v0.1.0".into(),
                 commit_hash: None,
                 device_id: None,
+                uname: Default::default(),
             },
             interval_min_s: 3,
             interval_max_s: 180,
@@ -898,6 +957,7 @@ mod tests {
                 agent_version: "v0.1.0".into(),
                 commit_hash: Some("abc".into()),
                 device_id: Some("d-1".into()),
+                uname: Default::default(),
             },
             interval_min_s: 3,
             interval_max_s: 180,
@@ -946,7 +1006,7 @@ mod tests {
     #[test]
     fn direct_command_request_is_decoded() {
         let c = Evp2Codec
-            .decode_direct_command(&command("10042", json!("{\"text\":\"hi\"}")))
+            .decode_direct_command("1", &command("10042", json!("{\"text\":\"hi\"}")))
             .unwrap()
             .unwrap();
         assert_eq!(
@@ -958,14 +1018,14 @@ mod tests {
                 params: "{\"text\":\"hi\"}".into(),
             }
         );
-        let zero = Evp2Codec.decode_direct_command(&command("0", json!("")));
+        let zero = Evp2Codec.decode_direct_command("1", &command("0", json!("")));
         assert_eq!(zero.unwrap().unwrap().reqid, 0, "reqid 0 is valid");
     }
 
     #[test]
     fn direct_command_with_object_params_is_refused_with_its_reqid() {
         let e = Evp2Codec
-            .decode_direct_command(&command("7", json!({"text": "hi"})))
+            .decode_direct_command("1", &command("7", json!({"text": "hi"})))
             .unwrap_err();
         assert_eq!(e.reqid, Some(7));
         assert_eq!(e.error.path, "params.direct-command-request.params");
@@ -978,13 +1038,13 @@ mod tests {
     #[test]
     fn a_nul_in_a_direct_command_is_refused_with_its_reqid_and_field() {
         let e = Evp2Codec
-            .decode_direct_command(&command("8", json!("a\0b")))
+            .decode_direct_command("1", &command("8", json!("a\0b")))
             .unwrap_err();
         assert_eq!(e.reqid, Some(8));
         assert_eq!(e.error.path, "params.direct-command-request.params");
         assert!(e.to_string().contains("NUL"), "{e}");
         let p = br#"{"method":"evp-c2d","params":{"direct-command-request":{"reqid":"9","method":"e\u0000","instance":"i","params":"{}"}}}"#;
-        let e = Evp2Codec.decode_direct_command(p).unwrap_err();
+        let e = Evp2Codec.decode_direct_command("1", p).unwrap_err();
         assert_eq!(e.error.path, "params.direct-command-request.method");
     }
 
@@ -1014,21 +1074,21 @@ mod tests {
             let p = json!({"params": {"direct-command-request": {
                 "reqid": bad, "method": "m", "instance": "i", "params": "{}"}}});
             let e = Evp2Codec
-                .decode_direct_command(p.to_string().as_bytes())
+                .decode_direct_command("1", p.to_string().as_bytes())
                 .unwrap_err();
             assert_eq!(e.reqid, None, "{e}");
         }
         let p = json!({"params": {"direct-command-request": {
             "reqid": 5, "method": "m", "instance": "i", "params": "{}"}}});
         let e = Evp2Codec
-            .decode_direct_command(p.to_string().as_bytes())
+            .decode_direct_command("1", p.to_string().as_bytes())
             .unwrap_err();
         assert_eq!(e.reqid, Some(5), "a numeric reqid is refused but answered");
-        assert!(Evp2Codec.decode_direct_command(b"not json").is_err());
-        assert!(Evp2Codec.decode_direct_command(b"[]").is_err());
+        assert!(Evp2Codec.decode_direct_command("1", b"not json").is_err());
+        assert!(Evp2Codec.decode_direct_command("1", b"[]").is_err());
         assert!(
             Evp2Codec
-                .decode_direct_command(br#"{"method":"x"}"#)
+                .decode_direct_command("1", br#"{"method":"x"}"#)
                 .is_err()
         );
     }
@@ -1036,13 +1096,13 @@ mod tests {
     #[test]
     fn own_storage_token_request_is_not_a_command() {
         let p = br#"{"method":"evp-d2c","params":{"storagetoken-request":{"reqid":"10077","filename":"f","moduleInstanceId":"u","key":"default"}}}"#;
-        assert_eq!(Evp2Codec.decode_direct_command(p), Ok(None));
+        assert_eq!(Evp2Codec.decode_direct_command("1", p), Ok(None));
     }
 
     #[test]
     fn direct_command_responses_have_evp2_shape() {
         let parse = |r: &DirectCommandResponse| -> Value {
-            serde_json::from_slice(&Evp2Codec.encode_direct_command_response(r)).unwrap()
+            serde_json::from_slice(&Evp2Codec.encode_direct_command_response("rpc-1", r)).unwrap()
         };
         let ok = DirectCommandResponse {
             reqid: 10042,

@@ -2,7 +2,7 @@
 //!
 //! - [`deployment`]: the canonical desired deployment and its validation.
 //! - [`status`]: the canonical deployment status that reconcilerd publishes.
-//! - [`codec`] and [`evp2`]: the hub's wire dialects, behind one trait.
+//! - [`codec`], [`evp2`] and [`evp1`]: the hub's wire dialects, behind one trait.
 //! - [`text`]: bounding quoted input in messages.
 //! - [`instance`]: the `StartInstance` options and the SDK's environment variable names.
 //! - [`dbus`]: names, errors and proxies of the D-Bus interfaces; their
@@ -20,7 +20,11 @@ pub mod codec;
 pub mod dbus;
 pub mod deployment;
 #[cfg(feature = "hub")]
+pub mod evp1;
+#[cfg(feature = "hub")]
 pub mod evp2;
+#[cfg(all(test, feature = "hub"))]
+mod golden;
 pub mod instance;
 pub mod routing;
 pub mod sdk;
@@ -29,8 +33,8 @@ pub mod text;
 
 #[cfg(feature = "hub")]
 pub use codec::{
-    DesiredChange, DirectCommand, DirectCommandResponse, HubCodec, RpcStatus, StatusReport,
-    TelemetryEntry,
+    DesiredChange, DirectCommand, DirectCommandResponse, HubCodec, Protocol, RpcStatus,
+    StatusReport, TelemetryEntry,
 };
 pub use deployment::{
     ContainerOptions, Deployment, InstanceSpec, Module, ModuleImpl, RestartPolicy, ValidationError,

@@ -3,8 +3,8 @@
 
 use std::time::Instant;
 
+use evp_schemas::DirectCommandResponse;
 use evp_schemas::evp2::{sizes, topics};
-use evp_schemas::{DirectCommandResponse, HubCodec};
 use rumqttc::QoS;
 use tracing::{debug, error, warn};
 
@@ -20,8 +20,12 @@ impl Core {
     /// which sends it at QoS 1 now, or once the hub is back.
     pub(super) fn respond(&self, instance: &str, mqtt_id: &str, answer: &DirectCommandResponse) {
         let topic = format!("{}{mqtt_id}", topics::RPC_RESPONSE_PREFIX);
-        let (payload, too_big) =
-            rpc::answer_payload(&self.codec, answer, sizes::max_payload(topic.len()));
+        let (payload, too_big) = rpc::answer_payload(
+            self.codec,
+            instance,
+            answer,
+            sizes::max_payload(topic.len()),
+        );
         if let Some(why) = too_big {
             warn!(
                 "direct command {} answered with an error: {why}",
@@ -67,7 +71,7 @@ impl Core {
             self.rejection.as_ref(),
             &self.losses,
         );
-        let (payload, shrunk) = report::fit(&self.codec, &report, sizes::MAX_ATTRIBUTES_PAYLOAD);
+        let (payload, shrunk) = report::fit(self.codec, &report, sizes::MAX_ATTRIBUTES_PAYLOAD);
         self.report_wake = match self.timer.decide(now, &payload, self.settings.intervals) {
             ReportDecision::SendNow => {
                 if let Some(why) = shrunk {

@@ -1,6 +1,6 @@
 //! The session's half of storage tokens: a request from `Hub1.RequestStorageToken` is sent to
 //! the hub (or, offline, answered from the kept `multifile` answers), the hub's answer is
-//! matched by its `reqid`, and a request that waited [`storage::TOKEN_TIMEOUT`] fails.
+//! matched by its `reqid` (the dialect's: EVP2's payload, EVP1's topic id), and a request that waited [`storage::TOKEN_TIMEOUT`] fails.
 
 use std::time::Instant;
 
@@ -26,14 +26,15 @@ impl Core {
             return;
         }
         let reqid = self.tokens.next_id();
-        let payload = StorageTokenRequest {
-            reqid,
-            filename: &request.remote_name,
-            instance: &request.instance,
-            // EVP leaves `key` out for the default storage (a NULL storage_name).
-            key: Some(request.storage_name.as_str()).filter(|k| !k.is_empty()),
-        }
-        .encode();
+        let payload = self
+            .codec
+            .encode_storage_token_request(&StorageTokenRequest {
+                reqid,
+                filename: &request.remote_name,
+                instance: &request.instance,
+                // EVP leaves `key` out for the default storage (a NULL storage_name).
+                key: Some(request.storage_name.as_str()).filter(|k| !k.is_empty()),
+            });
         let topic = format!("{}{reqid}", topics::RPC_REQUEST_PREFIX);
         match self.publish(&topic, QoS::AtLeastOnce, payload) {
             Published::Queued => {

@@ -73,6 +73,7 @@ pub struct SpoolOutputs {
 
 /// Runs the spooler until `inputs.stop` is set or every input closed.
 pub async fn run(mut spool: Spool, outbox: Outbox, mut inputs: SpoolInputs, outputs: SpoolOutputs) {
+    // Telemetry is the same in both dialects (docs/hub-protocol.md §15).
     let codec = Evp2Codec;
     let mut held: Option<(u64, Record)> = None;
     let mut retry_at: Option<Instant> = None;

@@ -132,7 +132,7 @@ mod tests {
             };
             assert_eq!(
                 rpc_response_len(12345, status, "\u{1}x\""),
-                codec.encode_direct_command_response(&r).len()
+                codec.encode_direct_command_response("i", &r).len()
             );
         }
     }
