@@ -45,8 +45,31 @@ impl Mosquitto {
     /// Starts mosquitto in `dir` (its config and log go there): a plain listener, and a second
     /// one that requires client certificates when `tls` is given.
     pub fn start(dir: &Path, tls: Option<&TlsFiles>) -> Result<Mosquitto> {
+        Self::start_with(dir, crate::free_port()?, tls, "")
+    }
+
+    /// A node of a broker cluster, as a hub behind several addresses has: a plain listener on
+    /// `port`, bridged both ways for every topic to the mosquitto on 127.0.0.1:`core` (where
+    /// the hub listens) as the connection `name`, so a device on any node reaches the hub. Its
+    /// files go in `dir`, which must not hold another mosquitto's.
+    pub fn start_node(dir: &Path, port: u16, core: u16, name: &str) -> Result<Mosquitto> {
+        // QoS 1 both ways, as the device's reports and the hub's changes are sent; a short
+        // restart_timeout so that a node brought back rejoins within a second; the client id
+        // names the state topic on the core (`$SYS/broker/connection/<client id>/state`).
+        let bridge = format!(
+            "connection {name}\naddress 127.0.0.1:{core}\nremote_clientid {name}\n\
+             topic # both 1\ncleansession true\nrestart_timeout 1\n"
+        );
+        Self::start_with(dir, port, None, &bridge)
+    }
+
+    fn start_with(
+        dir: &Path,
+        port: u16,
+        tls: Option<&TlsFiles>,
+        extra_conf: &str,
+    ) -> Result<Mosquitto> {
         let binary = binary()?;
-        let port = crate::free_port()?;
         // No bound on the messages queued for a slow subscriber (mosquitto drops beyond 1000
         // by default): a draining spool outruns the hub driver, and a test must see it all.
         let mut conf = format!(
@@ -70,6 +93,8 @@ impl Mosquitto {
                 Some(tls_port)
             }
         };
+        // Last: a bridge section takes every line after it.
+        conf.push_str(extra_conf);
         let conf_path = dir.join("mosquitto.conf");
         std::fs::write(&conf_path, conf)?;
         let log = dir.join("mosquitto.log");
@@ -136,6 +161,39 @@ impl Mosquitto {
         }
         Ok(())
     }
+}
+
+/// Waits until the bridge `name` of a [`Mosquitto::start_node`] is connected to the mosquitto
+/// on 127.0.0.1:`core`, as that one tells in its retained `$SYS/broker/connection/<name>/state`
+/// (`1` up, `0` down).
+pub async fn wait_bridge_up(core: u16, name: &str) -> Result<()> {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let topic = format!("$SYS/broker/connection/{name}/state");
+    let (client, mut eventloop) = AsyncClient::new(
+        MqttOptions::new(format!("bridge-watch-{name}"), "127.0.0.1", core),
+        8,
+    );
+    client.subscribe(&topic, QoS::AtMostOnce).await?;
+    let up = tokio::time::timeout(crate::DEADLINE, async {
+        loop {
+            match eventloop.poll().await? {
+                Event::Incoming(Packet::Publish(p))
+                    if p.topic == topic && p.payload[..] == b"1"[..] =>
+                {
+                    return anyhow::Ok(());
+                }
+                _ => {}
+            }
+        }
+    })
+    .await;
+    let _ = client.disconnect().await;
+    up.with_context(|| {
+        format!(
+            "the bridge {name} did not connect within {:?}",
+            crate::DEADLINE
+        )
+    })?
 }
 
 impl Drop for Mosquitto {

@@ -1,12 +1,14 @@
-//! The device's way to the hub through an HTTP CONNECT proxy (`EVP_MQTT_PROXY_*`): the tests'
+//! The device's way to the hub. Through an HTTP CONNECT proxy (`EVP_MQTT_PROXY_*`): the tests'
 //! proxy on loopback checks Basic auth and tunnels to mosquitto's mutual-TLS listener, so the
 //! TLS handshake (verified against the broker's name) runs inside the tunnel; the proxy is cut
-//! and restored, and a wrong password is refused with a clear error.
+//! and restored, and a wrong password is refused with a clear error. To a broker cluster
+//! (`mqtt_failover_brokers`): two mosquitto nodes bridged to the hub's, one killed at a time.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
 use evp_schemas::dbus::SdkBroker1Proxy;
+use evp_system_tests::mosquitto::{Mosquitto, wait_bridge_up};
 use evp_system_tests::system::{
     Options, System, deploy_and_wait, deployment_of, hub1, wait_connection, wait_log_line,
 };
@@ -154,5 +156,96 @@ async fn tls_inside_the_tunnel_still_verifies_the_broker() {
         0,
         "a report reached an unverified broker"
     );
+    sys.stop().await;
+}
+
+/// A cluster of two mosquitto nodes, each bridged to the System's mosquitto where the hub
+/// listens; the device is given node 1 as `mqtt_host` and node 2 in `mqtt_failover_brokers`.
+struct Cluster {
+    nodes: [Mosquitto; 2],
+    core: u16,
+}
+
+const NODE_NAMES: [&str; 2] = ["node1", "node2"];
+
+impl Cluster {
+    async fn start(sys: &System, ports: [u16; 2], up: usize) -> Mosquitto {
+        let dir = sys.dir.path().join(NODE_NAMES[up]);
+        std::fs::create_dir_all(&dir).unwrap();
+        let node =
+            Mosquitto::start_node(&dir, ports[up], sys.mosquitto.port, NODE_NAMES[up]).unwrap();
+        wait_bridge_up(sys.mosquitto.port, NODE_NAMES[up])
+            .await
+            .unwrap();
+        node
+    }
+
+    /// Restarts node `i` and waits until it is bridged again.
+    async fn restart(&mut self, i: usize) {
+        self.nodes[i].restart().unwrap();
+        wait_bridge_up(self.core, NODE_NAMES[i]).await.unwrap();
+    }
+}
+
+/// Waits until hubd says it connected to `port`, after `after` such lines.
+async fn wait_connected_to(sys: &System, port: u16, after: usize) -> usize {
+    let log = sys.stack.config().log_dir().join("evp-hubd.log");
+    let want = format!("connected to the MQTT broker 127.0.0.1:{port}");
+    wait_for(
+        &format!("hubd to connect to {port}"),
+        DEADLINE,
+        async || {
+            let text = std::fs::read_to_string(&log).ok()?;
+            let count = text.lines().filter(|l| l.contains(&want)).count();
+            (count > after).then_some(count)
+        },
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_fails_over_to_the_next_broker_and_back_and_keeps_working() {
+    let ports = [
+        evp_system_tests::free_port().unwrap(),
+        evp_system_tests::free_port().unwrap(),
+    ];
+    let sys = System::start_with(Options {
+        env: vec![("EVP_MQTT_PORT".into(), ports[0].to_string())],
+        extra_toml: format!(
+            "[hub]\nmqtt_failover_brokers = [\"127.0.0.1:{}\"]\n",
+            ports[1]
+        ),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let hub = hub1(&sys).await;
+    // Node 1 first, so that the device is on it when node 2 comes.
+    let first = Cluster::start(&sys, ports, 0).await;
+    wait_connection(&hub, true, DEADLINE).await;
+    let second = Cluster::start(&sys, ports, 1).await;
+    let mut cluster = Cluster {
+        nodes: [first, second],
+        core: sys.mosquitto.port,
+    };
+    let on_first = wait_connected_to(&sys, ports[0], 0).await;
+    let module = ("one", "evp-test-ticker");
+    deploy_and_wait(&sys, &deployment_of("dep-node1", &[module])).await;
+
+    // Node 1 goes away: the device moves to node 2, where reports and deployments flow.
+    cluster.nodes[0].stop();
+    let on_second = wait_connected_to(&sys, ports[1], 0).await;
+    let reports = sys.hub.status_count();
+    deploy_and_wait(&sys, &deployment_of("dep-node2", &[module])).await;
+    assert!(sys.hub.status_count() > reports);
+
+    // Node 1 back, node 2 away: the device moves back to node 1.
+    cluster.restart(0).await;
+    cluster.nodes[1].stop();
+    wait_connected_to(&sys, ports[0], on_first).await;
+    deploy_and_wait(&sys, &deployment_of("dep-node1-again", &[module])).await;
+    assert_eq!(on_second, 1, "connected to node 2 once");
+    assert_eq!(hub.connection().await.unwrap(), "connected");
     sys.stop().await;
 }
