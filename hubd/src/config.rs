@@ -81,6 +81,30 @@ pub struct HubSection {
     /// More brokers of the same hub, `"host:port"` each, tried in turn after
     /// `mqtt_host`:`mqtt_port` when it cannot be reached.
     pub mqtt_failover_brokers: Option<Vec<String>>,
+    /// ThingsBoard device provisioning key (of the device profile): with the secret, a device
+    /// without credentials registers itself.
+    pub provision_device_key: Option<String>,
+    /// ThingsBoard device provisioning secret.
+    pub provision_device_secret: Option<String>,
+}
+
+/// A ThingsBoard device profile's provisioning key and secret; the secret never shows in
+/// `Debug`, so it is never logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProvisionKey {
+    /// `provisionDeviceKey`.
+    pub key: String,
+    /// `provisionDeviceSecret`.
+    pub secret: String,
+}
+
+impl fmt::Debug for ProvisionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProvisionKey")
+            .field("key", &self.key)
+            .field("secret", &"[redacted]")
+            .finish()
+    }
 }
 
 /// TLS material to use for MQTT.
@@ -216,6 +240,8 @@ pub struct HubConfig {
     pub proxy: Option<MqttProxy>,
     /// Brokers tried in turn after `mqtt_host`:`mqtt_port`.
     pub failover_brokers: Vec<Broker>,
+    /// Device provisioning, used only while the device has no credentials.
+    pub provision: Option<ProvisionKey>,
 }
 
 impl HubConfig {
@@ -264,6 +290,7 @@ impl fmt::Debug for HubConfig {
                     .map(Broker::to_string)
                     .collect::<Vec<_>>(),
             )
+            .field("provision", &self.provision)
             .finish()
     }
 }
@@ -491,6 +518,19 @@ pub fn resolve(
         .flatten()
         .map(|b| Broker::parse("mqtt_failover_brokers", b))
         .collect::<Result<Vec<_>, _>>()?;
+    const KEY: &str = "provision_device_key (EVP_PROVISION_DEVICE_KEY)";
+    const SECRET: &str = "provision_device_secret (EVP_PROVISION_DEVICE_SECRET)";
+    let provision = match (
+        env("EVP_PROVISION_DEVICE_KEY").or(section.provision_device_key),
+        env("EVP_PROVISION_DEVICE_SECRET").or(section.provision_device_secret),
+    ) {
+        (None, None) => None,
+        (Some(key), _) if key.is_empty() => return Err(invalid(KEY, "is empty")),
+        (_, Some(secret)) if secret.is_empty() => return Err(invalid(SECRET, "is empty")),
+        (Some(key), Some(secret)) => Some(ProvisionKey { key, secret }),
+        (Some(_), None) => return Err(invalid(KEY, format!("is set without {SECRET}"))),
+        (None, Some(_)) => return Err(invalid(SECRET, format!("is set without {KEY}"))),
+    };
     Ok(HubConfig {
         protocol,
         mqtt_host,
@@ -509,6 +549,7 @@ pub fn resolve(
         spool,
         proxy,
         failover_brokers,
+        provision,
     })
 }
 
@@ -659,6 +700,47 @@ mod tests {
             )
             .contains("secret")
         );
+    }
+
+    #[test]
+    fn a_provisioning_key_needs_its_secret_and_the_secret_is_never_shown() {
+        let base = "[hub]\nmqtt_host=\"h\"\nmqtt_port=1\n";
+        let c = resolve(
+            section(&format!(
+                "{base}provision_device_key=\"k\"\nprovision_device_secret=\"toml-secret\"\n"
+            )),
+            env_of(&[("EVP_PROVISION_DEVICE_SECRET", "env-secret")]),
+        )
+        .unwrap();
+        let key = c.provision.clone().unwrap();
+        assert_eq!((key.key.as_str(), key.secret.as_str()), ("k", "env-secret"));
+        let shown = format!("{c:?}");
+        assert!(
+            shown.contains("\"k\"") && !shown.contains("secret\""),
+            "{shown}"
+        );
+        assert_eq!(resolve(section(base), env_of(&[])).unwrap().provision, None);
+        for (extra, env, named) in [
+            (
+                "provision_device_key=\"k\"\n",
+                vec![],
+                "provision_device_key",
+            ),
+            (
+                "",
+                vec![("EVP_PROVISION_DEVICE_SECRET", "s")],
+                "provision_device_secret",
+            ),
+            (
+                "provision_device_key=\"\"\nprovision_device_secret=\"s\"\n",
+                vec![],
+                "provision_device_key",
+            ),
+        ] {
+            let e = resolve(section(&format!("{base}{extra}")), env_of(&env)).unwrap_err();
+            assert!(e.to_string().starts_with(named), "{e}");
+            assert!(!e.to_string().contains("\"s\""), "{e}");
+        }
     }
 
     #[test]

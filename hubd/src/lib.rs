@@ -11,6 +11,7 @@
 //! - [`spool`] and [`outbox`]: what must reach the hub, kept on disk until acknowledged, and
 //!   the publishes paired with their PUBACKs.
 //! - [`storage`]: storage tokens for modules' EVP_EXT uploads, and those kept for offline use.
+//! - [`provision`]: ThingsBoard device provisioning, for a device without credentials.
 //! - [`core`]: the MQTT session loop, independent of D-Bus.
 //! - [`bus`]: `org.evp.Hub1` and the D-Bus links to reconcilerd and sdk-broker.
 
@@ -21,6 +22,7 @@ pub mod device_config;
 pub mod failover;
 pub mod identity;
 pub mod outbox;
+pub mod provision;
 pub mod report;
 pub mod rpc;
 pub mod session;
@@ -48,11 +50,14 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     let agent = AgentConfig::load(&args)?;
     let section: HubSection = agent.section("hub")?;
     let mut cfg = config::resolve(section, evp_daemon::env_nonempty)?;
+    let hub_dir = agent.data_subdir("hub")?;
     // The permanent id stands in for what is not configured (a TLS CN still wins for MQTT).
-    let permanent = identity::load_or_create(&agent.data_subdir("hub")?)?;
+    let permanent = identity::load_or_create(&hub_dir)?;
     cfg.device_id.get_or_insert_with(|| permanent.clone());
     cfg.client_id.get_or_insert(permanent);
     info!(?cfg, "hub settings");
+    let plan = provision::plan(&cfg, provision::store::load(&hub_dir)?);
+    log_plan(&cfg, &plan);
     let tls = match &cfg.tls {
         Some(files) => {
             if cfg.tls_insecure_skip_verify {
@@ -74,12 +79,8 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
             None
         }
     };
-    let options = core::mqtt_options(&cfg, tls.as_ref());
-    let device_id = cfg
-        .device_id
-        .clone()
-        .or_else(|| Some(options.client_id()).filter(|id| !id.is_empty()))
-        .unwrap_or_default();
+    // Always set: the permanent id stands in for a configured one.
+    let device_id = cfg.device_id.clone().unwrap_or_default();
     let store = DeviceConfigStore::new(agent.data_subdir("hub")?);
     let device_config = match store.load() {
         // EVP1 has no device configuration: one kept from an EVP2 hub does not apply.
@@ -98,7 +99,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     let (links, ends) = Links::new();
     let hub = bus::Hub1::new(
         codec.protocol_name(),
-        device_id,
+        device_id.clone(),
         bus::Hub1Links {
             connection: ends.connection.clone(),
             storage_tokens: ends.storage_tokens,
@@ -153,7 +154,43 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
             error!("{e:#}; stopping");
         }
     };
+    tokio::pin!(shutdown);
+    match plan {
+        provision::Plan::AsConfigured => {}
+        provision::Plan::Stored(credentials) => credentials.apply(&mut cfg),
+        provision::Plan::Provision(key) => {
+            let obtained = provision::session::obtain(
+                &cfg,
+                tls.as_ref(),
+                &key,
+                &device_id,
+                &hub_dir,
+                &links.connection,
+            );
+            tokio::select! {
+                credentials = obtained => credentials.apply(&mut cfg),
+                _ = &mut shutdown => {
+                    info!("stopped while provisioning");
+                    return Ok(());
+                }
+            }
+        }
+    }
+    let options = core::mqtt_options(&cfg, tls.as_ref());
     core::run_with_sdk(cfg, options, store, device_config, links, sdk, shutdown).await?;
     info!("stopped");
     Ok(())
+}
+
+/// Says where the MQTT credentials come from (never what they are).
+fn log_plan(cfg: &config::HubConfig, plan: &provision::Plan) {
+    let stored = provision::store::FILE;
+    match plan {
+        provision::Plan::AsConfigured if cfg.provision.is_some() => {
+            info!("credentials are configured: provision_device_key is not used (nor any {stored})")
+        }
+        provision::Plan::AsConfigured => {}
+        provision::Plan::Stored(c) => info!("connecting with the {c:?} credentials of {stored}"),
+        provision::Plan::Provision(_) => {}
+    }
 }

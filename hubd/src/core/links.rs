@@ -42,6 +42,10 @@ pub enum ConnectionState {
     Connecting,
     /// Not connected; waiting before the next attempt, or stopped.
     Disconnected,
+    /// Registering the device with the hub's device provisioning (it has no credentials yet).
+    Provisioning,
+    /// The hub refused to provision the device (the reason is in the log); retried later.
+    ProvisioningRefused,
 }
 
 impl ConnectionState {
@@ -51,6 +55,8 @@ impl ConnectionState {
             ConnectionState::Connected => "connected",
             ConnectionState::Connecting => "connecting",
             ConnectionState::Disconnected => "disconnected",
+            ConnectionState::Provisioning => "provisioning",
+            ConnectionState::ProvisioningRefused => "provisioning-refused",
         }
     }
 }
