@@ -13,8 +13,10 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 mod connection;
+mod provision;
 mod storage;
 use connection::{publish_tracked, run_events, run_outbox};
+pub use provision::{ProvisionProfile, ProvisionSeen};
 pub use storage::StorageAnswer;
 
 /// The device's attribute requests, any id (the agent's initial GET uses 10000).
@@ -110,6 +112,9 @@ pub enum DeviceReport {
     /// A storage-token request (the object under `storagetoken-request`), answered as
     /// [`HubSide::set_storage`] says (not at all by default).
     StorageTokenRequest(Value),
+    /// A device provisioning request, answered as [`HubSide::set_provisioning`] says (not at
+    /// all by default).
+    ProvisionRequest(ProvisionSeen),
     /// An answer to a direct command, on `v1/devices/me/rpc/response/<mqtt_id>`.
     CommandResponse {
         /// The id of the request topic it answers.
@@ -271,6 +276,12 @@ struct Shared {
     closing: AtomicBool,
     /// How storage-token requests are answered; `None`: they are not.
     storage: Mutex<Option<StorageAnswer>>,
+    /// The provisioning key and secret accepted; `None`: requests are not answered.
+    provisioning: Mutex<Option<ProvisionProfile>>,
+    /// Tokens granted by provisioning: device name → token.
+    provisioned: Mutex<std::collections::BTreeMap<String, String>>,
+    /// Every provisioning request answered, in order.
+    provision_requests: Mutex<Vec<ProvisionSeen>>,
     /// Waiters of publishes requested but not yet sent, in request order.
     unsent: Mutex<VecDeque<AckWaiter>>,
     /// Waiters of publishes sent, by packet id.
@@ -334,6 +345,9 @@ impl HubSide {
             last_error: Mutex::new("no answer yet".into()),
             closing: AtomicBool::new(false),
             storage: Mutex::default(),
+            provisioning: Mutex::default(),
+            provisioned: Mutex::default(),
+            provision_requests: Mutex::default(),
             unsent: Mutex::default(),
             unacked: Mutex::default(),
             publish_order: tokio::sync::Mutex::new(()),
@@ -453,6 +467,23 @@ impl HubSide {
     /// leaves them unanswered, so the device's wait times out).
     pub fn set_storage(&self, answer: Option<StorageAnswer>) {
         *lock(&self.shared.storage) = answer;
+    }
+
+    /// Answers device provisioning requests: a token for `profile`'s key and secret, a
+    /// `FAILURE` for any other; `None` (the default) answers none. Only a hub side that
+    /// answers requests ([`HubSideOptions::answer_requests`]) hears them.
+    pub fn set_provisioning(&self, profile: Option<ProvisionProfile>) {
+        *lock(&self.shared.provisioning) = profile;
+    }
+
+    /// The tokens granted by provisioning so far: device name → token.
+    pub fn provisioned(&self) -> std::collections::BTreeMap<String, String> {
+        lock(&self.shared.provisioned).clone()
+    }
+
+    /// Every provisioning request answered so far, in order.
+    pub fn provision_requests(&self) -> Vec<ProvisionSeen> {
+        lock(&self.shared.provision_requests).clone()
     }
 
     /// Every report the device sends from now on, as it comes.

@@ -55,6 +55,11 @@ enum Cmd {
         /// `<URL>/<encoded name>`); without it they are refused.
         #[arg(long, value_name = "URL")]
         storage_url: Option<String>,
+        /// Do not let the agent register itself: by default the devhub makes a provisioning
+        /// key and secret, writes them in the agent's agent.toml and answers the agent's
+        /// first-start provisioning request with an access token.
+        #[arg(long)]
+        no_provision: bool,
     },
     /// Deploy a manifest file (the manifest, or {"deployment": {...}}).
     Deploy {
@@ -145,6 +150,7 @@ async fn run() -> Result<()> {
             log_files,
             bin_dir,
             storage_url,
+            no_provision,
         } => {
             up(UpArgs {
                 broker,
@@ -154,6 +160,7 @@ async fn run() -> Result<()> {
                 log_files,
                 bin_dir,
                 storage_url,
+                provision: !no_provision,
             })
             .await
         }
@@ -242,6 +249,9 @@ async fn watch(broker: &str) -> Result<()> {
                 Ok(DeviceReport::InstanceState(v)) => println!("state {v}"),
                 Ok(DeviceReport::Telemetry(v)) => println!("telemetry {v}"),
                 Ok(DeviceReport::StorageTokenRequest(v)) => println!("storage-token-request {v}"),
+                Ok(DeviceReport::ProvisionRequest(seen)) => {
+                    println!("provision-request {:?} granted {}", seen.device_name, seen.token.is_some())
+                }
                 Ok(DeviceReport::CommandResponse { mqtt_id, payload }) => {
                     println!("command-response {mqtt_id} {payload}")
                 }
@@ -264,6 +274,7 @@ struct UpArgs {
     log_files: bool,
     bin_dir: Option<PathBuf>,
     storage_url: Option<String>,
+    provision: bool,
 }
 
 /// What `up` runs, kept together so a stop takes everything down in order.
@@ -291,6 +302,11 @@ async fn up(args: UpArgs) -> Result<()> {
     print_usage(&running);
 
     let mut reports = running.hub.subscribe();
+    // Those granted before the subscription, then each as it comes, each device once.
+    let mut provisioned = std::collections::BTreeSet::new();
+    for (device, token) in running.hub.provisioned() {
+        print_provisioned(&device, &token, &mut provisioned);
+    }
     let mut last_summary = String::new();
     if let Some(status) = running.hub.latest_status() {
         print_summary(&status, &mut last_summary);
@@ -301,6 +317,10 @@ async fn up(args: UpArgs) -> Result<()> {
             _ = terminate.recv() => break,
             report = reports.recv() => match report {
                 Ok(DeviceReport::Status(status)) => print_summary(&status, &mut last_summary),
+                Ok(DeviceReport::ProvisionRequest(seen)) => match seen.token {
+                    Some(token) => print_provisioned(&seen.device_name, &token, &mut provisioned),
+                    None => println!("evp-devhub: provisioning of {:?} refused", seen.device_name),
+                },
                 Ok(_) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                     if let Some(status) = running.hub.latest_status() {
@@ -374,6 +394,11 @@ async fn start_up(args: &UpArgs) -> Result<Running> {
     }
 
     let mut config = StackConfig::new(&dir, bus.address(), mqtt_host, mqtt_port)?;
+    if args.provision {
+        let profile = evp_devhub::hub::ProvisionProfile::generated();
+        config.provision = Some((profile.key.clone(), profile.secret.clone()));
+        hub.set_provisioning(Some(profile));
+    }
     config.bin_dir = bin_dir;
     config.supervise = true;
     config.output = if args.log_files {
@@ -417,6 +442,13 @@ fn print_usage(r: &Running) {
         pids.join(", "),
         r.stack.agent_toml_path().display(),
     );
+}
+
+/// Says that `device` registered itself, the first time only.
+fn print_provisioned(device: &str, token: &str, printed: &mut std::collections::BTreeSet<String>) {
+    if printed.insert(device.to_owned()) {
+        println!("evp-devhub: device {device} provisioned itself: access token {token}");
+    }
 }
 
 /// One line about the deployment status; printed only when it differs from the last one.

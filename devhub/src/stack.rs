@@ -197,6 +197,9 @@ pub struct StackConfig {
     pub report_status_interval_min_ms: u64,
     /// hubd's `report_status_interval_max_ms` (-1: never forced).
     pub report_status_interval_max_ms: i64,
+    /// hubd's `provision_device_key` and `provision_device_secret`: the agent registers
+    /// itself with them on its first start.
+    pub provision: Option<(String, String)>,
     /// The whole agent.toml, written as it is, instead of [`StackConfig::render_agent_toml`].
     pub agent_toml: Option<String>,
     /// More environment for every daemon (`RUST_LOG` and the rest are inherited anyway).
@@ -251,6 +254,7 @@ impl StackConfig {
             ready_timeout: DEFAULT_READY_TIMEOUT,
             report_status_interval_min_ms: DEV_INTERVAL_MIN_MS,
             report_status_interval_max_ms: DEV_INTERVAL_MAX_MS,
+            provision: None,
             agent_toml: None,
             env: Vec::new(),
             daemons: DAEMONS.to_vec(),
@@ -291,6 +295,10 @@ impl StackConfig {
             "report_status_interval_max_ms".into(),
             self.report_status_interval_max_ms.into(),
         );
+        if let Some((key, secret)) = &self.provision {
+            hub.insert("provision_device_key".into(), key.clone().into());
+            hub.insert("provision_device_secret".into(), secret.clone().into());
+        }
         let mut top = toml::Table::new();
         top.insert("data_dir".into(), path(self.data_dir()));
         top.insert("run_dir".into(), path(self.run_dir()));

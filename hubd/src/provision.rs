@@ -23,12 +23,7 @@ use serde_json::Value;
 use crate::config::{HubConfig, ProvisionKey};
 use crate::core::ConnectionState;
 
-/// The MQTT user name of a provisioning session (no password), as ThingsBoard expects it.
-pub const PROVISION_USERNAME: &str = "provision";
-/// Where the device asks.
-pub const REQUEST_TOPIC: &str = "/provision/request";
-/// Where the hub answers.
-pub const RESPONSE_TOPIC: &str = "/provision/response";
+pub use evp_schemas::provision::{REQUEST_TOPIC, RESPONSE_TOPIC, USERNAME as PROVISION_USERNAME};
 /// Longest refusal text kept from the hub's answer (it goes to the log).
 const MAX_REASON: usize = 512;
 
@@ -140,13 +135,12 @@ pub fn plan(cfg: &HubConfig, stored: Option<Credentials>) -> Plan {
 
 /// The request: the device's name, the key and the secret; the hub generates the credentials.
 pub fn request(device_name: &str, key: &ProvisionKey) -> Vec<u8> {
-    serde_json::json!({
-        "deviceName": device_name,
-        "provisionDeviceKey": key.key,
-        "provisionDeviceSecret": key.secret,
-    })
-    .to_string()
-    .into_bytes()
+    let request = evp_schemas::provision::Request {
+        device_name: device_name.to_owned(),
+        provision_device_key: key.key.clone(),
+        provision_device_secret: key.secret.clone(),
+    };
+    serde_json::to_vec(&request).unwrap_or_default()
 }
 
 /// What the hub answered.

@@ -3,6 +3,7 @@
 //! - [`deployment`]: the canonical desired deployment and its validation.
 //! - [`status`]: the canonical deployment status that reconcilerd publishes.
 //! - [`codec`], [`evp2`] and [`evp1`]: the hub's wire dialects, behind one trait.
+//! - [`provision`]: ThingsBoard's MQTT device provisioning.
 //! - [`text`]: bounding quoted input in messages.
 //! - [`instance`]: the `StartInstance` options and the SDK's environment variable names.
 //! - [`dbus`]: names, errors and proxies of the D-Bus interfaces; their
@@ -26,6 +27,8 @@ pub mod evp2;
 #[cfg(all(test, feature = "hub"))]
 mod golden;
 pub mod instance;
+#[cfg(feature = "hub")]
+pub mod provision;
 pub mod routing;
 pub mod sdk;
 pub mod status;

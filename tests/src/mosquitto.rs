@@ -126,6 +126,11 @@ impl Mosquitto {
         self.spawn()
     }
 
+    /// What mosquitto logged so far (each connection, with its client id and user name).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// `mqtt://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)

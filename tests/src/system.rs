@@ -37,6 +37,10 @@ pub struct Options {
     /// The daemons' data directory is a tmpfs of this many bytes, mounted before they start
     /// (root only), so a test can fill it.
     pub data_dir_tmpfs: Option<u64>,
+    /// hubd's provisioning key and secret (agent.toml).
+    pub provision_key: Option<(String, String)>,
+    /// The key and secret the hub driver provisions devices for, before the device starts.
+    pub hub_provisioning: Option<evp_devhub::hub::ProvisionProfile>,
 }
 
 /// A device under test.
@@ -100,6 +104,7 @@ impl System {
         let hub = HubSide::connect(&mosquitto.url())
             .await
             .context("connecting the hub driver")?;
+        hub.set_provisioning(options.hub_provisioning.clone());
         let relay = if options.relay {
             Some(Relay::start(mosquitto.port).await?)
         } else {
@@ -137,6 +142,7 @@ impl System {
         // Last, so that a test's own values win.
         config.env.extend(options.env.iter().cloned());
         config.supervise = options.supervise;
+        config.provision.clone_from(&options.provision_key);
         if !options.extra_toml.is_empty() {
             config.agent_toml = Some(merged_toml(
                 &config.render_agent_toml(),

@@ -8,6 +8,7 @@ use evp_schemas::evp2::topics::{
     ATTRIBUTES, ATTRIBUTES_REQUEST_PREFIX, ATTRIBUTES_RESPONSE_PREFIX, RPC_REQUEST_FILTER,
     RPC_REQUEST_PREFIX, RPC_RESPONSE_FILTER, RPC_RESPONSE_PREFIX, TELEMETRY,
 };
+use evp_schemas::provision;
 use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, QoS};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
@@ -73,6 +74,7 @@ pub(super) async fn run_events(
     ];
     if shared.options.answer_requests {
         filters.push(ATTRIBUTES_REQUEST_FILTER.to_owned());
+        filters.push(provision::REQUEST_TOPIC.to_owned());
     }
     loop {
         match eventloop.poll().await {
@@ -178,6 +180,25 @@ pub(super) fn handle_publish(
                 retain: false,
             });
         }
+    } else if topic == provision::REQUEST_TOPIC {
+        let Some(profile) = lock(&shared.provisioning).clone() else {
+            return;
+        };
+        let (answer, seen) =
+            super::provision::answer(&profile, &mut lock(&shared.provisioned), payload);
+        match &seen.token {
+            Some(_) => tracing::info!("provisioned device {:?}", seen.device_name),
+            None => tracing::warn!("provisioning of {:?} refused: {answer}", seen.device_name),
+        }
+        // ThingsBoard answers on the session that asked; a plain broker hands the answer to
+        // every client waiting on the topic, so a devhub provisions one device at a time.
+        let _ = outbox.send(OutboxItem {
+            topic: provision::RESPONSE_TOPIC.to_owned(),
+            payload: answer.to_string().into_bytes(),
+            retain: false,
+        });
+        lock(&shared.provision_requests).push(seen.clone());
+        let _ = shared.reports.send(DeviceReport::ProvisionRequest(seen));
     } else if let Some(mqtt_id) = topic.strip_prefix(RPC_REQUEST_PREFIX) {
         let Ok(payload) = serde_json::from_slice::<Value>(payload) else {
             return;
