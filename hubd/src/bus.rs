@@ -104,7 +104,8 @@ fn token_error(e: TokenError) -> EvpError {
 
 #[interface(name = "org.evp.Hub1")]
 impl Hub1 {
-    /// `connected`, `connecting` or `disconnected`.
+    /// `connected`, `connecting` or `disconnected`; `provisioning` or `provisioning-refused`
+    /// while a device without credentials registers itself.
     #[zbus(property)]
     async fn connection(&self) -> String {
         self.connection.borrow().as_str().to_owned()

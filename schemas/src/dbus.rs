@@ -143,7 +143,8 @@ impl ModuleImpl {
     default_path = "/org/evp/Hub1"
 )]
 pub trait Hub1 {
-    /// `connected`, `connecting` or `disconnected`.
+    /// `connected`, `connecting` or `disconnected`; `provisioning` or `provisioning-refused`
+    /// while a device without credentials registers itself.
     #[zbus(property)]
     fn connection(&self) -> zbus::Result<String>;
     /// `EVP2-TB` or `EVP1`.

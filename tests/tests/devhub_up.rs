@@ -64,6 +64,12 @@ fn devhub_up_runs_the_sample_and_stops_cleanly() {
         "the sample never converged; output:\n{}",
         seen.join("\n")
     );
+    // The agent registered itself with the devhub's provisioning key before connecting.
+    assert!(
+        seen.iter().any(|l| l.contains("provisioned itself: access token")),
+        "no provisioning; output:\n{}",
+        seen.join("\n")
+    );
     assert!(
         running.len() >= 7,
         "five daemons and two modules expected: {running:?}"
