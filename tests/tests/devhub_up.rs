@@ -66,7 +66,8 @@ fn devhub_up_runs_the_sample_and_stops_cleanly() {
     );
     // The agent registered itself with the devhub's provisioning key before connecting.
     assert!(
-        seen.iter().any(|l| l.contains("provisioned itself: access token")),
+        seen.iter()
+            .any(|l| l.contains("provisioned itself: access token")),
         "no provisioning; output:\n{}",
         seen.join("\n")
     );
