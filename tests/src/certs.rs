@@ -32,6 +32,11 @@ fn ca(cn: &str) -> Result<CertifiedIssuer<'static, KeyPair>> {
 
 /// Makes the PKI in `dir`, with the client certificate's CN set to `device`.
 pub fn make(dir: &Path, device: &str) -> Result<Pki> {
+    make_for(dir, device, &["127.0.0.1", "localhost"])
+}
+
+/// [`make`], with a server certificate for `server_names` alone.
+pub fn make_for(dir: &Path, device: &str, server_names: &[&str]) -> Result<Pki> {
     let ca = ca("evp test CA")?;
     let leaf = |sans: Vec<String>, cn: &str| -> Result<(String, String)> {
         let mut params = CertificateParams::new(sans)?;
@@ -40,7 +45,8 @@ pub fn make(dir: &Path, device: &str) -> Result<Pki> {
         let cert = params.signed_by(&key, &ca)?;
         Ok((cert.pem(), key.serialize_pem()))
     };
-    let (server_cert, server_key) = leaf(vec!["127.0.0.1".into(), "localhost".into()], "broker")?;
+    let sans = server_names.iter().map(|n| n.to_string()).collect();
+    let (server_cert, server_key) = leaf(sans, "broker")?;
     let (client_cert, client_key) = leaf(vec![], device)?;
     let write = |name: &str, text: &str| -> Result<PathBuf> {
         let p = dir.join(name);

@@ -17,6 +17,17 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+impl TlsFiles {
+    /// The broker's side of a test PKI.
+    pub fn server_of(pki: &crate::certs::Pki) -> TlsFiles {
+        TlsFiles {
+            ca: pki.ca.clone(),
+            cert: pki.server_cert.clone(),
+            key: pki.server_key.clone(),
+        }
+    }
+}
+
 /// A running mosquitto; killed on drop.
 pub struct Mosquitto {
     child: Option<Child>,

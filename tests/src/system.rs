@@ -95,11 +95,7 @@ impl System {
         } else {
             None
         };
-        let tls = pki.as_ref().map(|p| TlsFiles {
-            ca: p.ca.clone(),
-            cert: p.server_cert.clone(),
-            key: p.server_key.clone(),
-        });
+        let tls = pki.as_ref().map(TlsFiles::server_of);
         let mosquitto = Mosquitto::start(dir.path(), tls.as_ref())?;
         let hub = HubSide::connect(&mosquitto.url())
             .await
