@@ -36,7 +36,7 @@ pub use segment::{EncodeError, Record};
 use stream::Stream;
 
 /// The process named in crash-hook lines.
-const DAEMON: &str = "evp-hubd";
+pub(crate) const DAEMON: &str = "evp-hubd";
 /// The spool's write points for `EVP_TEST_CRASH_AT` (debug builds): a batch appended and not
 /// synced, a tail synced, a segment file removed, the cursor renamed into place.
 pub const CRASH_POINTS: [&str; 4] = [

@@ -142,3 +142,78 @@ async fn a_refused_provisioning_is_shown_and_asked_again_after_a_backoff() {
     assert!(sys.hub.latest_status().is_none(), "never on the hub");
     sys.stop().await;
 }
+
+/// A power cut at each step of keeping the credentials: the device comes back on the hub with
+/// the token, never stopped by half a file. Cut before the rename, it asks again (the hub
+/// answers one device name with the same token); after it, it never asks again.
+async fn power_cut_while_keeping_the_credentials(point: &str, asks_again: bool) {
+    let p = profile();
+    // The hub refuses at first, so the device waits while the test arms the crash.
+    let sys = System::start_with(Options {
+        provision_key: Some((p.key.clone(), p.secret.clone())),
+        hub_provisioning: Some(ProvisionProfile {
+            secret: "another-profile-secret".into(),
+            ..p.clone()
+        }),
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let hub1 = hub1(&sys).await;
+    wait_for("a first refusal", DEADLINE, async || {
+        (hub1.connection().await.ok()? == "provisioning-refused").then_some(())
+    })
+    .await
+    .unwrap();
+    sys.hub.set_provisioning(Some(p));
+    let exits = sys.arm_crash_at(HUBD, point).await.unwrap();
+    sys.wait_crashed_at(HUBD, point, exits).await.unwrap();
+
+    // Power back.
+    sys.start_disarmed(HUBD).await.unwrap();
+    let device_id = hub1.device_id().await.unwrap();
+    let reported = wait_for(
+        "a status report after the power cut",
+        DEADLINE,
+        async || {
+            sys.hub
+                .latest_status()
+                .filter(|s| s["systemInfo"]["deviceId"] == device_id.as_str())
+        },
+    )
+    .await;
+    assert!(
+        reported.is_ok(),
+        "{point}: {reported:?}\nhubd:\n{}",
+        hubd_log(&sys)
+    );
+    let token = sys.hub.provisioned()[&device_id].clone();
+    let kept = std::fs::read_to_string(sys.data_dir().join("hub/credentials.json")).unwrap();
+    assert!(kept.contains(&token), "{point}");
+    assert!(connections_as(&sys, &token) >= 1, "{point}");
+    let granted = sys
+        .hub
+        .provision_requests()
+        .iter()
+        .filter(|r| r.token.is_some())
+        .count();
+    assert_eq!(granted, if asks_again { 2 } else { 1 }, "{point}");
+    sys.stop().await;
+}
+
+const HUBD: &str = "evp-hubd";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_power_cut_before_the_credentials_are_synced_provisions_again() {
+    power_cut_while_keeping_the_credentials("credentials-tmp-written", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_power_cut_before_the_rename_provisions_again() {
+    power_cut_while_keeping_the_credentials("credentials-tmp-synced", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_power_cut_after_the_rename_keeps_the_credentials() {
+    power_cut_while_keeping_the_credentials("credentials-renamed", false).await;
+}

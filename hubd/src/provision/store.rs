@@ -62,7 +62,9 @@ pub fn load(dir: &Path) -> Result<Option<Credentials>, StoreError> {
         })
 }
 
-/// Keeps `credentials` in `dir`, replacing what was there.
+/// Keeps `credentials` in `dir`, replacing what was there. The crash hook's points
+/// (`EVP_TEST_CRASH_AT`, debug builds) are `credentials-tmp-written`, `credentials-tmp-synced`
+/// and `credentials-renamed`.
 pub fn save(dir: &Path, credentials: &Credentials) -> Result<PathBuf, StoreError> {
     let path = dir.join(FILE);
     let mut bytes = serde_json::to_vec_pretty(credentials).map_err(|e| StoreError::Io {
@@ -71,10 +73,19 @@ pub fn save(dir: &Path, credentials: &Credentials) -> Result<PathBuf, StoreError
         error: e.to_string(),
     })?;
     bytes.push(b'\n');
-    evp_daemon::write_atomic(&path, &bytes, MODE, None).map_err(|e| StoreError::Io {
-        action: "writing",
-        path: path.clone(),
-        error: e.to_string(),
+    let mut crash_hook = |point: evp_daemon::fs::WritePoint| {
+        evp_daemon::crash::point(
+            crate::spool::DAEMON,
+            &format!("credentials-{}", point.name()),
+        );
+        Ok(())
+    };
+    evp_daemon::write_atomic(&path, &bytes, MODE, Some(&mut crash_hook)).map_err(|e| {
+        StoreError::Io {
+            action: "writing",
+            path: path.clone(),
+            error: e.to_string(),
+        }
     })?;
     Ok(path)
 }
