@@ -531,6 +531,17 @@ pub fn resolve(
         (Some(_), None) => return Err(invalid(KEY, format!("is set without {SECRET}"))),
         (None, Some(_)) => return Err(invalid(SECRET, format!("is set without {KEY}"))),
     };
+    if proxy.is_some()
+        && let Some(v6) = std::iter::once(mqtt_host.as_str())
+            .chain(failover_brokers.iter().map(|b| b.host.as_str()))
+            .find(|h| h.contains(':'))
+    {
+        // rumqttc's CONNECT line would read `CONNECT ::1:8883`, which no proxy parses.
+        return Err(invalid(
+            "mqtt_proxy_host (EVP_MQTT_PROXY_HOST)",
+            format!("cannot reach the broker at the IPv6 address {v6} (name it instead)"),
+        ));
+    }
     Ok(HubConfig {
         protocol,
         mqtt_host,
@@ -912,6 +923,12 @@ mod tests {
             "each value from where it is set, the environment winning"
         );
         assert!(!format!("{c:?}").contains("secret"), "{c:?}");
+        let e = resolve(
+            section("[hub]\nmqtt_host=\"::1\"\nmqtt_port=1\n"),
+            env_of(&[("EVP_MQTT_PROXY_HOST", "p"), ("EVP_MQTT_PROXY_PORT", "1")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("IPv6 address ::1"), "{e}");
         let none = resolve(section(base), env_of(&[])).unwrap();
         assert_eq!(none.proxy, None);
         for (env, key) in [
