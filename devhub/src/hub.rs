@@ -1,4 +1,4 @@
-//! The hub's side of EVP2-TB over MQTT: shared attributes, answers to the device's attribute
+//! The hub's side of EVP2-TB (or EVP1, translated in [`dialect`]) over MQTT: shared attributes, answers to the device's attribute
 //! requests, PATCHes, and the reports the device sends (docs/hub-protocol.md §3-§13).
 
 use std::collections::{HashMap, VecDeque};
@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use evp_schemas::Protocol;
 use evp_schemas::evp2::topics::{ATTRIBUTES, RPC_REQUEST_PREFIX};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use serde_json::{Map, Value, json};
@@ -13,6 +14,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 mod connection;
+pub mod dialect;
 mod provision;
 mod storage;
 use connection::{publish_tracked, run_events, run_outbox};
@@ -226,6 +228,9 @@ pub struct HubSideOptions {
     pub client_id: Option<String>,
     /// How long [`HubSide::connect_with`] tries to reach the broker.
     pub connect_timeout: Duration,
+    /// The device's dialect: what is handed over in EVP2's shapes is translated on the wire
+    /// (see [`dialect`]).
+    pub protocol: Protocol,
 }
 
 impl Default for HubSideOptions {
@@ -235,6 +240,7 @@ impl Default for HubSideOptions {
             republish_status: None,
             client_id: None,
             connect_timeout: Duration::from_secs(10),
+            protocol: Protocol::Evp2,
         }
     }
 }
@@ -415,9 +421,10 @@ impl HubSide {
         lock(&self.shared.instance_states).clone()
     }
 
-    /// Sends a direct command as an EVP2 hub does (`evp-c2d` with a `direct-command-request`)
-    /// and returns the device's `direct-command-response` object. `params` is JSON text, as
-    /// EVP2 carries it.
+    /// Sends a direct command as an EVP2 hub does (`evp-c2d` with a `direct-command-request`),
+    /// or an EVP1 hub (`ModuleMethodCall` on topic id `reqid`), and returns the device's
+    /// `direct-command-response` object (EVP1's answer in that shape). `params` is JSON text,
+    /// as EVP2 carries it.
     pub async fn call(
         &self,
         instance: &str,
@@ -427,17 +434,16 @@ impl HubSide {
         timeout: Duration,
     ) -> Result<Value, HubError> {
         static NEXT_MQTT_ID: AtomicU64 = AtomicU64::new(1);
-        let mqtt_id = NEXT_MQTT_ID.fetch_add(1, Ordering::Relaxed).to_string();
+        let next = NEXT_MQTT_ID.fetch_add(1, Ordering::Relaxed).to_string();
         let mut reports = self.subscribe();
-        let request = json!({
-            "method": "evp-c2d",
-            "params": { "direct-command-request": {
-                "reqid": reqid.to_string(),
-                "method": method,
-                "instance": instance,
-                "params": params,
-            }}
-        });
+        let (mqtt_id, request) = dialect::command_to_wire(
+            self.shared.options.protocol,
+            next,
+            reqid,
+            instance,
+            method,
+            params,
+        );
         self.publish_raw(
             &format!("{RPC_REQUEST_PREFIX}{mqtt_id}"),
             request.to_string().into_bytes(),
@@ -537,9 +543,10 @@ impl HubSide {
         }
     }
 
-    /// Publishes a PATCH of shared attributes, merges it into the store, and returns once
-    /// the broker acknowledged it.
+    /// Publishes a PATCH of shared attributes (in EVP2's shapes, translated for an EVP1 device),
+    /// merges it into the store, and returns once the broker acknowledged it.
     pub async fn patch(&self, attributes: Map<String, Value>) -> Result<(), HubError> {
+        let attributes = dialect::patch_to_wire(self.shared.options.protocol, attributes);
         merge_shared(&mut lock(&self.shared.attributes), &attributes);
         let payload = Value::Object(attributes).to_string();
         self.publish(ATTRIBUTES, payload.into_bytes(), false).await

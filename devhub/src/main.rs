@@ -10,6 +10,7 @@ use evp_devhub::hub::{DeviceReport, HubError, HubSide, HubSideOptions, fetch_sta
 use evp_devhub::lock::DataDirLock;
 use evp_devhub::stack::{DaemonOutput, Stack, StackConfig, default_bin_dir};
 use evp_devhub::{DEFAULT_BROKER_URL, DEVHUB_STATUS_TOPIC, EmbeddedBroker, PrivateBus, manifest};
+use evp_schemas::Protocol;
 use serde_json::Value;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -27,6 +28,10 @@ const STATUS_WAIT: Duration = Duration::from_secs(3);
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
+    /// The device's hub dialect: evp2, or evp1 (`up` configures the agent with it; the other
+    /// subcommands speak it to the broker).
+    #[arg(long, global = true, default_value = "evp2", value_name = "evp2|evp1")]
+    protocol: Protocol,
 }
 
 #[derive(Subcommand)]
@@ -141,7 +146,9 @@ async fn run() -> Result<()> {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let protocol = cli.protocol;
+    match cli.command {
         Cmd::Up {
             broker,
             port,
@@ -161,17 +168,18 @@ async fn run() -> Result<()> {
                 bin_dir,
                 storage_url,
                 provision: !no_provision,
+                protocol,
             })
             .await
         }
-        Cmd::Deploy { file, broker } => deploy(&file, &broker).await,
+        Cmd::Deploy { file, broker } => deploy(&file, &broker, protocol).await,
         Cmd::Config {
             instance,
             topic,
             value,
             broker,
         } => {
-            let hub = connect_passive(&broker).await?;
+            let hub = connect_passive(&broker, protocol).await?;
             hub.set_configuration(&instance, &topic, &value).await?;
             hub.close().await;
             println!("set configuration/{instance}/{topic}");
@@ -183,7 +191,7 @@ async fn run() -> Result<()> {
             params,
             broker,
         } => {
-            let hub = connect_passive(&broker).await?;
+            let hub = connect_passive(&broker, protocol).await?;
             // A request id unique enough for a person at a terminal: the clock in ms.
             let reqid = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -204,13 +212,14 @@ async fn run() -> Result<()> {
                 "no status report on {broker} within {STATUS_WAIT:?}: is `evp-devhub up` running there, and has the agent connected?"
             ),
         },
-        Cmd::Watch { broker } => watch(&broker).await,
+        Cmd::Watch { broker } => watch(&broker, protocol).await,
     }
 }
 
-async fn connect_passive(broker: &str) -> Result<HubSide> {
+async fn connect_passive(broker: &str, protocol: Protocol) -> Result<HubSide> {
     let options = HubSideOptions {
         connect_timeout: CLI_CONNECT_TIMEOUT,
+        protocol,
         ..HubSideOptions::passive()
     };
     HubSide::connect_with(broker, options)
@@ -221,9 +230,9 @@ async fn connect_passive(broker: &str) -> Result<HubSide> {
         })
 }
 
-async fn deploy(file: &Path, broker: &str) -> Result<()> {
+async fn deploy(file: &Path, broker: &str, protocol: Protocol) -> Result<()> {
     let manifest = manifest::read_deployment_file(file)?;
-    let hub = connect_passive(broker).await?;
+    let hub = connect_passive(broker, protocol).await?;
     hub.deploy(&manifest).await?;
     hub.close().await;
     let id = manifest
@@ -234,8 +243,8 @@ async fn deploy(file: &Path, broker: &str) -> Result<()> {
     Ok(())
 }
 
-async fn watch(broker: &str) -> Result<()> {
-    let hub = connect_passive(broker).await?;
+async fn watch(broker: &str, protocol: Protocol) -> Result<()> {
+    let hub = connect_passive(broker, protocol).await?;
     let mut reports = hub.subscribe();
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
@@ -275,6 +284,7 @@ struct UpArgs {
     bin_dir: Option<PathBuf>,
     storage_url: Option<String>,
     provision: bool,
+    protocol: Protocol,
 }
 
 /// What `up` runs, kept together so a stop takes everything down in order.
@@ -370,6 +380,7 @@ async fn start_up(args: &UpArgs) -> Result<Running> {
         &broker_url,
         HubSideOptions {
             republish_status: Some(DEVHUB_STATUS_TOPIC.into()),
+            protocol: args.protocol,
             ..HubSideOptions::default()
         },
     )
@@ -400,6 +411,7 @@ async fn start_up(args: &UpArgs) -> Result<Running> {
         hub.set_provisioning(Some(profile));
     }
     config.bin_dir = bin_dir;
+    config.protocol = args.protocol;
     config.supervise = true;
     config.output = if args.log_files {
         DaemonOutput::LogFiles

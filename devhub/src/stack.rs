@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use evp_schemas::Protocol;
 use evp_schemas::dbus::{
     HUB_NAME, RECONCILER_NAME, RUNTIME_CONTAINER_NAME, RUNTIME_WASM_NAME, SDK_BROKER_NAME,
 };
@@ -217,6 +218,8 @@ pub struct StackConfig {
     /// the developer's own and deploys modules from anywhere on the machine (a device allows
     /// none unless configured).
     pub file_url_dirs: Vec<PathBuf>,
+    /// hubd's `[hub] protocol`: the hub's dialect.
+    pub protocol: Protocol,
 }
 
 /// Short report intervals for a responsive dev loop: a change shows within a fifth of a
@@ -261,6 +264,7 @@ impl StackConfig {
             instance_uids: None,
             python_sdk_path,
             file_url_dirs: vec![PathBuf::from("/")],
+            protocol: Protocol::Evp2,
         })
     }
 
@@ -298,6 +302,9 @@ impl StackConfig {
         if let Some((key, secret)) = &self.provision {
             hub.insert("provision_device_key".into(), key.clone().into());
             hub.insert("provision_device_secret".into(), secret.clone().into());
+        }
+        if self.protocol != Protocol::Evp2 {
+            hub.insert("protocol".into(), self.protocol.as_str().into());
         }
         let mut top = toml::Table::new();
         top.insert("data_dir".into(), path(self.data_dir()));

@@ -39,6 +39,11 @@ impl Protocol {
         }
     }
 
+    /// The name it reports (`systemInfo.protocolVersion`, `Hub1.Protocol`).
+    pub fn reported_name(self) -> &'static str {
+        self.codec().protocol_name()
+    }
+
     /// Its name in agent.toml and on `evp-devhub`'s command line.
     pub fn as_str(self) -> &'static str {
         match self {

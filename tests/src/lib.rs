@@ -1,6 +1,6 @@
 //! The whole-system test harness: what a device has, really started. A private dbus-daemon
 //! with the project's policy, mosquitto as a process, the five daemons as processes, and a hub
-//! driver speaking EVP2 from the hub's side. Module files and an HTTP server to fetch them from
+//! driver speaking EVP2 (or EVP1: [`both_protocols!`]) from the hub's side. Module files and an HTTP server to fetch them from
 //! are made by the tests themselves; WASM modules are built from `sdk/c` and
 //! `sdk/wasm-threads-module` by [`wasm`].
 
@@ -16,6 +16,35 @@ pub mod system;
 pub mod wasm;
 
 use std::time::{Duration, Instant};
+
+pub use evp_schemas::Protocol;
+
+/// One system test run against each hub dialect: `both_protocols! { async fn name(protocol)
+/// { body } }` makes the tests `name::evp2` and `name::evp1`, whose body gets `protocol` (an
+/// [`evp_schemas::Protocol`]) to start its [`system::System`] with. The hub driver takes and
+/// gives EVP2's shapes with either, so the body is the same test for both.
+#[macro_export]
+macro_rules! both_protocols {
+    ($(#[$attr:meta])* async fn $name:ident($protocol:ident) $body:block) => {
+        $(#[$attr])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            async fn run($protocol: $crate::Protocol) $body
+
+            #[tokio::test(flavor = "multi_thread")]
+            async fn evp2() {
+                run($crate::Protocol::Evp2).await
+            }
+
+            #[tokio::test(flavor = "multi_thread")]
+            async fn evp1() {
+                run($crate::Protocol::Evp1).await
+            }
+        }
+    };
+}
 
 /// How long a system test waits for a condition before failing. Generous: CI machines are
 /// shared and slow, and the wait ends as soon as the condition holds.

@@ -4,8 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use evp_devhub::hub::HubSideOptions;
 use evp_devhub::stack::DaemonOutput;
 use evp_devhub::{HubSide, PrivateBus, Stack, StackConfig};
+use evp_schemas::Protocol;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -41,6 +43,9 @@ pub struct Options {
     pub provision_key: Option<(String, String)>,
     /// The key and secret the hub driver provisions devices for, before the device starts.
     pub hub_provisioning: Option<evp_devhub::hub::ProvisionProfile>,
+    /// The hub's dialect: hubd is configured with it and the hub driver speaks it, taking
+    /// and giving EVP2's shapes either way (`evp_devhub::hub::dialect`).
+    pub protocol: Protocol,
 }
 
 /// A device under test.
@@ -82,6 +87,15 @@ impl System {
         Self::start_with(Options::default()).await
     }
 
+    /// A device on a plain MQTT connection whose hub speaks `protocol`.
+    pub async fn start_speaking(protocol: Protocol) -> Result<System> {
+        Self::start_with(Options {
+            protocol,
+            ..Options::default()
+        })
+        .await
+    }
+
     /// A device set up as `options` says.
     pub async fn start_with(options: Options) -> Result<System> {
         let dir = tempfile::Builder::new().prefix("evp-system-").tempdir()?;
@@ -97,9 +111,15 @@ impl System {
         };
         let tls = pki.as_ref().map(TlsFiles::server_of);
         let mosquitto = Mosquitto::start(dir.path(), tls.as_ref())?;
-        let hub = HubSide::connect(&mosquitto.url())
-            .await
-            .context("connecting the hub driver")?;
+        let hub = HubSide::connect_with(
+            &mosquitto.url(),
+            HubSideOptions {
+                protocol: options.protocol,
+                ..HubSideOptions::default()
+            },
+        )
+        .await
+        .context("connecting the hub driver")?;
         hub.set_provisioning(options.hub_provisioning.clone());
         let relay = if options.relay {
             Some(Relay::start(mosquitto.port).await?)
@@ -117,6 +137,7 @@ impl System {
             device_port,
         )?;
         config.bin_dir = crate::bin_dir();
+        config.protocol = options.protocol;
         let uids = UidBlock::take()?;
         config.instance_uids = Some((uids.min, uids.max));
         config.output = DaemonOutput::LogFiles;

@@ -3,62 +3,65 @@
 
 use std::time::Duration;
 
+use evp_system_tests::both_protocols;
 use evp_system_tests::system::{
     Options, System, configuration_comes_back_as_state_and_telemetry, deploy_and_wait,
     deployment_of, echo_round_trip, exchange_a_thousand_messages, instance_status, wait_state,
 };
 use serde_json::Value;
 
-#[tokio::test(flavor = "multi_thread")]
-async fn configuration_comes_back_as_state_and_as_telemetry() {
-    let sys = System::start().await.unwrap();
-    deploy_and_wait(
-        &sys,
-        &deployment_of(
-            "dep-1",
-            &[
-                ("echo", "evp-test-config-echo"),
-                ("tele", "evp-test-config-telemetry"),
-            ],
-        ),
-    )
-    .await;
-    configuration_comes_back_as_state_and_telemetry(&sys).await;
-    sys.stop().await;
+both_protocols! {
+    async fn configuration_comes_back_as_state_and_as_telemetry(protocol) {
+        let sys = System::start_speaking(protocol).await.unwrap();
+        deploy_and_wait(
+            &sys,
+            &deployment_of(
+                "dep-1",
+                &[
+                    ("echo", "evp-test-config-echo"),
+                    ("tele", "evp-test-config-telemetry"),
+                ],
+            ),
+        )
+        .await;
+        configuration_comes_back_as_state_and_telemetry(&sys).await;
+        sys.stop().await;
+    }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn direct_commands_are_answered_on_the_right_request() {
-    let sys = System::start().await.unwrap();
-    deploy_and_wait(
-        &sys,
-        &deployment_of("dep-1", &[("rpc", "evp-test-rpc-echo")]),
-    )
-    .await;
-    let wait = Duration::from_secs(20);
-    let ok = sys
-        .hub
-        .call("rpc", "echo", r#"{"text":"hi"}"#, 10042, wait)
-        .await
-        .unwrap();
-    assert_eq!(ok["status"], "ok", "{ok}");
-    assert_eq!(ok["reqid"], "10042");
-    assert_eq!(ok["response"], r#"{"text":"hi"}"#);
-    let unknown = sys
-        .hub
-        .call("rpc", "nope", "{}", 10043, wait)
-        .await
-        .unwrap();
-    assert_eq!(unknown["status"], "error", "{unknown}");
-    assert_eq!(unknown["errorMessage"], "Unknown method");
-    let absent = sys
-        .hub
-        .call("ghost", "echo", "{}", 10044, wait)
-        .await
-        .unwrap();
-    assert_eq!(absent["status"], "error", "{absent}");
-    assert_eq!(absent["reqid"], "10044");
-    sys.stop().await;
+both_protocols! {
+    async fn direct_commands_are_answered_on_the_right_request(protocol) {
+        let sys = System::start_speaking(protocol).await.unwrap();
+        deploy_and_wait(
+            &sys,
+            &deployment_of("dep-1", &[("rpc", "evp-test-rpc-echo")]),
+        )
+        .await;
+        let wait = Duration::from_secs(20);
+        let ok = sys
+            .hub
+            .call("rpc", "echo", r#"{"text":"hi"}"#, 10042, wait)
+            .await
+            .unwrap();
+        assert_eq!(ok["status"], "ok", "{ok}");
+        assert_eq!(ok["reqid"], "10042");
+        assert_eq!(ok["response"], r#"{"text":"hi"}"#);
+        let unknown = sys
+            .hub
+            .call("rpc", "nope", "{}", 10043, wait)
+            .await
+            .unwrap();
+        assert_eq!(unknown["status"], "error", "{unknown}");
+        assert_eq!(unknown["errorMessage"], "Unknown method");
+        let absent = sys
+            .hub
+            .call("ghost", "echo", "{}", 10044, wait)
+            .await
+            .unwrap();
+        assert_eq!(absent["status"], "error", "{absent}");
+        assert_eq!(absent["reqid"], "10044");
+        sys.stop().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

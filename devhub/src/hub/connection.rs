@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use evp_schemas::Protocol;
 use evp_schemas::evp2::topics::{
     ATTRIBUTES, ATTRIBUTES_REQUEST_PREFIX, ATTRIBUTES_RESPONSE_PREFIX, RPC_REQUEST_FILTER,
     RPC_REQUEST_PREFIX, RPC_RESPONSE_FILTER, RPC_RESPONSE_PREFIX, TELEMETRY,
@@ -15,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     ATTRIBUTES_REQUEST_FILTER, AttributesKind, DeviceReport, HubError, OutboxItem, RECONNECT_DELAY,
-    Shared, classify_attributes, lock, merge_shared,
+    Shared, classify_attributes, dialect, lock, merge_shared,
 };
 
 /// Queues a QoS 1 publish and returns what resolves at its PUBACK. The waiter is queued
@@ -144,21 +145,30 @@ pub(super) fn handle_publish(
             tracing::debug!("ignoring a non-object message on {ATTRIBUTES}");
             return;
         };
+        let protocol = shared.options.protocol;
         match classify_attributes(&object) {
             AttributesKind::Status => {
+                let deployment = lock(&shared.attributes).get("deployment").cloned();
+                let object = dialect::status_from_wire(protocol, object, deployment.as_ref());
                 let report = Value::Object(object);
                 *lock(&shared.latest_status) = Some(report.clone());
                 shared.status_count.fetch_add(1, Ordering::SeqCst);
                 if let Some(topic) = &shared.options.republish_status {
+                    // Re-published in EVP2's shape, which `evp-devhub status` prints.
+                    let payload = match protocol {
+                        Protocol::Evp2 => payload.to_vec(),
+                        Protocol::Evp1 => report.to_string().into_bytes(),
+                    };
                     let _ = outbox.send(OutboxItem {
                         topic: topic.clone(),
-                        payload: payload.to_vec(),
+                        payload,
                         retain: true,
                     });
                 }
                 let _ = shared.reports.send(DeviceReport::Status(report));
             }
             AttributesKind::InstanceState => {
+                let object = dialect::states_from_wire(protocol, object);
                 lock(&shared.instance_states)
                     .extend(object.iter().map(|(k, v)| (k.clone(), v.clone())));
                 let _ = shared
@@ -203,25 +213,28 @@ pub(super) fn handle_publish(
         let Ok(payload) = serde_json::from_slice::<Value>(payload) else {
             return;
         };
-        let Some(request) = super::storage::request_of(&payload) else {
+        let protocol = shared.options.protocol;
+        let Some(request) = dialect::token_request_from_wire(protocol, mqtt_id, &payload) else {
             return;
         };
         if let Some(how) = lock(&shared.storage).as_ref() {
             tracing::debug!("answering storage token request {mqtt_id}");
+            let answer =
+                dialect::token_answer_to_wire(protocol, super::storage::answer(how, &request));
             let _ = outbox.send(OutboxItem {
                 topic: format!("{RPC_RESPONSE_PREFIX}{mqtt_id}"),
-                payload: super::storage::answer(how, request)
-                    .to_string()
-                    .into_bytes(),
+                payload: answer.to_string().into_bytes(),
                 retain: false,
             });
         }
         let _ = shared
             .reports
-            .send(DeviceReport::StorageTokenRequest(request.clone()));
+            .send(DeviceReport::StorageTokenRequest(request));
     } else if let Some(mqtt_id) = topic.strip_prefix(RPC_RESPONSE_PREFIX) {
         match serde_json::from_slice::<Value>(payload) {
             Ok(payload) => {
+                let payload =
+                    dialect::command_response_from_wire(shared.options.protocol, mqtt_id, payload);
                 let _ = shared.reports.send(DeviceReport::CommandResponse {
                     mqtt_id: mqtt_id.to_owned(),
                     payload,

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use evp_schemas::evp2::storage::{REQUEST_KEY, RESPONSE_KEY, ResponseType, StorageTokenResponse};
+use evp_schemas::evp2::storage::{RESPONSE_KEY, ResponseType, StorageTokenResponse};
 use serde_json::{Value, json};
 
 /// How the hub answers storage-token requests.
@@ -28,11 +28,6 @@ pub enum StorageAnswer {
     },
     /// Refuses every request with this `errorMessage`.
     Refuse(String),
-}
-
-/// The device's storage-token request in an RPC request payload, if it is one.
-pub fn request_of(payload: &Value) -> Option<&Value> {
-    payload.get("params")?.get(REQUEST_KEY)
 }
 
 /// The answer to `request` (the object under `storagetoken-request`).
@@ -106,8 +101,5 @@ mod tests {
         assert_eq!(decoded.expires_at_ms(), Some(5));
         let refused = answer(&StorageAnswer::Refuse("quota".into()), &request);
         assert_eq!(refused[RESPONSE_KEY]["errorMessage"], "quota");
-        let rpc = json!({"method": "evp-d2c", "params": {"storagetoken-request": request}});
-        assert!(request_of(&rpc).is_some());
-        assert!(request_of(&json!({"method": "evp-c2d", "params": {}})).is_none());
     }
 }
