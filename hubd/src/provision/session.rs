@@ -39,16 +39,28 @@ pub async fn obtain(
     let mut session_cfg = cfg.clone();
     session_cfg.username = Some(PROVISION_USERNAME.to_owned());
     session_cfg.password = None;
-    let options = crate::core::mqtt_options(&session_cfg, tls);
+    // Each broker of the hub in turn while none answers, as the normal session fails over.
+    let brokers = cfg.brokers();
+    let first = crate::core::mqtt_options(&session_cfg, tls);
+    let mut at = 0;
     let payload = request(device_name, key);
     let mut retries = Retries::default();
     info!(
-        "no MQTT credentials yet: provisioning {device_name:?} with key {:?} at {}:{}",
-        key.key, cfg.mqtt_host, cfg.mqtt_port
+        "no MQTT credentials yet: provisioning {device_name:?} with key {:?}",
+        key.key
     );
     loop {
         connection.send_replace(ConnectionState::Provisioning);
-        let outcome = attempt(options.clone(), payload.clone()).await;
+        let options = crate::core::connection_options(
+            &session_cfg,
+            first.client_id(),
+            first.transport(),
+            &brokers[at],
+        );
+        let outcome = attempt(options, payload.clone()).await;
+        if matches!(outcome, Outcome::NoAnswer(_)) {
+            at = (at + 1) % brokers.len();
+        }
         match retries.next(outcome) {
             Next::Keep(credentials) => {
                 match store::save(dir, &credentials) {
@@ -72,7 +84,10 @@ pub async fn obtain(
                     ConnectionState::ProvisioningRefused => {
                         error!("device provisioning refused: {reason}; next attempt in {delay:.1?}")
                     }
-                    _ => warn!("device provisioning: {reason}; next attempt in {delay:.1?}"),
+                    _ => warn!(
+                        "device provisioning: {reason}; next attempt to {} in {delay:.1?}",
+                        brokers[at]
+                    ),
                 }
                 tokio::time::sleep(delay).await;
             }
@@ -82,13 +97,15 @@ pub async fn obtain(
 
 /// One provisioning session.
 async fn attempt(options: rumqttc::MqttOptions, payload: Vec<u8>) -> Outcome {
+    let (host, port) = options.broker_address();
+    let broker = format!("{host}:{port}");
     let (client, mut eventloop) = AsyncClient::new(options, REQUEST_QUEUE);
     let deadline = tokio::time::Instant::now() + ATTEMPT_TIMEOUT;
     let mut connected = false;
     let outcome = loop {
         let Ok(polled) = tokio::time::timeout_at(deadline, eventloop.poll()).await else {
             break Outcome::NoAnswer(format!(
-                "no answer on {RESPONSE_TOPIC} within {ATTEMPT_TIMEOUT:?}"
+                "no answer on {RESPONSE_TOPIC} from {broker} within {ATTEMPT_TIMEOUT:?}"
             ));
         };
         match polled {
@@ -126,7 +143,7 @@ async fn attempt(options: rumqttc::MqttOptions, payload: Vec<u8>) -> Outcome {
             }
             Err(e) => {
                 connected = false;
-                break Outcome::NoAnswer(format!("MQTT: {e}"));
+                break Outcome::NoAnswer(format!("MQTT broker {broker}: {e}"));
             }
         }
     };
