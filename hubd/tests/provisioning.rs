@@ -2,15 +2,18 @@
 //! the first broker of the hub is down, the next one provisions the device, and the token is
 //! kept. Fails when mosquitto is not installed.
 
-mod common;
+use std::time::Duration;
 
-use common::{WAIT, local_config};
 use evp_devhub::hub::{HubSide, ProvisionProfile};
-use evp_hubd::config::{HubSection, ProvisionKey};
+use evp_hubd::config::{HubSection, ProvisionKey, resolve};
 use evp_hubd::core::ConnectionState;
 use evp_hubd::provision::{Credentials, session, store};
 use evp_system_tests::mosquitto::Mosquitto;
 use tokio::sync::watch;
+
+/// Upper bound for the provisioning: one refused connection, a backoff of at most 1 s, one
+/// exchange on loopback.
+const WAIT: Duration = Duration::from_secs(15);
 
 #[tokio::test]
 async fn provisioning_goes_on_to_the_next_broker_of_the_hub_and_keeps_the_token() {
@@ -21,14 +24,14 @@ async fn provisioning_goes_on_to_the_next_broker_of_the_hub_and_keeps_the_token(
     hub.set_provisioning(Some(profile.clone()));
     // Nothing listens on the first broker's port.
     let down = evp_system_tests::free_port().unwrap();
-    let cfg = local_config(
-        down,
-        HubSection {
-            mqtt_failover_brokers: Some(vec![format!("127.0.0.1:{}", mosquitto.port)]),
-            client_id: Some("dev-1".into()),
-            ..HubSection::default()
-        },
-    );
+    let section = HubSection {
+        mqtt_host: Some("127.0.0.1".into()),
+        mqtt_port: Some(down),
+        mqtt_failover_brokers: Some(vec![format!("127.0.0.1:{}", mosquitto.port)]),
+        client_id: Some("dev-1".into()),
+        ..HubSection::default()
+    };
+    let cfg = resolve(section, |_| None).unwrap();
     let key = ProvisionKey {
         key: profile.key.clone(),
         secret: profile.secret.clone(),
