@@ -30,7 +30,8 @@ pub fn mqtt_options(cfg: &HubConfig, tls: Option<&TlsMaterial>) -> MqttOptions {
 
 /// The options of a connection attempt to `broker` with `client_id` and `transport`; the rest
 /// from `cfg`. Every attempt's options are built here: the failover calls it for the next
-/// broker with the client id and transport in use. With TLS, rumqttc verifies the broker's
+/// broker with the client id and transport in use, and new TLS credentials take effect by
+/// calling it with their transport and client id. With TLS, rumqttc verifies the broker's
 /// certificate against `broker.host` (and sends it as SNI), through the proxy too, where the
 /// tunnel is asked for `broker.host`:`broker.port`.
 pub fn connection_options(
