@@ -1,5 +1,6 @@
-//! The README's "run the whole agent locally" command as a process: `evp-devhub up` brings the
-//! sample deployment to `ok`, and Ctrl-C leaves nothing running.
+//! The README's "run the whole agent locally" command as a process: `evp-devhub up` (in EVP2,
+//! and with `--protocol evp1`) brings the sample deployment to `ok`, and Ctrl-C leaves nothing
+//! running.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -12,10 +13,20 @@ use nix::unistd::Pid;
 
 #[test]
 fn devhub_up_runs_the_sample_and_stops_cleanly() {
+    up_runs_the_sample_and_stops_cleanly("evp2");
+}
+
+#[test]
+fn devhub_up_in_evp1_runs_the_sample_and_stops_cleanly() {
+    up_runs_the_sample_and_stops_cleanly("evp1");
+}
+
+/// `evp-devhub up --protocol <protocol>`: the agent and the hub both speak it.
+fn up_runs_the_sample_and_stops_cleanly(protocol: &str) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("devhub");
     let mut child = Command::new(bin_dir().join("evp-devhub"))
-        .args(["up", "--port", "0", "--data-dir"])
+        .args(["up", "--protocol", protocol, "--port", "0", "--data-dir"])
         .arg(&data)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -57,6 +68,7 @@ fn devhub_up_runs_the_sample_and_stops_cleanly() {
         })
     };
     let running = ours();
+    let agent_toml = std::fs::read_to_string(data.join("agent.toml")).unwrap_or_default();
     kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
     let status = child.wait().unwrap();
     assert!(
@@ -76,6 +88,12 @@ fn devhub_up_runs_the_sample_and_stops_cleanly() {
         "five daemons and two modules expected: {running:?}"
     );
     assert!(status.success(), "evp-devhub exited with {status}");
+    // EVP2 is the default and goes unsaid; another dialect is hubd's setting.
+    assert_eq!(
+        agent_toml.contains(&format!("protocol = \"{protocol}\"")),
+        protocol != "evp2",
+        "{agent_toml}"
+    );
     let left = ours();
     assert!(left.is_empty(), "still running after Ctrl-C: {left:?}");
 }
