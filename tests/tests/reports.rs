@@ -7,7 +7,7 @@ use evp_devhub::DeviceReport;
 use evp_system_tests::system::{
     Options, System, deploy_and_wait, deployment, deployment_of, wait_state,
 };
-use evp_system_tests::{DEADLINE, wait_for};
+use evp_system_tests::{DEADLINE, both_protocols, wait_for};
 use serde_json::{Map, Value, json};
 
 /// A direct command as an EVP2 hub sends it, on MQTT request `mqtt_id`.
@@ -127,25 +127,26 @@ async fn big_states_are_split_and_what_never_fits_is_refused_at_the_call() {
     sys.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_refusal_quoting_a_huge_name_is_reported_shortened() {
-    let sys = System::start().await.unwrap();
-    let long = "m".repeat(140_000);
-    let d = json!({
-        "deploymentId": "dep-long",
-        "instanceSpecs": {"i": {"moduleId": long, "publish": {}, "subscribe": {}}},
-        "modules": {}, "publishTopics": {}, "subscribeTopics": {}
-    });
-    sys.deploy(&d).await.unwrap();
-    let status = sys
-        .wait_status(|s| s["deploymentId"] == "dep-long" && s["reconcileStatus"] == "error")
-        .await
-        .unwrap();
-    let message = status["failureMessage"].as_str().unwrap();
-    assert!(message.len() < 1024, "{} bytes", message.len());
-    assert!(message.contains("refers to module \"mmm"), "{message}");
-    assert!(message.contains('…'), "{message}");
-    sys.stop().await;
+both_protocols! {
+    async fn a_refusal_quoting_a_huge_name_is_reported_shortened(protocol) {
+        let sys = System::start_speaking(protocol).await.unwrap();
+        let long = "m".repeat(140_000);
+        let d = json!({
+            "deploymentId": "dep-long",
+            "instanceSpecs": {"i": {"moduleId": long, "publish": {}, "subscribe": {}}},
+            "modules": {}, "publishTopics": {}, "subscribeTopics": {}
+        });
+        sys.deploy(&d).await.unwrap();
+        let status = sys
+            .wait_status(|s| s["deploymentId"] == "dep-long" && s["reconcileStatus"] == "error")
+            .await
+            .unwrap();
+        let message = status["failureMessage"].as_str().unwrap();
+        assert!(message.len() < 1024, "{} bytes", message.len());
+        assert!(message.contains("refers to module \"mmm"), "{message}");
+        assert!(message.contains('…'), "{message}");
+        sys.stop().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
