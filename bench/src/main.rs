@@ -7,6 +7,7 @@
 
 mod blob;
 mod cpu;
+mod fleet;
 mod memory;
 mod spool;
 mod wasm;
@@ -144,6 +145,24 @@ enum Scenario {
         #[arg(long, default_value_t = 60)]
         outage_s: u64,
     },
+    /// N complete agents on this host (each its own private bus and five daemons) against one
+    /// mosquitto, each in its own topic namespace (a listener with a `mount_point`), and a hub
+    /// side per agent: deployment to all N, memory and CPU per agent at idle, and the
+    /// reconnection of all N after mosquitto is killed and started again.
+    Fleet {
+        /// How many agents.
+        #[arg(long, default_value_t = 10)]
+        agents: usize,
+        /// How many agents start at once.
+        #[arg(long, default_value_t = 10)]
+        wave: usize,
+        /// Seconds the idle agents are watched for their CPU time.
+        #[arg(long, default_value_t = 30)]
+        idle_s: u64,
+        /// Keep the fleet's directory (agent.toml, daemon logs) and print where it is.
+        #[arg(long)]
+        keep_dir: bool,
+    },
     /// The telemetry scenario with the flooder a WASM instance
     /// (sdk/c/bench-modules/telemetry-flood.c).
     WasmTelemetry {
@@ -224,6 +243,20 @@ async fn main() -> Result<()> {
             })
             .await?
         }
+        Scenario::Fleet {
+            agents,
+            wave,
+            idle_s,
+            keep_dir,
+        } => {
+            fleet::run(fleet::Params {
+                agents,
+                wave,
+                idle: Duration::from_secs(idle_s),
+                keep_dir,
+            })
+            .await?
+        }
         Scenario::BlobPut { mib, runs } => blob::put(mib, runs).await?,
         Scenario::WasmLoad { runs } => wasm::load(runs).await?,
         Scenario::WasmIdleMemory { instances, runs } => wasm::idle_memory(instances, runs).await?,
@@ -282,27 +315,28 @@ fn deployment_of(id: &str, names: &[String], module: &Value) -> Value {
     })
 }
 
+/// Whether the status report `report` says deployment `id` is `ok` with the instances
+/// `names`, and only those, each `ok`.
+fn is_deployed(report: &Value, id: &str, names: &[&str]) -> bool {
+    let s = &report["deploymentStatus"];
+    s["deploymentId"] == id
+        && s["reconcileStatus"] == "ok"
+        && s["instances"].as_object().map(|o| o.len()) == Some(names.len())
+        && names.iter().all(|n| instance_status(s, n) == "ok")
+}
+
 /// Deploys `deployment` and waits for the report in which it is `ok` with its instances, and
 /// only those, `ok`; the time that took.
 async fn deploy_until_ok(sys: &System, deployment: &Value) -> Result<Duration> {
     let id = deployment["deploymentId"].as_str().unwrap_or_default();
-    let names: Vec<&String> = deployment["instanceSpecs"]
+    let names: Vec<&str> = deployment["instanceSpecs"]
         .as_object()
-        .map(|o| o.keys().collect())
+        .map(|o| o.keys().map(String::as_str).collect())
         .unwrap_or_default();
     let started = Instant::now();
     sys.deploy(deployment).await?;
     sys.hub
-        .wait_for_status(
-            |r| {
-                let s = &r["deploymentStatus"];
-                s["deploymentId"] == id
-                    && s["reconcileStatus"] == "ok"
-                    && s["instances"].as_object().map(|o| o.len()) == Some(names.len())
-                    && names.iter().all(|n| instance_status(s, n) == "ok")
-            },
-            RUN_DEADLINE,
-        )
+        .wait_for_status(|r| is_deployed(r, id, &names), RUN_DEADLINE)
         .await
         .with_context(|| {
             let logs = sys.stack.config().log_dir();

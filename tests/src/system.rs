@@ -363,17 +363,7 @@ impl System {
 impl Drop for System {
     fn drop(&mut self) {
         // Modules of this device whose runtime was killed would outlive the test otherwise.
-        let data = self.data_dir();
-        let marker = data.to_string_lossy().into_owned();
-        for pid in processes_with_env(|env| {
-            env.split(|b| *b == 0)
-                .any(|v| v.starts_with(b"EVP_MODULE_SDK_") && contains(v, marker.as_bytes()))
-        }) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
+        kill_modules_under(&self.data_dir());
         if let Some(mount) = &self.tmpfs {
             // Lazily: a module killed just above may still hold a file there.
             let _ = std::process::Command::new("umount")
@@ -385,6 +375,21 @@ impl Drop for System {
             let path = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
             eprintln!("kept {}", path.keep().display());
         }
+    }
+}
+
+/// Kills (SIGKILL) every module process whose SDK environment names a path under `dir`:
+/// the modules of devices there, which outlive a runtime that was killed.
+pub fn kill_modules_under(dir: &Path) {
+    let marker = dir.to_string_lossy().into_owned();
+    for pid in processes_with_env(|env| {
+        env.split(|b| *b == 0)
+            .any(|v| v.starts_with(b"EVP_MODULE_SDK_") && contains(v, marker.as_bytes()))
+    }) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }
 
