@@ -1,8 +1,13 @@
-//! `fleet`: N complete agents on one host (each its own private bus and five daemons) against
-//! one mosquitto, each device in its own topic namespace (a listener with a `mount_point` per
-//! device), and a hub side per device in this process. Measures the deployment to all N, the
-//! memory and CPU of each agent at idle, and how the fleet reconnects after the broker is
-//! killed and started again.
+//! `fleet`: N complete agents on one host (each its own private bus and five daemons), each
+//! device with its own topic namespace, and a hub side per device in this process. Measures the
+//! deployment to all N, the memory and CPU of each agent at idle, and how the fleet reconnects
+//! after its broker is killed and started again.
+//!
+//! The namespace is a mosquitto process per device, all killed at once and started again
+//! together: one mosquitto with a listener per device and `mount_point` would be the one broker
+//! of a hub, but Debian 12's mosquitto (2.0.11) does not take the mount point off the topics it
+//! delivers (eclipse-mosquitto#2244, fixed in 2.0.12), so hubd would get
+//! `dev0/v1/devices/me/attributes` and ignore it.
 
 mod figures;
 
@@ -71,7 +76,7 @@ struct Agent {
 struct AgentSpec {
     index: usize,
     root: PathBuf,
-    /// Its mosquitto listener (its namespace).
+    /// Its broker's port.
     port: u16,
     uids: (u32, u32),
 }
@@ -167,7 +172,8 @@ impl Agent {
 /// Everything the fleet runs, and its directory.
 struct Fleet {
     root: tempfile::TempDir,
-    mosquitto: Option<Mosquitto>,
+    /// Each agent's broker, by index (see the module's comment).
+    brokers: Vec<Mosquitto>,
     agents: Vec<Agent>,
     _uids: Vec<UidBlock>,
 }
@@ -178,16 +184,20 @@ impl Fleet {
         // Instances run under uids of their own: they must get through to their workspace and
         // SDK socket inside.
         traversable(root.path())?;
-        let prefixes: Vec<String> = (0..agents).map(|i| format!("dev{i}/")).collect();
-        let mosquitto = Mosquitto::start_with_mount_points(root.path(), &prefixes)
-            .context("starting mosquitto")?;
+        let brokers = (0..agents)
+            .map(|i| {
+                let dir = root.path().join(format!("broker-{i}"));
+                std::fs::create_dir_all(&dir)?;
+                Mosquitto::start(&dir, None).with_context(|| format!("starting mosquitto {i}"))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let blocks = (agents as u32 * UIDS_PER_AGENT).div_ceil(64);
         let uids = (0..blocks)
             .map(|_| UidBlock::take())
             .collect::<Result<Vec<_>>>()?;
         Ok(Fleet {
             root,
-            mosquitto: Some(mosquitto),
+            brokers,
             agents: Vec::new(),
             _uids: uids,
         })
@@ -204,10 +214,6 @@ impl Fleet {
         Ok((min, min + UIDS_PER_AGENT - 1))
     }
 
-    fn mosquitto(&self) -> Result<&Mosquitto> {
-        self.mosquitto.as_ref().context("mosquitto is not running")
-    }
-
     /// Starts the agents `wave` at a time; each wave is up (every agent reported its status)
     /// before the next starts.
     async fn launch(&mut self, agents: usize, wave: usize) -> Result<()> {
@@ -215,11 +221,7 @@ impl Fleet {
         for chunk in indices.chunks(wave.max(1)) {
             let mut set = tokio::task::JoinSet::new();
             for &index in chunk {
-                let port = *self
-                    .mosquitto()?
-                    .mounted_ports
-                    .get(index)
-                    .context("a listener per agent")?;
+                let port = self.brokers.get(index).context("a broker per agent")?.port;
                 set.spawn(Agent::launch(AgentSpec {
                     index,
                     root: self.root.path().to_owned(),
@@ -253,7 +255,7 @@ impl Fleet {
         self.agents.clear();
         // A module whose runtime did not stop it (killed in a failed start) is ours still.
         kill_modules_under(self.root.path());
-        self.mosquitto = None;
+        self.brokers.clear();
         if keep_dir {
             eprintln!("fleet: kept {}", self.root.keep().display());
         }
@@ -386,8 +388,15 @@ async fn idle_figures(fleet: &Fleet, window: Duration) -> Result<Value> {
             )
         })
         .collect();
-    let mosquitto =
-        cpu::pid_with_argument(&fleet.root.path().join("mosquitto.conf").to_string_lossy());
+    let mut brokers = Footprint::default();
+    for i in 0..fleet.brokers.len() {
+        let conf = fleet.root.path().join(format!("broker-{i}/mosquitto.conf"));
+        if let Some(pid) = cpu::pid_with_argument(&conf.to_string_lossy()) {
+            let footprint = footprint(pid)?;
+            brokers.rss_kib += footprint.rss_kib;
+            brokers.pss_kib += footprint.pss_kib;
+        }
+    }
     Ok(json!({
         "window_s": window.as_secs(),
         "cpu_percent_of_a_core_per_agent": figures::distribution(&cpu_per_agent, "percent"),
@@ -396,7 +405,7 @@ async fn idle_figures(fleet: &Fleet, window: Duration) -> Result<Value> {
         "rss_kib_per_agent": figures::distribution(&rss_per_agent, "kib"),
         "pss_mib_all_agents": (pss_per_agent.iter().sum::<f64>() / 1024.0).round(),
         "by_process": by_process,
-        "mosquitto": mosquitto.map(footprint).transpose()?,
+        "brokers_all": brokers,
         "hub_sides_evp_bench": footprint(std::process::id())?,
     }))
 }
@@ -407,8 +416,8 @@ fn footprint(pid: u32) -> Result<Footprint> {
     memory::parse_rollup(&text)
 }
 
-/// Kills mosquitto (SIGKILL), starts it again on the same ports, and times each agent until
-/// its hubd is connected again.
+/// Kills every broker (SIGKILL), starts them again on the same ports, and times each agent
+/// until its hubd is connected again.
 async fn reconnect_figures(fleet: &mut Fleet) -> Result<Value> {
     evp_system_tests::wait_for("every agent connected", DEADLINE, async || {
         for agent in &fleet.agents {
@@ -419,18 +428,35 @@ async fn reconnect_figures(fleet: &mut Fleet) -> Result<Value> {
         Some(())
     })
     .await?;
-    let mut mosquitto = fleet.mosquitto.take().context("mosquitto is not running")?;
+    let mut brokers = std::mem::take(&mut fleet.brokers);
     let lost = Instant::now();
-    // Off the runtime's threads: the restart waits (blocking) until every listener accepts.
-    let (mosquitto, restarted) = tokio::task::spawn_blocking(move || {
-        let restarted = mosquitto.restart();
-        (mosquitto, restarted)
+    // Off the runtime's threads, since a start waits (blocking) until its broker listens; all
+    // killed first, then started together, as one broker would be.
+    let (brokers, restarted) = tokio::task::spawn_blocking(move || {
+        brokers.iter_mut().for_each(Mosquitto::stop);
+        let restarted: Vec<Result<()>> = std::thread::scope(|scope| {
+            let starts: Vec<_> = brokers
+                .iter_mut()
+                .map(|b| scope.spawn(move || b.restart()))
+                .collect();
+            starts
+                .into_iter()
+                .map(|s| {
+                    s.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("panicked")))
+                })
+                .collect()
+        });
+        (brokers, restarted)
     })
     .await?;
-    fleet.mosquitto = Some(mosquitto);
-    restarted.context("restarting mosquitto")?;
+    fleet.brokers = brokers;
+    restarted
+        .into_iter()
+        .collect::<Result<Vec<()>>>()
+        .context("restarting the brokers")?;
     let back = Instant::now();
-    eprintln!("fleet: broker killed and back in {:?}", back - lost);
+    eprintln!("fleet: brokers killed and all back in {:?}", back - lost);
     let connected =
         evp_system_tests::wait_for("every agent connected again", DEADLINE, async || {
             fleet
@@ -470,7 +496,7 @@ async fn interrupted() -> &'static str {
 }
 
 /// Raises the soft limit of open files to the hard one: the hub sides and bus connections of
-/// 100 agents, and mosquitto (started from here) with a listener and two clients per agent.
+/// 100 agents.
 fn raise_fd_limit() -> Result<()> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("reading RLIMIT_NOFILE")?;
