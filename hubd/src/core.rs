@@ -21,6 +21,7 @@ use crate::device_config::{AgentSettings, DeviceConfigStore};
 use crate::failover::{Failover, Failure};
 use crate::outbox::Outbox;
 use crate::report::{self, Rejection};
+use crate::rotation;
 use crate::rpc::{self, PendingCommands};
 use crate::session::Session;
 use crate::spool::Spool;
@@ -90,6 +91,7 @@ async fn drive(
     events: mpsc::Sender<MqttEvent>,
     connection: watch::Sender<ConnectionState>,
     mut stop: watch::Receiver<bool>,
+    mut credentials: rotation::NextCredentials,
 ) {
     let brokers = cfg.brokers();
     let mut failover = Failover::new(brokers.len());
@@ -102,6 +104,7 @@ async fn drive(
         let polled = if up_since.is_some() {
             eventloop.poll().await
         } else {
+            rotation::use_latest(&mut credentials, &mut eventloop.mqtt_options);
             connection.send_replace(ConnectionState::Connecting);
             tokio::select! {
                 r = eventloop.poll() => r,
@@ -117,6 +120,10 @@ async fn drive(
                 up_since = Some(Instant::now());
                 failover.connected();
                 outbox.connected();
+                if rotation::pending(&credentials) {
+                    // Renewed while this connection was being made: it ends at once.
+                    let _ = outbox.disconnect();
+                }
                 connection.send_replace(ConnectionState::Connected);
                 if events.send(MqttEvent::Connected).await.is_err() {
                     break;
@@ -135,6 +142,17 @@ async fn drive(
             Ok(Event::Incoming(Packet::PubAck(ack))) => {
                 if let Some(tag) = outbox.puback(ack.pkid) {
                     let _ = acks.send(tag);
+                }
+            }
+            Ok(Event::Outgoing(Outgoing::Disconnect))
+                if !*stop.borrow() && rotation::pending(&credentials) =>
+            {
+                // A rotation's: connect again at once, with the renewed credentials.
+                outbox.lost(&mut eventloop);
+                connection.send_replace(ConnectionState::Disconnected);
+                up_since = None;
+                if events.send(MqttEvent::Disconnected).await.is_err() {
+                    break;
                 }
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
@@ -175,6 +193,7 @@ async fn drive(
                 warn!("{what}; next attempt to {target} in {:.1?}", next.delay);
                 tokio::select! {
                     _ = tokio::time::sleep(next.delay) => {}
+                    _ = rotation::renewed(&mut credentials) => {}
                     _ = stop.wait_for(|s| *s) => break,
                 }
             }
@@ -283,6 +302,7 @@ pub async fn run_with_sdk(
         mut storage_tokens,
         registry_auth,
         spool: spool_report,
+        credentials,
     } = links;
     let spool_dir = store.dir().join("spool");
     let spool = Spool::open(&spool_dir, cfg.spool)
@@ -316,6 +336,10 @@ pub async fn run_with_sdk(
             dropped: dropped_tx,
         },
     ));
+    let rotation = tokio::spawn(rotation::reconnect_when_renewed(
+        credentials.clone(),
+        outbox.clone(),
+    ));
     let mut driver = tokio::spawn(drive(
         cfg.clone(),
         eventloop,
@@ -324,6 +348,7 @@ pub async fn run_with_sdk(
         events_tx,
         connection,
         stop_rx,
+        credentials,
     ));
     let settings = AgentSettings::new(&cfg, device_config.as_ref());
     registry_auth.send_replace(settings.registry_auth.clone());
@@ -440,6 +465,7 @@ pub async fn run_with_sdk(
         let _ = core.outbox.client().try_disconnect();
     }
     let _ = stop_tx.send(true);
+    rotation.abort();
     if tokio::time::timeout(DISCONNECT_GRACE, spool_task)
         .await
         .is_err()

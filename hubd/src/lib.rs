@@ -3,7 +3,7 @@
 //! status back, and serves `org.evp.Hub1`.
 //!
 //! - [`config`]: the `[hub]` settings and EVP's environment variables.
-//! - [`tls`]: MQTT over TLS.
+//! - [`tls`]: MQTT over TLS; [`rotation`]: renewed TLS files used without a restart.
 //! - [`session`], [`timing`] and [`failover`]: the pure state machines of the session, of
 //!   report timing and of the reconnect schedule across brokers.
 //! - [`device_config`] and [`report`]: the hub's device configuration and the status report.
@@ -24,6 +24,7 @@ pub mod identity;
 pub mod outbox;
 pub mod provision;
 pub mod report;
+pub mod rotation;
 pub mod rpc;
 pub mod session;
 pub mod spool;
@@ -97,6 +98,13 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
 
     let codec = cfg.protocol.codec();
     let (links, ends) = Links::new();
+    if let Some(material) = tls {
+        tokio::spawn(rotation::watch(
+            cfg.clone(),
+            material.bytes,
+            ends.credentials,
+        ));
+    }
     let hub = bus::Hub1::new(
         codec.protocol_name(),
         device_id.clone(),

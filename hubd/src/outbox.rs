@@ -80,6 +80,20 @@ impl Outbox {
         }
     }
 
+    /// Ends the current connection with a DISCONNECT (a rotation's: the driver connects again).
+    /// Refused when there is no connection: a DISCONNECT queued then would end the next one.
+    pub fn disconnect(&self) -> Result<(), Refused> {
+        let pairing = self.lock();
+        if !pairing.connected {
+            return Err(Refused::NotConnected);
+        }
+        match self.client.try_disconnect() {
+            Ok(()) => Ok(()),
+            Err(ClientError::TryRequest(Request::Disconnect(_))) => Err(Refused::Full),
+            Err(_) => Err(Refused::Closed),
+        }
+    }
+
     /// The client, for what is not a publish (subscriptions, DISCONNECT).
     pub fn client(&self) -> &AsyncClient {
         &self.client
@@ -175,6 +189,20 @@ mod tests {
         // The first publish of the new connection pairs with its own tag, not a stale one.
         o.outgoing_publish(1);
         assert_eq!(o.puback(1), Some(3));
+    }
+
+    #[test]
+    fn a_disconnect_is_queued_only_for_a_connection() {
+        let (o, mut eventloop) = outbox();
+        assert_eq!(o.disconnect(), Err(Refused::NotConnected));
+        o.connected();
+        o.disconnect().unwrap();
+        o.lost(&mut eventloop);
+        assert!(
+            eventloop.pending.is_empty(),
+            "the next connection is not ended"
+        );
+        assert_eq!(o.disconnect(), Err(Refused::NotConnected));
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! TLS for MQTT: loading the CA, client certificate and key, the client id from the
-//! certificate's CN, and the rustls client configuration (ring provider).
+//! certificate's CN, and the rustls client configuration (ring provider). The files are read
+//! once ([`read`]) and built from those bytes ([`build`]), so what [`crate::rotation`] checked
+//! is what is used.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,7 +13,7 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme
 
 use crate::config::TlsFiles;
 
-/// Why the TLS material cannot be used; found at start-up.
+/// Why the TLS material cannot be used (at start-up, or a renewed set).
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// A file could not be read.
@@ -46,9 +48,44 @@ pub struct TlsMaterial {
     pub config: Arc<ClientConfig>,
     /// The CN of the client certificate, when mutual TLS is configured and it has one.
     pub client_cn: Option<String>,
+    /// The file contents it was built from.
+    pub bytes: TlsBytes,
 }
 
-fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+/// The contents of the TLS files, as read at one moment.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TlsBytes {
+    /// The CA certificate file.
+    pub ca: Vec<u8>,
+    /// The client certificate and key files, for mutual TLS.
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for TlsBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key's bytes in a log.
+        f.debug_struct("TlsBytes")
+            .field("ca", &self.ca.len())
+            .field("client", &self.client.as_ref().map(|(c, _)| c.len()))
+            .finish_non_exhaustive()
+    }
+}
+
+const CA_CERT: &str = "MQTT TLS CA certificate";
+const CLIENT_CERT: &str = "MQTT TLS client certificate";
+const CLIENT_KEY: &str = "MQTT TLS client key";
+
+/// Reads the files of `files`.
+pub fn read(files: &TlsFiles) -> Result<TlsBytes, TlsError> {
+    let ca = read_file(CA_CERT, &files.ca_cert)?;
+    let client = match &files.client {
+        Some((cert, key)) => Some((read_file(CLIENT_CERT, cert)?, read_file(CLIENT_KEY, key)?)),
+        None => None,
+    };
+    Ok(TlsBytes { ca, client })
+}
+
+fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|error| TlsError::Read {
         what,
         path: path.to_owned(),
@@ -65,35 +102,36 @@ fn content(what: &'static str, path: &Path, message: impl Into<String>) -> TlsEr
 }
 
 /// Certificates from a PEM file, or the whole file as one DER certificate when it holds no PEM.
-fn load_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let bytes = read(what, path)?;
-    let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut bytes.as_slice())
+fn parse_certs(
+    what: &'static str,
+    path: &Path,
+    bytes: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut &bytes[..])
         .collect::<Result<_, _>>()
         .map_err(|e| content(what, path, format!("is not valid PEM: {e}")))?;
     if !certs.is_empty() {
         return Ok(certs);
     }
     // EVP accepts DER too; check that it parses before handing it on.
-    x509_parser::parse_x509_certificate(&bytes).map_err(|e| {
+    x509_parser::parse_x509_certificate(bytes).map_err(|e| {
         content(
             what,
             path,
             format!("holds no PEM certificate and is not DER: {e}"),
         )
     })?;
-    Ok(vec![CertificateDer::from(bytes)])
+    Ok(vec![CertificateDer::from(bytes.to_vec())])
 }
 
-fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    const WHAT: &str = "MQTT TLS client key";
-    let bytes = read(WHAT, path)?;
-    match rustls_pemfile::private_key(&mut bytes.as_slice()) {
+fn parse_key(path: &Path, bytes: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
+    match rustls_pemfile::private_key(&mut &bytes[..]) {
         Ok(Some(key)) => Ok(key),
-        Ok(None) if !bytes.starts_with(b"-----") => {
-            Ok(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(bytes)))
-        }
-        Ok(None) => Err(content(WHAT, path, "holds no private key")),
-        Err(e) => Err(content(WHAT, path, format!("is not valid PEM: {e}"))),
+        Ok(None) if !bytes.starts_with(b"-----") => Ok(PrivateKeyDer::Pkcs8(
+            PrivatePkcs8KeyDer::from(bytes.to_vec()),
+        )),
+        Ok(None) => Err(content(CLIENT_KEY, path, "holds no private key")),
+        Err(e) => Err(content(CLIENT_KEY, path, format!("is not valid PEM: {e}"))),
     }
 }
 
@@ -107,17 +145,23 @@ pub fn common_name(der: &[u8]) -> Option<String> {
 /// Loads the files and builds the rustls configuration. The broker's certificate is verified
 /// against the CA (server name: the MQTT host) unless `insecure_skip_verify`.
 pub fn load(files: &TlsFiles, insecure_skip_verify: bool) -> Result<TlsMaterial, TlsError> {
+    build(files, read(files)?, insecure_skip_verify)
+}
+
+/// Builds the rustls configuration from the contents of `files` (their paths name them in
+/// errors): as [`load`], without reading anything.
+pub fn build(
+    files: &TlsFiles,
+    bytes: TlsBytes,
+    insecure_skip_verify: bool,
+) -> Result<TlsMaterial, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let ca_certs = load_certs("MQTT TLS CA certificate", &files.ca_cert)?;
+    let ca_certs = parse_certs(CA_CERT, &files.ca_cert, &bytes.ca)?;
     let mut roots = RootCertStore::empty();
     for cert in ca_certs {
-        roots.add(cert).map_err(|e| {
-            content(
-                "MQTT TLS CA certificate",
-                &files.ca_cert,
-                format!("is not a usable CA: {e}"),
-            )
-        })?;
+        roots
+            .add(cert)
+            .map_err(|e| content(CA_CERT, &files.ca_cert, format!("is not a usable CA: {e}")))?;
     }
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
@@ -130,18 +174,33 @@ pub fn load(files: &TlsFiles, insecure_skip_verify: bool) -> Result<TlsMaterial,
     } else {
         builder.with_root_certificates(roots)
     };
-    let (config, client_cn) = match &files.client {
-        Some((cert_path, key_path)) => {
-            let chain = load_certs("MQTT TLS client certificate", cert_path)?;
+    let (config, client_cn) = match (&files.client, &bytes.client) {
+        (Some((cert_path, key_path)), Some((cert, key))) => {
+            let chain = parse_certs(CLIENT_CERT, cert_path, cert)?;
             let client_cn = chain.first().and_then(|c| common_name(c));
-            let key = load_key(key_path)?;
-            (builder.with_client_auth_cert(chain, key)?, client_cn)
+            let key = parse_key(key_path, key)?;
+            let config = builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| match e {
+                    // A renewal tool caught between writing the certificate and the key.
+                    rustls::Error::InconsistentKeys(_) => content(
+                        CLIENT_KEY,
+                        key_path,
+                        format!("is not the key of the certificate {}", cert_path.display()),
+                    ),
+                    e => TlsError::Rustls(e),
+                })?;
+            (config, client_cn)
         }
-        None => (builder.with_no_client_auth(), None),
+        (Some((cert_path, _)), None) => {
+            return Err(content(CLIENT_CERT, cert_path, "was not read"));
+        }
+        (None, _) => (builder.with_no_client_auth(), None),
     };
     Ok(TlsMaterial {
         config: Arc::new(config),
         client_cn,
+        bytes,
     })
 }
 
@@ -244,6 +303,24 @@ pub(crate) mod tests {
             client: None,
         };
         load(&files, false).unwrap();
+    }
+
+    #[test]
+    fn a_key_that_is_not_the_certificates_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = write_pki(dir.path(), "d");
+        let other = tempfile::tempdir().unwrap();
+        write_pki(other.path(), "d");
+        std::fs::copy(
+            other.path().join("client.key"),
+            dir.path().join("client.key"),
+        )
+        .unwrap();
+        let e = load(&files, false).unwrap_err().to_string();
+        assert!(
+            e.contains("client.key is not the key of the certificate") && e.contains("client.pem"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -160,6 +160,7 @@ impl Rig {
             storage_tokens,
             registry_auth,
             spool,
+            ..
         } = ends;
         let (applied_tx, applied) = mpsc::unbounded_channel::<String>();
         tokio::spawn(async move {

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use evp_schemas::DeploymentStatus;
 use tokio::sync::{mpsc, watch};
 
+use crate::rotation::{Credentials, NextCredentials};
 use crate::spool::task::SpoolReport;
 use crate::storage::TokenRequest;
 use crate::telemetry::TelemetryBatch;
@@ -121,6 +122,8 @@ pub struct Links {
     pub registry_auth: watch::Sender<RegistryAuth>,
     /// The spool's figures, for `Hub1.QueuedBytes`.
     pub spool: watch::Sender<SpoolReport>,
+    /// Renewed TLS credentials, for the next connection.
+    pub credentials: NextCredentials,
 }
 
 /// The other ends of [`Links`], for whoever plays reconcilerd, the configuration delivery and
@@ -143,6 +146,8 @@ pub struct LinkEnds {
     pub registry_auth: watch::Receiver<RegistryAuth>,
     /// The spool's figures.
     pub spool: watch::Receiver<SpoolReport>,
+    /// Where renewed TLS credentials go ([`crate::rotation::watch`]).
+    pub credentials: watch::Sender<Option<Credentials>>,
 }
 
 impl Links {
@@ -156,6 +161,7 @@ impl Links {
         let (storage_tokens_tx, storage_tokens) = mpsc::channel(STORAGE_TOKEN_CHANNEL);
         let (registry_auth, registry_auth_rx) = watch::channel(RegistryAuth::new());
         let (spool, spool_rx) = watch::channel(SpoolReport::default());
+        let (credentials_tx, credentials) = watch::channel(None);
         (
             Links {
                 deployments,
@@ -166,6 +172,7 @@ impl Links {
                 storage_tokens,
                 registry_auth,
                 spool,
+                credentials,
             },
             LinkEnds {
                 deployments: deployments_rx,
@@ -176,6 +183,7 @@ impl Links {
                 storage_tokens: storage_tokens_tx,
                 registry_auth: registry_auth_rx,
                 spool: spool_rx,
+                credentials: credentials_tx,
             },
         )
     }
