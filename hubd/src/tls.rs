@@ -111,6 +111,19 @@ fn parse_certs(
         .collect::<Result<_, _>>()
         .map_err(|e| content(what, path, format!("is not valid PEM: {e}")))?;
     if !certs.is_empty() {
+        // PEM only says base64: each must be a certificate, or rustls refuses it unnamed.
+        for (n, cert) in certs.iter().enumerate() {
+            x509_parser::parse_x509_certificate(cert).map_err(|e| {
+                content(
+                    what,
+                    path,
+                    format!(
+                        "holds a PEM block that is not a certificate (#{}): {e}",
+                        n + 1
+                    ),
+                )
+            })?;
+        }
         return Ok(certs);
     }
     // EVP accepts DER too; check that it parses before handing it on.
@@ -303,6 +316,25 @@ pub(crate) mod tests {
             client: None,
         };
         load(&files, false).unwrap();
+    }
+
+    #[test]
+    fn a_pem_block_that_is_not_a_certificate_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = write_pki(dir.path(), "d");
+        let (cert, _) = files.client.clone().unwrap();
+        std::fs::write(
+            &cert,
+            "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let e = load(&files, false).unwrap_err().to_string();
+        assert!(
+            e.contains("client certificate")
+                && e.contains("client.pem")
+                && e.contains("not a certificate"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod proxy;
 pub mod python;
 pub mod relay;
 pub mod system;
+pub mod telemetry;
 pub mod wasm;
 
 use std::time::{Duration, Instant};

@@ -3,112 +3,16 @@
 //! device sees it) while the hub driver stays connected to mosquitto and sees everything the
 //! device sends. `evp-test-ticker` instances send numbered telemetry at a steady rate.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use evp_schemas::dbus::SdkBroker1Proxy;
 use evp_system_tests::system::{
     Options, System, deploy_and_wait, deployment_of, hub1, wait_connection,
 };
+use evp_system_tests::telemetry::{Received, TELEMETRY_TOPIC, first_arrivals, tick};
 use evp_system_tests::{DEADLINE, wait_for};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
 
 const HUBD: &str = "evp-hubd";
-/// The telemetry topic, as hubd's spool records it (for the expected record sizes).
-const TELEMETRY: &str = "v1/devices/me/telemetry";
-
-/// Every `<instance>/seq` value the hub received, per instance, in arrival order.
-#[derive(Clone, Default)]
-struct Received(Arc<Mutex<BTreeMap<String, Vec<u64>>>>);
-
-impl Received {
-    /// A telemetry subscriber of its own on the broker (the hub driver's report queue is
-    /// bounded, and a draining spool outruns it), ready when this returns.
-    async fn follow(sys: &System) -> Received {
-        let received = Received::default();
-        let seen = received.clone();
-        let mut o = MqttOptions::new("spool-test-hub", "127.0.0.1", sys.mosquitto.port);
-        o.set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut eventloop) = AsyncClient::new(o, 64);
-        client.subscribe(TELEMETRY, QoS::AtLeastOnce).await.unwrap();
-        let (ready_tx, ready) = tokio::sync::oneshot::channel();
-        let mut ready_tx = Some(ready_tx);
-        tokio::spawn(async move {
-            let _client = client;
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        if let Some(r) = ready_tx.take() {
-                            let _ = r.send(());
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let Ok(Value::Object(map)) = serde_json::from_slice(&p.payload) else {
-                            continue;
-                        };
-                        let mut all = seen.0.lock().unwrap();
-                        for (key, value) in map {
-                            if let (Some(instance), Some(n)) =
-                                (key.strip_suffix("/seq"), value.as_u64())
-                            {
-                                all.entry(instance.to_owned()).or_default().push(n);
-                            }
-                        }
-                    }
-                    Ok(_) => {}
-                    // The broker goes with the system at the end; a loss mid-test fails the waits.
-                    Err(e) => {
-                        eprintln!("the test's subscriber lost the broker: {e}");
-                        return;
-                    }
-                }
-            }
-        });
-        ready.await.unwrap();
-        received
-    }
-
-    fn of(&self, instance: &str) -> Vec<u64> {
-        self.0
-            .lock()
-            .unwrap()
-            .get(instance)
-            .cloned()
-            .unwrap_or_default()
-    }
-
-    /// Distinct values of `instance` received.
-    fn distinct(&self, instance: &str) -> usize {
-        let mut v = self.of(instance);
-        v.sort_unstable();
-        v.dedup();
-        v.len()
-    }
-
-    async fn wait_distinct(&self, instance: &str, n: usize, timeout: Duration) {
-        let waited = wait_for(&format!("{n} values of {instance}"), timeout, async || {
-            (self.distinct(instance) >= n).then_some(())
-        })
-        .await;
-        if let Err(e) = waited {
-            let got: std::collections::BTreeSet<u64> = self.of(instance).into_iter().collect();
-            let missing: Vec<u64> = (0..n as u64)
-                .filter(|v| !got.contains(v))
-                .take(20)
-                .collect();
-            panic!("{e}: {} received, the first missing {missing:?}", got.len());
-        }
-    }
-}
-
-/// The values in the order of their first arrival: at-least-once allows a value again after a
-/// reconnect or a crash, never a new one before an older one.
-fn first_arrivals(values: &[u64]) -> Vec<u64> {
-    let mut seen = std::collections::HashSet::new();
-    values.iter().copied().filter(|v| seen.insert(*v)).collect()
-}
 
 async fn start(extra_toml: &str, instances: &[&str]) -> System {
     let sys = System::start_with(Options {
@@ -121,18 +25,6 @@ async fn start(extra_toml: &str, instances: &[&str]) -> System {
     let specs: Vec<(&str, &str)> = instances.iter().map(|i| (*i, "evp-test-ticker")).collect();
     deploy_and_wait(&sys, &deployment_of("dep-tick", &specs)).await;
     sys
-}
-
-/// Starts `instance` ticking `count` values every `period_ms`, through sdk-broker as hubd
-/// would deliver the hub's configuration (so it works with the hub away too).
-async fn tick(sys: &System, instance: &str, count: u64, period_ms: u64) {
-    let broker = SdkBroker1Proxy::new(&sys.conn).await.unwrap();
-    for (topic, value) in [("period_ms", period_ms), ("count", count)] {
-        broker
-            .deliver_configuration(instance, topic, value.to_string().as_bytes())
-            .await
-            .unwrap();
-    }
 }
 
 /// Waits for the ticker's line saying every callback of its run came back.
@@ -156,7 +48,7 @@ async fn wait_ticked(sys: &System, instance: &str, count: u64, timeout: Duration
 fn record_bytes(instance: &str, seqs: impl Iterator<Item = u64>) -> u64 {
     seqs.map(|n| {
         let payload = format!("{{\"{instance}/seq\":{n}}}");
-        (8 + 8 + 2 + 2 + instance.len() + TELEMETRY.len() + payload.len()) as u64
+        (8 + 8 + 2 + 2 + instance.len() + TELEMETRY_TOPIC.len() + payload.len()) as u64
     })
     .sum()
 }
