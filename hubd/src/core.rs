@@ -12,13 +12,12 @@ use evp_schemas::evp2::{sizes, topics};
 use evp_schemas::{
     Deployment, DeploymentStatus, DesiredChange, DirectCommandResponse, HubCodec, RpcStatus,
 };
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, MqttOptions, QoS};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::config::HubConfig;
 use crate::device_config::{AgentSettings, DeviceConfigStore};
-use crate::failover::{Failover, Failure};
 use crate::outbox::Outbox;
 use crate::report::{self, Rejection};
 use crate::rotation;
@@ -32,11 +31,13 @@ use crate::timing::ReportTimer;
 
 mod commands;
 mod dial;
+mod drive;
 mod links;
 mod publishing;
 mod tokens;
 
 pub use dial::{connection_options, mqtt_options};
+use drive::{DriverLinks, MqttEvent, drive};
 
 pub use links::{
     ApplyOutcome, CONFIGURATION_CHANNEL, ConfigurationDelivery, ConnectionState, DeploymentRequest,
@@ -72,135 +73,6 @@ const STATES_SAVE_DELAY: Duration = Duration::from_secs(5);
 const REPORT_RETRY: Duration = Duration::from_secs(1);
 /// How long a clean shutdown waits for the DISCONNECT to go out.
 const DISCONNECT_GRACE: Duration = Duration::from_secs(3);
-
-#[derive(Debug)]
-enum MqttEvent {
-    Connected,
-    Disconnected,
-    Publish { topic: String, payload: Vec<u8> },
-}
-
-/// Drives rumqttc's event loop: reconnects with backoff, to the next broker when there are
-/// several, forwards what the session needs, and stops after the DISCONNECT went out (or at
-/// once when not connected and `stop` is set).
-async fn drive(
-    cfg: HubConfig,
-    mut eventloop: EventLoop,
-    outbox: Outbox,
-    acks: mpsc::UnboundedSender<u64>,
-    events: mpsc::Sender<MqttEvent>,
-    connection: watch::Sender<ConnectionState>,
-    mut stop: watch::Receiver<bool>,
-    mut credentials: rotation::NextCredentials,
-) {
-    let brokers = cfg.brokers();
-    let mut failover = Failover::new(brokers.len());
-    let via = match &cfg.proxy {
-        Some(p) => format!(" through the proxy {}", p.address),
-        None => String::new(),
-    };
-    let mut up_since: Option<Instant> = None;
-    loop {
-        let polled = if up_since.is_some() {
-            eventloop.poll().await
-        } else {
-            rotation::use_latest(&mut credentials, &mut eventloop.mqtt_options);
-            connection.send_replace(ConnectionState::Connecting);
-            tokio::select! {
-                r = eventloop.poll() => r,
-                _ = stop.wait_for(|s| *s) => break,
-            }
-        };
-        match polled {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                info!(
-                    "connected to the MQTT broker {}{via}",
-                    brokers[failover.current()]
-                );
-                up_since = Some(Instant::now());
-                failover.connected();
-                outbox.connected();
-                if rotation::pending(&credentials) {
-                    // Renewed while this connection was being made: it ends at once.
-                    let _ = outbox.disconnect();
-                }
-                connection.send_replace(ConnectionState::Connected);
-                if events.send(MqttEvent::Connected).await.is_err() {
-                    break;
-                }
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                let event = MqttEvent::Publish {
-                    topic: p.topic,
-                    payload: p.payload.to_vec(),
-                };
-                if events.send(event).await.is_err() {
-                    break;
-                }
-            }
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => outbox.outgoing_publish(pkid),
-            Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                if let Some(tag) = outbox.puback(ack.pkid) {
-                    let _ = acks.send(tag);
-                }
-            }
-            Ok(Event::Outgoing(Outgoing::Disconnect))
-                if !*stop.borrow() && rotation::pending(&credentials) =>
-            {
-                // A rotation's: connect again at once, with the renewed credentials.
-                outbox.lost(&mut eventloop);
-                connection.send_replace(ConnectionState::Disconnected);
-                up_since = None;
-                if events.send(MqttEvent::Disconnected).await.is_err() {
-                    break;
-                }
-            }
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
-            Ok(_) => {}
-            Err(e) => {
-                outbox.lost(&mut eventloop);
-                connection.send_replace(ConnectionState::Disconnected);
-                if *stop.borrow() {
-                    break;
-                }
-                let failure = match up_since.take() {
-                    Some(since) => {
-                        if events.send(MqttEvent::Disconnected).await.is_err() {
-                            break;
-                        }
-                        Failure::Dropped {
-                            up_for: since.elapsed(),
-                        }
-                    }
-                    // A host that answers (a refused TCP connection) has its link up and its
-                    // broker restarting: it is tried again soon. Anything else backs off to
-                    // EVP's 64 s.
-                    None if dial::host_refused(&e) => Failure::Refused,
-                    None => Failure::Other,
-                };
-                let failed = &brokers[failover.current()];
-                let what = dial::describe(&e, failed, cfg.proxy.as_ref());
-                let next = failover.next(failure, evp_daemon::backoff::random_jitter());
-                let target = &brokers[next.broker];
-                if target != failed {
-                    eventloop.mqtt_options = connection_options(
-                        &cfg,
-                        eventloop.mqtt_options.client_id(),
-                        eventloop.mqtt_options.transport(),
-                        target,
-                    );
-                }
-                warn!("{what}; next attempt to {target} in {:.1?}", next.delay);
-                tokio::select! {
-                    _ = tokio::time::sleep(next.delay) => {}
-                    _ = rotation::renewed(&mut credentials) => {}
-                    _ = stop.wait_for(|s| *s) => break,
-                }
-            }
-        }
-    }
-    connection.send_replace(ConnectionState::Disconnected);
-}
 
 fn qos(level: u8) -> QoS {
     match level {
@@ -343,12 +215,14 @@ pub async fn run_with_sdk(
     let mut driver = tokio::spawn(drive(
         cfg.clone(),
         eventloop,
-        outbox.clone(),
-        acks_tx,
-        events_tx,
-        connection,
-        stop_rx,
-        credentials,
+        DriverLinks {
+            outbox: outbox.clone(),
+            acks: acks_tx,
+            events: events_tx,
+            connection,
+            stop: stop_rx,
+            credentials: credentials.clone(),
+        },
     ));
     let settings = AgentSettings::new(&cfg, device_config.as_ref());
     registry_auth.send_replace(settings.registry_auth.clone());
