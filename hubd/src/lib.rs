@@ -98,13 +98,6 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
 
     let codec = cfg.protocol.codec();
     let (links, ends) = Links::new();
-    if let Some(material) = tls {
-        tokio::spawn(rotation::watch(
-            cfg.clone(),
-            material.bytes,
-            ends.credentials,
-        ));
-    }
     let hub = bus::Hub1::new(
         codec.protocol_name(),
         device_id.clone(),
@@ -185,6 +178,14 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         }
     }
     let options = core::mqtt_options(&cfg, tls.as_ref());
+    if let Some(material) = tls {
+        // With the credentials provisioning may have set: a renewed set keeps them.
+        tokio::spawn(rotation::watch(
+            cfg.clone(),
+            material.bytes,
+            ends.credentials,
+        ));
+    }
     core::run_with_sdk(cfg, options, store, device_config, links, sdk, shutdown).await?;
     info!("stopped");
     Ok(())
