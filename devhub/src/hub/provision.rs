@@ -38,6 +38,8 @@ pub struct ProvisionSeen {
     pub device_name: String,
     /// The token granted; `None`: refused.
     pub token: Option<String>,
+    /// When the hub side read the request.
+    pub received_at: std::time::Instant,
 }
 
 /// The answer to `payload` under `profile`, with `issued` the tokens granted so far (device
@@ -53,6 +55,7 @@ pub fn answer(
             let seen = ProvisionSeen {
                 device_name: String::new(),
                 token: None,
+                received_at: std::time::Instant::now(),
             };
             return (
                 failure_answer(&format!("not a provisioning request: {e}")),
@@ -63,6 +66,7 @@ pub fn answer(
     let mut seen = ProvisionSeen {
         device_name: request.device_name.clone(),
         token: None,
+        received_at: std::time::Instant::now(),
     };
     if request.provision_device_key != profile.key
         || request.provision_device_secret != profile.secret
@@ -123,13 +127,7 @@ mod tests {
         let (refused, seen) = answer(&profile, &mut issued, &request(&profile.key, "wrong", "d3"));
         assert_eq!(refused["status"], "FAILURE");
         assert!(!refused.to_string().contains("wrong"), "{refused}");
-        assert_eq!(
-            seen,
-            ProvisionSeen {
-                device_name: "d3".into(),
-                token: None
-            }
-        );
+        assert_eq!((seen.device_name.as_str(), seen.token), ("d3", None));
         let (bad, _) = answer(&profile, &mut issued, b"{}");
         assert_eq!(bad["status"], "FAILURE");
         assert_eq!(issued.len(), 2);
