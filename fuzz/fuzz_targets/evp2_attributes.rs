@@ -1,21 +1,22 @@
 //! The hub's shared attributes: a PATCH (`decode_attribute_update`) and the answer to the
 //! initial GET (`decode_attribute_response`), with the deployment, device configuration and
-//! configuration decoders under them. What they let through is what hubd hands on over D-Bus.
+//! configuration decoders under them, in both dialects (EVP2 and EVP1). What they let through
+//! is what hubd hands on over D-Bus.
 #![no_main]
 
 use evp_fuzz::{bus_safe, check_validation_error};
-use evp_schemas::evp2::Evp2Codec;
-use evp_schemas::{Deployment, DesiredChange, HubCodec};
+use evp_schemas::{Deployment, DesiredChange, Protocol};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let codec = Evp2Codec;
-    for change in codec
-        .decode_attribute_update(data)
-        .iter()
-        .chain(codec.decode_attribute_response(data).iter())
-    {
-        check(change);
+    for codec in [Protocol::Evp2.codec(), Protocol::Evp1.codec()] {
+        for change in codec
+            .decode_attribute_update(data)
+            .iter()
+            .chain(codec.decode_attribute_response(data).iter())
+        {
+            check(change);
+        }
     }
 });
 
@@ -35,6 +36,8 @@ fn check(change: &DesiredChange) {
             check_validation_error(error)
         }
         DesiredChange::DeploymentRemoved => {}
+        // Only EVP1 says so, and only of the device configuration it does not have.
+        DesiredChange::NotInDialect(key) => assert_eq!(key, "desiredDeviceConfig"),
         DesiredChange::DeviceConfig(c) => {
             if let Some(min) = c.report_status_interval_min {
                 assert!((1..=86_400).contains(&min), "{c:?}");

@@ -1,13 +1,25 @@
-//! The hub's storage-token answers (`evp2::storage::decode_response`), resolved for a file as
-//! hubd does before answering `Hub1.RequestStorageToken`, and kept on disk for `multifile`.
+//! The hub's storage-token answers (`decode_storage_token_response`, EVP2's and EVP1's),
+//! resolved for a file as hubd does before answering `Hub1.RequestStorageToken`, and kept on
+//! disk for `multifile`.
 #![no_main]
 
 use evp_fuzz::{bus_safe, check_validation_error};
-use evp_schemas::evp2::storage::{StorageTokenResponse, decode_response};
+use evp_schemas::Protocol;
+use evp_schemas::evp2::storage::StorageTokenResponse;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Some(answer) = decode_response(data) else {
+    for protocol in [Protocol::Evp2, Protocol::Evp1] {
+        check(protocol, data);
+    }
+});
+
+fn check(protocol: Protocol, data: &[u8]) {
+    // EVP1 matches the answer by the topic's id, which it becomes the reqid of.
+    let Some(answer) = protocol
+        .codec()
+        .decode_storage_token_response("10001", data)
+    else {
         return;
     };
     let r = match answer {
@@ -36,4 +48,4 @@ fuzz_target!(|data: &[u8]| {
             Err(why) => bus_safe("a token refusal", &why),
         }
     }
-});
+}

@@ -28,6 +28,10 @@ fn main() -> std::io::Result<()> {
     for (name, v) in storage_tokens() {
         write("evp2_storage_token", name, v.to_string().as_bytes())?;
     }
+    // The same targets decode EVP1 too (docs/hub-protocol.md §18).
+    for (target, name, v) in evp1() {
+        write(target, name, v.to_string().as_bytes())?;
+    }
     for (name, v) in canonical_deployments() {
         write("deployment_json", name, v.to_string().as_bytes())?;
     }
@@ -264,6 +268,46 @@ fn storage_tokens() -> Vec<(&'static str, Value)> {
 
 /// The canonical form reconcilerd reads: EVP2's manifest is its form too, but for EVP's
 /// markers, and the one tests/tests/hostile_input.rs persists with a NUL.
+/// EVP1's payloads: a manifest as a string with per-instance entry points and versions, a
+/// base64 configuration, a `ModuleMethodCall`, `StorageToken` answers.
+fn evp1() -> Vec<(&'static str, &'static str, Value)> {
+    let manifest = json!({"deploymentId": "dep-evp1",
+        "instanceSpecs": {"i": {"moduleId": "m", "entryPoint": "main", "version": 1,
+            "publish": {}, "subscribe": {}}},
+        "modules": {"m": {"downloadUrl": "https://example.invalid/m.wasm", "hash": HASH}}});
+    vec![
+        (
+            "evp2_attributes",
+            "evp1-deployment",
+            json!({"deployment": manifest.to_string(),
+            "configuration/i/t": "aGVsbG8="}),
+        ),
+        (
+            "evp2_attributes",
+            "evp1-get-answer",
+            json!({"shared": {"deployment": manifest.to_string()}}),
+        ),
+        (
+            "evp2_direct_command",
+            "evp1-call",
+            json!({"method": "ModuleMethodCall", "params": {
+            "moduleInstance": "i", "moduleMethod": "echo", "params": {"text": "hi", "n": [1, 2.5]}}}),
+        ),
+        (
+            "evp2_storage_token",
+            "evp1-answer",
+            json!({"method": "StorageToken", "params": {
+            "URL": "https://h/c?sig=1", "headers": {"x-ms-blob-type": "BlockBlob"},
+            "responseType": "multifile", "expiresAtMillis": "1700000000000"}}),
+        ),
+        (
+            "evp2_storage_token",
+            "evp1-refusal",
+            json!({"error": "Tenant has no token provider"}),
+        ),
+    ]
+}
+
 fn canonical_deployments() -> Vec<(&'static str, Value)> {
     let mut example = example_deployment();
     example["modules"]["mod-msg"]["hash"] = json!(HASH);
