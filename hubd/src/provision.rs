@@ -26,6 +26,8 @@ use crate::core::ConnectionState;
 pub use evp_schemas::provision::{REQUEST_TOPIC, RESPONSE_TOPIC, USERNAME as PROVISION_USERNAME};
 /// Longest refusal text kept from the hub's answer (it goes to the log).
 const MAX_REASON: usize = 512;
+/// Longest client id, user name or password MQTT can carry: its strings have a two-byte length.
+const MAX_MQTT_STRING: usize = u16::MAX as usize;
 
 /// First wait after a refusal. A refusal is a device profile (or key) to fix on the hub: an
 /// operator who fixes it sees the device within seconds at first...
@@ -173,7 +175,7 @@ pub fn decode_answer(payload: &[u8]) -> Answer {
         ));
     }
     let value = answer.get("credentialsValue");
-    match text("credentialsType") {
+    let decoded = match text("credentialsType") {
         Some("ACCESS_TOKEN") => {
             match value
                 .and_then(Value::as_str)
@@ -217,7 +219,46 @@ pub fn decode_answer(payload: &[u8]) -> Answer {
         other => refused(format!(
             "the hub answered credentials of type {other:?}, which this device cannot use"
         )),
+    };
+    match &decoded {
+        Answer::Granted(c) => match unfit_for_mqtt(c) {
+            Some(why) => refused(format!("the hub's {} answer {why}", c.kind())),
+            None => decoded,
+        },
+        Answer::Refused(_) => decoded,
     }
+}
+
+/// Why `credentials` cannot go in an MQTT CONNECT, if they cannot: a string over MQTT's
+/// length, or with a NUL, which MQTT strings may not hold.
+fn unfit_for_mqtt(credentials: &Credentials) -> Option<String> {
+    let parts: Vec<(&str, &String)> = match credentials {
+        Credentials::AccessToken { token } => vec![("token", token)],
+        Credentials::MqttBasic {
+            client_id,
+            user_name,
+            password,
+        } => [
+            ("clientId", client_id),
+            ("userName", user_name),
+            ("password", password),
+        ]
+        .into_iter()
+        .filter_map(|(name, part)| part.as_ref().map(|p| (name, p)))
+        .collect(),
+    };
+    parts.into_iter().find_map(|(name, part)| {
+        if part.len() > MAX_MQTT_STRING {
+            Some(format!(
+                "has a {name} of {} bytes, over MQTT's {MAX_MQTT_STRING}",
+                part.len()
+            ))
+        } else if part.contains('\0') {
+            Some(format!("has a {name} with a NUL, which MQTT cannot carry"))
+        } else {
+            None
+        }
+    })
 }
 
 /// How one provisioning attempt ended.
