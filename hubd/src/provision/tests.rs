@@ -124,6 +124,15 @@ fn refusals_and_unusable_answers_say_why() {
             .contains("tls_client_cert")
     );
     assert!(why(br#"{"status":"SUCCESS","credentialsType":"LWM2M"}"#).contains("LWM2M"));
+    let huge = format!(
+        r#"{{"status":"SUCCESS","credentialsType":"ACCESS_TOKEN","credentialsValue":"{}"}}"#,
+        "t".repeat(70_000)
+    );
+    assert!(why(huge.as_bytes()).contains("token of 70000 bytes"));
+    assert!(
+        why(br#"{"status":"SUCCESS","credentialsType":"MQTT_BASIC","credentialsValue":{"userName":"u","password":"p\u0000"}}"#)
+            .contains("password with a NUL")
+    );
     let long = format!(
         r#"{{"status":"FAILURE","errorMsg":"{}"}}"#,
         "x".repeat(10_000)
