@@ -20,7 +20,8 @@ pub use evp_schemas::dbus::Runtime;
 
 /// What an instance was started from: when any of it changes, the instance is restarted.
 /// Messaging routes and the restart policy are left out on purpose: changing them must not
-/// restart anything.
+/// restart anything. An EVP1 `version` is in: a new one is how an EVP1 hub restarts an
+/// instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placement {
     /// The module's id in the deployment.
@@ -29,6 +30,8 @@ pub struct Placement {
     pub module: Module,
     /// What its container gets, for a docker instance: a change restarts it too.
     pub container: Option<ContainerOptions>,
+    /// Its EVP1 `version`: an EVP1 hub bumps it to restart the instance.
+    pub version: Option<serde_json::Number>,
 }
 
 impl Placement {
@@ -46,6 +49,7 @@ pub fn placement(deployment: &Deployment, instance: &str) -> Option<Placement> {
         module_id: spec.module_id.clone(),
         module: module.clone(),
         container: spec.container.clone(),
+        version: spec.version.clone(),
     })
 }
 
@@ -476,6 +480,16 @@ mod tests {
         let mut w = World::running(&old);
         w.cached.insert("cc".into());
         check(&new, &w, "stop b\nunload n\nload n cache:cc\nstart b n");
+    }
+
+    #[test]
+    fn a_new_evp1_version_restarts_only_its_instance() {
+        let old = deployment(&[("m", "spawn aa")], &[("a", "m"), ("b", "m")]);
+        let mut new = old.clone();
+        if let Some(spec) = new.instance_specs.get_mut("a") {
+            spec.version = Some(2.into());
+        }
+        check(&new, &World::running(&old), "stop a\nstart a m");
     }
 
     #[test]

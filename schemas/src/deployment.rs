@@ -138,6 +138,10 @@ pub struct InstanceSpec {
     /// default (no network, no capability, no limit but the device's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<ContainerOptions>,
+    /// EVP1's per-instance `version`: a hub bumps it to have the instance started again, so a
+    /// change restarts the instance. EVP2 has none (`None`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<serde_json::Number>,
 }
 
 /// What a docker instance's container gets beyond the default (`instanceSpecs.<name>.container`
@@ -526,6 +530,7 @@ mod tests {
                 subscribe: Default::default(),
                 restart_policy: None,
                 container: None,
+                version: None,
             },
         );
         d

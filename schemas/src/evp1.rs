@@ -202,11 +202,12 @@ fn deployment_change(v: &Value) -> DesiredChange {
 
 /// Decodes an EVP1 manifest (already parsed from its string) into the canonical form and
 /// validates it. Each instance's `entryPoint` becomes its module's, so the instances of one
-/// module must agree on it; `version` must be a number and is otherwise not used (the
-/// canonical deployment has none: see ARCHITECTURE.md).
+/// module must agree on it; `version` must be a number, kept on the instance so that a new
+/// one restarts it, as in EVP.
 pub fn decode_deployment(manifest: &Value) -> Result<Deployment, ValidationError> {
     let mut evp2_form = object(manifest, "deployment")?.clone();
     let mut entry_points: BTreeMap<String, (String, String)> = BTreeMap::new();
+    let mut versions: BTreeMap<String, serde_json::Number> = BTreeMap::new();
     if let Some(Value::Object(specs)) = evp2_form.get_mut("instanceSpecs") {
         for (name, spec) in specs.iter_mut() {
             // A spec that is not an object is refused by the EVP2 decoder, path and all.
@@ -219,12 +220,13 @@ pub fn decode_deployment(manifest: &Value) -> Result<Deployment, ValidationError
                 &format!("{at}.entryPoint"),
             )?;
             let version = required(fields, "version", &at)?;
-            if !version.is_number() {
+            let Value::Number(number) = version else {
                 return Err(ValidationError::new(
                     format!("{at}.version"),
                     format!("must be a number, found {}", kind(version)),
                 ));
-            }
+            };
+            versions.insert(name.clone(), number.clone());
             fields.remove("entryPoint");
             fields.remove("version");
             let Some(module_id) = fields.get("moduleId").and_then(Value::as_str) else {
@@ -261,7 +263,11 @@ pub fn decode_deployment(manifest: &Value) -> Result<Deployment, ValidationError
             fields.insert("entryPoint".into(), json!(entry_point));
         }
     }
-    evp2::decode_deployment(&Value::Object(evp2_form))
+    let mut deployment = evp2::decode_deployment(&Value::Object(evp2_form))?;
+    for (name, spec) in deployment.instance_specs.iter_mut() {
+        spec.version = versions.remove(name);
+    }
+    Ok(deployment)
 }
 
 fn decode_direct_command(

@@ -665,6 +665,7 @@ pub fn decode_deployment(v: &Value) -> Result<Deployment, ValidationError> {
                 subscribe,
                 restart_policy,
                 container,
+                version: None,
             },
         );
     }

@@ -186,12 +186,20 @@ const EVP1: &Evp1Codec = &Evp1Codec;
 /// The canonical deployment both dialects' manifests below decode to.
 const CANONICAL: &str = r#"[{"deployment": {"deploymentId": "d1", "instanceSpecs": {"i1": {"moduleId": "m1", "publish": {"out": "p"}, "subscribe": {}}}, "modules": {"m1": {"moduleImpl": "wasm", "entryPoint": "main", "downloadUrl": "http://h/m.wasm", "hash": "00ff"}}, "publishTopics": {"p": {"type": "local", "topic": "t"}}, "subscribeTopics": {}}}]"#;
 
+/// [`CANONICAL`] as an EVP1 manifest decodes: the instance keeps its `version`.
+fn canonical_evp1(version: u64) -> String {
+    CANONICAL.replace(
+        r#""subscribe": {}}}"#,
+        &format!(r#""subscribe": {{}}, "version": {version}}}}}"#),
+    )
+}
+
 #[test]
 #[rustfmt::skip]
 fn attribute_updates() {
     check(EVP2, Case::Update(r#"{"deployment": {"deploymentId": "d1", "instanceSpecs": {"i1": {"moduleId": "m1", "publish": {"out": "p"}, "subscribe": {}}}, "modules": {"m1": {"moduleImpl": "wasm", "entryPoint": "main", "downloadUrl": "http://h/m.wasm", "hash": "00FF"}}, "publishTopics": {"p": {"type": "local", "topic": "t"}}}}"#), CANONICAL);
-    check(EVP1, Case::Update(r#"{"deployment": "{\"deploymentId\": \"d1\", \"instanceSpecs\": {\"i1\": {\"moduleId\": \"m1\", \"entryPoint\": \"main\", \"version\": 1, \"publish\": {\"out\": \"p\"}, \"subscribe\": {}}}, \"modules\": {\"m1\": {\"moduleImpl\": \"wasm\", \"downloadUrl\": \"http://h/m.wasm\", \"hash\": \"00ff\"}}, \"publishTopics\": {\"p\": {\"type\": \"local\", \"topic\": \"t\"}}}"}"#), CANONICAL);
-    check(EVP1, Case::Update(r#"{"deployment": "{\"deploymentId\": \"d1\", \"instanceSpecs\": {\"i1\": {\"moduleId\": \"m1\", \"entryPoint\": \"main\", \"version\": 3, \"publish\": {\"out\": \"p\"}, \"subscribe\": {}}}, \"modules\": {\"m1\": {\"downloadUrl\": \"http://h/m.wasm\", \"hash\": \"00ff\"}}, \"publishTopics\": {\"p\": {\"type\": \"local\", \"topic\": \"t\"}}}"}"#), CANONICAL);
+    check(EVP1, Case::Update(r#"{"deployment": "{\"deploymentId\": \"d1\", \"instanceSpecs\": {\"i1\": {\"moduleId\": \"m1\", \"entryPoint\": \"main\", \"version\": 1, \"publish\": {\"out\": \"p\"}, \"subscribe\": {}}}, \"modules\": {\"m1\": {\"moduleImpl\": \"wasm\", \"downloadUrl\": \"http://h/m.wasm\", \"hash\": \"00ff\"}}, \"publishTopics\": {\"p\": {\"type\": \"local\", \"topic\": \"t\"}}}"}"#), &canonical_evp1(1));
+    check(EVP1, Case::Update(r#"{"deployment": "{\"deploymentId\": \"d1\", \"instanceSpecs\": {\"i1\": {\"moduleId\": \"m1\", \"entryPoint\": \"main\", \"version\": 3, \"publish\": {\"out\": \"p\"}, \"subscribe\": {}}}, \"modules\": {\"m1\": {\"downloadUrl\": \"http://h/m.wasm\", \"hash\": \"00ff\"}}, \"publishTopics\": {\"p\": {\"type\": \"local\", \"topic\": \"t\"}}}"}"#), &canonical_evp1(3));
     check(EVP2, Case::Update(r#"{"deployment": null}"#), r#"["removed"]"#);
     check(EVP1, Case::Update(r#"{"deployment": null}"#), r#"["removed"]"#);
     check(EVP2, Case::Update(r#"{"deployment": "{}"}"#), r#"[{"rejected": null, "at": "deployment"}]"#);

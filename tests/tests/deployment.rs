@@ -5,7 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 
 use evp_system_tests::http::FileServer;
 use evp_system_tests::system::{System, deployment, instance_status, wait_gone};
-use evp_system_tests::{DEADLINE, both_protocols, wait_for};
+use evp_system_tests::{DEADLINE, Protocol, both_protocols, wait_for};
 use serde_json::{Value, json};
 
 /// A module that stays up until stopped.
@@ -112,6 +112,39 @@ both_protocols! {
         wait_gone(&before[2..]).await.unwrap();
         sys.stop().await;
     }
+}
+
+/// EVP1 hubs restart an instance by sending its spec again with a new `version`.
+#[tokio::test]
+async fn a_new_evp1_version_restarts_that_instance_alone() {
+    let sys = System::start_speaking(Protocol::Evp1).await.unwrap();
+    let (url, hash) = sys.module("a", STAYS_UP).unwrap();
+    let mut d = deployment(
+        "dep-1",
+        &[("one", "a"), ("two", "a")],
+        &[("a", &url, &hash)],
+    );
+    sys.deploy(&d).await.unwrap();
+    sys.wait_status(|s| all_ok(s, "dep-1", &["one", "two"]))
+        .await
+        .unwrap();
+    let (one, two) = (one_pid(&sys, "one"), one_pid(&sys, "two"));
+
+    d["deploymentId"] = json!("dep-2");
+    d["instanceSpecs"]["one"]["version"] = json!(2);
+    sys.deploy(&d).await.unwrap();
+    sys.wait_status(|s| all_ok(s, "dep-2", &["one", "two"]))
+        .await
+        .unwrap();
+    wait_for("one to run again as a new process", DEADLINE, async || {
+        let pids = sys.instance_pids("one");
+        (pids.len() == 1 && pids[0] != one).then_some(())
+    })
+    .await
+    .unwrap();
+    wait_gone(&[one]).await.unwrap();
+    assert_eq!(one_pid(&sys, "two"), two, "two was restarted");
+    sys.stop().await;
 }
 
 both_protocols! {

@@ -10,7 +10,7 @@ use evp_schemas::evp1::{DIRECT_COMMAND_METHOD, STORAGE_TOKEN_METHOD};
 use evp_schemas::evp2::storage::REQUEST_KEY;
 use serde_json::{Map, Value, json};
 
-/// The version every instance gets in an EVP1 manifest made from an EVP2 one.
+/// The version an instance gets in an EVP1 manifest made from an EVP2 one that gives none.
 const EVP1_INSTANCE_VERSION: u64 = 1;
 
 /// A PATCH in EVP2's shapes as `protocol` sends it.
@@ -35,7 +35,7 @@ pub fn patch_to_wire(protocol: Protocol, patch: Map<String, Value>) -> Map<Strin
 }
 
 /// An EVP2 manifest as EVP1's string: each module's `entryPoint` moves to its instances, each
-/// instance gets a `version`.
+/// instance gets a `version` (its own `version`, an EVP1 field, when the caller gave one).
 fn evp1_manifest(mut manifest: Map<String, Value>) -> Value {
     let mut entry_points = Map::new();
     if let Some(Value::Object(modules)) = manifest.get_mut("modules") {
@@ -55,7 +55,9 @@ fn evp1_manifest(mut manifest: Map<String, Value>) -> Value {
                 "entryPoint".into(),
                 entry_point.unwrap_or_else(|| json!("main")),
             );
-            spec.insert("version".into(), json!(EVP1_INSTANCE_VERSION));
+            // A version the caller gave (to have the device restart the instance) is kept.
+            spec.entry("version")
+                .or_insert_with(|| json!(EVP1_INSTANCE_VERSION));
         }
     }
     Value::String(Value::Object(manifest).to_string())
@@ -239,10 +241,17 @@ mod tests {
             "moduleId": "m", "publish": {}, "subscribe": {}}}, "modules": {"m": {
             "moduleImpl": "spawn", "entryPoint": "main", "downloadUrl": "file:///m",
             "hash": "00"}}}, "configuration/i/t": "v\u{1}é"});
-        assert_eq!(
-            decoded(Protocol::Evp1, patch.clone()),
-            decoded(Protocol::Evp2, patch)
-        );
+        let mut evp1 = decoded(Protocol::Evp1, patch.clone());
+        // The one difference: EVP1 instances carry a version, EVP2 ones none.
+        for change in &mut evp1 {
+            if let DesiredChange::Deployment(d) = change {
+                for spec in d.instance_specs.values_mut() {
+                    assert_eq!(spec.version, Some(EVP1_INSTANCE_VERSION.into()));
+                    spec.version = None;
+                }
+            }
+        }
+        assert_eq!(evp1, decoded(Protocol::Evp2, patch));
     }
 
     #[test]
