@@ -22,7 +22,7 @@ use evp_schemas::dbus::Hub1Proxy;
 use evp_system_tests::mosquitto::Mosquitto;
 use evp_system_tests::system::{UidBlock, kill_modules_under, traversable};
 use futures_util::StreamExt;
-use futures_util::future::{join_all, try_join_all};
+use futures_util::future::join_all;
 use serde_json::{Value, json};
 
 use crate::cpu;
@@ -287,10 +287,17 @@ async fn measure(fleet: &mut Fleet, params: &Params) -> Result<Value> {
     let launches: Vec<Duration> = fleet.agents.iter().map(|a| a.launch_took).collect();
     let module = crate::spawn_module(MODULE)?;
 
-    let deploy = deploy_all(&fleet.agents, "fleet-1", "echo", &module).await?;
-    eprintln!("fleet: deployed to all in {:?}", max(&deploy));
+    let startup = json!({
+        "total_s": (startup_s * 10.0).round() / 10.0,
+        "per_agent": ms_distribution(&launches),
+    });
+    eprintln!("fleet: startup {startup}");
+    let deploy = deploy_all(&fleet.agents, "fleet-1", "echo", &module).await;
+    eprintln!("fleet: deploy {deploy}");
     let idle = idle_figures(fleet, params.idle).await?;
+    eprintln!("fleet: idle {idle}");
     let reconnect = reconnect_figures(fleet).await?;
+    eprintln!("fleet: reconnect {reconnect}");
     // The fleet still takes a deployment once the hub sides are back too.
     evp_system_tests::wait_for("every hub side connected again", DEADLINE, async || {
         fleet
@@ -300,38 +307,30 @@ async fn measure(fleet: &mut Fleet, params: &Params) -> Result<Value> {
             .then_some(())
     })
     .await?;
-    let redeploy = deploy_all(&fleet.agents, "fleet-2", "echo-2", &module).await?;
+    let redeploy = deploy_all(&fleet.agents, "fleet-2", "echo-2", &module).await;
     Ok(json!({
         "scenario": "fleet",
         "agents": params.agents,
         "wave": params.wave,
-        "startup": {"total_s": (startup_s * 10.0).round() / 10.0, "per_agent": ms_distribution(&launches)},
-        "deploy": {"all_ok_ms": ms(max(&deploy)), "per_device": ms_distribution(&deploy)},
+        "startup": startup,
+        "deploy": deploy,
         "idle": idle,
         "reconnect": reconnect,
-        "redeploy_after_reconnect": {"all_ok_ms": ms(max(&redeploy)), "per_device": ms_distribution(&redeploy)},
+        "redeploy_after_reconnect": redeploy,
     }))
-}
-
-fn max(samples: &[Duration]) -> Duration {
-    samples.iter().max().copied().unwrap_or_default()
 }
 
 fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e5).round() / 100.0
 }
 
-/// Deploys one instance `instance` of [`MODULE`] to every agent at once; for each agent, the
-/// time from the start of the deployment until its hub saw it `ok`.
-async fn deploy_all(
-    agents: &[Agent],
-    id: &str,
-    instance: &str,
-    module: &Value,
-) -> Result<Vec<Duration>> {
+/// Deploys one instance `instance` of [`MODULE`] to every agent at once and times, for each
+/// agent, the start of the deployment until its hub saw it `ok`; an agent that did not get
+/// there within the deadline is counted and its error given, not the end of the run.
+async fn deploy_all(agents: &[Agent], id: &str, instance: &str, module: &Value) -> Value {
     let deployment = crate::deployment_of(id, &[instance.to_owned()], module);
     let started = Instant::now();
-    try_join_all(agents.iter().map(|agent| {
+    let results = join_all(agents.iter().map(|agent| {
         let deployment = &deployment;
         async move {
             agent.hub.deploy(deployment).await?;
@@ -343,7 +342,24 @@ async fn deploy_all(
             anyhow::Ok(started.elapsed())
         }
     }))
-    .await
+    .await;
+    let ok: Vec<Duration> = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok().copied())
+        .collect();
+    let failed: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(|e| format!("{e:#}")))
+        .collect();
+    for failure in &failed {
+        eprintln!("fleet: {failure}");
+    }
+    json!({
+        "ok_agents": ok.len(),
+        "all_ok_ms": failed.is_empty().then(|| ms(ok.iter().max().copied().unwrap_or_default())),
+        "per_device": ms_distribution(&ok),
+        "first_failure": failed.first(),
+    })
 }
 
 /// Memory of each agent at the end of an idle window, and the CPU time it took in it.
