@@ -145,10 +145,10 @@ enum Scenario {
         #[arg(long, default_value_t = 60)]
         outage_s: u64,
     },
-    /// N complete agents on this host (each its own private bus and five daemons) against one
-    /// mosquitto, each in its own topic namespace (a listener with a `mount_point`), and a hub
-    /// side per agent: deployment to all N, memory and CPU per agent at idle, and the
-    /// reconnection of all N after mosquitto is killed and started again.
+    /// N complete agents on this host (each its own private bus and five daemons), each with a
+    /// mosquitto of its own (Debian 12's cannot strip a `mount_point`) and a hub side:
+    /// deployment to all N, memory and CPU per agent at idle, and the reconnection of all N
+    /// after every broker is killed and started again.
     Fleet {
         /// How many agents.
         #[arg(long, default_value_t = 10)]
