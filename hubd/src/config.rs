@@ -247,13 +247,17 @@ pub struct HubConfig {
 impl HubConfig {
     /// Every broker, in the order they are tried: the configured host first.
     pub fn brokers(&self) -> Vec<Broker> {
-        let first = Broker {
-            host: self.mqtt_host.clone(),
-            port: self.mqtt_port,
-        };
-        std::iter::once(first)
+        std::iter::once(self.first_broker())
             .chain(self.failover_brokers.iter().cloned())
             .collect()
+    }
+
+    /// The broker of `mqtt_host` and `mqtt_port`, dialled first.
+    pub fn first_broker(&self) -> Broker {
+        Broker {
+            host: self.mqtt_host.clone(),
+            port: self.mqtt_port,
+        }
     }
 }
 

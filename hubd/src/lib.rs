@@ -82,7 +82,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     };
     // Always set: the permanent id stands in for a configured one.
     let device_id = cfg.device_id.clone().unwrap_or_default();
-    let store = DeviceConfigStore::new(agent.data_subdir("hub")?);
+    let store = DeviceConfigStore::new(hub_dir.clone());
     let device_config = match store.load() {
         // EVP1 has no device configuration: one kept from an EVP2 hub does not apply.
         Ok(Some(_)) if cfg.protocol == Protocol::Evp1 => {

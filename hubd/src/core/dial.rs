@@ -21,11 +21,7 @@ pub fn mqtt_options(cfg: &HubConfig, tls: Option<&TlsMaterial>) -> MqttOptions {
         Some(t) => Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(t.config.clone())),
         None => Transport::tcp(),
     };
-    let first = Broker {
-        host: cfg.mqtt_host.clone(),
-        port: cfg.mqtt_port,
-    };
-    connection_options(cfg, client_id, transport, &first)
+    connection_options(cfg, client_id, transport, &cfg.first_broker())
 }
 
 /// The options of a connection attempt to `broker` with `client_id` and `transport`; the rest
